@@ -1,0 +1,451 @@
+"""The VM aggregate: its commands, events, state, and the pure decide/evolve pair."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from core.errors import VM_NOT_FOUND, InvalidState, NotFound
+from core.events import Event
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+Secret = Annotated[str, msgspec.Meta(max_length=256)]
+Sid = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Image = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+CpuCount = Annotated[int, msgspec.Meta(ge=1, le=64)]
+MemoryGb = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+DiskGb = Annotated[int, msgspec.Meta(ge=1, le=10240)]
+RootfsGb = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+NodeId = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+SliceSid = Annotated[str, msgspec.Meta(max_length=64)]
+
+VmStatus = Literal["deploying", "running", "failed", "stopped", "deleting", "deleted"]
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every request body: unknown fields are rejected."""
+
+
+# Commands a tenant sends --------------------------------------------------------------------
+
+
+class DeployVm(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: Name
+    secret: Secret
+    image: Image = "ubuntu-24.04"
+    cpu_count: CpuCount = 16
+    memory_gb: MemoryGb = 8
+    disk_gb: DiskGb = 200
+    rootfs_gb: RootfsGb = 16
+    slice_sid: SliceSid = ""
+    node_id: NodeId | None = None
+
+
+class VmRef(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A request that names one VM and proves ownership with its secret."""
+
+    sid: Sid
+    secret: Secret
+
+
+class GetVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class StartVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class StopVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class RestartVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class DeleteVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ListVms(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    secret: Secret
+
+
+class MigrateSecret(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    old_secret: Secret
+    new_secret: Secret
+
+
+# Commands the process manager sends when a side effect finishes ------------------------------
+
+
+class RecordDeployed(msgspec.Struct, frozen=True, kw_only=True):
+    sid: str
+    node_id: int
+    mycelium_ip: str
+
+
+class RecordDeployFailed(msgspec.Struct, frozen=True, kw_only=True):
+    sid: str
+    error: str
+
+
+class RecordDeleted(msgspec.Struct, frozen=True, kw_only=True):
+    sid: str
+
+
+class RecordOperationFailed(msgspec.Struct, frozen=True, kw_only=True):
+    sid: str
+    operation: str
+    error: str
+
+
+class RekeyVm(msgspec.Struct, frozen=True, kw_only=True):
+    """One VM's share of a `migrate_secret`: moves it from the caller's owner to a new one."""
+
+    sid: str
+    new_owner: str
+
+
+TenantCommand = DeployVm | StartVm | StopVm | RestartVm | DeleteVm
+OutcomeCommand = RecordDeployed | RecordDeployFailed | RecordDeleted | RecordOperationFailed
+VmCommand = TenantCommand | OutcomeCommand | RekeyVm
+
+
+# Events -------------------------------------------------------------------------------------
+
+
+class VmDeployRequested(Event, frozen=True, kw_only=True):
+    sid: str
+    name: str
+    owner: str
+    image: str
+    cpu_count: int
+    memory_gb: int
+    disk_gb: int
+    rootfs_gb: int
+    slice_sid: str = ""
+    node_id: int | None = None
+    at: datetime
+
+
+class VmDeployed(Event, frozen=True, kw_only=True):
+    sid: str
+    node_id: int
+    mycelium_ip: str
+    at: datetime
+
+
+class VmDeployFailed(Event, frozen=True, kw_only=True):
+    sid: str
+    error: str
+    at: datetime
+
+
+class VmStarted(Event, frozen=True, kw_only=True):
+    sid: str
+    at: datetime
+
+
+class VmStopped(Event, frozen=True, kw_only=True):
+    sid: str
+    at: datetime
+
+
+class VmRestarted(Event, frozen=True, kw_only=True):
+    sid: str
+    at: datetime
+
+
+class VmDeleteRequested(Event, frozen=True, kw_only=True):
+    sid: str
+    at: datetime
+
+
+class VmDeleted(Event, frozen=True, kw_only=True):
+    sid: str
+    at: datetime
+
+
+class VmOperationFailed(Event, frozen=True, kw_only=True):
+    sid: str
+    operation: str
+    error: str
+    at: datetime
+
+
+class VmSecretMigrated(Event, frozen=True, kw_only=True):
+    sid: str
+    owner: str
+    at: datetime
+
+
+VmEvent = (
+    VmDeployRequested
+    | VmDeployed
+    | VmDeployFailed
+    | VmStarted
+    | VmStopped
+    | VmRestarted
+    | VmDeleteRequested
+    | VmDeleted
+    | VmOperationFailed
+    | VmSecretMigrated
+)
+
+VM_EVENT_TYPES: tuple[type[Event], ...] = (
+    VmDeployRequested,
+    VmDeployed,
+    VmDeployFailed,
+    VmStarted,
+    VmStopped,
+    VmRestarted,
+    VmDeleteRequested,
+    VmDeleted,
+    VmOperationFailed,
+    VmSecretMigrated,
+)
+
+
+# State --------------------------------------------------------------------------------------
+
+
+class Vm(msgspec.Struct, frozen=True, kw_only=True):
+    """The VM as its events made it; `owner` is the keyed fingerprint of its secret."""
+
+    sid: str
+    name: str
+    owner: str
+    slice_sid: str
+    image: str
+    cpu_count: int
+    memory_gb: int
+    disk_gb: int
+    rootfs_gb: int
+    status: VmStatus
+    node_id: int | None
+    mycelium_ip: str
+    error: str
+    created_at: datetime
+    updated_at: datetime
+
+    def public(self) -> VmOut:
+        return VmOut(
+            sid=self.sid,
+            name=self.name,
+            slice_sid=self.slice_sid,
+            image=self.image,
+            cpu_count=self.cpu_count,
+            memory_gb=self.memory_gb,
+            disk_gb=self.disk_gb,
+            rootfs_gb=self.rootfs_gb,
+            status=self.status,
+            node_id=self.node_id,
+            mycelium_ip=self.mycelium_ip,
+            error=self.error,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+
+class VmOut(msgspec.Struct, frozen=True, kw_only=True):
+    """The contract's Vm resource: everything but the owner."""
+
+    sid: str
+    name: str
+    slice_sid: str
+    image: str
+    cpu_count: int
+    memory_gb: int
+    disk_gb: int
+    rootfs_gb: int
+    status: VmStatus
+    node_id: int | None
+    mycelium_ip: str
+    error: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class VmList(msgspec.Struct, frozen=True, kw_only=True):
+    vms: list[VmOut]
+
+
+class MigrateResult(msgspec.Struct, frozen=True, kw_only=True):
+    migrated_count: int
+    failed_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a decision needs from outside: the clock, the caller's owner, a fresh sid."""
+
+    now: datetime
+    owner: str = ""
+    new_sid: str = ""
+
+
+def owns(vm: Vm, owner: str) -> bool:
+    """Compares owner fingerprints in constant time."""
+    return hmac.compare_digest(vm.owner, owner)
+
+
+def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
+    """Returns the events a command causes, or raises a DomainError."""
+    now = ctx.now
+    match command:
+        case DeployVm():
+            if vm is not None:
+                raise InvalidState("vm already exists")
+            return [
+                VmDeployRequested(
+                    sid=ctx.new_sid,
+                    name=command.name,
+                    owner=ctx.owner,
+                    image=command.image,
+                    cpu_count=command.cpu_count,
+                    memory_gb=command.memory_gb,
+                    disk_gb=command.disk_gb,
+                    rootfs_gb=command.rootfs_gb,
+                    slice_sid=command.slice_sid,
+                    node_id=command.node_id,
+                    at=now,
+                )
+            ]
+        case StartVm() | StopVm() | RestartVm() | DeleteVm():
+            vm = _owned(vm, ctx.owner)
+            if isinstance(command, DeleteVm) and vm.status == "deleting":
+                return []  # already on its way: deleting -> deleting records nothing new
+            return [_decide_tenant_action(vm, command, now)]
+        case RekeyVm():
+            vm = _owned(vm, ctx.owner)
+            if vm.status == "deleted":
+                raise InvalidState("cannot migrate a deleted vm")
+            return [VmSecretMigrated(sid=vm.sid, owner=command.new_owner, at=now)]
+        case RecordDeployed():
+            vm = _existing(vm)
+            return [
+                VmDeployed(
+                    sid=vm.sid, node_id=command.node_id, mycelium_ip=command.mycelium_ip, at=now
+                )
+            ]
+        case RecordDeployFailed():
+            vm = _existing(vm)
+            return [VmDeployFailed(sid=vm.sid, error=command.error, at=now)]
+        case RecordDeleted():
+            vm = _existing(vm)
+            if vm.status == "deleted":
+                return []
+            return [VmDeleted(sid=vm.sid, at=now)]
+        case RecordOperationFailed():
+            vm = _existing(vm)
+            return [
+                VmOperationFailed(
+                    sid=vm.sid, operation=command.operation, error=command.error, at=now
+                )
+            ]
+
+
+def _decide_tenant_action(
+    vm: Vm, command: StartVm | StopVm | RestartVm | DeleteVm, now: datetime
+) -> VmEvent:
+    status = vm.status
+    match command:
+        case StartVm():
+            if status != "stopped":
+                raise InvalidState(f"cannot start a {status} vm")
+            return VmStarted(sid=vm.sid, at=now)
+        case StopVm():
+            if status != "running":
+                raise InvalidState(f"cannot stop a {status} vm")
+            return VmStopped(sid=vm.sid, at=now)
+        case RestartVm():
+            if status != "running":
+                raise InvalidState(f"cannot restart a {status} vm")
+            return VmRestarted(sid=vm.sid, at=now)
+        case DeleteVm():
+            if status == "deleted":
+                raise InvalidState("cannot delete a deleted vm")
+            return VmDeleteRequested(sid=vm.sid, at=now)
+
+
+def _owned(vm: Vm | None, owner: str) -> Vm:
+    """The VM if the owner matches; NotFound otherwise, the same as for a VM that is absent."""
+    if vm is None or not owns(vm, owner):
+        raise NotFound(VM_NOT_FOUND)
+    return vm
+
+
+def _existing(vm: Vm | None) -> Vm:
+    if vm is None:
+        raise NotFound(VM_NOT_FOUND)
+    return vm
+
+
+def evolve(vm: Vm | None, event: Event) -> Vm | None:
+    """Folds one event into the state. Pure, total, never raises."""
+    match event:
+        case VmDeployRequested():
+            return Vm(
+                sid=event.sid,
+                name=event.name,
+                owner=event.owner,
+                slice_sid=event.slice_sid,
+                image=event.image,
+                cpu_count=event.cpu_count,
+                memory_gb=event.memory_gb,
+                disk_gb=event.disk_gb,
+                rootfs_gb=event.rootfs_gb,
+                status="deploying",
+                node_id=event.node_id,
+                mycelium_ip="",
+                error="",
+                created_at=event.at,
+                updated_at=event.at,
+            )
+    if vm is None:
+        return None
+    match event:
+        case VmDeployed():
+            status: VmStatus = "running" if vm.status == "deploying" else vm.status
+            return msgspec.structs.replace(
+                vm,
+                status=status,
+                node_id=event.node_id,
+                mycelium_ip=event.mycelium_ip,
+                error="",
+                updated_at=event.at,
+            )
+        case VmDeployFailed():
+            status = "failed" if vm.status == "deploying" else vm.status
+            return msgspec.structs.replace(
+                vm, status=status, error=event.error, updated_at=event.at
+            )
+        case VmStarted() | VmRestarted():
+            return msgspec.structs.replace(vm, status="running", error="", updated_at=event.at)
+        case VmStopped():
+            return msgspec.structs.replace(vm, status="stopped", error="", updated_at=event.at)
+        case VmDeleteRequested():
+            return msgspec.structs.replace(vm, status="deleting", updated_at=event.at)
+        case VmDeleted():
+            return msgspec.structs.replace(vm, status="deleted", updated_at=event.at)
+        case VmOperationFailed():
+            return msgspec.structs.replace(vm, error=event.error, updated_at=event.at)
+        case VmSecretMigrated():
+            return msgspec.structs.replace(vm, owner=event.owner, updated_at=event.at)
+    return vm
+
+
+def fold(events: list[Event]) -> Vm | None:
+    """The state after all of `events`, in order."""
+    vm: Vm | None = None
+    for event in events:
+        vm = evolve(vm, event)
+    return vm
