@@ -331,6 +331,8 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
             return [VmSecretMigrated(sid=vm.sid, owner=command.new_owner, at=now)]
         case RecordDeployed():
             vm = _existing(vm)
+            if vm.status != "deploying":
+                return []  # a late or repeated outcome changes nothing
             return [
                 VmDeployed(
                     sid=vm.sid, node_id=command.node_id, mycelium_ip=command.mycelium_ip, at=now
@@ -338,10 +340,12 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
             ]
         case RecordDeployFailed():
             vm = _existing(vm)
+            if vm.status != "deploying":
+                return []
             return [VmDeployFailed(sid=vm.sid, error=command.error, at=now)]
         case RecordDeleted():
             vm = _existing(vm)
-            if vm.status == "deleted":
+            if vm.status != "deleting":
                 return []
             return [VmDeleted(sid=vm.sid, at=now)]
         case RecordOperationFailed():

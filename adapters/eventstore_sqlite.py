@@ -1,0 +1,427 @@
+"""The SQLite event store: one events table, group commit, optimistic concurrency per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+import aiosqlite
+import msgspec
+import structlog
+
+from core.errors import ConcurrencyError, Conflict, Unavailable
+from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
+
+log = structlog.get_logger(__name__)
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position    INTEGER PRIMARY KEY,
+    stream      TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    type        TEXT    NOT NULL,
+    data        BLOB    NOT NULL,
+    metadata    BLOB    NOT NULL,
+    recorded_at TEXT    NOT NULL,
+    UNIQUE (stream, version)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         TEXT    PRIMARY KEY,
+    operation   TEXT    NOT NULL,
+    body_hash   TEXT    NOT NULL,
+    reply       BLOB    NOT NULL,
+    position    INTEGER NOT NULL,
+    recorded_at TEXT    NOT NULL
+);
+"""
+
+INSERT_EVENT = (
+    "INSERT INTO events (position, stream, version, type, data, metadata, recorded_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_IDEMPOTENCY = (
+    "INSERT INTO idempotency (key, operation, body_hash, reply, position, recorded_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+SELECT_EVENTS = "SELECT position, stream, version, type, data, metadata, recorded_at FROM events"
+
+_metadata_encoder = msgspec.json.Encoder()
+
+
+class _Metadata(msgspec.Struct, frozen=True, omit_defaults=True):
+    request_id: str = ""
+    idempotency_key: str = ""
+
+
+_metadata_decoder = msgspec.json.Decoder(_Metadata)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One caller's append, waiting for the next group commit."""
+
+    appends: Sequence[StreamAppend]
+    idempotency: IdempotencyRecord | None
+    request_id: str
+    future: asyncio.Future[list[RecordedEvent]]
+    rows: list[tuple[int, str, int, str, bytes, bytes, str]] = field(default_factory=list)
+    recorded: list[RecordedEvent] = field(default_factory=list)
+
+
+class SqliteEventStore:
+    """Appends go through one writer task that commits whatever is waiting in one transaction."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        max_batch: int = 1024,
+        tail_size: int = 65536,
+        version_cache_size: int = 500_000,
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._max_batch = max_batch
+        self._tail_size = tail_size
+        self._version_cache_size = version_cache_size
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._committed = asyncio.Condition()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_position = 0
+        self._versions: dict[str, int] = {}
+        self._tail: list[RecordedEvent] = []
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await _connect(self.path, self._synchronous)
+        await self._writer.executescript(SCHEMA)
+        await self._writer.commit()
+        self._reader = await _connect(self.path, self._synchronous)
+        self._last_position = await self._max_position()
+        self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-writer")
+
+    async def close(self) -> None:
+        """Commits what is waiting, then closes; later appends raise Unavailable."""
+        self._closing = True
+        if self._writer_task is not None:
+            self._wakeup.set()
+            await self._writer_task
+            self._writer_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    # Writing ---------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        appends: Sequence[StreamAppend],
+        *,
+        idempotency: IdempotencyRecord | None = None,
+        request_id: str = "",
+    ) -> list[RecordedEvent]:
+        if self._closing:
+            raise Unavailable("the event store is closing")
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(appends, idempotency, request_id, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                try:
+                    await self._commit(batch)
+                except Exception as error:  # the store must outlive any one bad batch
+                    log.exception("eventstore.commit_failed", error=type(error).__name__)
+                    await self._rollback_quietly()
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.set_exception(Unavailable("the event store failed"))
+            if self._closing and not self._pending:
+                return
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        assert self._writer is not None
+        await self._load_versions(batch)
+        now = datetime.now(UTC)
+        accepted = self._stage(batch, now)
+        if not accepted:
+            return
+        try:
+            await self._write(accepted, now)
+        except sqlite3.IntegrityError:
+            await self._writer.rollback()
+            await self._commit_one_by_one(accepted, now)
+            return
+        self._publish(accepted)
+
+    async def _load_versions(self, batch: list[_Pending]) -> None:
+        """Reads the current version of streams this store has not seen yet, in one query."""
+        assert self._writer is not None
+        unknown = {a.stream for p in batch for a in p.appends if a.stream not in self._versions}
+        if not unknown:
+            return
+        if len(self._versions) + len(unknown) > self._version_cache_size:
+            self._versions.clear()
+        for stream in unknown:
+            self._versions[stream] = 0
+        names = list(unknown)
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self._writer.execute(
+                f"SELECT stream, MAX(version) FROM events WHERE stream IN ({marks})"  # noqa: S608
+                " GROUP BY stream",
+                chunk,
+            ) as cursor:
+                for stream, version in await cursor.fetchall():
+                    self._versions[stream] = version
+
+    def _stage(self, batch: list[_Pending], now: datetime) -> list[_Pending]:
+        """Checks versions and keys in memory, assigns positions; fails the losers at once."""
+        recorded_at = now.isoformat()
+        versions: dict[str, int] = {}
+        keys: set[str] = set()
+        position = self._last_position
+        accepted: list[_Pending] = []
+        for pending in batch:
+            error = self._check(pending, versions, keys)
+            if error is not None:
+                pending.future.set_exception(error)
+                continue
+            metadata = _metadata_encoder.encode(
+                _Metadata(
+                    request_id=pending.request_id,
+                    idempotency_key=pending.idempotency.key if pending.idempotency else "",
+                )
+            )
+            for stream_append in pending.appends:
+                version = stream_append.expected_version
+                for new in stream_append.events:
+                    position += 1
+                    version += 1
+                    pending.rows.append(
+                        (
+                            position,
+                            stream_append.stream,
+                            version,
+                            new.type,
+                            new.data,
+                            metadata,
+                            recorded_at,
+                        )
+                    )
+                    pending.recorded.append(
+                        RecordedEvent(
+                            position=position,
+                            stream=stream_append.stream,
+                            version=version,
+                            type=new.type,
+                            data=new.data,
+                            recorded_at=now,
+                            request_id=pending.request_id,
+                        )
+                    )
+                versions[stream_append.stream] = version
+            if pending.idempotency is not None:
+                keys.add(pending.idempotency.key)
+            accepted.append(pending)
+        return accepted
+
+    def _check(
+        self, pending: _Pending, versions: dict[str, int], keys: set[str]
+    ) -> Exception | None:
+        for stream_append in pending.appends:
+            current = versions.get(stream_append.stream)
+            if current is None:
+                current = self._versions.get(stream_append.stream, 0)
+            if current != stream_append.expected_version:
+                return ConcurrencyError(
+                    f"{stream_append.stream} is at version {current},"
+                    f" not {stream_append.expected_version}"
+                )
+        if pending.idempotency is not None and pending.idempotency.key in keys:
+            return Conflict("idempotency key is in use by a concurrent request")
+        return None
+
+    async def _write(self, accepted: list[_Pending], now: datetime) -> None:
+        assert self._writer is not None
+        rows = [row for pending in accepted for row in pending.rows]
+        keyed = [
+            (
+                p.idempotency.key,
+                p.idempotency.operation,
+                p.idempotency.body_hash,
+                p.idempotency.reply,
+                p.rows[-1][0] if p.rows else self._last_position,
+                now.isoformat(),
+            )
+            for p in accepted
+            if p.idempotency is not None
+        ]
+        await self._writer.execute("BEGIN IMMEDIATE")
+        await self._writer.executemany(INSERT_EVENT, rows)
+        if keyed:
+            await self._writer.executemany(INSERT_IDEMPOTENCY, keyed)
+        await self._writer.commit()
+
+    async def _commit_one_by_one(self, accepted: list[_Pending], now: datetime) -> None:
+        """Isolates the appends that broke a constraint after another writer changed the file."""
+        assert self._writer is not None
+        self._versions.clear()
+        for pending in accepted:
+            pending.rows.clear()
+            pending.recorded.clear()
+            self._last_position = await self._max_position()
+            await self._load_versions([pending])
+            staged = self._stage([pending], now)
+            if not staged:
+                continue
+            try:
+                await self._write(staged, now)
+            except sqlite3.IntegrityError:
+                await self._writer.rollback()
+                self._versions.clear()
+                if pending.idempotency and await self.idempotent_reply(pending.idempotency.key):
+                    pending.future.set_exception(Conflict("idempotency key already used"))
+                else:
+                    pending.future.set_exception(ConcurrencyError("stream changed concurrently"))
+                continue
+            self._publish(staged)
+
+    def _publish(self, accepted: list[_Pending]) -> None:
+        """Makes committed events visible: versions, tail, waiting callers and followers."""
+        for pending in accepted:
+            for event in pending.recorded:
+                self._versions[event.stream] = event.version
+            self._tail.extend(pending.recorded)
+            if pending.recorded:
+                self._last_position = pending.recorded[-1].position
+            if not pending.future.done():
+                pending.future.set_result(pending.recorded)
+        if len(self._tail) > 2 * self._tail_size:
+            del self._tail[: len(self._tail) - self._tail_size]
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._committed:
+            self._committed.notify_all()
+
+    async def _rollback_quietly(self) -> None:
+        assert self._writer is not None
+        try:
+            await self._writer.rollback()
+        except sqlite3.Error:
+            log.exception("eventstore.rollback_failed")
+        self._versions.clear()
+        self._last_position = await self._max_position()
+
+    def forget_stream_version(self, stream: str) -> None:
+        """Drops a cached version, so the next append re-reads it from the file."""
+        self._versions.pop(stream, None)
+
+    # Reading ---------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """The last committed global position."""
+        return self._last_position
+
+    async def last_position(self) -> int:
+        return self._last_position
+
+    async def wait_for_events_after(self, position: int) -> None:
+        """Returns once an event with a position above `position` is committed."""
+        async with self._committed:
+            await self._committed.wait_for(lambda: self._last_position > position)
+
+    async def read_stream(self, stream: str) -> list[RecordedEvent]:
+        return await self._select(" WHERE stream = ? ORDER BY version", (stream,))
+
+    async def read_all(
+        self, after: int = 0, limit: int = 1000, stream: str | None = None
+    ) -> list[RecordedEvent]:
+        if stream is not None:
+            return await self._select(
+                " WHERE stream = ? AND position > ? ORDER BY position LIMIT ?",
+                (stream, after, limit),
+            )
+        tail = self._tail
+        if tail and tail[0].position <= after + 1 and after < self._last_position:
+            start = after + 1 - tail[0].position
+            return tail[start : start + limit]
+        if after >= self._last_position:
+            return []
+        return await self._select(" WHERE position > ? ORDER BY position LIMIT ?", (after, limit))
+
+    async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
+        assert self._reader is not None
+        async with self._reader.execute(
+            "SELECT key, operation, body_hash, reply FROM idempotency WHERE key = ?", (key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return IdempotencyRecord(key=row[0], operation=row[1], body_hash=row[2], reply=row[3])
+
+    async def _select(self, where: str, params: tuple[object, ...]) -> list[RecordedEvent]:
+        assert self._reader is not None
+        async with self._reader.execute(SELECT_EVENTS + where, params) as cursor:
+            rows = await cursor.fetchall()
+        return [_recorded(row) for row in rows]
+
+    async def _max_position(self) -> int:
+        assert self._writer is not None
+        async with self._writer.execute("SELECT COALESCE(MAX(position), 0) FROM events") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _recorded(row: sqlite3.Row | tuple[object, ...]) -> RecordedEvent:
+    position, stream, version, type_, data, metadata, recorded_at = row
+    meta = _metadata_decoder.decode(metadata)  # type: ignore[arg-type]
+    return RecordedEvent(
+        position=position,  # type: ignore[arg-type]
+        stream=stream,  # type: ignore[arg-type]
+        version=version,  # type: ignore[arg-type]
+        type=type_,  # type: ignore[arg-type]
+        data=data,  # type: ignore[arg-type]
+        recorded_at=datetime.fromisoformat(recorded_at),  # type: ignore[arg-type]
+        request_id=meta.request_id,
+    )
+
+
+async def _connect(path: Path, synchronous: Synchronous) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    await conn.execute("PRAGMA journal_mode=WAL")
+    await conn.execute(f"PRAGMA synchronous={synchronous}")
+    await conn.execute("PRAGMA busy_timeout=5000")
+    return conn

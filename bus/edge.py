@@ -1,0 +1,185 @@
+"""The transport edge: a NATS micro service whose every reply is the contract's envelope.
+
+decode → authenticate → dispatch → encode. Every failure becomes a coded error reply, so a
+caller never waits for a timeout; replies carry only our headers, never the request's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from core.errors import DomainError, Internal, InvalidInput, Unauthorized
+from core.operations import Operation, RequestMeta
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = "hero-deployer"
+QUEUE_GROUP = "hero-deployer"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+ERROR_HEADER = "Nats-Service-Error"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+_OK_PREFIX = b'{"ok":true,"result":'
+_encoder = msgspec.json.Encoder()
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class _ErrorReply(msgspec.Struct, frozen=True):
+    ok: bool
+    error: _ErrorBody
+
+
+def error_reply(error: DomainError) -> tuple[bytes, dict[str, str]]:
+    """The envelope and the micro error headers of a domain error."""
+    message = " ".join(error.message.split())[:500]
+    body = _encoder.encode(_ErrorReply(ok=False, error=_ErrorBody(error.code, message)))
+    return body, {ERROR_CODE_HEADER: str(error.number), ERROR_HEADER: message}
+
+
+def validation_message(error: msgspec.MsgspecError) -> str:
+    """msgspec names the field (`at $.name`) and never echoes the value."""
+    if isinstance(error, msgspec.ValidationError):
+        return str(error)
+    return "malformed JSON: " + str(error).removeprefix("JSON is malformed: ")
+
+
+def _valid_idempotency_key(key: str) -> bool:
+    return 1 <= len(key) <= 128 and all(" " <= c <= "~" for c in key)
+
+
+class ServiceEdge:
+    """Registers every operation as an endpoint in queue group `hero-deployer`."""
+
+    def __init__(
+        self,
+        nc: Client,
+        operations: Sequence[Operation],
+        *,
+        prefix: str,
+        token: str,
+        exempt: frozenset[str] = frozenset({"health"}),
+        version: str = "0.0.0",
+    ) -> None:
+        self._nc = nc
+        self._operations = operations
+        self._prefix = prefix
+        self._expected = f"Bearer {token}".encode()
+        self._exempt = exempt
+        self._version = version
+        self._service: Service | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        self._service = await add_service(
+            self._nc,
+            name=SERVICE_NAME,
+            version=self._version,
+            description="Event-sourced owner of the Hero OS demo fleet's VMs",
+            queue_group=QUEUE_GROUP,
+        )
+        for operation in self._operations:
+            await self._service.add_endpoint(
+                name=operation.name,
+                subject=f"{self._prefix}.{operation.name}",
+                queue_group=QUEUE_GROUP,
+                handler=self._endpoint(operation),
+            )
+        await self._nc.flush()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stops accepting, waits for in-flight requests, cancels what is left after `timeout`."""
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None
+        if self._in_flight:
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _endpoint(self, operation: Operation) -> Any:
+        decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(operation.request)
+        in_flight = self._in_flight
+
+        async def handle(request: Request) -> None:
+            task = asyncio.create_task(self._process(operation, decoder, request))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+        return handle
+
+    async def _process(
+        self, operation: Operation, decoder: msgspec.json.Decoder[Any], request: Request
+    ) -> None:
+        request_id = f"{self._id_prefix}-{next(self._ids)}"
+        try:
+            headers = request.headers or {}
+            if operation.name not in self._exempt:
+                self._authenticate(headers.get("Authorization"))
+            key = headers.get(IDEMPOTENCY_HEADER)
+            if key is not None and not _valid_idempotency_key(key):
+                raise InvalidInput("Idempotency-Key must be 1..128 printable ASCII characters")
+            try:
+                command = decoder.decode(request.data or b"{}")
+            except msgspec.MsgspecError as error:
+                raise InvalidInput(validation_message(error)) from None
+            meta = RequestMeta(
+                operation=operation.name,
+                request_id=request_id,
+                idempotency_key=key if operation.mutates else None,
+            )
+            result = await operation.handler(command, meta)
+            await _send(request, _OK_PREFIX + result + b"}")
+        except DomainError as error:
+            await self._respond_error(request, error)
+        except asyncio.CancelledError:
+            await self._respond_error(request, Internal("the service is shutting down"))
+            raise
+        except Exception:
+            log.exception("request.failed", operation=operation.name, request_id=request_id)
+            await self._respond_error(request, Internal("internal error"))
+
+    def _authenticate(self, header: str | None) -> None:
+        if header is None:
+            raise Unauthorized("missing bearer token")
+        if not header.startswith("Bearer "):
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        if not hmac.compare_digest(header.encode(), self._expected):
+            raise Unauthorized("invalid bearer token")
+
+    async def _respond_error(self, request: Request, error: DomainError) -> None:
+        body, headers = error_reply(error)
+        try:
+            await _send(request, body, headers)
+        except Exception:  # a closed connection: nobody is left to answer
+            log.debug("request.reply_failed", code=error.code)
+
+
+async def _send(request: Request, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """Replies, unless the message was published without a reply subject."""
+    try:
+        await request.respond(body, headers=headers)
+    except ValueError:
+        log.debug("request.no_reply_subject")

@@ -1,0 +1,36 @@
+"""What the transport hands to the application: an operation, its decoded request, its meta."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    """Per-request facts from the transport: never the token, never a secret."""
+
+    operation: str
+    request_id: str
+    idempotency_key: str | None = None
+
+
+Handler = Callable[[Any, RequestMeta], Awaitable[bytes]]
+"""Takes the decoded request and returns the encoded `result` (JSON) or raises a DomainError."""
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One endpoint of the contract: its request type and the handler that answers it."""
+
+    name: str
+    request: type[msgspec.Struct]
+    handler: Handler
+    mutates: bool = False
+
+
+class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of an operation that takes no fields."""

@@ -1,0 +1,5 @@
+import sys
+
+from hero_deployer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""What handlers need, built once by the bootstrap and passed to every handler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from adapters.eventstore_sqlite import SqliteEventStore
+from core.secrets import Fingerprinter
+from core.vm import Vm
+from hero_deployer.aggregates import Aggregates, KeyedLocks
+from projections.runner import ProjectionRunner
+from projections.vm_view import VmView
+
+
+@dataclass(slots=True)
+class Deps:
+    store: SqliteEventStore
+    views: ProjectionRunner
+    vm_view: VmView
+    vms: Aggregates[Vm]
+    fingerprint: Fingerprinter
+    clock: Callable[[], datetime]
+    version: str
+    require_secret: bool = False
+    max_retries: int = 8
+    idempotency_locks: KeyedLocks = field(default_factory=KeyedLocks)

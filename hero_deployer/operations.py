@@ -1,0 +1,74 @@
+"""The contract's operations, each bound to its request type and handler."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from core.events import EventOut
+from core.operations import Empty, Operation, RequestMeta
+from core.vm import DeleteVm, DeployVm, GetVm, ListVms, MigrateSecret, RestartVm, StartVm, StopVm
+from hero_deployer import vm_handlers
+from hero_deployer.deps import Deps
+from hero_deployer.settings import VERSION
+
+STREAM_PATTERN = r"^(vm|user):[A-Za-z0-9._-]{1,64}$"
+
+_encoder = msgspec.json.Encoder()
+
+
+StreamName = Annotated[str, msgspec.Meta(pattern=STREAM_PATTERN, max_length=70)]
+
+
+class EventsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    stream: StreamName | None = None
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class EventsPage(msgspec.Struct, frozen=True):
+    events: list[EventOut]
+    last: int
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    version: str
+    position: int
+
+
+async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
+    recorded = await deps.store.read_all(
+        after=request.after, limit=request.limit, stream=request.stream
+    )
+    last = recorded[-1].position if recorded else request.after
+    return _encoder.encode(EventsPage(events=[r.wire() for r in recorded], last=last))
+
+
+async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
+    return _encoder.encode(Health(status="ok", version=VERSION, position=deps.store.position))
+
+
+def vm_operations(deps: Deps) -> list[Operation]:
+    """The tenant VM API plus `events` and `health`."""
+
+    def op(name: str, request: type[msgspec.Struct], handler: Any, mutates: bool) -> Operation:
+        async def bound(command: Any, meta: RequestMeta) -> bytes:
+            result: bytes = await handler(command, meta, deps)
+            return result
+
+        return Operation(name=name, request=request, handler=bound, mutates=mutates)
+
+    return [
+        op("deploy_vm", DeployVm, vm_handlers.deploy_vm, True),
+        op("list_vms", ListVms, vm_handlers.list_vms, False),
+        op("get_vm", GetVm, vm_handlers.get_vm, False),
+        op("start_vm", StartVm, vm_handlers.vm_action, True),
+        op("stop_vm", StopVm, vm_handlers.vm_action, True),
+        op("restart_vm", RestartVm, vm_handlers.vm_action, True),
+        op("delete_vm", DeleteVm, vm_handlers.vm_action, True),
+        op("migrate_secret", MigrateSecret, vm_handlers.migrate_secret, True),
+        op("events", EventsRequest, events, False),
+        op("health", Empty, health, False),
+    ]

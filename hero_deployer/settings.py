@@ -1,0 +1,73 @@
+"""Settings: embedded defaults, then `HERO_DEPLOYER_*` environment variables, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters.keyfiles import load_or_create_token
+
+ENV_PREFIX = "HERO_DEPLOYER_"
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("var")
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_port: int = 4222
+    prefix: str = "hero.v1"
+    token: str = ""
+    exempt: frozenset[str] = field(default_factory=lambda: frozenset({"health"}))
+    require_secret: bool = False
+    synchronous: str = "FULL"
+    backend: str = "local"
+    local_deploy_delay: float = 2.0
+    local_action_delay: float = 0.3
+    local_ssh: bool = True
+    log_level: str = "info"
+    log_format: str = "console"
+    shutdown_timeout: float = 10.0
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Defaults, overridden by the environment, overridden by `overrides` (CLI flags)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        settings = cls(**values)
+        if "nats_url" not in values and "nats_port" in values:
+            settings = dataclasses.replace(
+                settings, nats_url=f"nats://127.0.0.1:{settings.nats_port}"
+            )
+        return settings
+
+    def with_token(self) -> Settings:
+        """The settings with the bearer token resolved: configured, else `DIR/token`."""
+        token = load_or_create_token(self.data_dir / "token", self.token or None)
+        return dataclasses.replace(self, token=token)
+
+
+def _parse(name: str, raw: str) -> Any:
+    default = {f.name: f for f in dataclasses.fields(Settings)}[name]
+    kind = type(getattr(Settings(), name))
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    if kind is frozenset:
+        return frozenset(x.strip() for x in raw.split(",") if x.strip())
+    if default.name == "data_dir":
+        return Path(raw)
+    return raw

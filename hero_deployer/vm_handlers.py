@@ -1,0 +1,142 @@
+"""Handlers of the tenant VM API: plain async functions of (request, meta, deps)."""
+
+from __future__ import annotations
+
+import hmac
+import secrets as random_tokens
+
+import msgspec
+
+from core.errors import VM_NOT_FOUND, InvalidInput, NotFound
+from core.events import IdempotencyRecord, vm_stream
+from core.operations import RequestMeta
+from core.vm import (
+    Context,
+    DeployVm,
+    GetVm,
+    ListVms,
+    MigrateResult,
+    MigrateSecret,
+    OutcomeCommand,
+    RekeyVm,
+    Vm,
+    VmCommand,
+    VmList,
+    decide,
+    evolve,
+    owns,
+)
+from hero_deployer.commands import Decision, execute, idempotent
+from hero_deployer.deps import Deps
+
+_encoder = msgspec.json.Encoder()
+
+
+def new_sid() -> str:
+    return "vm_" + random_tokens.token_hex(8)
+
+
+def owner_of(deps: Deps, secret: str, field: str = "secret") -> str:
+    """The keyed fingerprint of a tenant's secret, after the `require_secret` rule."""
+    if deps.require_secret and not secret:
+        raise InvalidInput(f"{field} is required")
+    return deps.fingerprint(secret)
+
+
+def _result(vm: Vm | None) -> bytes:
+    assert vm is not None
+    return _encoder.encode(vm.public())
+
+
+async def run_vm_command(
+    deps: Deps,
+    sid: str,
+    command: VmCommand,
+    ctx: Context,
+    meta: RequestMeta,
+    idempotency: IdempotencyRecord | None = None,
+) -> bytes:
+    """Decides one command on one VM and records its events; returns the Vm as JSON."""
+    stream = vm_stream(sid)
+
+    def decide_one(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
+        vm, version = states[stream]
+        events = decide(vm, command, ctx)
+        after = vm
+        for event in events:
+            after = evolve(after, event)
+        return [Decision(stream, version, events)], _result(after)
+
+    return await execute(deps, deps.vms, [stream], decide_one, evolve, meta, idempotency)
+
+
+async def deploy_vm(request: DeployVm, meta: RequestMeta, deps: Deps) -> bytes:
+    ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret), new_sid=new_sid())
+
+    async def run(idempotency: IdempotencyRecord | None) -> bytes:
+        return await run_vm_command(deps, ctx.new_sid, request, ctx, meta, idempotency)
+
+    return await idempotent(deps, meta, request, run)
+
+
+async def vm_action(request: VmCommand, meta: RequestMeta, deps: Deps) -> bytes:
+    """start_vm, stop_vm, restart_vm, delete_vm: the secret first, then the state."""
+    assert not isinstance(request, DeployVm | OutcomeCommand | RekeyVm)
+    ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret))
+
+    async def run(idempotency: IdempotencyRecord | None) -> bytes:
+        return await run_vm_command(deps, request.sid, request, ctx, meta, idempotency)
+
+    return await idempotent(deps, meta, request, run)
+
+
+async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -> None:
+    """Records what a side effect did to a VM; used by the VM reactor."""
+    meta = RequestMeta(operation="record_outcome", request_id=request_id)
+    await run_vm_command(deps, command.sid, command, Context(now=deps.clock()), meta)
+
+
+async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
+    owner = owner_of(deps, request.secret)
+    vm = await deps.vm_view.get(request.sid)
+    if vm is None or not owns(vm, owner):
+        raise NotFound(VM_NOT_FOUND)
+    return _encoder.encode(vm.public())
+
+
+async def list_vms(request: ListVms, meta: RequestMeta, deps: Deps) -> bytes:
+    owner = owner_of(deps, request.secret)
+    vms = await deps.vm_view.by_owner(owner)
+    return _encoder.encode(VmList(vms=[vm.public() for vm in vms]))
+
+
+async def migrate_secret(request: MigrateSecret, meta: RequestMeta, deps: Deps) -> bytes:
+    """Re-keys every live VM of the old secret to the new one, all in one transaction."""
+    if not request.new_secret:
+        raise InvalidInput("new_secret must not be empty")
+    if hmac.compare_digest(request.old_secret.encode(), request.new_secret.encode()):
+        raise InvalidInput("new_secret must differ from old_secret")
+    old = owner_of(deps, request.old_secret, "old_secret")
+    new = deps.fingerprint(request.new_secret)
+    ctx = Context(now=deps.clock(), owner=old)
+
+    async def run(idempotency: IdempotencyRecord | None) -> bytes:
+        candidates = await deps.vm_view.by_owner(old)
+        if not candidates:
+            raise NotFound("no vm has this secret")
+        streams = [vm_stream(vm.sid) for vm in candidates]
+
+        def decide_all(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
+            decisions = []
+            for stream, (vm, version) in states.items():
+                if vm is None or vm.status == "deleted" or not owns(vm, old):
+                    continue
+                events = decide(vm, RekeyVm(sid=vm.sid, new_owner=new), ctx)
+                decisions.append(Decision(stream, version, events))
+            if not decisions:
+                raise NotFound("no vm has this secret")
+            return decisions, _encoder.encode(MigrateResult(migrated_count=len(decisions)))
+
+        return await execute(deps, deps.vms, streams, decide_all, evolve, meta, idempotency)
+
+    return await idempotent(deps, meta, request, run)

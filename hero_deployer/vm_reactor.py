@@ -1,0 +1,204 @@
+"""The VM reactor: turns recorded VM intents into backend calls and records their outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from core.events import EventRegistry, RecordedEvent
+from core.ports import BackendError, ComputeBackend, VmSpec
+from core.vm import (
+    VM_EVENT_TYPES,
+    OutcomeCommand,
+    RecordDeleted,
+    RecordDeployed,
+    RecordDeployFailed,
+    RecordOperationFailed,
+    Vm,
+    VmDeleteRequested,
+    VmDeployRequested,
+    VmRestarted,
+    VmStarted,
+    VmStopped,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_registry = EventRegistry(VM_EVENT_TYPES)
+
+TRIGGERS = {
+    "VmDeployRequested": "deploying",
+    "VmStarted": "running",
+    "VmRestarted": "running",
+    "VmStopped": "stopped",
+    "VmDeleteRequested": "deleting",
+}
+"""Event type → the status the VM must still have for the side effect to be worth doing."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and jitter, within a deadline."""
+
+    attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    deadline: float = 900.0
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.max_delay, self.base_delay * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class VmReactor:
+    """Runs each VM's side effects in order, different VMs concurrently; idempotent on replay."""
+
+    name = "vm-reactor"
+
+    def __init__(
+        self,
+        backend: ComputeBackend,
+        load: Callable[[str], Awaitable[Vm | None]],
+        record: Callable[[OutcomeCommand, str], Awaitable[None]],
+        *,
+        retry: RetryPolicy | None = None,
+        ssh_keys: Callable[[str], Awaitable[tuple[str, ...]]] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._load = load
+        self._record = record
+        self._retry = retry or RetryPolicy()
+        self._ssh_keys = ssh_keys
+        self._chains: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: dict[int, None] = {}
+
+    async def handle(self, events: Sequence[RecordedEvent]) -> None:
+        for recorded in events:
+            if recorded.type in TRIGGERS and recorded.stream.startswith("vm:"):
+                self._schedule(recorded)
+
+    def safe_position(self, read_position: int) -> int:
+        if self._in_flight:
+            return min(self._in_flight) - 1
+        return read_position
+
+    async def drain(self) -> None:
+        """Waits for every scheduled side effect to finish."""
+        while self._chains:
+            await asyncio.gather(*list(self._chains.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._chains.values()):
+            task.cancel()
+        await asyncio.gather(*list(self._chains.values()), return_exceptions=True)
+
+    def _schedule(self, recorded: RecordedEvent) -> None:
+        sid = recorded.stream[3:]
+        previous = self._chains.get(sid)
+        self._in_flight[recorded.position] = None
+        task = asyncio.create_task(self._after(previous, recorded))
+        self._chains[sid] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._in_flight.pop(recorded.position, None)
+            if self._chains.get(sid) is t:
+                del self._chains[sid]
+
+        task.add_done_callback(done)
+
+    async def _after(self, previous: asyncio.Task[None] | None, recorded: RecordedEvent) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        try:
+            await self._perform(recorded)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("vm_reactor.failed", stream=recorded.stream, event=recorded.type)
+
+    async def _perform(self, recorded: RecordedEvent) -> None:
+        sid = recorded.stream[3:]
+        vm = await self._load(sid)
+        if vm is None or vm.status != TRIGGERS[recorded.type]:
+            return  # a later event superseded this intent
+        event = _registry.decode(recorded.type, recorded.data)
+        request_id = recorded.request_id
+        match event:
+            case VmDeployRequested():
+                await self._deploy(event, request_id)
+            case VmStarted():
+                await self._act("start", sid, self._backend.start_vm, request_id)
+            case VmStopped():
+                await self._act("stop", sid, self._backend.stop_vm, request_id)
+            case VmRestarted():
+                await self._act("restart", sid, self._backend.restart_vm, request_id)
+            case VmDeleteRequested():
+                if await self._act("delete", sid, self._backend.delete_vm, request_id):
+                    await self._record(RecordDeleted(sid=sid), request_id)
+
+    async def _deploy(self, event: VmDeployRequested, request_id: str) -> None:
+        keys = await self._ssh_keys(event.sid) if self._ssh_keys else ()
+        spec = VmSpec(
+            name=event.sid,
+            image=event.image,
+            cpu_count=event.cpu_count,
+            memory_gb=event.memory_gb,
+            disk_gb=event.disk_gb,
+            rootfs_gb=event.rootfs_gb,
+            node_id=event.node_id,
+            ssh_keys=keys,
+        )
+        try:
+            vm = await self._with_retries(lambda: self._backend.deploy_vm(spec))
+        except BackendError as error:
+            await self._record(RecordDeployFailed(sid=event.sid, error=error.message), request_id)
+            return
+        await self._record(
+            RecordDeployed(sid=event.sid, node_id=vm.node_id, mycelium_ip=vm.mycelium_ip),
+            request_id,
+        )
+
+    async def _act(
+        self,
+        operation: str,
+        sid: str,
+        call: Callable[[str], Awaitable[None]],
+        request_id: str,
+    ) -> bool:
+        try:
+            await self._with_retries(lambda: call(sid))
+        except BackendError as error:
+            await self._record(
+                RecordOperationFailed(sid=sid, operation=operation, error=error.message),
+                request_id,
+            )
+            return False
+        return True
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        policy = self._retry
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.deadline
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await call()
+            except TimeoutError as error:
+                raise BackendError("the backend did not answer within the deadline") from error
+            except BackendError as error:
+                attempt += 1
+                if not error.retryable or attempt >= policy.attempts:
+                    raise
+                delay = policy.delay(attempt)
+                if loop.time() + delay >= deadline:
+                    raise
+                log.warning("vm_reactor.retry", attempt=attempt, error=error.message)
+                await asyncio.sleep(delay)

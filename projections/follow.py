@@ -1,0 +1,107 @@
+"""Followers of the log that keep their own checkpoint: the publisher and the reactors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol, Self
+
+import aiosqlite
+import structlog
+
+from core.events import RecordedEvent
+from projections.runner import EventSource, read_checkpoint, write_checkpoint
+
+log = structlog.get_logger(__name__)
+
+
+class Checkpoints:
+    """Named positions in the views database, saved with their own small transactions."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def load(self, name: str) -> int:
+        return await read_checkpoint(self._conn, name)
+
+    async def save(self, name: str, position: int) -> None:
+        await write_checkpoint(self._conn, name, position)
+        await self._conn.commit()
+
+
+class Handler(Protocol):
+    name: str
+
+    async def handle(self, events: Sequence[RecordedEvent]) -> None:
+        """Takes one batch, in position order; called again only after it returns."""
+        ...
+
+    def safe_position(self, read_position: int) -> int:
+        """The position below which every event's work is done (what a restart may skip)."""
+        ...
+
+
+class Follower:
+    """Feeds a handler every committed event from its checkpoint on; saves the checkpoint."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        checkpoints: Checkpoints,
+        handler: Handler,
+        *,
+        batch_size: int = 1000,
+        save_every: float = 0.5,
+    ) -> None:
+        self._source = source
+        self._checkpoints = checkpoints
+        self._handler = handler
+        self._batch_size = batch_size
+        self._save_every = save_every
+        self.position = 0
+        self._saved = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        self.position = self._saved = await self._checkpoints.load(self._handler.name)
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"{self._handler.name}-follow"),
+            asyncio.create_task(self._save_periodically(), name=f"{self._handler.name}-save"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.save()
+
+    async def save(self) -> None:
+        position = self._handler.safe_position(self.position)
+        if position != self._saved:
+            await self._checkpoints.save(self._handler.name, position)
+            self._saved = position
+
+    async def catch_up(self) -> None:
+        while events := await self._source.read_all(after=self.position, limit=self._batch_size):
+            await self._handler.handle(events)
+            self.position = events[-1].position
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.catch_up()
+                await self._source.wait_for_events_after(self.position)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("follower.failed", follower=self._handler.name)
+                await asyncio.sleep(1.0)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._save_every)
+            try:
+                await self.save()
+            except Exception:
+                log.exception("follower.checkpoint_failed", follower=self._handler.name)

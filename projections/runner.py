@@ -1,0 +1,186 @@
+"""Runs projections over the event log, committing each batch with its checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, Self
+
+import aiosqlite
+import structlog
+
+from core.events import RecordedEvent
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINTS = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name     TEXT    PRIMARY KEY,
+    position INTEGER NOT NULL
+);
+"""
+
+
+class EventSource(Protocol):
+    """The part of the event store a follower needs."""
+
+    @property
+    def position(self) -> int: ...
+
+    async def read_all(
+        self, after: int = 0, limit: int = 1000, stream: str | None = None
+    ) -> list[RecordedEvent]: ...
+
+    async def wait_for_events_after(self, position: int) -> None: ...
+
+
+class Projection(Protocol):
+    """A view built from events; `apply` runs inside the runner's transaction."""
+
+    name: str
+
+    async def create(self, conn: aiosqlite.Connection) -> None: ...
+
+    async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None: ...
+
+    async def clear(self, conn: aiosqlite.Connection) -> None: ...
+
+
+async def connect_views(path: Path, *, synchronous: str = "NORMAL") -> aiosqlite.Connection:
+    """Opens the views database; it is rebuildable from the log, so NORMAL sync is enough."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    await conn.execute("PRAGMA journal_mode=WAL")
+    await conn.execute(f"PRAGMA synchronous={synchronous}")
+    await conn.execute("PRAGMA busy_timeout=5000")
+    await conn.executescript(CHECKPOINTS)
+    return conn
+
+
+async def read_checkpoint(conn: aiosqlite.Connection, name: str) -> int:
+    async with conn.execute("SELECT position FROM checkpoints WHERE name = ?", (name,)) as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def write_checkpoint(conn: aiosqlite.Connection, name: str, position: int) -> None:
+    await conn.execute(
+        "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        (name, position),
+    )
+
+
+class ProjectionRunner:
+    """Follows the log, applying each batch to every projection in one transaction."""
+
+    name = "views"
+
+    def __init__(
+        self,
+        source: EventSource,
+        conn: aiosqlite.Connection,
+        projections: Sequence[Projection],
+        *,
+        batch_size: int = 2000,
+    ) -> None:
+        self._source = source
+        self._conn = conn
+        self._projections = projections
+        self._batch_size = batch_size
+        self._position = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    async def __aenter__(self) -> Self:
+        for projection in self._projections:
+            await projection.create(self._conn)
+        self._position = await read_checkpoint(self._conn, self.name)
+        self._task = asyncio.create_task(self._run(), name="projection-runner")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Applies what is committed so far, then stops following."""
+        if self._task is None:
+            return
+        await self.catch_up()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def wait_for(self, position: int) -> None:
+        """Returns once the views reflect every event up to `position`."""
+        if position <= self._position:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (position, next(self._seq), future))
+        await future
+
+    async def catch_up(self) -> None:
+        """Applies every event committed so far."""
+        async with self._lock:
+            while True:
+                events = await self._source.read_all(after=self._position, limit=self._batch_size)
+                if not events:
+                    return
+                await self._apply(events)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.catch_up()
+                await self._source.wait_for_events_after(self._position)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("projection.batch_failed", position=self._position)
+                await asyncio.sleep(1.0)  # back off, then retry from the committed checkpoint
+
+    async def _apply(self, events: Sequence[RecordedEvent]) -> None:
+        conn = self._conn
+        last = events[-1].position
+        await conn.execute("BEGIN")
+        try:
+            for projection in self._projections:
+                await projection.apply(conn, events)
+            await write_checkpoint(conn, self.name, last)
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+        self._position = last
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= last:
+            _, _, future = heapq.heappop(waiters)
+            if not future.done():
+                future.set_result(None)
+
+
+async def rebuild(
+    source: EventSource, conn: aiosqlite.Connection, projections: Sequence[Projection]
+) -> int:
+    """Clears every view and replays the whole log into it; returns the events applied."""
+    await conn.execute("BEGIN")
+    for projection in projections:
+        await projection.create(conn)
+        await projection.clear(conn)
+    await write_checkpoint(conn, ProjectionRunner.name, 0)
+    await conn.commit()
+    runner = ProjectionRunner(source, conn, projections, batch_size=20000)
+    await runner.catch_up()
+    return runner.position

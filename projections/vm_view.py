@@ -1,0 +1,148 @@
+"""The VM view: one row per VM, indexed by owner fingerprint, for `get_vm` and `list_vms`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import aiosqlite
+
+from core.events import EventRegistry, RecordedEvent
+from core.vm import VM_EVENT_TYPES, Vm, evolve
+
+TABLE = """
+CREATE TABLE IF NOT EXISTS vms (
+    sid         TEXT    PRIMARY KEY,
+    owner       TEXT    NOT NULL,
+    name        TEXT    NOT NULL,
+    slice_sid   TEXT    NOT NULL,
+    image       TEXT    NOT NULL,
+    cpu_count   INTEGER NOT NULL,
+    memory_gb   INTEGER NOT NULL,
+    disk_gb     INTEGER NOT NULL,
+    rootfs_gb   INTEGER NOT NULL,
+    status      TEXT    NOT NULL,
+    node_id     INTEGER,
+    mycelium_ip TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    created_at  TEXT    NOT NULL,
+    updated_at  TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vms_by_owner ON vms (owner, created_at);
+"""
+
+COLUMNS = (
+    "sid, owner, name, slice_sid, image, cpu_count, memory_gb, disk_gb, rootfs_gb,"
+    " status, node_id, mycelium_ip, error, created_at, updated_at"
+)
+UPSERT = f"INSERT OR REPLACE INTO vms ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"  # noqa: S608
+SELECT = f"SELECT {COLUMNS} FROM vms"  # noqa: S608
+
+Row = tuple[str, str, str, str, str, int, int, int, int, str, int | None, str, str, str, str]
+
+_registry = EventRegistry(VM_EVENT_TYPES)
+
+
+class VmProjection:
+    """Folds VM events into rows with the core's own `evolve`."""
+
+    name = "vms"
+
+    async def create(self, conn: aiosqlite.Connection) -> None:
+        await conn.executescript(TABLE)
+
+    async def clear(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("DELETE FROM vms")
+
+    async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        mine = [e for e in events if e.stream.startswith("vm:") and e.type in _registry]
+        if not mine:
+            return
+        states = await self._load(conn, {e.stream[3:] for e in mine if e.version > 1})
+        for recorded in mine:
+            sid = recorded.stream[3:]
+            states[sid] = evolve(states.get(sid), _registry.decode(recorded.type, recorded.data))
+        await conn.executemany(UPSERT, [_row(vm) for vm in states.values() if vm is not None])
+
+    async def _load(self, conn: aiosqlite.Connection, sids: set[str]) -> dict[str, Vm | None]:
+        states: dict[str, Vm | None] = {}
+        names = list(sids)
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with conn.execute(f"{SELECT} WHERE sid IN ({marks})", chunk) as cursor:
+                for row in await cursor.fetchall():
+                    vm = _vm(tuple(row))
+                    states[vm.sid] = vm
+        return states
+
+
+class VmView:
+    """Queries the VM view; never touches the event log."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def get(self, sid: str) -> Vm | None:
+        async with self._conn.execute(f"{SELECT} WHERE sid = ?", (sid,)) as cursor:
+            row = await cursor.fetchone()
+        return _vm(tuple(row)) if row else None
+
+    async def by_owner(self, owner: str, *, include_deleted: bool = False) -> list[Vm]:
+        where = (
+            " WHERE owner = ?" if include_deleted else " WHERE owner = ? AND status != 'deleted'"
+        )
+        async with self._conn.execute(
+            SELECT + where + " ORDER BY created_at, sid", (owner,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_vm(tuple(row)) for row in rows]
+
+    async def all_rows(self) -> list[Row]:
+        """Every row in sid order, for comparing a live view with a rebuilt one."""
+        async with self._conn.execute(SELECT + " ORDER BY sid") as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+
+def _row(vm: Vm) -> Row:
+    return (
+        vm.sid,
+        vm.owner,
+        vm.name,
+        vm.slice_sid,
+        vm.image,
+        vm.cpu_count,
+        vm.memory_gb,
+        vm.disk_gb,
+        vm.rootfs_gb,
+        vm.status,
+        vm.node_id,
+        vm.mycelium_ip,
+        vm.error,
+        vm.created_at.isoformat(),
+        vm.updated_at.isoformat(),
+    )
+
+
+def _vm(row: Row) -> Vm:
+    return Vm(
+        sid=row[0],
+        owner=row[1],
+        name=row[2],
+        slice_sid=row[3],
+        image=row[4],
+        cpu_count=row[5],
+        memory_gb=row[6],
+        disk_gb=row[7],
+        rootfs_gb=row[8],
+        status=row[9],  # type: ignore[arg-type]
+        node_id=row[10],
+        mycelium_ip=row[11],
+        error=row[12],
+        created_at=datetime.fromisoformat(row[13]),
+        updated_at=datetime.fromisoformat(row[14]),
+    )
+
+
+def rows_of(vms: Iterable[Vm]) -> list[Row]:
+    return [_row(vm) for vm in vms]
