@@ -27,7 +27,7 @@ from hero_deployer.operations import vm_operations
 from hero_deployer.settings import VERSION, Settings
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower
-from projections.runner import Projection, ProjectionRunner, connect_views
+from projections.runner import Projection, ProjectedEvents, ProjectionRunner, connect_views
 from projections.vm_view import VmProjection, VmView
 
 
@@ -123,7 +123,11 @@ async def bootstrap(
         edge: ServiceEdge | None = None
         if nc is not None:
             await stack.enter_async_context(
-                Follower(store, checkpoints, StatusPublisher(nc, settings.prefix))
+                Follower(
+                    ProjectedEvents(store, runner),
+                    checkpoints,
+                    StatusPublisher(nc, settings.prefix),
+                )
             )
             edge = ServiceEdge(
                 nc,

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from core.events import EventOut
+from core.events import EventOut, RecordedEvent
 from core.operations import Empty, Operation, RequestMeta
 from core.vm import DeleteVm, DeployVm, GetVm, ListVms, MigrateSecret, RestartVm, StartVm, StopVm
 from hero_deployer import vm_handlers
@@ -39,9 +39,14 @@ class Health(msgspec.Struct, frozen=True):
 
 
 async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
-    recorded = await deps.store.read_all(
-        after=request.after, limit=request.limit, stream=request.stream
-    )
+    """Events the views already reflect, so a reader can query what it has just seen."""
+    ceiling = deps.views.position
+    recorded: list[RecordedEvent] = []
+    if request.after < ceiling:
+        recorded = await deps.store.read_all(
+            after=request.after, limit=request.limit, stream=request.stream
+        )
+        recorded = [r for r in recorded if r.position <= ceiling]
     last = recorded[-1].position if recorded else request.after
     return _encoder.encode(EventsPage(events=[r.wire() for r in recorded], last=last))
 

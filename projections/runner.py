@@ -154,7 +154,7 @@ class ProjectionRunner:
     async def _apply(self, events: Sequence[RecordedEvent]) -> None:
         conn = self._conn
         last = events[-1].position
-        await conn.execute("BEGIN")
+        await conn.execute("BEGIN IMMEDIATE")
         try:
             for projection in self._projections:
                 await projection.apply(conn, events)
@@ -175,7 +175,7 @@ async def rebuild(
     source: EventSource, conn: aiosqlite.Connection, projections: Sequence[Projection]
 ) -> int:
     """Clears every view and replays the whole log into it; returns the events applied."""
-    await conn.execute("BEGIN")
+    await conn.execute("BEGIN IMMEDIATE")
     for projection in projections:
         await projection.create(conn)
         await projection.clear(conn)
@@ -184,3 +184,27 @@ async def rebuild(
     runner = ProjectionRunner(source, conn, projections, batch_size=20000)
     await runner.catch_up()
     return runner.position
+
+
+class ProjectedEvents:
+    """The log as far as the views reflect it: whoever sees an event here can query its effect."""
+
+    def __init__(self, source: EventSource, runner: ProjectionRunner) -> None:
+        self._source = source
+        self._runner = runner
+
+    @property
+    def position(self) -> int:
+        return self._runner.position
+
+    async def read_all(
+        self, after: int = 0, limit: int = 1000, stream: str | None = None
+    ) -> list[RecordedEvent]:
+        ceiling = self._runner.position
+        if after >= ceiling:
+            return []
+        events = await self._source.read_all(after, min(limit, ceiling - after), stream)
+        return [e for e in events if e.position <= ceiling]
+
+    async def wait_for_events_after(self, position: int) -> None:
+        await self._runner.wait_for(position + 1)
