@@ -1,0 +1,354 @@
+"""One local grid VM's insides: its sandbox folder, SSH server (SFTP and exec) and web service.
+
+The sandbox `data_dir/localgrid/vms/<name>/` stands for the VM's filesystem root. SFTP is
+confined to it; exec runs a real `/bin/sh` on this machine with its working directory and HOME
+in the sandbox, which is a convenience for tests and demos, not an isolation boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import posixpath
+import re
+import shutil
+import signal
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from aiohttp import web
+
+WEB_PORT = 9988
+SETUP_SCRIPT_NAME = "setup-binaries.sh"
+SERVICES_TOML = "hero/cfg/cockpit/services.toml"
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+
+_HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
+_WEB_MARKER = "run/hero-web.ready"
+_CHUNK = 65536
+
+SETUP_SCRIPT = """#!/bin/sh
+# Stand-in for Hero's setup-binaries.sh on a local grid VM: "installs" the binaries and enables
+# the web service on port 9988. The local grid starts that service when this command returns.
+set -eu
+root="${LOCALGRID_VM_ROOT:?run me over ssh on a local grid vm}"
+mkdir -p "$root/run"
+printf '%s\\n' "$USER" > "$root/run/hero-web.ready"
+echo "hero binaries installed; web service enabled on port 9988"
+"""
+
+
+class VmMachine:
+    """Runs one VM's SSH server and, once setup has run, its web service on loopback ports."""
+
+    def __init__(self, *, name: str, root: Path, authorized_keys: frozenset[bytes]) -> None:
+        self.name = name
+        self.root = root
+        self._authorized_keys = authorized_keys
+        self._host_key: asyncssh.SSHKey | None = None
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._ssh_port = 0
+        self._connections: set[asyncssh.SSHServerConnection] = set()
+        self._processes: set[asyncio.subprocess.Process] = set()
+        self._web: web.AppRunner | None = None
+        self._web_port: int | None = None
+        self._web_user = ""
+
+    @property
+    def ssh_port(self) -> int:
+        """The loopback port of the SSH server (the last one, while halted)."""
+        return self._ssh_port
+
+    @property
+    def web_port(self) -> int | None:
+        """The loopback port of the web service, or None while it does not answer."""
+        return self._web_port
+
+    def home(self, username: str) -> Path:
+        """The real folder of `/home/<username>` inside the sandbox."""
+        return self.root / "home" / username
+
+    def accepts(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Says whether `key` may log in as `username`."""
+        return (
+            USERNAME_PATTERN.match(username) is not None
+            and username not in (".", "..")
+            and key.public_data in self._authorized_keys
+        )
+
+    async def boot(self) -> None:
+        """Prepares the sandbox and starts the SSH server, and the web service if set up."""
+        if self._acceptor is not None:
+            return
+        try:
+            await asyncio.to_thread(self._prepare)
+            self._acceptor = await self._listen()
+            self._ssh_port = self._acceptor.get_port()
+            user = await asyncio.to_thread(self._web_marker)
+            if user is not None:
+                await self._start_web(user)
+        except BaseException:
+            await self.halt()
+            raise
+
+    async def halt(self) -> None:
+        """Stops the web service, running commands, SSH sessions and the SSH server."""
+        acceptor, self._acceptor = self._acceptor, None  # first: a finishing command sees it
+        for process in list(self._processes):
+            _kill(process)
+        await self._stop_web()
+        if acceptor is not None:
+            acceptor.close()
+            await acceptor.wait_closed()
+        connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+        for conn in connections:
+            await conn.wait_closed()
+        self._connections.clear()
+
+    def wipe(self) -> None:
+        """Removes the sandbox folder: the VM's disk is gone."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def ensure_home(self, username: str) -> Path:
+        """Creates the user's home with its `setup-binaries.sh`, once."""
+        home = self.home(username)
+        script = home / SETUP_SCRIPT_NAME
+        if not script.exists():
+            home.mkdir(parents=True, exist_ok=True)
+            script.write_text(SETUP_SCRIPT)
+            script.chmod(0o755)
+        return home
+
+    def _prepare(self) -> None:
+        for folder in ("home", "run", "tmp", "etc/ssh"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        path = self.root / _HOST_KEY
+        if path.exists():
+            self._host_key = asyncssh.read_private_key(path)
+            return
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"localgrid-{self.name}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.export_private_key())
+        self._host_key = key
+
+    async def _listen(self) -> asyncssh.SSHAcceptor:
+        ports = (self._ssh_port, 0) if self._ssh_port else (0,)
+        for port in ports:
+            try:
+                return await asyncssh.create_server(
+                    lambda: _VmSshServer(self),
+                    "127.0.0.1",
+                    port,
+                    server_host_keys=[self._host_key],
+                    process_factory=self._run_process,
+                    sftp_factory=lambda chan: _SandboxSftp(chan, self),
+                    allow_scp=False,
+                    encoding=None,
+                    agent_forwarding=False,
+                    x11_forwarding=False,
+                    gss_host=None,
+                    config=None,
+                )
+            except OSError:
+                if port == 0:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _run_process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        """Runs an exec (or shell) request with `/bin/sh` in the user's home."""
+        username: str = process.get_extra_info("username")
+        home = self.ensure_home(username)
+        argv = ["/bin/sh", "-c", process.command] if process.command else ["/bin/sh"]
+        env = {
+            "HOME": str(home),
+            "USER": username,
+            "LOGNAME": username,
+            "SHELL": "/bin/sh",
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "LOCALGRID_VM": self.name,
+            "LOCALGRID_VM_ROOT": str(self.root),
+        }
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=home,
+                env=env,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            process.stderr.write(f"localgrid: cannot run /bin/sh: {exc}\n".encode())
+            process.exit(127)
+            return
+        self._processes.add(child)
+        assert child.stdin and child.stdout and child.stderr
+        feeder = asyncio.create_task(_feed(process.stdin, child.stdin))
+        try:
+            await asyncio.gather(
+                _pump(child.stdout, process.stdout), _pump(child.stderr, process.stderr)
+            )
+            status = await child.wait()
+        finally:
+            feeder.cancel()
+            _kill(child)
+            self._processes.discard(child)
+        await self._after_command()
+        process.exit(status if status >= 0 else 128 - status)
+
+    async def _after_command(self) -> None:
+        """Starts the web service once a command has enabled it (the marker `setup` writes)."""
+        if self._web is not None or self._acceptor is None:
+            return
+        user = self._web_marker()
+        if user is not None:
+            await self._start_web(user)
+
+    def _web_marker(self) -> str | None:
+        try:
+            user = (self.root / _WEB_MARKER).read_text().strip()
+        except OSError:
+            return None
+        return user if USERNAME_PATTERN.match(user) else None
+
+    async def _start_web(self, user: str) -> None:
+        self._web_user = user
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        if self._acceptor is None or self._web is not None:  # halted or started meanwhile
+            await runner.cleanup()
+            return
+        self._web = runner
+        self._web_port = int(runner.addresses[0][1])
+
+    async def _stop_web(self) -> None:
+        runner, self._web, self._web_port = self._web, None, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = {"status": "ok", "vm": self.name, "services": []}
+        path = self.home(self._web_user) / SERVICES_TOML
+        try:
+            body["services"] = service_names(tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            body["config_error"] = str(exc)
+        return web.json_response(body)
+
+
+def service_names(doc: dict[str, Any]) -> list[str]:
+    """The service names a `services.toml` declares, in a few plausible layouts."""
+    services = doc.get("services", doc.get("service", doc))
+    if isinstance(services, list):
+        return [str(s["name"]) for s in services if isinstance(s, dict) and "name" in s]
+    if isinstance(services, dict):
+        return sorted(key for key, value in services.items() if isinstance(value, dict))
+    return []
+
+
+class _VmSshServer(asyncssh.SSHServer):
+    """Public-key auth against the VM's keys; everything else is refused."""
+
+    def __init__(self, machine: VmMachine) -> None:
+        self._machine = machine
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._username = ""
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._machine._connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._machine._connections.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        self._username = username
+        return True
+
+    def auth_completed(self) -> None:
+        self._machine.ensure_home(self._username)
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._machine.accepts(username, key)
+
+
+class _SandboxSftp(asyncssh.SFTPServer):
+    """SFTP rooted at the sandbox; relative paths start at the home; nothing resolves outside."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], machine: VmMachine) -> None:
+        username: str = chan.get_extra_info("username")
+        home = machine.ensure_home(username)
+        super().__init__(chan, chroot=os.fsencode(machine.root))
+        self._real_root = os.fsencode(os.path.realpath(machine.root))
+        self._home = b"/" + os.fsencode(home.relative_to(machine.root).as_posix())
+
+    def map_path(self, path: bytes) -> bytes:
+        virtual = posixpath.normpath(posixpath.join(self._home, path)).lstrip(b"/")
+        local = posixpath.join(self._real_root, virtual)
+        real = os.path.realpath(local)
+        if real != self._real_root and not real.startswith(self._real_root + b"/"):
+            raise asyncssh.SFTPPermissionDenied("path leads outside the vm's filesystem")
+        return local
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")
+
+
+async def _feed(source: asyncssh.SSHReader[bytes], sink: asyncio.StreamWriter) -> None:
+    """Copies the session's stdin to the command until EOF."""
+    with contextlib.suppress(OSError, asyncssh.Error):
+        while chunk := await source.read(_CHUNK):
+            sink.write(chunk)
+            await sink.drain()
+    with contextlib.suppress(OSError):
+        sink.close()
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
+    """Copies the command's output to the session until EOF; a gone client only drains it."""
+    alive = True
+    while chunk := await source.read(_CHUNK):
+        if not alive:
+            continue
+        try:
+            sink.write(chunk)
+            await sink.drain()
+        except (OSError, asyncssh.Error):
+            alive = False
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    """Kills the command's whole process group if it still runs."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
