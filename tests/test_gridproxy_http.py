@@ -1,0 +1,133 @@
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from adapters.gridproxy_http import GridProxyDirectory
+from core.ports import ExternalError, NodeInfo
+from tests.fakes.gridproxy import GIB, FakeGridProxy, RecordedQuery, grid_node
+
+CANDIDATES = [1, 8, 13, 50]
+EXPECTED_QUERY = {"node_ids": "1,8,13,50", "status": "up", "healthy": "true", "domain": "true"}
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[FakeGridProxy]:
+    nodes = [
+        grid_node(1, total_memory_gb=64, used_memory_gb=60, domain="gw1.grid.tf"),
+        grid_node(
+            8, total_memory_gb=128, used_memory_gb=32, used_disk_gb=250, domain="gw8.grid.tf"
+        ),
+        grid_node(13, status="down", domain="gw13.grid.tf"),
+        grid_node(50, healthy=False, domain="gw50.grid.tf"),
+        grid_node(51, domain="gw51.grid.tf"),
+        grid_node(52),
+    ]
+    async with FakeGridProxy(nodes) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def directory(proxy: FakeGridProxy) -> AsyncIterator[GridProxyDirectory]:
+    async with GridProxyDirectory(proxy.url) as d:
+        yield d
+
+
+async def test_asks_for_up_healthy_gateway_nodes_among_the_candidates(
+    proxy: FakeGridProxy, directory: GridProxyDirectory
+) -> None:
+    nodes = await directory.candidate_nodes(CANDIDATES)
+
+    assert proxy.requests == [RecordedQuery("GET", "/nodes", EXPECTED_QUERY)]
+    assert [n.node_id for n in nodes] == [1, 8]
+
+
+async def test_headroom_is_total_minus_used_in_gib(directory: GridProxyDirectory) -> None:
+    nodes = {n.node_id: n for n in await directory.candidate_nodes(CANDIDATES)}
+
+    assert nodes[8] == NodeInfo(
+        node_id=8,
+        free_memory_gb=96.0,
+        free_disk_gb=750.0,
+        free_cpu=32,
+        gateway_domain="gw8.grid.tf",
+        up=True,
+    )
+    assert nodes[1].free_memory_gb == 4.0
+
+
+async def test_overcommitted_nodes_have_no_negative_headroom(proxy: FakeGridProxy) -> None:
+    proxy.nodes = [
+        grid_node(1, total_memory_gb=8, used_memory_gb=9, used_cpu=40, domain="gw.grid.tf")
+    ]
+    async with GridProxyDirectory(proxy.url) as directory:
+        (node,) = await directory.candidate_nodes([1])
+
+    assert (node.free_memory_gb, node.free_cpu) == (0.0, 0)
+
+
+async def test_a_lax_proxy_cannot_offer_unusable_nodes(proxy: FakeGridProxy) -> None:
+    class LaxProxy(FakeGridProxy):
+        async def _nodes(self, request: web.Request) -> web.Response:  # ignores every filter
+            self.requests.append(RecordedQuery(request.method, request.path, dict(request.query)))
+            return web.json_response(self.nodes)
+
+    async with LaxProxy(proxy.nodes) as lax, GridProxyDirectory(lax.url) as directory:
+        nodes = await directory.candidate_nodes(CANDIDATES)
+
+    assert [n.node_id for n in nodes] == [1, 8]
+
+
+async def test_no_candidates_asks_nothing(
+    proxy: FakeGridProxy, directory: GridProxyDirectory
+) -> None:
+    assert await directory.candidate_nodes([]) == []
+    assert proxy.requests == []
+
+
+async def test_real_sized_values_decode(proxy: FakeGridProxy) -> None:
+    node = grid_node(13, domain="gent02.grid.tf")
+    node["total_resources"] = {"cru": 48, "mru": 202875785216, "sru": 512110190592, "hru": 0}
+    node["used_resources"] = {"cru": 6, "mru": 25769803776, "sru": 107374182400, "hru": 0}
+    proxy.nodes = [node]
+    async with GridProxyDirectory(proxy.url) as directory:
+        (info,) = await directory.candidate_nodes([13])
+
+    assert info.free_memory_gb == pytest.approx((202875785216 - 25769803776) / GIB)
+    assert info.free_disk_gb == pytest.approx(376.9, abs=0.1)
+    assert info.free_cpu == 42
+
+
+@pytest.mark.parametrize("mode", ["503", "closed"])
+async def test_proxy_down_is_retryable(
+    proxy: FakeGridProxy, directory: GridProxyDirectory, mode: str
+) -> None:
+    await proxy.go_down(mode)  # type: ignore[arg-type]
+
+    with pytest.raises(ExternalError) as caught:
+        await directory.candidate_nodes(CANDIDATES)
+
+    assert caught.value.retryable is True
+    await proxy.come_up()
+    assert len(await directory.candidate_nodes(CANDIDATES)) == 2
+
+
+async def test_a_stalled_proxy_times_out(proxy: FakeGridProxy) -> None:
+    await proxy.go_down("hang")
+    async with GridProxyDirectory(proxy.url, timeout=0.2) as directory:
+        with pytest.raises(ExternalError, match="did not answer") as caught:
+            await directory.candidate_nodes(CANDIDATES)
+
+    assert caught.value.retryable is True
+
+
+async def test_a_refused_query_is_not_retryable(proxy: FakeGridProxy) -> None:
+    class StrictProxy(FakeGridProxy):
+        async def _nodes(self, request: web.Request) -> web.Response:
+            return web.json_response({"error": "invalid node_ids"}, status=400)
+
+    async with StrictProxy() as strict, GridProxyDirectory(strict.url) as directory:
+        with pytest.raises(ExternalError, match="400: invalid node_ids") as caught:
+            await directory.candidate_nodes(CANDIDATES)
+
+    assert caught.value.retryable is False
