@@ -1,0 +1,448 @@
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from adapters.opentofu import OpenTofuBackend, grid_name, parse_outputs, render_gateway, render_vm
+from core.ports import BackendError, GatewaySpec, VmSpec
+from tests.compute_contract import ComputeBackendContract, small_vm
+
+MNEMONIC = "winter cactus orbit hidden velvet rapid tiger lava spoon guide laptop hero"
+
+# A stand-in `tofu`: checks the generated main.tf the way the grid provider would reject it, keeps
+# its state in terraform.tfstate as tofu does, and prints what tofu prints. Faults come from the
+# environment: FAKE_TOFU_FAIL_APPLY, FAKE_TOFU_HANG_APPLY, FAKE_TOFU_ECHO_MNEMONIC.
+FAKE_TOFU = r"""
+import hashlib, json, os, re, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+cwd = Path.cwd()
+with open(os.environ["FAKE_TOFU_LOG"], "a") as log:
+    log.write(json.dumps({"args": args, "dir": cwd.name, "pid": os.getpid(),
+                          "mnemonic": os.environ.get("MNEMONICS") == os.environ["FAKE_MNEMONIC"],
+                          "network": os.environ.get("NETWORK")}) + "\n")
+
+def fail(message):
+    out = sys.stderr if "-json" in args else sys.stdout
+    print("\u2577\n\u2502 Error: " + message + "\n\u2502\n\u2575", file=out)
+    sys.exit(1)
+
+def number(text, key):
+    m = re.search(r"^\s*" + key + r"\s*=\s*(\d+)\s*$", text, re.M)
+    return int(m.group(1)) if m else None
+
+def string(text, key):
+    m = re.search(r"^\s*" + key + r'\s*=\s*"([^"]*)"\s*$', text, re.M)
+    return m.group(1) if m else None
+
+def check(text):
+    if os.environ["FAKE_MNEMONIC"] in text:
+        fail("the mnemonic is written in main.tf")
+    if 'source = "threefoldtech/grid"' not in text:
+        fail("provider threefoldtech/grid is not required")
+    if string(text, "network") not in ("main", "test", "qa", "dev"):
+        fail("network must be one of dev, qa, test, main")
+    if 'resource "grid_deployment"' in text:
+        if not string(text, "flist").endswith("/ubuntu-24.04-full.flist"):
+            fail("unexpected flist")
+        memory, rootfs = number(text, "memory"), number(text, "rootfs_size")
+        cpu = number(text, "cpu")
+        if memory is None or not 256 <= memory <= 262144:
+            fail("memory must be between 256MBs and 262144MBs")
+        if rootfs is None or rootfs < 1024:
+            fail("rootfs_size must be at least 1024MBs")
+        if cpu is None or not 1 <= cpu <= 32:
+            fail("cpu must be between 1 and 32")
+        size = number(text, "size")
+        if size is None or not 1 <= size <= 10240:
+            fail("disk size must be between 1GB and 10240GBs")
+        if not re.search(r'mounts \{\s*name = "data"\s*mount_point = "/data"', text):
+            fail("the vm does not mount its disk")
+        if "mycelium_ip_seed = random_bytes.mycelium_ip_seed.hex" not in text:
+            fail("no mycelium ip seed")
+        if "mycelium_keys = {" not in text:
+            fail("the network has no mycelium keys")
+        if not re.search(r'SSH_KEY = "ssh-', text):
+            fail("no SSH_KEY in the vm's environment")
+        for name in re.findall(r'^\s*name = "([^"]*)"', text, re.M):
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                fail(f"name {name} must contain only lowercase alphanumerics")
+    elif 'resource "grid_name_proxy"' in text:
+        name = string(text, "name")
+        if not re.fullmatch(r"[a-zA-Z0-9_]+", name or ""):
+            fail("name must match ^[a-zA-Z0-9_]+$")
+        if not re.search(r'backends = \["https?://', text):
+            fail("a gateway needs backends")
+    else:
+        fail("nothing to deploy")
+
+def outputs(text):
+    if 'resource "grid_name_proxy"' in text:
+        return {"fqdn": string(text, "name") + ".gent02.grid.tf"}
+    vm = re.search(r'vms \{\s*name = "([^"]*)"', text).group(1)
+    h = hashlib.sha256(vm.encode()).hexdigest()
+    node = number(text, "node") or 42
+    ip = "5" + h[1:4] + ":" + ":".join(h[i:i + 4] for i in range(4, 28, 4))
+    return {"node_id": node, "mycelium_ip": ip, "public_ip": ""}
+
+state = cwd / "terraform.tfstate"
+command = args[0] if args else ""
+if command == "version":
+    print("OpenTofu v1.8.3\non linux_amd64")
+elif command == "init":
+    if not (cwd / "main.tf").exists():
+        fail("No configuration files")
+    (cwd / ".terraform").mkdir(exist_ok=True)
+    print("\nInitializing the backend...\n\nInitializing provider plugins...")
+    print("- Finding latest version of threefoldtech/grid...")
+    print("- Installing threefoldtech/grid v1.11.2...")
+    print("\nOpenTofu has been successfully initialized!")
+elif command in ("apply", "destroy"):
+    if "-auto-approve" not in args:
+        fail("would wait for approval")
+    if not (cwd / ".terraform").is_dir():
+        fail("Inconsistent dependency lock file: run tofu init")
+    if not os.environ.get("MNEMONICS"):
+        fail("mnemonic is required")
+    if os.environ.get("FAKE_TOFU_ECHO_MNEMONIC"):
+        print("provider grid configured for " + os.environ["MNEMONICS"])
+    text = (cwd / "main.tf").read_text()
+    if command == "destroy":
+        print("grid_deployment.vm: Destroying...\nDestroy complete! Resources: 4 destroyed.")
+        state.write_text(json.dumps({"version": 4, "outputs": {}, "resources": []}))
+        sys.exit(0)
+    check(text)
+    if os.environ.get("FAKE_TOFU_HANG_APPLY"):
+        print("grid_deployment.vm: Creating...", flush=True)
+        time.sleep(600)
+    if os.environ.get("FAKE_TOFU_FAIL_APPLY"):
+        fail("failed to deploy deployment: node 42 has not enough capacity")
+    print("random_bytes.mycelium_key: Creating...\ngrid_deployment.vm: Creation complete after 41s")
+    print("\nApply complete! Resources: 4 added, 0 changed, 0 destroyed.")
+    values = outputs(text)
+    typed = {k: {"value": v, "type": "string" if isinstance(v, str) else "number"}
+             for k, v in values.items()}
+    state.write_text(json.dumps({"version": 4, "outputs": typed}))
+elif command == "output":
+    values = json.loads(state.read_text())["outputs"] if state.exists() else {}
+    print(json.dumps({k: {"sensitive": False, **v} for k, v in values.items()}, indent=2))
+else:
+    fail("unknown command " + command)
+"""
+
+
+@pytest.fixture
+def tofu(tmp_path: Path) -> Path:
+    path = tmp_path / "bin" / "tofu"
+    path.parent.mkdir()
+    path.write_text(f"#!{sys.executable}\n{FAKE_TOFU}")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def calls_log(tmp_path: Path) -> Path:
+    return tmp_path / "tofu-calls.jsonl"
+
+
+def environment(tofu: Path, calls_log: Path, **extra: str) -> dict[str, str]:
+    return {
+        "PATH": f"{tofu.parent}{os.pathsep}{os.environ['PATH']}",
+        "TFGRID_MNEMONIC": MNEMONIC,
+        "FAKE_MNEMONIC": MNEMONIC,
+        "FAKE_TOFU_LOG": str(calls_log),
+        **extra,
+    }
+
+
+def calls(calls_log: Path) -> list[dict[str, object]]:
+    if not calls_log.exists():
+        return []
+    return [json.loads(line) for line in calls_log.read_text().splitlines()]
+
+
+@pytest.fixture
+def log_lines() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def backend_of(tmp_path: Path, tofu: Path, calls_log: Path, log_lines: list[str]):
+    def build(timeout: float = 60.0, **extra_env: str) -> OpenTofuBackend:
+        return OpenTofuBackend(
+            work_dir=tmp_path / "tofu",
+            network="test",
+            timeout=timeout,
+            log=log_lines.append,
+            env=environment(tofu, calls_log, **extra_env),
+        )
+
+    return build
+
+
+@pytest.fixture
+def opentofu(backend_of) -> OpenTofuBackend:
+    return backend_of()
+
+
+class TestOpenTofuContract(ComputeBackendContract):
+    unsupported: ClassVar[frozenset[str]] = frozenset({"start", "stop", "restart"})
+
+    @pytest.fixture
+    async def backend(self, opentofu: OpenTofuBackend) -> OpenTofuBackend:
+        return opentofu
+
+
+# Running tofu ------------------------------------------------------------------------------
+
+
+async def test_deploy_writes_one_dir_runs_init_apply_output_and_streams_the_log(
+    tmp_path: Path, opentofu: OpenTofuBackend, calls_log: Path, log_lines: list[str]
+) -> None:
+    vm = await opentofu.deploy_vm(small_vm("alice", node_id=21))
+
+    work = tmp_path / "tofu" / "vm_alice"
+    assert (work / "main.tf").read_text() == render_vm(
+        small_vm("alice", node_id=21), network="test"
+    )
+    assert [c["args"][0] for c in calls(calls_log)] == ["init", "apply", "output"]  # type: ignore[index]
+    assert {c["dir"] for c in calls(calls_log)} == {"vm_alice"}
+    assert all(c["mnemonic"] and c["network"] == "test" for c in calls(calls_log))
+    assert "Apply complete! Resources: 4 added, 0 changed, 0 destroyed." in log_lines
+    assert "OpenTofu has been successfully initialized!" in log_lines
+    assert vm.node_id == 21
+    assert re.fullmatch(r"5[0-9a-f]{3}(:[0-9a-f]{4}){6}", vm.mycelium_ip)
+    assert vm.ssh_host == vm.mycelium_ip
+
+
+async def test_redeploy_of_an_applied_vm_only_reads_its_outputs(
+    opentofu: OpenTofuBackend, calls_log: Path
+) -> None:
+    first = await opentofu.deploy_vm(small_vm("bob"))
+    calls_log.unlink()
+
+    assert await opentofu.deploy_vm(small_vm("bob")) == first
+    assert [c["args"][0] for c in calls(calls_log)] == ["output"]  # type: ignore[index]
+
+
+async def test_a_vm_without_a_node_gets_one_from_the_scheduler(opentofu: OpenTofuBackend) -> None:
+    vm = await opentofu.deploy_vm(small_vm("carol"))
+
+    assert vm.node_id == 42
+
+
+async def test_delete_destroys_and_removes_the_working_dir(
+    tmp_path: Path, opentofu: OpenTofuBackend, calls_log: Path
+) -> None:
+    await opentofu.deploy_vm(small_vm("dave"))
+    calls_log.unlink()
+
+    await opentofu.delete_vm("dave")
+
+    assert [c["args"][:2] for c in calls(calls_log)] == [  # type: ignore[index]
+        ["init", "-input=false"],
+        ["destroy", "-auto-approve"],
+    ]
+    assert not (tmp_path / "tofu" / "vm_dave").exists()
+
+
+async def test_a_failed_apply_is_a_retryable_error_with_tofus_words(
+    backend_of, log_lines: list[str]
+) -> None:
+    backend = backend_of(FAKE_TOFU_FAIL_APPLY="1")
+
+    with pytest.raises(BackendError, match="not enough capacity") as raised:
+        await backend.deploy_vm(small_vm("erin"))
+
+    assert raised.value.retryable
+    assert "tofu apply failed (exit 1)" in raised.value.message
+    assert (await backend.get_vm("erin")).status == "failed"  # type: ignore[union-attr]
+
+
+async def test_an_apply_past_the_deadline_is_stopped_and_retryable(
+    backend_of, calls_log: Path
+) -> None:
+    backend = backend_of(timeout=1.0, FAKE_TOFU_HANG_APPLY="1")
+
+    with pytest.raises(BackendError, match="took longer than 1s") as raised:
+        await backend.deploy_vm(small_vm("frank"))
+
+    assert raised.value.retryable
+    apply = next(c for c in calls(calls_log) if c["args"][0] == "apply")  # type: ignore[index]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(apply["pid"]), 0)  # type: ignore[call-overload]
+
+
+async def test_the_mnemonic_never_reaches_main_tf_or_the_log(
+    tmp_path: Path, backend_of, log_lines: list[str]
+) -> None:
+    backend = backend_of(FAKE_TOFU_ECHO_MNEMONIC="1")
+
+    await backend.deploy_vm(small_vm("grace"))
+
+    assert "provider grid configured for ***" in log_lines
+    assert not any(MNEMONIC in line for line in log_lines)
+    for path in (tmp_path / "tofu").rglob("*.tf"):
+        assert MNEMONIC not in path.read_text()
+
+
+async def test_gateway_is_a_name_proxy_in_its_own_dir(
+    tmp_path: Path, opentofu: OpenTofuBackend
+) -> None:
+    spec = GatewaySpec(name="alice_web", node_id=7, backend_url="http://[5a1::1]:8080")
+
+    gateway = await opentofu.deploy_gateway(spec)
+
+    assert gateway.fqdn == "alice_web.gent02.grid.tf"
+    assert gateway.url == "https://alice_web.gent02.grid.tf"
+    assert (tmp_path / "tofu" / "gw_alice_web" / "main.tf").exists()
+
+
+async def test_a_gateway_name_the_grid_refuses_is_a_permanent_error(
+    opentofu: OpenTofuBackend,
+) -> None:
+    spec = GatewaySpec(name="alice-web", node_id=7, backend_url="http://[5a1::1]:8080")
+
+    with pytest.raises(BackendError, match=re.escape("^[a-zA-Z0-9_]+$")) as raised:
+        await opentofu.deploy_gateway(spec)
+
+    assert not raised.value.retryable
+
+
+# Start and check -----------------------------------------------------------------------------
+
+
+def test_a_missing_tofu_binary_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="OpenTofu binary 'tofu' not found"):
+        OpenTofuBackend(work_dir=tmp_path, env={"PATH": str(tmp_path)})
+
+
+def test_an_unknown_network_fails_at_construction(tmp_path: Path, tofu: Path) -> None:
+    with pytest.raises(BackendError, match="unknown grid network 'mainnet'"):
+        OpenTofuBackend(work_dir=tmp_path, tofu_path=str(tofu), network="mainnet", env={})
+
+
+async def test_check_is_empty_when_everything_is_there(opentofu: OpenTofuBackend) -> None:
+    assert await opentofu.check() == []
+
+
+async def test_check_names_a_missing_mnemonic(tmp_path: Path, tofu: Path, calls_log: Path) -> None:
+    env = environment(tofu, calls_log)
+    del env["TFGRID_MNEMONIC"]
+    backend = OpenTofuBackend(work_dir=tmp_path / "w", env=env)
+
+    assert await backend.check() == [
+        "environment variable TFGRID_MNEMONIC (the grid mnemonic) is not set"
+    ]
+    with pytest.raises(BackendError, match="TFGRID_MNEMONIC is not set"):
+        await backend.deploy_vm(small_vm("heidi"))
+
+
+# The generated main.tf -----------------------------------------------------------------------
+
+
+def hcl_value(text: str, key: str) -> str:
+    found = re.findall(rf"^\s*{re.escape(key)} = (.+)$", text, re.M)
+    assert len(found) == 1, (key, found)
+    return found[0]
+
+
+def test_main_tf_sizes_are_in_mb_and_the_disk_in_gb() -> None:
+    spec = VmSpec(name="sizes", cpu_count=4, memory_gb=8, rootfs_gb=16, disk_gb=200, node_id=13)
+
+    text = render_vm(spec, network="main")
+
+    assert hcl_value(text, "cpu") == "4"
+    assert hcl_value(text, "memory") == "8192"
+    assert hcl_value(text, "rootfs_size") == "16384"
+    assert hcl_value(text, "size") == "200"
+    assert re.search(r'disks \{\n    name = "data"\n    size = 200\n  \}', text)
+    assert re.search(r'mounts \{\n      name = "data"\n      mount_point = "/data"\n    \}', text)
+
+
+def test_main_tf_names_the_flist_node_network_and_provider() -> None:
+    text = render_vm(small_vm("where", node_id=13), network="main")
+
+    assert (
+        hcl_value(text, "flist") == '"https://hub.grid.tf/tf-official-vms/ubuntu-24.04-full.flist"'
+    )
+    assert hcl_value(text, "node") == "13"
+    assert hcl_value(text, "nodes") == "[13]"
+    assert hcl_value(text, "network") == '"main"'
+    assert 'grid = {\n      source = "threefoldtech/grid"\n    }' in text
+    assert hcl_value(text, "network_name") == "grid_network.net.name"
+    assert [line for line in text.splitlines() if "mnemonic" in line and line[0] != "#"] == []
+
+
+def test_main_tf_gives_mycelium_keys_a_seed_and_the_ssh_keys() -> None:
+    spec = small_vm("keys", node_id=13, ssh_keys=("ssh-ed25519 AAAA a", "ssh-rsa BBBB b ${x}"))
+
+    text = render_vm(spec, network="main")
+
+    assert '"13" = random_bytes.mycelium_key.hex' in text
+    assert hcl_value(text, "mycelium_ip_seed") == "random_bytes.mycelium_ip_seed.hex"
+    assert re.search(r'resource "random_bytes" "mycelium_key" \{\n  length = 32\n\}', text)
+    assert re.search(r'resource "random_bytes" "mycelium_ip_seed" \{\n  length = 6\n\}', text)
+    assert hcl_value(text, "SSH_KEY") == r'"ssh-ed25519 AAAA a\nssh-rsa BBBB b $${x}"'
+
+
+def test_main_tf_without_a_node_asks_the_scheduler() -> None:
+    text = render_vm(small_vm("anywhere", memory_gb=4, rootfs_gb=2, disk_gb=10), network="dev")
+
+    assert hcl_value(text, "node") == 'grid_scheduler.sched.nodes["vm"]'
+    assert hcl_value(text, "mru") == "4096"
+    assert hcl_value(text, "sru") == str((2 + 10) * 1024)
+    assert 'format("%s", grid_scheduler.sched.nodes["vm"]) = random_bytes.mycelium_key.hex' in text
+
+
+def test_main_tf_refuses_an_image_it_has_no_flist_for() -> None:
+    with pytest.raises(BackendError, match="image 'debian-12' is not available"):
+        render_vm(small_vm("img", image="debian-12"), network="main")
+
+
+def test_main_tf_of_a_gateway_is_a_name_proxy() -> None:
+    spec = GatewaySpec(name="alice_web", node_id=7, backend_url="http://[5a1::1]:8080")
+
+    text = render_gateway(spec, network="main")
+
+    assert 'resource "grid_name_proxy" "gateway"' in text
+    assert hcl_value(text, "name") == '"alice_web"'
+    assert hcl_value(text, "node") == "7"
+    assert hcl_value(text, "backends") == '["http://[5a1::1]:8080"]'
+    assert hcl_value(text, "tls_passthrough") == "false"
+
+
+@pytest.mark.parametrize("name", ["alice-web", "alice.web", "", "a b", "ällo"])
+def test_gateway_names_outside_the_grid_rule_are_refused(name: str) -> None:
+    with pytest.raises(BackendError, match="must match"):
+        render_gateway(GatewaySpec(name=name, node_id=7, backend_url="http://x"), network="main")
+
+
+@pytest.mark.parametrize("name", ["alice", "alice-vm", "Alice.VM", "..", "a" * 64, "-x-"])
+def test_grid_names_are_lowercase_alphanumerics_and_unique(name: str) -> None:
+    assert re.fullmatch(r"[a-z0-9_]{1,50}", grid_name(name))
+
+
+def test_grid_names_of_names_that_fold_together_differ() -> None:
+    names = ["a-b", "a.b", "a_b", "A-B", "a--b"]
+
+    assert len({grid_name(n) for n in names}) == len(names)
+
+
+def test_parse_outputs_reads_tofu_output_json() -> None:
+    text = json.dumps(
+        {
+            "mycelium_ip": {"sensitive": False, "type": "string", "value": "5a1::1"},
+            "node_id": {"sensitive": False, "type": "number", "value": 13},
+        }
+    )
+
+    assert parse_outputs(text) == {"mycelium_ip": "5a1::1", "node_id": 13}
+    assert parse_outputs("{}") == {}
+    with pytest.raises(BackendError):
+        parse_outputs("Warning: No outputs found")
