@@ -364,7 +364,11 @@ class SqliteEventStore:
             await self._committed.wait_for(lambda: self._last_position > position)
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
-        return await self._select(" WHERE stream = ? ORDER BY version", (stream,))
+        events = await self._select(" WHERE stream = ? ORDER BY version", (stream,))
+        if events and stream not in self._versions:
+            # never ahead of the truth: a stale value here is caught by UNIQUE(stream, version)
+            self._versions[stream] = events[-1].version
+        return events
 
     async def read_all(
         self, after: int = 0, limit: int = 1000, stream: str | None = None

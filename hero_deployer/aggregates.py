@@ -74,7 +74,16 @@ class Aggregates(Generic[S]):
         self._cache_size = cache_size
         self.locks = KeyedLocks()
 
-    async def load(self, stream: str, *, fresh: bool = False) -> tuple[S | None, int]:
+    async def load(
+        self, stream: str, *, fresh: bool = False, new: bool = False
+    ) -> tuple[S | None, int]:
+        """The stream's state and version; `new` skips the read for a stream just named.
+
+        A `new` stream that exists after all fails its append on UNIQUE(stream, version),
+        and the retry reads it for real.
+        """
+        if new and not fresh:
+            return None, 0
         if not fresh:
             cached = self._cache.get(stream)
             if cached is not None:

@@ -1,31 +1,172 @@
-"""An async client of the wire contract, used by the CLI (and by other services)."""
+"""The typed async SDK of the wire contract, used by the CLI, the dashboard and other services.
+
+One method per operation, results decoded into the msgspec types of `core`, the contract's error
+codes raised as the `core.errors` classes (re-exported here), an Idempotency-Key on every
+state-changing call that its own retries reuse, and `subscribe`, which catches up through
+`events` and then follows the status stream with no gaps and no duplicates.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
 
 import msgspec
 import nats
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
+from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from core.errors import ERRORS_BY_CODE, DomainError, Internal, Unavailable
-
-MUTATING = frozenset(
-    {
-        "deploy_vm",
-        "start_vm",
-        "stop_vm",
-        "restart_vm",
-        "delete_vm",
-        "migrate_secret",
-        "provision_user",
-        "decommission_user",
-    }
+from core.errors import (
+    ERRORS_BY_CODE,
+    Conflict,
+    DomainError,
+    Internal,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    Unauthorized,
+    Unavailable,
 )
+from core.events import Event, EventOut, EventRegistry
+from core.operations import Empty
+from core.user import (
+    DEFAULT_PROFILE,
+    USER_EVENT_TYPES,
+    DecommissionUser,
+    GetUser,
+    InitialPassword,
+    ListUsers,
+    ProvisionUser,
+    RevealInitialPassword,
+    UserList,
+    UserOut,
+)
+from core.vm import (
+    VM_EVENT_TYPES,
+    DeleteVm,
+    DeployVm,
+    GetVm,
+    ListVms,
+    MigrateResult,
+    MigrateSecret,
+    RestartVm,
+    StartVm,
+    StopVm,
+    VmList,
+    VmOut,
+)
+from hero_deployer.operations import EventsPage, EventsRequest, Health
+
+__all__ = [
+    "MUTATING",
+    "OPERATIONS",
+    "Conflict",
+    "DomainError",
+    "EventOut",
+    "EventSubscription",
+    "EventsPage",
+    "Health",
+    "HeroDeployerClient",
+    "InitialPassword",
+    "Internal",
+    "InvalidInput",
+    "InvalidState",
+    "MigrateResult",
+    "NotFound",
+    "OperationSpec",
+    "RequestTimeout",
+    "Unauthorized",
+    "Unavailable",
+    "UserOut",
+    "VmOut",
+    "decode_event",
+    "raise_error",
+]
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX: Final = "hero.v1"
+AUTHORIZATION_HEADER: Final = "Authorization"
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+
+
+class RequestTimeout(Unavailable):
+    """No reply in time: unlike a service's Unavailable, the request may have been recorded.
+
+    Repeat it with the same Idempotency-Key (the SDK's own retries do) to learn its outcome.
+    """
+
+
+# The operation table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OperationSpec:
+    """One operation of the contract as a caller sees it: its body, its result, its nature."""
+
+    name: str
+    request: type[msgspec.Struct]
+    result: type[msgspec.Struct]
+    mutates: bool
+    summary: str
+    authenticated: bool = True
+    retried: bool = True
+
+
+OPERATIONS: Final[tuple[OperationSpec, ...]] = (
+    OperationSpec("deploy_vm", DeployVm, VmOut, True, "Deploy a VM owned by `secret`."),
+    OperationSpec(
+        "list_vms", ListVms, VmList, False, "The VMs of `secret`, deleted ones left out."
+    ),
+    OperationSpec("get_vm", GetVm, VmOut, False, "One VM, if `secret` owns it (also deleted)."),
+    OperationSpec("start_vm", StartVm, VmOut, True, "Start a stopped VM."),
+    OperationSpec("stop_vm", StopVm, VmOut, True, "Stop a running VM."),
+    OperationSpec("restart_vm", RestartVm, VmOut, True, "Restart a running VM."),
+    OperationSpec("delete_vm", DeleteVm, VmOut, True, "Delete a VM (any status but deleted)."),
+    OperationSpec(
+        "migrate_secret",
+        MigrateSecret,
+        MigrateResult,
+        True,
+        "Re-key every live VM of `old_secret` to `new_secret`, in one transaction.",
+    ),
+    OperationSpec("provision_user", ProvisionUser, UserOut, True, "Provision (or resume) a user."),
+    OperationSpec("decommission_user", DecommissionUser, UserOut, True, "Decommission a user."),
+    OperationSpec("get_user", GetUser, UserOut, False, "One user."),
+    # It changes state, but carries no Idempotency-Key and is never retried: a replayable reply
+    # would mean storing the password, and a repeat is NotFound by design.
+    OperationSpec(
+        "reveal_initial_password",
+        RevealInitialPassword,
+        InitialPassword,
+        False,
+        "The initial Forge password of a user this service created, once.",
+        retried=False,
+    ),
+    OperationSpec("list_users", ListUsers, UserList, False, "Every user."),
+    OperationSpec(
+        "events",
+        EventsRequest,
+        EventsPage,
+        False,
+        "Recorded events after a global position, in position order.",
+    ),
+    OperationSpec("health", Empty, Health, False, "Liveness, version and last position.", False),
+)
+
+OPERATIONS_BY_NAME: Final[dict[str, OperationSpec]] = {op.name: op for op in OPERATIONS}
+MUTATING: Final[frozenset[str]] = frozenset(op.name for op in OPERATIONS if op.mutates)
+NOT_RETRIED: Final[frozenset[str]] = frozenset(op.name for op in OPERATIONS if not op.retried)
+
+
+# Replies ------------------------------------------------------------------------------------
 
 
 class _Error(msgspec.Struct):
@@ -40,30 +181,85 @@ class _Reply(msgspec.Struct):
 
 
 _reply_decoder = msgspec.json.Decoder(_Reply)
+_event_decoder = msgspec.json.Decoder(EventOut)
+_registry = EventRegistry((*VM_EVENT_TYPES, *USER_EVENT_TYPES))
 
 
 def raise_error(code: str, message: str) -> DomainError:
+    """The `core.errors` exception of a contract error code; an unknown code is Internal."""
     return ERRORS_BY_CODE.get(code, Internal)(message)
 
 
+def decode_event(event: EventOut) -> Event:
+    """The domain event (`core.vm` or `core.user`) an EventOut carries, e.g. a `VmStarted`."""
+    return _registry.decode(event.type, bytes(event.data))
+
+
+def _event_dict(event: EventOut) -> dict[str, Any]:
+    value: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(event))
+    return value
+
+
+# The client ---------------------------------------------------------------------------------
+
+
 class HeroDeployerClient:
-    """Request-reply over NATS with the bearer token; errors come back as DomainErrors."""
+    """Request-reply over NATS with the bearer token; errors come back as DomainErrors.
+
+    `timeout` bounds each attempt; `retries` is how many times a request is sent again after a
+    timeout, a reconnect or no responders. A state-changing request carries the same
+    Idempotency-Key on every attempt, so the service records it once.
+    """
 
     def __init__(
-        self, nc: Client, *, token: str, prefix: str = "hero.v1", timeout: float = 10.0
+        self,
+        nc: Client,
+        *,
+        token: str,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = 10.0,
+        retries: int = 2,
+        retry_delay: float = 0.1,
     ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
         self.nc = nc
+        self.prefix = prefix
         self._token = token
-        self._prefix = prefix
         self._timeout = timeout
+        self._retries = retries
+        self._retry_delay = retry_delay
+        self._owns_connection = False
 
     @classmethod
-    async def connect(cls, url: str, **kwargs: Any) -> HeroDeployerClient:
-        nc = await nats.connect(url, allow_reconnect=True, max_reconnect_attempts=3)
-        return cls(nc, **kwargs)
+    async def connect(
+        cls, url: str, *, nats_options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> HeroDeployerClient:
+        """Connects to NATS at `url`; `close` drains this connection."""
+        options: dict[str, Any] = {"allow_reconnect": True, "max_reconnect_attempts": 3}
+        options.update(nats_options or {})
+        nc = await nats.connect(url, **options)
+        client = cls(nc, **kwargs)
+        client._owns_connection = True
+        return client
 
     async def close(self) -> None:
-        await self.nc.drain()
+        """Drains the connection if `connect` made it; an injected one stays its owner's."""
+        if self._owns_connection and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # The untyped path (the CLI's) ---------------------------------------------------------------
 
     async def call(
         self, operation: str, body: Any = None, *, idempotency_key: str | None = None
@@ -75,53 +271,333 @@ class HeroDeployerClient:
     async def call_raw(
         self, operation: str, body: Any = None, *, idempotency_key: str | None = None
     ) -> bytes:
-        headers = {"Authorization": f"Bearer {self._token}"}
-        if operation in MUTATING:
-            headers["Idempotency-Key"] = idempotency_key or uuid.uuid4().hex
+        """Sends one request (with retries) and returns its `result` as JSON bytes."""
+        headers = {AUTHORIZATION_HEADER: f"Bearer {self._token}"}
+        if idempotency_key is not None or operation in MUTATING:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key or uuid.uuid4().hex
         payload = msgspec.json.encode(body if body is not None else {})
+        subject = f"{self.prefix}.{operation}"
+        failure: Unavailable = Unavailable("no attempt was made")
+        retries = 0 if operation in NOT_RETRIED else self._retries
+        for attempt in range(retries + 1):
+            try:
+                msg = await self.nc.request(
+                    subject, payload, timeout=self._timeout, headers=headers
+                )
+            except NoRespondersError:
+                failure = Unavailable("no hero-deployer is answering on NATS")
+            except NatsTimeout:
+                failure = RequestTimeout(f"{operation} timed out after {self._timeout:g}s")
+                continue  # the reply is late or lost: send again at once
+            except ConnectionReconnectingError:
+                failure = Unavailable("the NATS connection is reconnecting")
+            except ConnectionClosedError:
+                raise Unavailable("the NATS connection is closed") from None
+            else:
+                return _result(msg.data)
+            if attempt < retries:
+                await asyncio.sleep(min(self._retry_delay * 2**attempt, 2.0))
+        raise failure
+
+    async def _request(
+        self,
+        operation: str,
+        body: msgspec.Struct,
+        result: type[T],
+        idempotency_key: str | None = None,
+    ) -> T:
+        raw = await self.call_raw(operation, body, idempotency_key=idempotency_key)
         try:
-            msg = await self.nc.request(
-                f"{self._prefix}.{operation}", payload, timeout=self._timeout, headers=headers
-            )
-        except NoRespondersError:
-            raise Unavailable("no hero-deployer is answering on NATS") from None
-        except NatsTimeout:
-            raise Unavailable(f"{operation} timed out after {self._timeout:g}s") from None
-        reply = _reply_decoder.decode(msg.data)
-        if reply.ok:
-            return bytes(reply.result)
-        error = reply.error or _Error(code="Internal", message="malformed reply")
-        raise raise_error(error.code, error.message)
+            return msgspec.json.decode(raw, type=result)
+        except msgspec.ValidationError as error:
+            raise Internal(f"malformed {operation} result: {error}") from None
+
+    # VMs ----------------------------------------------------------------------------------------
+
+    async def deploy_vm(
+        self,
+        *,
+        name: str,
+        secret: str,
+        image: str = "ubuntu-24.04",
+        cpu_count: int = 16,
+        memory_gb: int = 8,
+        disk_gb: int = 200,
+        rootfs_gb: int = 16,
+        slice_sid: str = "",
+        node_id: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> VmOut:
+        """Deploys a VM owned by `secret`; it is `deploying` until a VmDeployed or failure."""
+        body = DeployVm(
+            name=name,
+            secret=secret,
+            image=image,
+            cpu_count=cpu_count,
+            memory_gb=memory_gb,
+            disk_gb=disk_gb,
+            rootfs_gb=rootfs_gb,
+            slice_sid=slice_sid,
+            node_id=node_id,
+        )
+        return await self._request("deploy_vm", body, VmOut, idempotency_key)
+
+    async def list_vms(self, secret: str) -> list[VmOut]:
+        """Exactly the VMs whose secret equals `secret`, deleted ones left out."""
+        return (await self._request("list_vms", ListVms(secret=secret), VmList)).vms
+
+    async def get_vm(self, sid: str, secret: str) -> VmOut:
+        return await self._request("get_vm", GetVm(sid=sid, secret=secret), VmOut)
+
+    async def start_vm(self, sid: str, secret: str, *, idempotency_key: str | None = None) -> VmOut:
+        body = StartVm(sid=sid, secret=secret)
+        return await self._request("start_vm", body, VmOut, idempotency_key)
+
+    async def stop_vm(self, sid: str, secret: str, *, idempotency_key: str | None = None) -> VmOut:
+        body = StopVm(sid=sid, secret=secret)
+        return await self._request("stop_vm", body, VmOut, idempotency_key)
+
+    async def restart_vm(
+        self, sid: str, secret: str, *, idempotency_key: str | None = None
+    ) -> VmOut:
+        body = RestartVm(sid=sid, secret=secret)
+        return await self._request("restart_vm", body, VmOut, idempotency_key)
+
+    async def delete_vm(
+        self, sid: str, secret: str, *, idempotency_key: str | None = None
+    ) -> VmOut:
+        body = DeleteVm(sid=sid, secret=secret)
+        return await self._request("delete_vm", body, VmOut, idempotency_key)
+
+    async def migrate_secret(
+        self, old_secret: str, new_secret: str, *, idempotency_key: str | None = None
+    ) -> MigrateResult:
+        """Re-keys every live VM of `old_secret`; NotFound when it owns none."""
+        body = MigrateSecret(old_secret=old_secret, new_secret=new_secret)
+        return await self._request("migrate_secret", body, MigrateResult, idempotency_key)
+
+    # Users --------------------------------------------------------------------------------------
+
+    async def provision_user(
+        self,
+        username: str,
+        *,
+        display_name: str = "",
+        forge_email: str = "",
+        profile: str = DEFAULT_PROFILE,
+        idempotency_key: str | None = None,
+    ) -> UserOut:
+        body = ProvisionUser(
+            username=username, display_name=display_name, forge_email=forge_email, profile=profile
+        )
+        return await self._request("provision_user", body, UserOut, idempotency_key)
+
+    async def decommission_user(
+        self, username: str, *, idempotency_key: str | None = None
+    ) -> UserOut:
+        body = DecommissionUser(username=username)
+        return await self._request("decommission_user", body, UserOut, idempotency_key)
+
+    async def get_user(self, username: str) -> UserOut:
+        return await self._request("get_user", GetUser(username=username), UserOut)
+
+    async def list_users(self) -> list[UserOut]:
+        return (await self._request("list_users", ListUsers(), UserList)).users
+
+    async def reveal_initial_password(self, username: str) -> InitialPassword:
+        """The initial Forge password, once; a second call is NotFound. Never retried."""
+        body = RevealInitialPassword(username=username)
+        return await self._request("reveal_initial_password", body, InitialPassword)
+
+    # The log ------------------------------------------------------------------------------------
+
+    async def events(
+        self, *, stream: str | None = None, after: int = 0, limit: int = 100
+    ) -> EventsPage:
+        """One page of events with position > `after`; `page.last` is where the next starts."""
+        body = EventsRequest(stream=stream, after=after, limit=limit)
+        return await self._request("events", body, EventsPage)
+
+    async def health(self) -> Health:
+        return await self._request("health", Empty(), Health)
+
+    def subscribe(
+        self,
+        stream: str | None = None,
+        after: int = 0,
+        *,
+        page_size: int = 1000,
+        poll_interval: float | None = 10.0,
+        pending_limit: int = 65536,
+    ) -> EventSubscription:
+        """Every event after `after` (of `stream` if given), in order, each exactly once.
+
+        Use it as `async with client.subscribe(...) as events: async for event in events: ...`;
+        `events.position` is the position of the last event delivered, to resume from.
+        """
+        return EventSubscription(
+            self,
+            stream=stream,
+            after=after,
+            page_size=page_size,
+            poll_interval=poll_interval,
+            pending_limit=pending_limit,
+        )
 
     async def follow(self, after: int = 0, stream: str | None = None) -> AsyncIterator[Any]:
-        """Every event after `after`: catches up with `events`, then follows the status stream."""
-        subject = f"{self._prefix}.events.>"
-        if stream is not None:
-            kind, _, ident = stream.partition(":")
-            subject = f"{self._prefix}.events.{kind}.{ident}.*"
-        sub = await self.nc.subscribe(subject)
-        try:
-            last = after
-            while True:
-                body: dict[str, Any] = {"after": last, "limit": 1000}
-                if stream is not None:
-                    body["stream"] = stream
-                page = await self.call("events", body)
-                for event in page["events"]:
-                    yield event
-                last = page["last"]
-                if len(page["events"]) < 1000:
-                    break
-            async for msg in sub.messages:
-                event = msgspec.json.decode(msg.data)
-                if event["position"] <= last:
-                    continue
-                if event["position"] > last + 1 and stream is None:
-                    page = await self.call("events", {"after": last, "limit": 1000})
-                    for missed in page["events"]:
-                        if missed["position"] < event["position"]:
-                            yield missed
-                yield event
-                last = event["position"]
-        finally:
-            await sub.unsubscribe()
+        """`subscribe`, with each event as plain JSON values (the CLI's `events --follow`)."""
+        async with self.subscribe(stream=stream, after=after) as events:
+            async for event in events:
+                yield _event_dict(event)
+
+
+def _result(data: bytes) -> bytes:
+    try:
+        reply = _reply_decoder.decode(data)
+    except msgspec.DecodeError:
+        raise Internal("malformed reply from hero-deployer") from None
+    if reply.ok:
+        return bytes(reply.result)
+    error = reply.error or _Error(code="Internal", message="malformed reply")
+    raise raise_error(error.code, error.message)
+
+
+class EventSubscription:
+    """Catches up through `events`, then follows the status stream; an async iterator.
+
+    Live messages are subscribed to before the catch-up and buffered meanwhile, so nothing falls
+    between the two. A live event at or below the last position is a duplicate and skipped. A gap
+    (a position, or for one stream a version, that does not follow the last) is filled from
+    `events` before the live event is delivered; so is a silence of `poll_interval` seconds,
+    which covers a lost tail (after a reconnect, or messages dropped for a slow consumer).
+    """
+
+    def __init__(
+        self,
+        client: HeroDeployerClient,
+        *,
+        stream: str | None,
+        after: int,
+        page_size: int,
+        poll_interval: float | None,
+        pending_limit: int,
+    ) -> None:
+        self._client = client
+        self._stream = stream
+        self._page_size = page_size
+        self._poll_interval = poll_interval
+        self._pending_limit = pending_limit
+        self.position = after
+        """The position of the last event delivered (or `after`): where to resume from."""
+        self._tail = after  # the last position delivered or queued
+        self._tail_version: int | None = None  # for one stream: the version at `_tail`
+        self._ready: deque[EventOut] = deque()
+        self._sub: Subscription | None = None
+        self._closed = False
+
+    @property
+    def subject(self) -> str:
+        prefix = self._client.prefix
+        if self._stream is None:
+            return f"{prefix}.events.>"
+        kind, _, ident = self._stream.partition(":")
+        return f"{prefix}.events.{kind}.{ident}.*"
+
+    async def start(self) -> None:
+        """Subscribes to the live subject and catches up; the first `__anext__` does it too."""
+        if self._sub is not None or self._closed:
+            return
+        nc = self._client.nc
+        self._sub = await nc.subscribe(self.subject, pending_msgs_limit=self._pending_limit)
+        await nc.flush()
+        await self._fetch()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._ready.clear()
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            if not self._client.nc.is_closed:
+                await sub.unsubscribe()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> EventOut:
+        await self.start()
+        while True:
+            if self._closed or self._sub is None:
+                raise StopAsyncIteration
+            if self._ready:
+                event = self._ready.popleft()
+                self.position = event.position
+                return event
+            try:
+                msg = await self._sub.next_msg(timeout=self._poll_interval)
+            except NatsTimeout:
+                await self._fetch()  # a silence: pick up anything the live stream lost
+                continue
+            except ConnectionClosedError:
+                self._closed = True
+                raise StopAsyncIteration from None
+            try:
+                event = _event_decoder.decode(msg.data)
+            except msgspec.MsgspecError:
+                continue
+            if event.position <= self._tail:
+                continue  # already delivered or queued
+            if self._is_gap(event):
+                await self._fill(event)
+            self._push(event)
+
+    def _is_gap(self, event: EventOut) -> bool:
+        if self._stream is None:
+            return event.position != self._tail + 1
+        if self._tail_version is None:
+            return event.version != 1
+        return event.version != self._tail_version + 1
+
+    def _push(self, event: EventOut) -> None:
+        self._ready.append(event)
+        self._tail = event.position
+        self._tail_version = event.version
+
+    async def _fetch(self, before: int | None = None) -> None:
+        """Queues every event after the tail (below `before`, when given) from `events`."""
+        while True:
+            page = await self._client.events(
+                stream=self._stream, after=self._tail, limit=self._page_size
+            )
+            for event in page.events:
+                if before is not None and event.position >= before:
+                    return
+                self._push(event)
+            if len(page.events) < self._page_size:
+                return
+
+    async def _fill(self, live: EventOut, attempts: int = 20) -> None:
+        """Fetches what lies between the tail and the live event.
+
+        The service publishes an event only once `events` returns it; the retries cover a
+        replica whose views lag behind the one that published.
+        """
+        delay = 0.02
+        for _ in range(attempts):
+            await self._fetch(before=live.position)
+            if not self._is_gap(live) or (self._stream is not None and self._tail_version is None):
+                return  # no gap left, or a stream resumed mid-way whose version is unknown
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        raise Unavailable(f"events before position {live.position} could not be read")

@@ -55,6 +55,11 @@ class Decision(msgspec.Struct, frozen=True):
     events: Sequence[Event]
 
 
+async def consistent_views(deps: Deps) -> None:
+    """Waits until the views reflect every event committed before this call: read-your-writes."""
+    await deps.views.wait_for(deps.store.position)
+
+
 async def execute(
     deps: Deps,
     aggregates: Aggregates[S],
@@ -63,15 +68,20 @@ async def execute(
     evolve: Callable[[S | None, Event], S | None],
     meta: RequestMeta,
     idempotency: IdempotencyRecord | None,
+    *,
+    new_streams: bool = False,
 ) -> bytes:
     """Loads the streams, decides, appends with expected versions; retries when it loses a race.
 
     Commands on the same stream run one at a time in this process; across processes the
     store's expected-version check catches the race and the command is decided again.
+    The reply goes out once the events are durable; queries wait for the views instead.
     """
     async with aggregates.locks.hold(streams):
         for attempt in range(deps.max_retries):
-            states = {s: await aggregates.load(s, fresh=attempt > 0) for s in streams}
+            states = {
+                s: await aggregates.load(s, fresh=attempt > 0, new=new_streams) for s in streams
+            }
             decisions, result = decide(states)
             appends = [
                 StreamAppend(d.stream, d.expected_version, tuple(NewEvent.of(e) for e in d.events))
@@ -88,9 +98,7 @@ async def execute(
             if not appends and record is None:
                 return result
             try:
-                recorded = await deps.store.append(
-                    appends, idempotency=record, request_id=meta.request_id
-                )
+                await deps.store.append(appends, idempotency=record, request_id=meta.request_id)
             except ConcurrencyError:
                 for s in streams:
                     aggregates.forget(s)
@@ -101,7 +109,5 @@ async def execute(
                     for event in d.events:
                         state = evolve(state, event)
                     aggregates.remember(d.stream, state, d.expected_version + len(d.events))
-            if recorded:
-                await deps.views.wait_for(recorded[-1].position)
             return result
     raise Conflict("the resource changed concurrently; try again")

@@ -10,6 +10,7 @@ from core.events import EventOut, RecordedEvent
 from core.operations import Empty, Operation, RequestMeta
 from core.vm import DeleteVm, DeployVm, GetVm, ListVms, MigrateSecret, RestartVm, StartVm, StopVm
 from hero_deployer import vm_handlers
+from hero_deployer.commands import consistent_views
 from hero_deployer.deps import Deps
 from hero_deployer.settings import VERSION
 
@@ -40,6 +41,7 @@ class Health(msgspec.Struct, frozen=True):
 
 async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
     """Events the views already reflect, so a reader can query what it has just seen."""
+    await consistent_views(deps)
     ceiling = deps.views.position
     recorded: list[RecordedEvent] = []
     if request.after < ceiling:

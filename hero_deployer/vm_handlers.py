@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-import secrets as random_tokens
+import os
 
 import msgspec
 
@@ -26,14 +26,32 @@ from core.vm import (
     evolve,
     owns,
 )
-from hero_deployer.commands import Decision, execute, idempotent
+from hero_deployer.commands import Decision, consistent_views, execute, idempotent
 from hero_deployer.deps import Deps
 
 _encoder = msgspec.json.Encoder()
 
 
+class _RandomPool:
+    """os.urandom in 4 KiB draws: one getrandom call per 512 sids instead of one per sid."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._offset = 0
+
+    def take(self, n: int) -> bytes:
+        if self._offset + n > len(self._pool):
+            self._pool, self._offset = os.urandom(4096), 0
+        chunk = self._pool[self._offset : self._offset + n]
+        self._offset += n
+        return chunk
+
+
+_random = _RandomPool()
+
+
 def new_sid() -> str:
-    return "vm_" + random_tokens.token_hex(8)
+    return "vm_" + _random.take(8).hex()
 
 
 def owner_of(deps: Deps, secret: str, field: str = "secret") -> str:
@@ -67,7 +85,16 @@ async def run_vm_command(
             after = evolve(after, event)
         return [Decision(stream, version, events)], _result(after)
 
-    return await execute(deps, deps.vms, [stream], decide_one, evolve, meta, idempotency)
+    return await execute(
+        deps,
+        deps.vms,
+        [stream],
+        decide_one,
+        evolve,
+        meta,
+        idempotency,
+        new_streams=isinstance(command, DeployVm),
+    )
 
 
 async def deploy_vm(request: DeployVm, meta: RequestMeta, deps: Deps) -> bytes:
@@ -98,6 +125,7 @@ async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -
 
 async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
     owner = owner_of(deps, request.secret)
+    await consistent_views(deps)
     vm = await deps.vm_view.get(request.sid)
     if vm is None or not owns(vm, owner):
         raise NotFound(VM_NOT_FOUND)
@@ -106,6 +134,7 @@ async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
 
 async def list_vms(request: ListVms, meta: RequestMeta, deps: Deps) -> bytes:
     owner = owner_of(deps, request.secret)
+    await consistent_views(deps)
     vms = await deps.vm_view.by_owner(owner)
     return _encoder.encode(VmList(vms=[vm.public() for vm in vms]))
 
@@ -121,6 +150,7 @@ async def migrate_secret(request: MigrateSecret, meta: RequestMeta, deps: Deps) 
     ctx = Context(now=deps.clock(), owner=old)
 
     async def run(idempotency: IdempotencyRecord | None) -> bytes:
+        await consistent_views(deps)
         candidates = await deps.vm_view.by_owner(old)
         if not candidates:
             raise NotFound("no vm has this secret")

@@ -48,6 +48,10 @@ class Projection(Protocol):
 
     async def clear(self, conn: aiosqlite.Connection) -> None: ...
 
+    def rolled_back(self) -> None:
+        """Forgets in-memory state from a batch that was not committed."""
+        ...
+
 
 async def connect_views(path: Path, *, synchronous: str = "NORMAL") -> aiosqlite.Connection:
     """Opens the views database; it is rebuildable from the log, so NORMAL sync is enough."""
@@ -162,6 +166,8 @@ class ProjectionRunner:
             await conn.commit()
         except BaseException:
             await conn.rollback()
+            for projection in self._projections:
+                projection.rolled_back()
             raise
         self._position = last
         waiters = self._waiters

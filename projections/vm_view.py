@@ -44,25 +44,56 @@ _registry = EventRegistry(VM_EVENT_TYPES)
 
 
 class VmProjection:
-    """Folds VM events into rows with the core's own `evolve`."""
+    """Folds VM events into rows with the core's own `evolve`.
+
+    It keeps the rows it wrote in memory (bounded), so an update needs no read back; the
+    runner calls `rolled_back` when a batch fails, and the cache is dropped.
+    """
 
     name = "vms"
+
+    def __init__(self, cache_size: int = 200_000) -> None:
+        self._cache: dict[str, Vm] = {}
+        self._cache_size = cache_size
+
+    def rolled_back(self) -> None:
+        self._cache.clear()
 
     async def create(self, conn: aiosqlite.Connection) -> None:
         await conn.executescript(TABLE)
 
     async def clear(self, conn: aiosqlite.Connection) -> None:
+        self._cache.clear()
         await conn.execute("DELETE FROM vms")
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
         mine = [e for e in events if e.stream.startswith("vm:") and e.type in _registry]
         if not mine:
             return
-        states = await self._load(conn, {e.stream[3:] for e in mine if e.version > 1})
+        cache = self._cache
+        states: dict[str, Vm | None] = {}
+        missing: set[str] = set()
+        for recorded in mine:
+            sid = recorded.stream[3:]
+            if recorded.version > 1 and sid not in states:
+                cached = cache.get(sid)
+                if cached is None:
+                    missing.add(sid)
+                else:
+                    states[sid] = cached
+        if missing:
+            states.update(await self._load(conn, missing))
         for recorded in mine:
             sid = recorded.stream[3:]
             states[sid] = evolve(states.get(sid), _registry.decode(recorded.type, recorded.data))
-        await conn.executemany(UPSERT, [_row(vm) for vm in states.values() if vm is not None])
+        rows = []
+        if len(cache) + len(states) > self._cache_size:
+            cache.clear()
+        for sid, vm in states.items():
+            if vm is not None:
+                cache[sid] = vm
+                rows.append(_row(vm))
+        await conn.executemany(UPSERT, rows)
 
     async def _load(self, conn: aiosqlite.Connection, sids: set[str]) -> dict[str, Vm | None]:
         states: dict[str, Vm | None] = {}

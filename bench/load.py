@@ -1,0 +1,103 @@
+"""A load generator in its own process: N requests, C in flight, prints one JSON line of figures."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+
+import msgspec
+import nats
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    nc = await nats.connect(args.url)
+    headers = {"Authorization": f"Bearer {args.token}"}
+    subject = f"{args.prefix}.{args.op}"
+    sids: list[str] = json.loads(open(args.sids).read()) if args.sids else []
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(args.n))
+    ops = args.op.split(",")
+
+    def body(i: int) -> bytes:
+        op = op_of(i)
+        if op == "deploy_vm":
+            return msgspec.json.encode({"name": f"bench-{i}", "secret": f"tenant-{i % 1000}"})
+        if op == "list_vms":
+            return msgspec.json.encode({"secret": f"tenant-{i % 1000}"})
+        if op == "noop":
+            return b"{}"
+        sid = sids[i % len(sids)]
+        return msgspec.json.encode({"sid": sid, "secret": args.secret_of.format(i=i)})
+
+    def op_of(i: int) -> str:
+        # with sids, each pass over them uses the next op, so stop and start alternate per VM
+        return ops[(i // len(sids)) % len(ops)] if sids else ops[i % len(ops)]
+
+    async def worker() -> None:
+        nonlocal errors
+        for i in counter:
+            op = op_of(i)
+            subj = subject if len(ops) == 1 else f"{args.prefix}.{op}"
+            start = time.perf_counter()
+            msg = await nc.request(subj, body(i), timeout=30, headers=headers)
+            latencies.append(time.perf_counter() - start)
+            if not msg.data.startswith(b'{"ok":true') and msg.data != b"ok":
+                errors += 1
+                if errors <= 3:
+                    print("error reply:", msg.data[:200].decode(errors="replace"), flush=True)
+
+    # warm-up, not measured
+    for _ in range(min(200, args.n // 10)):
+        await nc.request(
+            subject if len(ops) == 1 else f"{args.prefix}.{ops[0]}",
+            body(10**9 + _) if ops[0] == "deploy_vm" else body(_),
+            timeout=30,
+            headers=headers,
+        )
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - started
+    await nc.drain()
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1000
+
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "per_second": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(pct(0.50), 3),
+        "p99_ms": round(pct(0.99), 3),
+        "max_ms": round(latencies[-1] * 1000, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--prefix", default="hero.v1")
+    parser.add_argument("--token", default="")
+    parser.add_argument("--op", default="deploy_vm")
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--sids", help="a JSON file of VM sids for start/stop")
+    parser.add_argument("--secret-of", default="bench", help="secret for sid i")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    _ = uuid
+    print(json.dumps(asyncio.run(run(args))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Runs every benchmark of the VM service and prints its figures.
+
+Each service-level figure is measured with the service and the load generator in separate
+processes on one nats-server (all on loopback), 64 requests in flight, durable replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hero_deployer.natsserver import NatsServer, free_port
+
+TOKEN = "bench-token-" + "b" * 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def load(
+    url: str,
+    op: str,
+    n: int,
+    *,
+    prefix: str = "hero.v1",
+    sids: Path | None = None,
+    secret_of: str = "bench",
+    concurrency: int = 64,
+) -> dict[str, float]:
+    args = [
+        _python(),
+        "-m",
+        "bench.load",
+        "--url",
+        url,
+        "--prefix",
+        prefix,
+        "--token",
+        TOKEN,
+        "--op",
+        op,
+        "--n",
+        str(n),
+        "--concurrency",
+        str(concurrency),
+        "--secret-of",
+        secret_of,
+    ]
+    if sids is not None:
+        args += ["--sids", str(sids)]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    for line in out.splitlines():
+        if not line.startswith("{"):
+            print("   ", line)
+    return dict(json.loads(lines[-1]))
+
+
+def show(label: str, figures: dict[str, float], baseline: float | None = None) -> None:
+    ratio = f"  ({figures['per_second'] / baseline:.0%} of bare responder)" if baseline else ""
+    print(
+        f"{label:<34} {figures['per_second']:>9,.0f} req/s   p50 {figures['p50_ms']:6.2f} ms"
+        f"   p99 {figures['p99_ms']:6.2f} ms   errors {int(figures['errors'])}{ratio}",
+        flush=True,
+    )
+
+
+class ServiceProcess:
+    """`hero-deployer serve` in its own process, on a fresh data dir."""
+
+    def __init__(self, url: str, data_dir: Path, **env: str) -> None:
+        self._url = url
+        self._data_dir = data_dir
+        self._env = env
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ServiceProcess:
+        env = dict(os.environ)
+        env.update(
+            HERO_DEPLOYER_TOKEN=TOKEN,
+            HERO_DEPLOYER_LOCAL_SSH="0",
+            HERO_DEPLOYER_LOG_LEVEL="warning",
+            **self._env,
+        )
+        self._process = subprocess.Popen(
+            [
+                _python(),
+                "-m",
+                "hero_deployer",
+                "serve",
+                "--nats",
+                self._url,
+                "--data-dir",
+                str(self._data_dir),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if "ready" in line:
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._process is not None
+        self._process.terminate()
+        self._process.wait(30)
+
+
+def noop_baseline(url: str, n: int) -> dict[str, float]:
+    responder = subprocess.Popen(
+        [_python(), "-m", "bench.noop_responder", url, "hero.v1.noop"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert responder.stdout is not None
+    responder.stdout.readline()
+    try:
+        return load(url, "noop", n)
+    finally:
+        responder.terminate()
+        responder.wait()
+
+
+def service_figures(url: str, n: int, deploy_delay: str) -> None:
+    baseline = noop_baseline(url, n)
+    show("bare nats-py no-op responder", baseline)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        with ServiceProcess(
+            url,
+            data,
+            HERO_DEPLOYER_LOCAL_DEPLOY_DELAY=deploy_delay,
+            HERO_DEPLOYER_LOCAL_ACTION_DELAY=deploy_delay,
+        ):
+            deploy = load(url, "deploy_vm", n)
+            show("deploy_vm (whole pipeline)", deploy, baseline["per_second"])
+            sids = asyncio.run(_running_sids(url, 2000))
+            sids_file = data / "sids.json"
+            sids_file.write_text(json.dumps(sids))
+            flips = load(
+                url,
+                "stop_vm,start_vm",
+                n - n % (2 * len(sids)) or n,
+                sids=sids_file,
+                secret_of="stopstart",
+            )
+            show("stop_vm/start_vm (existing VMs)", flips, baseline["per_second"])
+            listing = load(url, "list_vms", n // 4)
+            show("list_vms", listing, baseline["per_second"])
+
+
+async def _running_sids(url: str, count: int) -> list[str]:
+    """Deploys `count` VMs with one secret and waits until every one is running."""
+    from hero_deployer.client import HeroDeployerClient
+
+    client = await HeroDeployerClient.connect(url, token=TOKEN)
+    sem = asyncio.Semaphore(64)
+
+    async def one(i: int) -> str:
+        async with sem:
+            vm = await client.call("deploy_vm", {"name": f"flip-{i}", "secret": "stopstart"})
+            return str(vm["sid"])
+
+    sids = await asyncio.gather(*(one(i) for i in range(count)))
+    while True:
+        vms = (await client.call("list_vms", {"secret": "stopstart"}))["vms"]
+        if all(vm["status"] == "running" for vm in vms):
+            break
+        await asyncio.sleep(0.2)  # a benchmark's set-up poll, not a test
+    await client.close()
+    return list(sids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=30000, help="requests per service benchmark")
+    parser.add_argument("--only", default="service,eventsourcing,rebuild,list")
+    parser.add_argument("--events", type=int, default=1_000_000, help="events for rebuild")
+    parser.add_argument("--vms", type=int, default=100_000, help="VMs in the view for list_vms")
+    parser.add_argument("--deploy-delay", default="0.05", help="local grid delay, seconds")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    print(f"hero-deployer benchmarks on {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    if "service" in only:
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+
+            async def serve_nats() -> None:
+                async with NatsServer(port=port, data_dir=Path(tmp), config=None):
+                    await asyncio.to_thread(
+                        service_figures, f"nats://127.0.0.1:{port}", args.n, args.deploy_delay
+                    )
+
+            asyncio.run(serve_nats())
+    if "eventsourcing" in only:
+        from bench.eventsourcing_compare import compare
+
+        compare(args.n)
+    if "rebuild" in only or "list" in only:
+        from bench.views import rebuild_and_list
+
+        rebuild_and_list(args.events, args.vms, do_list="list" in only)
+    _ = time
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""The AsyncAPI 3.0.0 document of the wire contract, generated from the msgspec types.
+
+Every operation is a request-reply operation on `<prefix>.<operation>`; every event type is a
+channel of the status stream. `python -m hero_deployer.asyncapi` prints the document (with
+`--prefix P` for another prefix); `docs/asyncapi.json` is its checked-in copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgspec
+
+from core.errors import (
+    Conflict,
+    DomainError,
+    Internal,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+from core.events import Event, EventOut
+from core.user import USER_EVENT_TYPES, USERNAME_PATTERN
+from core.vm import VM_EVENT_TYPES
+from hero_deployer.client import (
+    AUTHORIZATION_HEADER,
+    DEFAULT_PREFIX,
+    IDEMPOTENCY_HEADER,
+    OPERATIONS,
+    OperationSpec,
+)
+from hero_deployer.settings import VERSION
+
+Json = dict[str, Any]
+
+SCHEMAS: Final = "#/components/schemas/"
+MESSAGES: Final = "#/components/messages/"
+SERVICE_NAME: Final = "hero-deployer"
+QUEUE_GROUP: Final = "hero-deployer"
+ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
+ERROR_HEADER: Final = "Nats-Service-Error"
+
+ERRORS: Final[tuple[tuple[type[DomainError], str], ...]] = (
+    (
+        InvalidInput,
+        "malformed JSON, unknown or missing field, wrong type, value out of range, rule broken "
+        "(empty new secret, old == new)",
+    ),
+    (Unauthorized, "missing, malformed (not `Bearer <token>`) or wrong token"),
+    (
+        NotFound,
+        "no such VM or user, or the secret does not match: the two are indistinguishable, in "
+        "body, headers and timing",
+    ),
+    (
+        Conflict,
+        "concurrent change lost the race after retries; idempotency key reused with another body",
+    ),
+    (
+        InvalidState,
+        "the action is not valid in the resource's current state (only after the secret matched)",
+    ),
+    (Unavailable, "a dependency is down; nothing was recorded"),
+    (Internal, "a bug; the message carries no secret, key or stack trace"),
+)
+
+DESCRIPTIONS: Final[dict[str, str]] = {
+    "deploy_vm": (
+        "Answered once the request is recorded, with the VM `deploying`; the outcome follows as "
+        "`VmDeployed` (status `running`) or `VmDeployFailed` (status `failed`)."
+    ),
+    "list_vms": "Exactly the VMs whose secret equals `secret`, deleted ones left out.",
+    "get_vm": (
+        "A deleted VM is still returned, with status `deleted`. A VM that does not exist and a "
+        "secret that does not match are the same NotFound."
+    ),
+    "start_vm": "`stopped` → `running`; InvalidState otherwise (after the secret matched).",
+    "stop_vm": "`running` → `stopped`; InvalidState otherwise (after the secret matched).",
+    "restart_vm": "`running` → `running`; InvalidState otherwise (after the secret matched).",
+    "delete_vm": (
+        "Any status but `deleted` → `deleting`, then `VmDeleted` → `deleted`. Repeating it on a "
+        "`deleting` VM records nothing."
+    ),
+    "migrate_secret": (
+        "Empty `new_secret` or `old_secret == new_secret` is InvalidInput; no live VM with "
+        "`old_secret` is NotFound; otherwise every matching VM is re-keyed in one transaction."
+    ),
+    "provision_user": (
+        "On a `failed` user it resumes from the failed step; on one already `provisioning` it "
+        "returns the User and records nothing; on a `ready` one it is InvalidState; a "
+        "`decommissioned` one is provisioned anew."
+    ),
+    "decommission_user": "Works from `failed` too, and tolerates parts already gone.",
+    "reveal_initial_password": (
+        "Once, for a Forge account this service created; stored only encrypted until then and "
+        "destroyed after. A second call is NotFound."
+    ),
+    "events": (
+        "Events with position > `after`, in position order; `last` is the position of the last "
+        "one returned (`after` when none), so the next page starts there. Only events the views "
+        "already reflect are returned."
+    ),
+    "health": "Exempt from the bearer token by default.",
+}
+
+INFO_DESCRIPTION: Final = """\
+The request-reply API and the status stream of hero-deployer, over NATS core.
+
+* Every operation has one subject, `<prefix>.<operation>`; the service is a NATS micro service
+  named `hero-deployer` whose endpoints share the queue group `hero-deployer`.
+* A request is one JSON object; unknown fields, wrong types and missing required fields are
+  InvalidInput, with a message that names the field.
+* `Authorization: Bearer <token>` is required on every operation but the exempt ones
+  (default: `health`). `Idempotency-Key` (1..128 printable ASCII) on a state-changing request
+  makes a repeat with the same operation and body return the first reply and append nothing;
+  the same key with another body is a Conflict.
+* Every reply is `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message"}}`;
+  an error reply also carries the micro headers `Nats-Service-Error-Code` and
+  `Nats-Service-Error`.
+* After an event is committed it is published, in position order, on
+  `<prefix>.events.<stream type>.<stream id>.<EventType>`. Positions are gap-free; a subscriber
+  that missed messages catches up with `events` from the last position it saw.
+"""
+
+
+def _ref(pointer: str) -> Json:
+    return {"$ref": pointer}
+
+
+def _schemas(operations: Sequence[OperationSpec], events: Sequence[type[Event]]) -> Json:
+    types: list[Any] = [EventOut]
+    for op in operations:
+        types += [op.request, op.result]
+    types += list(events)
+    _, components = msgspec.json.schema_components(
+        list(dict.fromkeys(types)), ref_template=SCHEMAS + "{name}"
+    )
+    return dict(sorted(components.items()))
+
+
+def _schema_name(cls: type[Any]) -> str:
+    return cls.__name__
+
+
+def _request_headers(op: OperationSpec) -> Json:
+    properties: Json = {}
+    required: list[str] = []
+    if op.authenticated:
+        properties[AUTHORIZATION_HEADER] = {
+            "type": "string",
+            "pattern": "^Bearer .+$",
+            "description": "`Bearer <token>`: the service credential, compared in constant time.",
+        }
+        required.append(AUTHORIZATION_HEADER)
+    if op.mutates:
+        properties[IDEMPOTENCY_HEADER] = {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 128,
+            "pattern": "^[ -~]+$",
+            "description": (
+                "Optional. A repeat with the same key, operation and body gets the first reply "
+                "and appends nothing; the same key with another body is a Conflict."
+            ),
+        }
+    schema: Json = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _error_reply_schema() -> Json:
+    codes = [cls.code for cls, _ in ERRORS]
+    table = "\n".join(f"* `{cls.code}` ({cls.number}): {when}" for cls, when in ERRORS)
+    return {
+        "type": "object",
+        "title": "ErrorReply",
+        "description": "The reply to a request that failed.\n\n" + table,
+        "properties": {
+            "ok": {"type": "boolean", "const": False},
+            "error": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "string", "enum": codes},
+                    "message": {
+                        "type": "string",
+                        "description": "Safe to show; never holds a secret, key or stack trace.",
+                    },
+                },
+                "required": ["code", "message"],
+            },
+        },
+        "required": ["ok", "error"],
+    }
+
+
+def _error_headers() -> Json:
+    numbers = sorted({str(cls.number) for cls, _ in ERRORS})
+    return {
+        "type": "object",
+        "properties": {
+            ERROR_CODE_HEADER: {"type": "string", "enum": numbers},
+            ERROR_HEADER: {"type": "string", "description": "The error message."},
+        },
+        "required": [ERROR_CODE_HEADER, ERROR_HEADER],
+    }
+
+
+def _ok_reply_schema(op: OperationSpec) -> Json:
+    return {
+        "type": "object",
+        "title": f"{op.name} reply",
+        "properties": {
+            "ok": {"type": "boolean", "const": True},
+            "result": _ref(SCHEMAS + _schema_name(op.result)),
+        },
+        "required": ["ok", "result"],
+    }
+
+
+def _event_envelope(event: type[Event], stream_pattern: str) -> Json:
+    name = event.__name__
+    return {
+        "type": "object",
+        "title": f"{name} on the status stream",
+        "properties": {
+            "position": {"type": "integer", "minimum": 1, "description": "Global, gap-free."},
+            "stream": {"type": "string", "pattern": stream_pattern},
+            "version": {"type": "integer", "minimum": 1, "description": "Within its stream."},
+            "type": {"type": "string", "const": name},
+            "data": _ref(SCHEMAS + name),
+            "recorded_at": {"type": "string", "format": "date-time"},
+        },
+        "required": ["position", "stream", "version", "type", "data", "recorded_at"],
+    }
+
+
+def _stream_types() -> tuple[tuple[str, str, str, str, tuple[type[Event], ...]], ...]:
+    """(stream type, subject parameter, its description, stream pattern, event types)."""
+    return (
+        ("vm", "sid", "The VM's sid, e.g. `vm_0123456789abcdef`.", r"^vm:.+$", VM_EVENT_TYPES),
+        (
+            "user",
+            "username",
+            f"The username (`{USERNAME_PATTERN}`, 1..40 characters).",
+            r"^user:.+$",
+            USER_EVENT_TYPES,
+        ),
+    )
+
+
+def build_spec(prefix: str = DEFAULT_PREFIX) -> Json:
+    """The AsyncAPI 3.0.0 document for the service on `prefix`, as plain JSON values."""
+    streams = _stream_types()
+    event_types = [e for *_, types in streams for e in types]
+    schemas = _schemas(OPERATIONS, event_types)
+    schemas["ErrorReply"] = _error_reply_schema()
+
+    channels: Json = {}
+    operations: Json = {}
+    messages: Json = {
+        "ErrorReply": {
+            "name": "ErrorReply",
+            "title": "Error reply",
+            "contentType": "application/json",
+            "headers": _error_headers(),
+            "payload": _ref(SCHEMAS + "ErrorReply"),
+        }
+    }
+
+    for op in OPERATIONS:
+        request_id, reply_id = f"{op.name}.request", f"{op.name}.reply"
+        schemas[f"{op.name}.reply"] = _ok_reply_schema(op)
+        messages[request_id] = {
+            "name": request_id,
+            "title": f"{op.name} request",
+            "contentType": "application/json",
+            "headers": _request_headers(op),
+            "payload": _ref(SCHEMAS + _schema_name(op.request)),
+        }
+        messages[reply_id] = {
+            "name": reply_id,
+            "title": f"{op.name} reply",
+            "contentType": "application/json",
+            "payload": _ref(SCHEMAS + reply_id),
+        }
+        channels[op.name] = {
+            "address": f"{prefix}.{op.name}",
+            "title": op.name,
+            "messages": {"request": _ref(MESSAGES + request_id)},
+        }
+        channels[reply_id] = {
+            "address": None,
+            "description": "The request's NATS reply inbox.",
+            "messages": {"ok": _ref(MESSAGES + reply_id), "error": _ref(MESSAGES + "ErrorReply")},
+        }
+        operation: Json = {
+            "action": "receive",
+            "channel": _ref(f"#/channels/{op.name}"),
+            "title": op.name,
+            "summary": op.summary,
+            "messages": [_ref(f"#/channels/{op.name}/messages/request")],
+            "reply": {
+                "channel": _ref(f"#/channels/{reply_id}"),
+                "messages": [
+                    _ref(f"#/channels/{reply_id}/messages/ok"),
+                    _ref(f"#/channels/{reply_id}/messages/error"),
+                ],
+            },
+            "bindings": {"nats": {"queue": QUEUE_GROUP, "bindingVersion": "0.1.0"}},
+            "x-idempotency-key": op.mutates,
+        }
+        if op.name in DESCRIPTIONS:
+            operation["description"] = DESCRIPTIONS[op.name]
+        if op.authenticated:
+            operation["security"] = [_ref("#/components/securitySchemes/bearer")]
+        operations[op.name] = operation
+
+    for kind, parameter, parameter_description, pattern, types in streams:
+        for event in types:
+            name = event.__name__
+            channel_id = f"events.{kind}.{name}"
+            envelope = f"{name}Envelope"
+            schemas[envelope] = _event_envelope(event, pattern)
+            messages[name] = {
+                "name": name,
+                "title": name,
+                "contentType": "application/json",
+                "payload": _ref(SCHEMAS + envelope),
+            }
+            channels[channel_id] = {
+                "address": f"{prefix}.events.{kind}.{{{parameter}}}.{name}",
+                "title": f"{name} events",
+                "parameters": {parameter: {"description": parameter_description}},
+                "messages": {name: _ref(MESSAGES + name)},
+            }
+            operations[f"publish.{kind}.{name}"] = {
+                "action": "send",
+                "channel": _ref(f"#/channels/{channel_id}"),
+                "summary": f"Publishes every committed {name}, in position order.",
+                "messages": [_ref(f"#/channels/{channel_id}/messages/{name}")],
+            }
+
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": SERVICE_NAME,
+            "version": VERSION,
+            "description": INFO_DESCRIPTION,
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "local": {
+                "host": "127.0.0.1:4222",
+                "protocol": "nats",
+                "description": "The NATS server `hero-deployer up` starts (`--nats-port`).",
+            }
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {
+            "schemas": schemas,
+            "messages": messages,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "httpApiKey",
+                    "name": AUTHORIZATION_HEADER,
+                    "in": "header",
+                    "description": (
+                        "The NATS message header `Authorization: Bearer <token>`; the token is "
+                        "`HERO_DEPLOYER_TOKEN` or the `token` file in the data directory."
+                    ),
+                }
+            },
+        },
+        "x-error-codes": [
+            {"code": cls.code, "number": cls.number, "when": when} for cls, when in ERRORS
+        ],
+    }
+
+
+def render_spec(prefix: str = DEFAULT_PREFIX) -> str:
+    """The document as the checked-in `docs/asyncapi.json` holds it."""
+    return json.dumps(build_spec(prefix), indent=2, ensure_ascii=False) + "\n"
+
+
+def print_spec(prefix: str = DEFAULT_PREFIX) -> None:
+    """Prints the document (`hero-deployer api-spec`)."""
+    sys.stdout.write(render_spec(prefix))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hero_deployer.asyncapi", description=__doc__)
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    parser.add_argument("--output", help="write to this file instead of stdout")
+    args = parser.parse_args(argv)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(render_spec(args.prefix))
+    else:
+        print_spec(args.prefix)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
