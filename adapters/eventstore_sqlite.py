@@ -322,6 +322,9 @@ class SqliteEventStore:
         for pending in accepted:
             for event in pending.recorded:
                 self._versions[event.stream] = event.version
+            if pending.recorded and self._tail:
+                if pending.recorded[0].position != self._tail[-1].position + 1:
+                    self._tail.clear()  # another writer filled the gap: read it from the file
             self._tail.extend(pending.recorded)
             if pending.recorded:
                 self._last_position = pending.recorded[-1].position

@@ -321,8 +321,8 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
             ]
         case StartVm() | StopVm() | RestartVm() | DeleteVm():
             vm = _owned(vm, ctx.owner)
-            if isinstance(command, DeleteVm) and vm.status == "deleting":
-                return []  # already on its way: deleting -> deleting records nothing new
+            if isinstance(command, DeleteVm) and vm.status == "deleting" and not vm.error:
+                return []  # already on its way; after a failed attempt it is requested again
             return [_decide_tenant_action(vm, command, now)]
         case RekeyVm():
             vm = _owned(vm, ctx.owner)
@@ -350,6 +350,8 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
             return [VmDeleted(sid=vm.sid, at=now)]
         case RecordOperationFailed():
             vm = _existing(vm)
+            if vm.status == "deleted":
+                return []  # deleted is final
             return [
                 VmOperationFailed(
                     sid=vm.sid, operation=command.operation, error=command.error, at=now

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 import aiosqlite
+import msgspec
 
 from core.events import EventRegistry, RecordedEvent
 from core.vm import VM_EVENT_TYPES, Vm, evolve
@@ -26,7 +27,8 @@ CREATE TABLE IF NOT EXISTS vms (
     mycelium_ip TEXT    NOT NULL,
     error       TEXT    NOT NULL,
     created_at  TEXT    NOT NULL,
-    updated_at  TEXT    NOT NULL
+    updated_at  TEXT    NOT NULL,
+    json        BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS vms_by_owner ON vms (owner, created_at);
 """
@@ -35,10 +37,15 @@ COLUMNS = (
     "sid, owner, name, slice_sid, image, cpu_count, memory_gb, disk_gb, rootfs_gb,"
     " status, node_id, mycelium_ip, error, created_at, updated_at"
 )
-UPSERT = f"INSERT OR REPLACE INTO vms ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"  # noqa: S608
+UPSERT = (
+    f"INSERT OR REPLACE INTO vms ({COLUMNS}, json)"  # noqa: S608
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 SELECT = f"SELECT {COLUMNS} FROM vms"  # noqa: S608
 
 Row = tuple[str, str, str, str, str, int, int, int, int, str, int | None, str, str, str, str]
+
+_encoder = msgspec.json.Encoder()
 
 _registry = EventRegistry(VM_EVENT_TYPES)
 
@@ -92,7 +99,7 @@ class VmProjection:
         for sid, vm in states.items():
             if vm is not None:
                 cache[sid] = vm
-                rows.append(_row(vm))
+                rows.append((*_row(vm), _encoder.encode(vm.public())))
         await conn.executemany(UPSERT, rows)
 
     async def _load(self, conn: aiosqlite.Connection, sids: set[str]) -> dict[str, Vm | None]:
@@ -109,10 +116,28 @@ class VmProjection:
 
 
 class VmView:
-    """Queries the VM view; never touches the event log."""
+    """Queries the VM view; never touches the event log.
+
+    Each row keeps its Vm resource as encoded JSON, so answering a query decodes nothing.
+    """
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
+
+    async def get_json(self, sid: str) -> tuple[str, bytes] | None:
+        """The VM's owner and its Vm resource as JSON."""
+        async with self._conn.execute("SELECT owner, json FROM vms WHERE sid = ?", (sid,)) as cur:
+            row = await cur.fetchone()
+        return (row[0], row[1]) if row else None
+
+    async def list_json(self, owner: str) -> list[bytes]:
+        """The Vm resources of one owner, deleted ones left out, oldest first."""
+        async with self._conn.execute(
+            "SELECT json FROM vms WHERE owner = ? AND status != 'deleted'"
+            " ORDER BY created_at, sid",
+            (owner,),
+        ) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
 
     async def get(self, sid: str) -> Vm | None:
         async with self._conn.execute(f"{SELECT} WHERE sid = ?", (sid,)) as cursor:

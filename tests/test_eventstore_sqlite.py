@@ -1,0 +1,177 @@
+"""The SQLite event store: the shared contract, then what only SQLite promises."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from adapters.eventstore_sqlite import SqliteEventStore
+from core.errors import ConcurrencyError, Conflict, Unavailable
+from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
+
+
+class TestSqliteEventStore(EventStoreContract):
+    async def make_store(self, path: Path) -> SqliteEventStore:
+        return await SqliteEventStore(path).__aenter__()
+
+
+# SQLite only -------------------------------------------------------------------------------
+
+
+async def pragma(conn: object, name: str) -> object:
+    async with conn.execute(f"PRAGMA {name}") as cursor:  # type: ignore[attr-defined]
+        row = await cursor.fetchone()
+    return row[0]
+
+
+async def test_the_writer_is_wal_and_synchronous_full_by_default(tmp_path: Path) -> None:
+    async with SqliteEventStore(tmp_path / "events.db") as store:
+        assert await pragma(store._writer, "journal_mode") == "wal"
+        assert await pragma(store._writer, "synchronous") == 2  # FULL
+    with sqlite3.connect(tmp_path / "events.db") as db:  # WAL is a property of the file
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_synchronous_can_be_lowered_explicitly(tmp_path: Path) -> None:
+    async with SqliteEventStore(tmp_path / "events.db", synchronous="NORMAL") as store:
+        assert await pragma(store._writer, "synchronous") == 1
+
+
+async def test_the_schema_has_unique_stream_version(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    async with SqliteEventStore(path) as store:
+        await store.append([to("vm:a", 0, payload(1))])
+    with sqlite3.connect(path) as db:
+        unique = [
+            [col[2] for col in db.execute(f"PRAGMA index_info('{name}')")]
+            for _, name, is_unique, *_ in db.execute("PRAGMA index_list('events')")
+            if is_unique
+        ]
+        assert ["stream", "version"] in unique
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(
+                "INSERT INTO events (position, stream, version, type, data, metadata,"
+                " recorded_at) VALUES (99, 'vm:a', 1, 'X', x'7b7d', x'7b7d', '')"
+            )
+
+
+@pytest.fixture
+async def two_processes(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Two stores on one file: each stands for a process with its own cached versions."""
+    path = tmp_path / "events.db"
+    async with SqliteEventStore(path) as first, SqliteEventStore(path) as second:
+        yield first, second
+
+
+async def test_a_stale_append_after_another_writer_is_a_concurrency_error(
+    two_processes: tuple[SqliteEventStore, SqliteEventStore],
+) -> None:
+    first, second = two_processes
+    await first.append([to("vm:a", 0, payload(1))])  # first caches vm:a at 1, position 1
+    await second.append([to("vm:a", 1, payload(2))], request_id="other-process")
+
+    with pytest.raises(ConcurrencyError):
+        await first.append([to("vm:a", 1, payload(3))], request_id="stale")
+
+    stream = await second.read_stream("vm:a")
+    assert [(e.position, e.version, e.request_id) for e in stream] == [
+        (1, 1, ""),
+        (2, 2, "other-process"),
+    ]
+    # the first store learned the truth: an append at the real version now succeeds
+    recorded = await first.append([to("vm:a", 2, payload(4))])
+    assert [(e.position, e.version) for e in recorded] == [(3, 3)]
+
+
+async def test_a_batch_with_stale_and_fresh_appends_keeps_the_fresh_ones(
+    two_processes: tuple[SqliteEventStore, SqliteEventStore],
+) -> None:
+    first, second = two_processes
+    await first.append([to("vm:a", 0, payload(1))])
+    await second.append([to("vm:a", 1, payload(2))])
+    await second.append([to("vm:b", 0, payload(3))])  # positions 2 and 3 unknown to `first`
+
+    outcomes = await asyncio.gather(
+        first.append([to("vm:a", 1, payload(4))]),  # stale
+        first.append([to("vm:c", 0, payload(5))]),  # fresh, but its cached position is stale
+        first.append([to("vm:d", 0, payload(6)), to("vm:a", 1, payload(7))]),  # half stale
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], ConcurrencyError)
+    assert isinstance(outcomes[2], ConcurrencyError)
+    assert isinstance(outcomes[1], list)
+    assert [(e.position, e.stream, e.version) for e in outcomes[1]] == [(4, "vm:c", 1)]
+
+    log = await second.read_all()
+    assert [e.position for e in log] == [1, 2, 3, 4]
+    for stream in ("vm:a", "vm:b", "vm:c"):
+        versions = [e.version for e in await second.read_stream(stream)]
+        assert versions == list(range(1, len(versions) + 1))
+    assert await second.read_stream("vm:d") == []
+
+
+async def test_a_key_taken_by_another_writer_is_a_conflict(
+    two_processes: tuple[SqliteEventStore, SqliteEventStore],
+) -> None:
+    first, second = two_processes
+    await first.append([to("vm:a", 0, payload(1))])
+    await second.append([to("vm:b", 0, payload(2))], idempotency=key("shared"))
+    with pytest.raises(Conflict) as raised:
+        await first.append([to("vm:c", 0, payload(3))], idempotency=key("shared", b"other"))
+    assert not isinstance(raised.value, ConcurrencyError)
+    assert await second.read_stream("vm:c") == []
+    assert await first.idempotent_reply("shared") == key("shared")
+
+
+async def test_after_another_writer_read_all_stays_gap_free(
+    two_processes: tuple[SqliteEventStore, SqliteEventStore],
+) -> None:
+    """A follower reading the first store must not skip what the other process committed."""
+    first, second = two_processes
+    await first.append([to("vm:a", 0, payload(1))])
+    await second.append([to("vm:b", 0, payload(2))])
+    await first.append([to("vm:c", 0, payload(3))])  # recovers through the one-by-one path
+
+    assert await first.last_position() == 3
+    assert [e.position for e in await first.read_all()] == [1, 2, 3]
+    assert [e.position for e in await first.read_all(after=1)] == [2, 3]
+
+
+async def test_close_commits_every_pending_append(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = SqliteEventStore(path, max_batch=8)
+    await store.open()
+    appends = [store.append([to(f"vm:{i}", 0, payload(i))]) for i in range(200)]
+    # the appends are queued first, then close runs while they wait for their commits
+    committing = asyncio.gather(*appends)
+    await asyncio.gather(committing, store.close())
+    results = committing.result()
+
+    assert sorted(r[0].position for r in results) == list(range(1, 201))
+    with pytest.raises(Unavailable):
+        await store.append([to("vm:late", 0, payload(0))])
+
+    async with SqliteEventStore(path) as reopened:
+        log = await reopened.read_all(limit=1000)
+        assert [e.position for e in log] == list(range(1, 201))
+        assert essence(log) == essence(sorted((r[0] for r in results), key=lambda e: e.position))
+
+
+async def test_reads_agree_whether_served_from_memory_or_from_the_file(tmp_path: Path) -> None:
+    """Recent events may come from an in-memory tail; every page must match the file."""
+    path = tmp_path / "events.db"
+    async with SqliteEventStore(path, tail_size=4) as store:
+        for i in range(30):
+            await store.append([to(f"vm:{i % 4}", i // 4, payload(i))], request_id=f"r{i}")
+        async with SqliteEventStore(path) as cold:  # a fresh instance reads only the file
+            for after in range(32):
+                for limit in (1, 3, 100):
+                    hot = await store.read_all(after=after, limit=limit)
+                    assert essence(hot) == essence(await cold.read_all(after=after, limit=limit))
+                    assert [e.position for e in hot] == list(
+                        range(after + 1, min(after + limit, 30) + 1)
+                    )
+                    assert [e.request_id for e in hot] == [f"r{e.position - 1}" for e in hot]

@@ -1,0 +1,413 @@
+"""The VM view: the live view equals a rebuild, and its checkpoint moves with its rows."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiosqlite
+import pytest
+from nats.aio.client import Client
+
+from adapters.eventstore_sqlite import SqliteEventStore
+from adapters.localgrid import LocalGrid
+from core.errors import DomainError
+from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend, vm_stream
+from core.vm import (
+    VM_EVENT_TYPES,
+    Context,
+    DeleteVm,
+    DeployVm,
+    RecordDeleted,
+    RecordDeployed,
+    RecordDeployFailed,
+    RecordOperationFailed,
+    RekeyVm,
+    RestartVm,
+    StartVm,
+    StopVm,
+    Vm,
+    VmCommand,
+    decide,
+    evolve,
+    fold,
+)
+from hero_deployer.bootstrap import PROJECTIONS, bootstrap
+from hero_deployer.cli import main
+from hero_deployer.client import HeroDeployerClient
+from hero_deployer.vm_reactor import RetryPolicy
+from projections.runner import (
+    Projection,
+    ProjectionRunner,
+    connect_views,
+    read_checkpoint,
+    rebuild,
+)
+from projections.vm_view import Row, VmProjection, VmView, rows_of
+from tests.conftest import TOKEN, Service, make_settings
+from tests.helpers import wait_for_event
+
+REGISTRY = EventRegistry(VM_EVENT_TYPES)
+
+
+def folded_rows(events: Sequence[RecordedEvent]) -> list[Row]:
+    """The view as the fold of each VM stream says it must be."""
+    streams: dict[str, list[object]] = defaultdict(list)
+    for e in events:
+        if e.stream.startswith("vm:"):
+            streams[e.stream].append(REGISTRY.decode(e.type, e.data))
+    vms = [fold(history) for history in streams.values()]  # type: ignore[arg-type]
+    return sorted(rows_of(vm for vm in vms if vm is not None), key=lambda row: row[0])
+
+
+async def rebuilt_rows(store: SqliteEventStore, path: Path) -> tuple[int, list[Row]]:
+    conn = await connect_views(path)
+    try:
+        count = await rebuild(store, conn, PROJECTIONS())
+        return count, await VmView(conn).all_rows()
+    finally:
+        await conn.close()
+
+
+# Live traffic through the real service ------------------------------------------------------
+
+
+async def exercise(client: HeroDeployerClient, grid: LocalGrid) -> int:
+    """Deploys, stops, starts, restarts, deletes and re-keys a few dozen VMs; returns how many."""
+    secrets = ["alice", "bob", "carol", ""]
+    vms = await asyncio.gather(
+        *(
+            client.call(
+                "deploy_vm",
+                {
+                    "name": f"vm-{i}",
+                    "secret": secrets[i % 4],
+                    "cpu_count": 1 + i % 8,
+                    "memory_gb": 2 + i,
+                    "slice_sid": f"slice-{i % 3}",
+                },
+            )
+            for i in range(32)
+        )
+    )
+    sids = [vm["sid"] for vm in vms]
+    secret_of = {vm["sid"]: secrets[i % 4] for i, vm in enumerate(vms)}
+    await asyncio.gather(*(wait_for_event(client, f"vm:{s}", "VmDeployed") for s in sids))
+
+    async def act(op: str, chosen: Sequence[str]) -> None:
+        await asyncio.gather(*(client.call(op, {"sid": s, "secret": secret_of[s]}) for s in chosen))
+
+    await act("stop_vm", sids[0:12])
+    await act("start_vm", sids[0:6])
+    await act("restart_vm", sids[12:16])
+    deleted = [*sids[6:9], *sids[16:24]]
+    await act("delete_vm", deleted)
+
+    grid.fail_next("deploy_vm", "node 13 is out of capacity")
+    doomed = await client.call("deploy_vm", {"name": "doomed", "secret": "bob"})
+    await wait_for_event(client, f"vm:{doomed['sid']}", "VmDeployFailed")
+    await client.call("delete_vm", {"sid": doomed["sid"], "secret": "bob"})
+    deleted.append(doomed["sid"])
+
+    await client.call("migrate_secret", {"old_secret": "alice", "new_secret": "alice-2"})
+    await asyncio.gather(*(wait_for_event(client, f"vm:{s}", "VmDeleted") for s in deleted))
+    return len(sids) + 1
+
+
+async def test_the_live_view_equals_a_rebuild_from_scratch(
+    service: Service, tmp_path: Path
+) -> None:
+    count = await exercise(service.client, service.grid)
+    store = service.app.store
+    last = await store.last_position()
+    await service.app.views.wait_for(last)
+    live = await service.app.deps.vm_view.all_rows()
+
+    applied, rebuilt = await rebuilt_rows(store, tmp_path / "rebuilt" / "views.db")
+
+    assert applied == last
+    assert len(live) == count
+    assert rebuilt == live
+    assert live == folded_rows(await store.read_all(limit=100_000))
+    statuses = {row[9] for row in live}
+    assert statuses == {"running", "stopped", "deleted"}
+
+
+async def test_a_runner_with_small_batches_builds_the_same_view(
+    service: Service, tmp_path: Path
+) -> None:
+    """Batches that cut streams in the middle must continue each VM from its stored row."""
+    await exercise(service.client, service.grid)
+    store = service.app.store
+    last = await store.last_position()
+    await service.app.views.wait_for(last)
+    live = await service.app.deps.vm_view.all_rows()
+
+    conn = await connect_views(tmp_path / "small" / "views.db")
+    try:
+        async with ProjectionRunner(store, conn, PROJECTIONS(), batch_size=3) as runner:
+            await runner.wait_for(last)
+        assert await VmView(conn).all_rows() == live
+        assert await read_checkpoint(conn, ProjectionRunner.name) == last
+    finally:
+        await conn.close()
+
+
+async def test_the_rebuild_command_leaves_the_view_equal_to_the_live_one(
+    tmp_path: Path, nc: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    async with (
+        LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False) as grid,
+        bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app,
+    ):
+        client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+        await exercise(client, grid)
+        last = await app.store.last_position()
+        await app.views.wait_for(last)
+        live = await app.deps.vm_view.all_rows()
+
+    views_db = settings.data_dir / "views.db"
+    with sqlite3.connect(views_db) as db:  # damage the view: rebuild must not trust it
+        db.execute("DELETE FROM vms WHERE rowid % 2 = 0")
+        db.execute("UPDATE vms SET status = 'running', error = 'stale'")
+        db.execute(
+            "INSERT INTO vms SELECT 'vm_ghost', owner, name, slice_sid, image, cpu_count,"
+            " memory_gb, disk_gb, rootfs_gb, status, node_id, mycelium_ip, error,"
+            " created_at, updated_at, json FROM vms LIMIT 1"
+        )
+        db.execute("UPDATE checkpoints SET position = 3 WHERE name = 'views'")
+
+    code = await asyncio.to_thread(main, ["rebuild", "--data-dir", str(settings.data_dir)])
+
+    assert code == 0
+    assert f"rebuilt views from {last} events" in capsys.readouterr().out
+    conn = await connect_views(views_db)
+    try:
+        assert await VmView(conn).all_rows() == live
+        assert await read_checkpoint(conn, ProjectionRunner.name) == last
+    finally:
+        await conn.close()
+
+
+# Checkpoints, without NATS: a store, a views database, and synthetic histories -------------
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+OWNERS = ["fp-a", "fp-b", "fp-c"]
+
+
+async def drive(store: SqliteEventStore, steps: int, *, seed: int) -> None:
+    """Appends a valid, interleaved history: random commands on random VMs, decided by the core."""
+    rng = random.Random(seed)
+    states: dict[str, tuple[Vm | None, int]] = {}
+    clock = await store.last_position()
+    while steps > 0:
+        clock += 1
+        now = T0 + timedelta(seconds=clock)
+        if not states or rng.random() < 0.15:
+            sid = f"vm_{seed}_{len(states):04}"
+            command: VmCommand = DeployVm(name=f"n{len(states)}", secret="", cpu_count=2)
+            ctx = Context(now=now, owner=rng.choice(OWNERS), new_sid=sid)
+            vm, version = None, 0
+        else:
+            sid = rng.choice(sorted(states))
+            vm, version = states[sid]
+            assert vm is not None
+            commands: list[tuple[VmCommand, int]] = [
+                (StartVm(sid=sid, secret=""), 6),
+                (StopVm(sid=sid, secret=""), 6),
+                (RestartVm(sid=sid, secret=""), 3),
+                (DeleteVm(sid=sid, secret=""), 1),
+                (RecordDeployed(sid=sid, node_id=rng.randint(1, 50), mycelium_ip="5a1::1"), 6),
+                (RecordDeployFailed(sid=sid, error="full"), 1),
+                (RecordDeleted(sid=sid), 2),
+                (RecordOperationFailed(sid=sid, operation="stop", error="timeout"), 1),
+                (RekeyVm(sid=sid, new_owner=rng.choice(OWNERS)), 1),
+            ]
+            (command,) = rng.choices([c for c, _ in commands], [w for _, w in commands])
+            ctx = Context(now=now, owner=vm.owner)
+        try:
+            events = decide(vm, command, ctx)
+        except DomainError:
+            continue
+        if not events:
+            continue
+        await store.append(
+            [StreamAppend(vm_stream(sid), version, tuple(NewEvent.of(e) for e in events))]
+        )
+        for event in events:
+            vm = evolve(vm, event)
+        states[sid] = (vm, version + len(events))
+        steps -= len(events)
+
+
+class Seen:
+    """A projection that stores every position it is given, inside the runner's transaction."""
+
+    name = "seen"
+
+    async def create(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("CREATE TABLE IF NOT EXISTS seen (position INTEGER NOT NULL)")
+
+    async def clear(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("DELETE FROM seen")
+
+    def rolled_back(self) -> None:
+        pass
+
+    async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        await conn.executemany("INSERT INTO seen VALUES (?)", [(e.position,) for e in events])
+
+    @staticmethod
+    async def positions(conn: aiosqlite.Connection) -> list[int]:
+        async with conn.execute("SELECT position FROM seen ORDER BY position") as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+
+class Boom(Exception):
+    pass
+
+
+class FailOnce:
+    """Fails the first batch that holds `position`, as a crash in the middle of a batch would."""
+
+    name = "fail-once"
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.failed = False
+
+    async def create(self, conn: aiosqlite.Connection) -> None:
+        pass
+
+    async def clear(self, conn: aiosqlite.Connection) -> None:
+        pass
+
+    def rolled_back(self) -> None:
+        pass
+
+    async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        if not self.failed and events[0].position <= self.position <= events[-1].position:
+            self.failed = True
+            raise Boom(f"crashed while applying position {self.position}")
+
+
+class Recorder:
+    """Remembers, in memory, every position it was asked to apply."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+
+    async def create(self, conn: aiosqlite.Connection) -> None:
+        pass
+
+    async def clear(self, conn: aiosqlite.Connection) -> None:
+        pass
+
+    def rolled_back(self) -> None:
+        pass
+
+    async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        self.positions.extend(e.position for e in events)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    async with SqliteEventStore(tmp_path / "events.db") as store:
+        yield store
+
+
+async def test_drive_makes_a_rich_history(store: SqliteEventStore) -> None:
+    await drive(store, 300, seed=1)
+    log = await store.read_all(limit=10_000)
+    assert {e.type for e in log} == {t.__name__ for t in VM_EVENT_TYPES}
+    rows = folded_rows(log)
+    assert {row[9] for row in rows} >= {"running", "stopped", "deleted"}
+    assert len({row[1] for row in rows}) == len(OWNERS)
+
+
+async def test_a_failed_batch_rolls_back_its_rows_and_its_checkpoint(
+    store: SqliteEventStore, tmp_path: Path
+) -> None:
+    await drive(store, 100, seed=2)
+    last = await store.last_position()
+    log = await store.read_all(limit=10_000)
+    conn = await connect_views(tmp_path / "views.db")
+    try:
+        projections: list[Projection] = [VmProjection(), Seen(), FailOnce(position=55)]
+        for projection in projections:
+            await projection.create(conn)
+        runner = ProjectionRunner(store, conn, projections, batch_size=10)
+
+        with pytest.raises(Boom):
+            await runner.catch_up()
+
+        assert runner.position == 50
+        assert await read_checkpoint(conn, ProjectionRunner.name) == 50
+        assert await Seen.positions(conn) == list(range(1, 51))
+        assert await VmView(conn).all_rows() == folded_rows(log[:50])
+
+        await runner.catch_up()  # the retry applies the failed batch once, from the checkpoint
+        await runner.catch_up()  # and running again finds nothing to do
+
+        assert runner.position == last
+        assert await read_checkpoint(conn, ProjectionRunner.name) == last
+        assert await Seen.positions(conn) == list(range(1, last + 1))
+        assert await VmView(conn).all_rows() == folded_rows(log)
+    finally:
+        await conn.close()
+
+
+async def test_reopening_applies_only_events_after_the_checkpoint(
+    store: SqliteEventStore, tmp_path: Path
+) -> None:
+    views = tmp_path / "views.db"
+    await drive(store, 300, seed=3)
+    first = await store.last_position()
+
+    conn = await connect_views(views)
+    async with ProjectionRunner(store, conn, [VmProjection(), Seen()], batch_size=64) as runner:
+        await runner.wait_for(first)
+    await conn.close()
+
+    await drive(store, 200, seed=4)
+    last = await store.last_position()
+
+    recorder = Recorder()
+    conn = await connect_views(views)
+    try:
+        async with ProjectionRunner(
+            store, conn, [VmProjection(), Seen(), recorder], batch_size=64
+        ) as runner:
+            assert runner.position == first
+            await runner.wait_for(last)
+        assert recorder.positions == list(range(first + 1, last + 1))
+        assert await Seen.positions(conn) == list(range(1, last + 1))
+        assert await VmView(conn).all_rows() == folded_rows(await store.read_all(limit=10_000))
+    finally:
+        await conn.close()
+
+    idle = Recorder()
+    conn = await connect_views(views)
+    try:
+        async with ProjectionRunner(store, conn, [VmProjection(), Seen(), idle]) as runner:
+            await runner.catch_up()
+            assert runner.position == last
+        assert idle.positions == []
+        assert await Seen.positions(conn) == list(range(1, last + 1))
+    finally:
+        await conn.close()
+
+    _, rebuilt = await rebuilt_rows(store, tmp_path / "rebuilt.db")
+    conn = await connect_views(views)
+    try:
+        assert await VmView(conn).all_rows() == rebuilt
+    finally:
+        await conn.close()
