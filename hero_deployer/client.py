@@ -20,7 +20,12 @@ import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+)
 from nats.errors import TimeoutError as NatsTimeout
 
 from core.errors import (
@@ -289,7 +294,7 @@ class HeroDeployerClient:
             except NatsTimeout:
                 failure = RequestTimeout(f"{operation} timed out after {self._timeout:g}s")
                 continue  # the reply is late or lost: send again at once
-            except ConnectionReconnectingError:
+            except (ConnectionReconnectingError, OutboundBufferLimitError):
                 failure = Unavailable("the NATS connection is reconnecting")
             except ConnectionClosedError:
                 raise Unavailable("the NATS connection is closed") from None
