@@ -1,1 +1,1 @@
-"""Benchmarks: run with `make bench` (or `python -m bench.run`); they print figures, never assert."""
+"""Benchmarks: `make bench` (or `python -m bench.run`) prints figures; nothing here asserts."""

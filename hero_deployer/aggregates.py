@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from core.events import Event, EventRegistry
@@ -22,35 +21,48 @@ class _Entry:
         self.users = 0
 
 
+class _Held:
+    """The locks of some keys, taken in sorted order so that two holders never deadlock."""
+
+    __slots__ = ("_acquired", "_entries", "_keys", "_owner")
+
+    def __init__(self, owner: KeyedLocks, keys: list[str]) -> None:
+        self._owner = owner
+        self._keys = keys
+        self._entries: list[_Entry] = []
+        self._acquired = 0
+
+    async def __aenter__(self) -> None:
+        entries = self._owner._entries
+        for key in self._keys:
+            entry = entries.get(key)
+            if entry is None:
+                entry = entries[key] = _Entry()
+            entry.users += 1
+            self._entries.append(entry)
+        for entry in self._entries:
+            await entry.lock.acquire()
+            self._acquired += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        entries = self._owner._entries
+        for index, (key, entry) in enumerate(zip(self._keys, self._entries, strict=True)):
+            if index < self._acquired:
+                entry.lock.release()
+            entry.users -= 1
+            if entry.users == 0:
+                del entries[key]
+
+
 class KeyedLocks:
     """One asyncio lock per key, dropped when nobody holds or waits for it."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
 
-    @asynccontextmanager
-    async def hold(self, keys: Iterable[str]) -> AsyncIterator[None]:
-        """Holds the locks of all `keys`, taken in sorted order so two holders never deadlock."""
-        registered: list[_Entry] = []
-        acquired: list[_Entry] = []
-        try:
-            for key in sorted(set(keys)):
-                entry = self._entries.get(key)
-                if entry is None:
-                    entry = self._entries[key] = _Entry()
-                entry.users += 1
-                registered.append(entry)
-                await entry.lock.acquire()
-                acquired.append(entry)
-            yield
-        finally:
-            for entry in acquired:
-                entry.lock.release()
-            for entry in registered:
-                entry.users -= 1
-            for key in [k for k in set(keys) if k in self._entries]:
-                if self._entries[key].users == 0:
-                    del self._entries[key]
+    def hold(self, keys: Iterable[str]) -> _Held:
+        """An async context manager holding the locks of all `keys`."""
+        return _Held(self, sorted(set(keys)))
 
     def __len__(self) -> int:
         return len(self._entries)

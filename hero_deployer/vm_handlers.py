@@ -72,6 +72,8 @@ async def run_vm_command(
     ctx: Context,
     meta: RequestMeta,
     idempotency: IdempotencyRecord | None = None,
+    *,
+    reply: bool = True,
 ) -> bytes:
     """Decides one command on one VM and records its events; returns the Vm as JSON."""
     stream = vm_stream(sid)
@@ -79,6 +81,8 @@ async def run_vm_command(
     def decide_one(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
         vm, version = states[stream]
         events = decide(vm, command, ctx)
+        if not reply:
+            return [Decision(stream, version, events)], b""
         after = vm
         for event in events:
             after = evolve(after, event)
@@ -119,7 +123,7 @@ async def vm_action(request: VmCommand, meta: RequestMeta, deps: Deps) -> bytes:
 async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -> None:
     """Records what a side effect did to a VM; used by the VM reactor."""
     meta = RequestMeta(operation="record_outcome", request_id=request_id)
-    await run_vm_command(deps, command.sid, command, Context(now=deps.clock()), meta)
+    await run_vm_command(deps, command.sid, command, Context(now=deps.clock()), meta, reply=False)
 
 
 async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:

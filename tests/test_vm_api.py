@@ -28,8 +28,20 @@ async def test_deploy_reaches_running_through_events(service: Service) -> None:
     assert vm["status"] == "deploying"
     assert vm["sid"].startswith("vm_")
     assert set(vm) == {
-        "sid", "name", "slice_sid", "image", "cpu_count", "memory_gb", "disk_gb", "rootfs_gb",
-        "status", "node_id", "mycelium_ip", "error", "created_at", "updated_at",
+        "sid",
+        "name",
+        "slice_sid",
+        "image",
+        "cpu_count",
+        "memory_gb",
+        "disk_gb",
+        "rootfs_gb",
+        "status",
+        "node_id",
+        "mycelium_ip",
+        "error",
+        "created_at",
+        "updated_at",
     }
     deployed = await wait_for_event(service.client, f"vm:{vm['sid']}", "VmDeployed")
     got = await service.client.call("get_vm", {"sid": vm["sid"], "secret": "s1"})
@@ -66,10 +78,14 @@ async def test_not_found_is_identical_for_missing_sid_and_wrong_secret(service: 
     missing_body, missing_headers = await service.request(
         "get_vm", json.dumps({"sid": "vm_0000000000000000", "secret": "right"}).encode(), AUTH
     )
-    assert wrong_body == missing_body == {
-        "ok": False,
-        "error": {"code": "NotFound", "message": "vm not found"},
-    }
+    assert (
+        wrong_body
+        == missing_body
+        == {
+            "ok": False,
+            "error": {"code": "NotFound", "message": "vm not found"},
+        }
+    )
     assert wrong_headers == missing_headers
     assert wrong_headers["Nats-Service-Error-Code"] == "404"
     for op in ("stop_vm", "delete_vm"):
@@ -136,7 +152,9 @@ async def test_backend_failure_makes_the_vm_failed(service: Service) -> None:
 
 async def test_migrate_secret_rekeys_every_vm(service: Service) -> None:
     c = service.client
-    sids = {(await c.call("deploy_vm", {"name": f"v{i}", "secret": "old"}))["sid"] for i in range(3)}
+    sids = {
+        (await c.call("deploy_vm", {"name": f"v{i}", "secret": "old"}))["sid"] for i in range(3)
+    }
     other = await c.call("deploy_vm", {"name": "other", "secret": "someone"})
     result = await c.call("migrate_secret", {"old_secret": "old", "new_secret": "new"})
     assert result == {"migrated_count": 3, "failed_count": 0}
@@ -214,9 +232,7 @@ async def test_token_missing_wrong_or_malformed_is_unauthorized(
     service: Service, headers: dict[str, str] | None
 ) -> None:
     before = event_count(service)
-    body, reply_headers = await service.request(
-        "deploy_vm", b'{"name":"x","secret":"s"}', headers
-    )
+    body, reply_headers = await service.request("deploy_vm", b'{"name":"x","secret":"s"}', headers)
     assert body["ok"] is False
     assert body["error"]["code"] == "Unauthorized"  # type: ignore[index]
     assert reply_headers["Nats-Service-Error-Code"] == "401"
