@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -9,25 +10,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
+import aiosqlite
 from nats.aio.client import Client
 
 from adapters.eventstore_sqlite import SqliteEventStore, Synchronous
 from adapters.keyfiles import load_or_create_key
+from adapters.sealing import AesGcmSealer
+from adapters.vault_sqlite import SqliteSecretVault
 from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
 from core.events import EventRegistry, vm_stream
 from core.operations import Operation
-from core.ports import ComputeBackend
+from core.ports import ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
 from core.secrets import Fingerprinter
+from core.user import USER_EVENT_TYPES, User
+from core.user import evolve as evolve_user
 from core.vm import VM_EVENT_TYPES, OutcomeCommand, Vm, evolve
 from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates
 from hero_deployer.deps import Deps
-from hero_deployer.operations import vm_operations
-from hero_deployer.settings import VERSION, Settings
+from hero_deployer.operations import user_operations, vm_operations
+from hero_deployer.settings import VERSION, Settings, per_step
+from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower
-from projections.runner import Projection, ProjectedEvents, ProjectionRunner, connect_views
+from projections.runner import ProjectedEvents, Projection, ProjectionRunner, connect_views
+from projections.user_view import UserProjection, UserView
 from projections.vm_view import VmProjection, VmView
 
 
@@ -41,13 +49,23 @@ class App:
     views: ProjectionRunner
     backend: ComputeBackend
     reactor: VmReactor
+    manager: UserManager
     edge: ServiceEdge | None
     operations: list[Operation]
 
 
 def PROJECTIONS() -> list[Projection]:
     """Every projection the views database holds, in the order they are applied."""
-    return [VmProjection()]
+    return [VmProjection(), UserProjection()]
+
+
+class FromSettings(enum.Enum):
+    """An override left out: the bootstrap builds the adapter the settings describe."""
+
+    TOKEN = 0
+
+
+FROM_SETTINGS = FromSettings.TOKEN
 
 
 def utc_now() -> datetime:
@@ -73,8 +91,16 @@ async def bootstrap(
     *,
     compute: ComputeBackend | None = None,
     retry: RetryPolicy | None = None,
+    forge: Forge | FromSettings | None = FROM_SETTINGS,
+    directory: NodeDirectory | FromSettings | None = FROM_SETTINGS,
+    shell: RemoteShell | None = None,
+    probe: HealthProbe | None = None,
 ) -> AsyncIterator[App]:
-    """Builds and starts the service; with `nc` None nothing is served or published."""
+    """Builds and starts the service; with `nc` None nothing is served or published.
+
+    `forge=None` or `directory=None` means none at all (the Forge step is skipped, nodes come
+    from the backend); left out, they follow `forge_url` and `gridproxy_url`.
+    """
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
@@ -96,11 +122,15 @@ async def bootstrap(
         key = load_or_create_key(
             data_dir / "fingerprint.key", os.environ.get("HERO_DEPLOYER_FINGERPRINT_KEY")
         )
+        vault = await _vault(settings, stack)
         deps = Deps(
             store=store,
             views=runner,
             vm_view=VmView(query_conn),
             vms=Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve),
+            users=Aggregates[User](store, EventRegistry(USER_EVENT_TYPES), evolve_user),
+            user_view=UserView(query_conn),
+            vault=vault,
             fingerprint=Fingerprinter(key),
             clock=utc_now,
             version=VERSION,
@@ -114,12 +144,27 @@ async def bootstrap(
         async def record(command: OutcomeCommand, request_id: str) -> None:
             await vm_handlers.record_outcome(deps, command, request_id)
 
-        reactor = VmReactor(backend, load_vm, record, retry=retry)
+        reactor = VmReactor(backend, load_vm, record, retry=retry, ssh_keys=ssh_keys_for(deps))
         checkpoints = Checkpoints(checkpoint_conn)
         stack.push_async_callback(reactor.close)
         await stack.enter_async_context(Follower(store, checkpoints, reactor))
 
-        operations = vm_operations(deps)
+        ports = Ports(
+            backend=backend,
+            shell=shell if shell is not None else _shell(),
+            probe=probe if probe is not None else await _probe(stack),
+            vault=vault,
+            forge=await _forge(settings, stack) if forge is FROM_SETTINGS else forge,
+            directory=(
+                await _directory(settings, stack) if directory is FROM_SETTINGS else directory
+            ),
+        )
+        manager = UserManager(deps, ports, manager_config(settings))
+        stack.push_async_callback(manager.close)
+        await stack.enter_async_context(Follower(store, checkpoints, manager))
+        manager.start()
+
+        operations = vm_operations(deps) + user_operations(deps)
         edge: ServiceEdge | None = None
         if nc is not None:
             await stack.enter_async_context(
@@ -146,6 +191,71 @@ async def bootstrap(
             views=runner,
             backend=backend,
             reactor=reactor,
+            manager=manager,
             edge=edge,
             operations=operations,
         )
+
+
+def manager_config(settings: Settings) -> ManagerConfig:
+    """The process manager's configuration; ValueError names a step setting that is wrong."""
+    policy = step_policy(
+        deadline=settings.step_deadline,
+        retries=settings.step_retries,
+        base_delay=settings.step_base_delay,
+        max_delay=settings.step_max_delay,
+        deadlines=per_step(settings.step_deadlines, float),
+        retries_by_step=per_step(settings.step_retries_by_step, int),
+    )
+    return ManagerConfig(
+        candidate_nodes=settings.candidate_nodes,
+        ssh_user=settings.ssh_user,
+        setup_command=settings.setup_command,
+        forge_email_domain=settings.forge_email_domain,
+        policy=policy,
+    )
+
+
+async def _vault(settings: Settings, stack: AsyncExitStack) -> SqliteSecretVault:
+    """Sealed secrets in `DIR/vault.db`, on a connection of their own, under the master key."""
+    master = load_or_create_key(
+        settings.data_dir / "master.key", os.environ.get("HERO_DEPLOYER_MASTER_KEY")
+    )
+    conn = await aiosqlite.connect(settings.data_dir / "vault.db")
+    stack.push_async_callback(conn.close)
+    await conn.execute("PRAGMA busy_timeout=5000")
+    return SqliteSecretVault(conn, AesGcmSealer(master))
+
+
+def _shell() -> RemoteShell:
+    from adapters.ssh_asyncssh import AsyncsshShell
+
+    return AsyncsshShell()
+
+
+async def _probe(stack: AsyncExitStack) -> HealthProbe:
+    from adapters.health_http import HttpxHealthProbe
+
+    return await stack.enter_async_context(HttpxHealthProbe())
+
+
+async def _forge(settings: Settings, stack: AsyncExitStack) -> Forge | None:
+    if not settings.forge_url:
+        return None
+    from adapters.forge_http import ForgejoClient
+
+    client = ForgejoClient(
+        settings.forge_url,
+        admin_user=settings.forge_admin_user,
+        admin_password=settings.forge_admin_password or None,
+        admin_token=settings.forge_admin_token or None,
+    )
+    return await stack.enter_async_context(client)
+
+
+async def _directory(settings: Settings, stack: AsyncExitStack) -> NodeDirectory | None:
+    if not settings.gridproxy_url:
+        return None
+    from adapters.gridproxy_http import GridProxyDirectory
+
+    return await stack.enter_async_context(GridProxyDirectory(settings.gridproxy_url))

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,184 @@ async def _events(args: argparse.Namespace, settings: Settings) -> None:
     _print_events(args, page["events"])
 
 
+USER_COLUMNS = ("username", "status", "step", "node_id", "vm_sid", "gateway_url", "error")
+
+# The event that finishes each provisioning step, and what to say about it.
+STEP_EVENTS: dict[str, str] = {
+    "ForgeUserEnsured": "forge_user",
+    "SshKeyGenerated": "ssh_key",
+    "NodeSelected": "select_node",
+    "UserVmDeployed": "deploy_vm",
+    "GatewayDeployed": "deploy_gateway",
+    "SshReachable": "wait_ssh",
+    "ManifestUploaded": "upload_manifest",
+    "SetupCompleted": "run_setup",
+    "HealthVerified": "verify_health",
+}
+
+
+class CommandFailed(Exception):
+    """The command ran, but what it waited for failed; the message says what (exit status 1)."""
+
+
+async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
+    from hero_deployer.client import HeroDeployerClient
+
+    return await HeroDeployerClient.connect(
+        args.nats or settings.nats_url,
+        token=settings.with_token().token,
+        prefix=settings.prefix,
+        timeout=args.timeout,
+    )
+
+
+def _print_users(args: argparse.Namespace, users: list[dict[str, Any]], many: bool) -> None:
+    if args.json:
+        _print_json(users if many else users[0])
+    elif not users:
+        print("no users")
+    elif many:
+        print(_table(users, USER_COLUMNS))
+    else:
+        for key, value in users[0].items():
+            print(f"{key:<20}{'' if value is None else value}")
+
+
+def _at(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(event["data"].get("at") or event["recorded_at"]))
+
+
+def _step_detail(event: dict[str, Any]) -> str:
+    data = event["data"]
+    match event["type"]:
+        case "ForgeUserEnsured":
+            if data.get("skipped_reason"):
+                return f"skipped: {data['skipped_reason']}"
+            return "account created" if data.get("created") else "account exists"
+        case "NodeSelected":
+            return f"node {data['node_id']} ({data['gateway_domain']})"
+        case "UserVmDeployed":
+            return f"{data['vm_sid']} at {data['mycelium_ip']}"
+        case "GatewayDeployed":
+            return str(data["url"])
+        case "ManifestUploaded":
+            return f"{data['path']} sha256 {str(data['sha256'])[:12]}"
+        case "SetupCompleted":
+            return f"exit status {data['exit_status']}"
+        case "HealthVerified":
+            return f"answered {data['status_code']}"
+    return ""
+
+
+async def _follow_user(
+    args: argparse.Namespace, client: Any, username: str, after: int, since: datetime, until: str
+) -> dict[str, Any] | None:
+    """Shows the user's events after `after` until `until` or a StepFailed; returns the latter."""
+    step_began = since
+    failure: dict[str, Any] | None = None
+    async with asyncio.timeout(args.wait_timeout):
+        async for event in client.follow(after=after, stream=f"user:{username}"):
+            kind = event["type"]
+            at = _at(event)
+            if args.json:
+                _print_json(event)
+            elif kind in ("ProvisioningRequested", "ProvisioningResumed", "DecommissionRequested"):
+                step_began = at
+                print(f"{kind}", flush=True)
+            elif kind in STEP_EVENTS:
+                elapsed = (at - step_began).total_seconds()
+                step_began = at
+                print(
+                    f"  {STEP_EVENTS[kind]:<16} done   {elapsed:6.1f}s  {_step_detail(event)}",
+                    flush=True,
+                )
+            elif kind == "UserVmDeployRequested":
+                print(f"  {'deploy_vm':<16} ...            vm {event['data']['vm_sid']} requested")
+            elif kind == "StepRetried":
+                data = event["data"]
+                print(f"  {data['step']:<16} retry  #{data['attempt']:<5}  {data['reason']}")
+            elif kind == "StepFailed":
+                data = event["data"]
+                elapsed = (at - step_began).total_seconds()
+                print(f"  {data['step']:<16} FAILED {elapsed:6.1f}s  {data['reason']}", flush=True)
+            elif kind in ("GatewayDeleted", "UserVmDeleted", "DecommissionActionFailed"):
+                data = event["data"]
+                what = data.get("name") or data.get("vm_sid") or data.get("reason", "")
+                print(f"  {kind:<24} {what}", flush=True)
+            if kind == "StepFailed":
+                failure = dict(event)
+                break
+            if kind == until:
+                break
+    return failure
+
+
+async def _users(args: argparse.Namespace, settings: Settings) -> None:
+    client = await _connect(args, settings)
+    try:
+        action = args.user_action
+        if action == "list":
+            result = await client.call("list_users", {})
+            _print_users(args, result["users"], many=True)
+        elif action == "get":
+            _print_users(args, [await client.call("get_user", {"username": args.username})], False)
+        elif action == "reveal-password":
+            body = {"username": args.username}
+            result = await client.call("reveal_initial_password", body)
+            if args.json:
+                _print_json(result)
+            else:
+                print(result["initial_password"])
+        elif action == "decommission":
+            await _decommission(args, client)
+        else:
+            await _provision(args, client)
+    finally:
+        await client.close()
+
+
+async def _provision(args: argparse.Namespace, client: Any) -> None:
+    name = args.username
+    body: dict[str, Any] = {"username": name}
+    for field in ("display_name", "forge_email", "profile"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    before = (await client.call("health", {}))["position"]
+    user = await client.call("provision_user", body)
+    if args.no_wait or user["status"] != "provisioning":
+        _print_users(args, [user], many=False)
+        return
+    if not args.json:
+        print(f"provisioning {name} (step {user['step']}), following its events", flush=True)
+    began = datetime.fromisoformat(user["updated_at"])
+    failure = await _follow_user(args, client, name, before, began, "ProvisioningCompleted")
+    user = await client.call("get_user", {"username": name})
+    if args.json:
+        _print_json(user)
+    elif failure is None:
+        total = (datetime.fromisoformat(user["updated_at"]) - began).total_seconds()
+        print(f"{name} is ready after {total:.1f}s: {user['gateway_url']}")
+    if failure is not None:
+        data = failure["data"]
+        raise CommandFailed(f"{name} failed at {data['step']}: {data['reason']}")
+
+
+async def _decommission(args: argparse.Namespace, client: Any) -> None:
+    name = args.username
+    before = (await client.call("health", {}))["position"]
+    user = await client.call("decommission_user", {"username": name})
+    if not args.wait or user["status"] != "decommissioning":
+        _print_users(args, [user], many=False)
+        return
+    began = datetime.fromisoformat(user["updated_at"])
+    await _follow_user(args, client, name, before, began, "UserDecommissioned")
+    user = await client.call("get_user", {"username": name})
+    if args.json:
+        _print_json(user)
+    else:
+        print(f"{name} is {user['status']}")
+
+
 async def _health(args: argparse.Namespace, settings: Settings) -> None:
     result = await _call(args, settings, "health", {})
     if args.json:
@@ -259,6 +438,27 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=100)
     events.add_argument("--follow", action="store_true", help="then follow live events")
     sub.add_parser("health", parents=[common])
+
+    users = sub.add_parser("users", help="provision and decommission users (operator)")
+    user_sub = users.add_subparsers(dest="user_action", required=True)
+    provision = user_sub.add_parser(
+        "provision", parents=[common], help="provision a user and show its progress"
+    )
+    provision.add_argument("username")
+    provision.add_argument("--display-name")
+    provision.add_argument("--email", dest="forge_email")
+    provision.add_argument("--profile")
+    provision.add_argument("--no-wait", action="store_true", help="do not follow the progress")
+    provision.add_argument("--wait-timeout", type=float, default=3600.0)
+    user_sub.add_parser("list", parents=[common])
+    user_sub.add_parser("get", parents=[common]).add_argument("username")
+    decommission = user_sub.add_parser("decommission", parents=[common])
+    decommission.add_argument("username")
+    decommission.add_argument("--wait", action="store_true", help="follow until decommissioned")
+    decommission.add_argument("--wait-timeout", type=float, default=3600.0)
+    user_sub.add_parser(
+        "reveal-password", parents=[common], help="the initial Forge password, once"
+    ).add_argument("username")
     return parser
 
 
@@ -267,6 +467,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "migrate-secret": _migrate,
     "events": _events,
     "health": _health,
+    "users": _users,
 }
 
 
@@ -291,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runner.run(COMMANDS[args.command](args, settings))
     except DomainError as error:
         print(f"error: {error.code}: {error.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except CommandFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except TimeoutError:
+        print("error: gave up waiting (--wait-timeout)", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from adapters.eventstore_sqlite import SqliteEventStore
+from core.ports import SecretVault
 from core.secrets import Fingerprinter
+from core.user import User
 from core.vm import Vm
 from hero_deployer.aggregates import Aggregates, KeyedLocks
 from projections.runner import ProjectionRunner
+from projections.user_view import UserView
 from projections.vm_view import VmView
 
 
@@ -20,6 +23,9 @@ class Deps:
     views: ProjectionRunner
     vm_view: VmView
     vms: Aggregates[Vm]
+    users: Aggregates[User]
+    user_view: UserView
+    vault: SecretVault
     fingerprint: Fingerprinter
     clock: Callable[[], datetime]
     version: str

@@ -8,8 +8,9 @@ import msgspec
 
 from core.events import EventOut, RecordedEvent
 from core.operations import Empty, Operation, RequestMeta
+from core.user import DecommissionUser, GetUser, ListUsers, ProvisionUser, RevealInitialPassword
 from core.vm import DeleteVm, DeployVm, GetVm, ListVms, MigrateSecret, RestartVm, StartVm, StopVm
-from hero_deployer import vm_handlers
+from hero_deployer import user_handlers, vm_handlers
 from hero_deployer.commands import consistent_views
 from hero_deployer.deps import Deps
 from hero_deployer.settings import VERSION
@@ -57,9 +58,7 @@ async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
     return _encoder.encode(Health(status="ok", version=VERSION, position=deps.store.position))
 
 
-def vm_operations(deps: Deps) -> list[Operation]:
-    """The tenant VM API plus `events` and `health`."""
-
+def _bind(deps: Deps) -> Any:
     def op(name: str, request: type[msgspec.Struct], handler: Any, mutates: bool) -> Operation:
         async def bound(command: Any, meta: RequestMeta) -> bytes:
             result: bytes = await handler(command, meta, deps)
@@ -67,6 +66,12 @@ def vm_operations(deps: Deps) -> list[Operation]:
 
         return Operation(name=name, request=request, handler=bound, mutates=mutates)
 
+    return op
+
+
+def vm_operations(deps: Deps) -> list[Operation]:
+    """The tenant VM API plus `events` and `health`."""
+    op = _bind(deps)
     return [
         op("deploy_vm", DeployVm, vm_handlers.deploy_vm, True),
         op("list_vms", ListVms, vm_handlers.list_vms, False),
@@ -78,4 +83,25 @@ def vm_operations(deps: Deps) -> list[Operation]:
         op("migrate_secret", MigrateSecret, vm_handlers.migrate_secret, True),
         op("events", EventsRequest, events, False),
         op("health", Empty, health, False),
+    ]
+
+
+def user_operations(deps: Deps) -> list[Operation]:
+    """The operator user API.
+
+    `reveal_initial_password` changes state but takes no Idempotency-Key: a stored reply would
+    keep the password, and a repeat is NotFound by design.
+    """
+    op = _bind(deps)
+    return [
+        op("provision_user", ProvisionUser, user_handlers.provision_user, True),
+        op("decommission_user", DecommissionUser, user_handlers.decommission_user, True),
+        op("get_user", GetUser, user_handlers.get_user, False),
+        op("list_users", ListUsers, user_handlers.list_users, False),
+        op(
+            "reveal_initial_password",
+            RevealInitialPassword,
+            user_handlers.reveal_initial_password,
+            False,
+        ),
     ]

@@ -32,6 +32,23 @@ class Settings:
     log_level: str = "info"
     log_format: str = "console"
     shutdown_timeout: float = 10.0
+    # Provisioning users (issue 3). The Forge admin password is read from the environment only
+    # (there is no flag for it) and never shown: it is left out of `repr`.
+    forge_url: str = ""
+    forge_admin_user: str = ""
+    forge_admin_password: str = field(default="", repr=False)
+    forge_admin_token: str = field(default="", repr=False)
+    forge_email_domain: str = "users.noreply.hero.local"
+    gridproxy_url: str = ""
+    candidate_nodes: tuple[int, ...] = (1, 8, 13, 50)
+    ssh_user: str = "driver"
+    setup_command: str = "./setup-binaries.sh"
+    step_deadline: float = 600.0
+    step_deadlines: str = "deploy_vm=1200,run_setup=1800"
+    step_retries: int = 4
+    step_retries_by_step: str = ""
+    step_base_delay: float = 0.5
+    step_max_delay: float = 30.0
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -57,6 +74,22 @@ class Settings:
         return dataclasses.replace(self, token=token)
 
 
+def per_step(spec: str, kind: type[float] | type[int]) -> dict[str, float]:
+    """`step=value,...` as a dict; ValueError names the part that does not parse."""
+    values: dict[str, float] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, sep, raw = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError(part)
+            values[name.strip()] = kind(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected step=value, got {part.strip()!r}") from None
+    return values
+
+
 def _parse(name: str, raw: str) -> Any:
     default = {f.name: f for f in dataclasses.fields(Settings)}[name]
     kind = type(getattr(Settings(), name))
@@ -68,6 +101,8 @@ def _parse(name: str, raw: str) -> Any:
         return float(raw)
     if kind is frozenset:
         return frozenset(x.strip() for x in raw.split(",") if x.strip())
+    if kind is tuple:
+        return tuple(int(x) for x in raw.split(",") if x.strip())
     if default.name == "data_dir":
         return Path(raw)
     return raw

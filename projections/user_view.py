@@ -1,0 +1,145 @@
+"""The user view: one row per user, for `get_user`, `list_users` and the process manager's start."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiosqlite
+import msgspec
+
+from core.events import EventRegistry, RecordedEvent
+from core.user import USER_EVENT_TYPES, User, evolve
+
+TABLE = """
+CREATE TABLE IF NOT EXISTS users (
+    username   TEXT    PRIMARY KEY,
+    status     TEXT    NOT NULL,
+    step       TEXT    NOT NULL,
+    vm_sid     TEXT    NOT NULL,
+    node_id    INTEGER,
+    error      TEXT    NOT NULL,
+    created_at TEXT    NOT NULL,
+    updated_at TEXT    NOT NULL,
+    state      BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS users_by_status ON users (status);
+"""
+
+COLUMNS = "username, status, step, vm_sid, node_id, error, created_at, updated_at, state"
+UPSERT = f"INSERT OR REPLACE INTO users ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"  # noqa: S608
+SELECT_STATE = "SELECT state FROM users"
+
+Row = tuple[str, str, str, str, int | None, str, str, str, bytes]
+
+_registry = EventRegistry(USER_EVENT_TYPES)
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(User)
+
+
+class UserProjection:
+    """Folds user events into rows with the core's own `evolve`; the full state rides along.
+
+    The state column holds the whole `User` (no secret is ever part of it), so an update folds
+    onto exactly what the aggregate would have. Rows written are cached in memory (bounded); the
+    runner calls `rolled_back` when a batch fails, and the cache is dropped.
+    """
+
+    name = "users"
+
+    def __init__(self, cache_size: int = 100_000) -> None:
+        self._cache: dict[str, User] = {}
+        self._cache_size = cache_size
+
+    def rolled_back(self) -> None:
+        self._cache.clear()
+
+    async def create(self, conn: aiosqlite.Connection) -> None:
+        await conn.executescript(TABLE)
+
+    async def clear(self, conn: aiosqlite.Connection) -> None:
+        self._cache.clear()
+        await conn.execute("DELETE FROM users")
+
+    async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        mine = [e for e in events if e.stream.startswith("user:") and e.type in _registry]
+        if not mine:
+            return
+        cache = self._cache
+        states: dict[str, User | None] = {}
+        missing: set[str] = set()
+        for recorded in mine:
+            name = recorded.stream[5:]
+            if recorded.version > 1 and name not in states:
+                cached = cache.get(name)
+                if cached is None:
+                    missing.add(name)
+                else:
+                    states[name] = cached
+        if missing:
+            states.update(await _load(conn, missing))
+        for recorded in mine:
+            name = recorded.stream[5:]
+            event = _registry.decode(recorded.type, recorded.data)
+            states[name] = evolve(states.get(name), event)
+        if len(cache) + len(states) > self._cache_size:
+            cache.clear()
+        rows = []
+        for name, user in states.items():
+            if user is not None:
+                cache[name] = user
+                rows.append(_row(user))
+        await conn.executemany(UPSERT, rows)
+
+
+class UserView:
+    """Queries the user view; never touches the event log."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def get(self, username: str) -> User | None:
+        async with self._conn.execute(f"{SELECT_STATE} WHERE username = ?", (username,)) as cur:
+            row = await cur.fetchone()
+        return _decoder.decode(row[0]) if row else None
+
+    async def all(self) -> list[User]:
+        """Every user, oldest first."""
+        async with self._conn.execute(f"{SELECT_STATE} ORDER BY created_at, username") as cur:
+            rows = await cur.fetchall()
+        return [_decoder.decode(row[0]) for row in rows]
+
+    async def pending(self) -> list[str]:
+        """The users the process manager still has work for: provisioning or decommissioning."""
+        async with self._conn.execute(
+            "SELECT username FROM users WHERE status IN ('provisioning', 'decommissioning')"
+            " ORDER BY updated_at, username"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [str(row[0]) for row in rows]
+
+
+async def _load(conn: aiosqlite.Connection, names: set[str]) -> dict[str, User | None]:
+    states: dict[str, User | None] = {}
+    chunked = list(names)
+    for start in range(0, len(chunked), 500):
+        chunk = chunked[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        async with conn.execute(f"{SELECT_STATE} WHERE username IN ({marks})", chunk) as cursor:
+            for row in await cursor.fetchall():
+                user = _decoder.decode(row[0])
+                states[user.username] = user
+    return states
+
+
+def _row(user: User) -> Row:
+    return (
+        user.username,
+        user.status,
+        user.step,
+        user.vm_sid,
+        user.node_id,
+        user.error,
+        user.created_at.isoformat(),
+        user.updated_at.isoformat(),
+        _encoder.encode(user),
+    )
