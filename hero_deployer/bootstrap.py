@@ -21,13 +21,14 @@ from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
 from core.events import EventRegistry, vm_stream
 from core.operations import Operation
-from core.ports import ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
+from core.ports import BackendError, ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
 from core.secrets import Fingerprinter
 from core.user import USER_EVENT_TYPES, User
 from core.user import evolve as evolve_user
 from core.vm import VM_EVENT_TYPES, OutcomeCommand, Vm, evolve
 from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates
+from hero_deployer.backends import build_backend
 from hero_deployer.deps import Deps
 from hero_deployer.operations import user_operations, vm_operations
 from hero_deployer.settings import VERSION, Settings, per_step
@@ -72,16 +73,15 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _local_grid(settings: Settings, stack: AsyncExitStack) -> ComputeBackend:
-    from adapters.localgrid import LocalGrid
-
-    grid = LocalGrid(
-        data_dir=settings.data_dir,
-        deploy_delay=settings.local_deploy_delay,
-        action_delay=settings.local_action_delay,
-        ssh=settings.local_ssh,
-    )
-    return cast(ComputeBackend, await stack.enter_async_context(grid))
+async def _configured_backend(settings: Settings, stack: AsyncExitStack) -> ComputeBackend:
+    """The configured backend; a real one must pass its check before the service starts."""
+    backend = await build_backend(settings, stack)
+    check = getattr(backend, "check", None)
+    if settings.backend != "local" and check is not None:
+        problems: list[str] = await check()
+        if problems:
+            raise BackendError(f"backend {settings.backend} is not usable: " + "; ".join(problems))
+    return backend
 
 
 @asynccontextmanager
@@ -104,7 +104,7 @@ async def bootstrap(
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        backend = compute if compute is not None else await _local_grid(settings, stack)
+        backend = compute if compute is not None else await _configured_backend(settings, stack)
         store = await stack.enter_async_context(
             SqliteEventStore(
                 data_dir / "events.db", synchronous=cast(Synchronous, settings.synchronous)

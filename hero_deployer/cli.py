@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from core.errors import DomainError
+from core.ports import BackendError
 from hero_deployer.settings import Settings
 
 EXIT_ERROR = 1
@@ -439,6 +440,16 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", action="store_true", help="then follow live events")
     sub.add_parser("health", parents=[common])
 
+    spec = sub.add_parser("api-spec", help="print the AsyncAPI 3 document of the contract")
+    spec.add_argument("--prefix", default="hero.v1")
+    backend = sub.add_parser("backend", help="the compute backend").add_subparsers(
+        dest="backend_action", required=True
+    )
+    check = backend.add_parser(
+        "check", parents=[common], help="say whether the backend is reachable and usable"
+    )
+    check.add_argument("--backend", choices=["local", "hero-compute", "opentofu"])
+
     users = sub.add_parser("users", help="provision and decommission users (operator)")
     user_sub = users.add_subparsers(dest="user_action", required=True)
     provision = user_sub.add_parser(
@@ -462,6 +473,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _backend_check(args: argparse.Namespace, settings: Settings) -> int:
+    from hero_deployer.backends import check_backend
+
+    problems = await check_backend(settings)
+    if args.json:
+        _print_json({"backend": settings.backend, "usable": not problems, "problems": problems})
+    elif problems:
+        print(f"backend {settings.backend}: not usable")
+        for problem in problems:
+            print(f"  - {problem}")
+    else:
+        print(f"backend {settings.backend}: ok")
+    return EXIT_ERROR if problems else 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, None]]] = {
     "vms": _vms,
     "migrate-secret": _migrate,
@@ -473,16 +499,23 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    overrides: dict[str, Any] = {"data_dir": getattr(args, "data_dir", None)}
     if getattr(args, "nats_port", None) is not None:
         overrides["nats_port"] = args.nats_port
     if getattr(args, "backend", None) is not None:
         overrides["backend"] = args.backend
     if args.command == "serve" and args.nats:
         overrides["nats_url"] = args.nats
+    if args.command == "api-spec":
+        from hero_deployer.asyncapi import print_spec
+
+        print_spec(args.prefix)
+        return 0
     try:
         settings = Settings.load(overrides)
         with _runner() as runner:
+            if args.command == "backend":
+                return runner.run(_backend_check(args, settings))
             if args.command in ("up", "serve"):
                 runner.run(serve(settings, embedded_nats=args.command == "up"))
             elif args.command == "rebuild":
@@ -495,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except CommandFailed as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except BackendError as error:
+        print(f"error: {error.message}", file=sys.stderr)
         return EXIT_ERROR
     except TimeoutError:
         print("error: gave up waiting (--wait-timeout)", file=sys.stderr)

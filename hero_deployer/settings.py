@@ -49,6 +49,17 @@ class Settings:
     step_retries_by_step: str = ""
     step_base_delay: float = 0.5
     step_max_delay: float = 30.0
+    # Real compute backends (issue 4); see docs/backends.md. The hero_compute owner secret and
+    # the grid mnemonic come from the environment only and are never shown.
+    hero_compute_url: str = ""
+    hero_compute_socket: str = ""
+    hero_compute_secret: str = field(default="", repr=False)
+    hero_compute_timeout: float = 30.0
+    hero_compute_deploy_timeout: float = 900.0
+    tofu_path: str = "tofu"
+    tofu_network: str = "main"
+    tofu_mnemonic_env: str = "TFGRID_MNEMONIC"
+    tofu_timeout: float = 900.0
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None) -> Settings:

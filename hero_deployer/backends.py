@@ -1,0 +1,72 @@
+"""Builds the configured compute backend, and says what is missing when it cannot."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import cast
+
+import structlog
+
+from core.ports import BackendError, ComputeBackend
+from hero_deployer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+BACKENDS = ("local", "hero-compute", "opentofu")
+
+
+async def build_backend(settings: Settings, stack: AsyncExitStack) -> ComputeBackend:
+    """The backend `settings.backend` names, entered on `stack`; BackendError if unusable."""
+    match settings.backend:
+        case "local":
+            from adapters.localgrid import LocalGrid
+
+            grid = LocalGrid(
+                data_dir=settings.data_dir,
+                deploy_delay=settings.local_deploy_delay,
+                action_delay=settings.local_action_delay,
+                ssh=settings.local_ssh,
+            )
+            return cast(ComputeBackend, await stack.enter_async_context(grid))
+        case "hero-compute":
+            from adapters.herocompute import HeroComputeBackend
+
+            if not settings.hero_compute_secret:
+                raise BackendError("hero-compute needs HERO_DEPLOYER_HERO_COMPUTE_SECRET")
+            backend = HeroComputeBackend(
+                url=settings.hero_compute_url or None,
+                socket_path=settings.hero_compute_socket or None,
+                owner_secret=settings.hero_compute_secret,
+                timeout=settings.hero_compute_timeout,
+                deploy_timeout=settings.hero_compute_deploy_timeout,
+            )
+            return cast(ComputeBackend, await stack.enter_async_context(backend))
+        case "opentofu":
+            from adapters.opentofu import OpenTofuBackend
+
+            def step_log(line: str) -> None:
+                log.info("tofu", line=line)
+
+            return OpenTofuBackend(
+                work_dir=settings.data_dir / "opentofu",
+                tofu_path=settings.tofu_path,
+                network=settings.tofu_network,
+                mnemonic_env=settings.tofu_mnemonic_env,
+                timeout=settings.tofu_timeout,
+                log=step_log,
+            )
+    raise BackendError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+async def check_backend(settings: Settings) -> list[str]:
+    """Human-readable problems with the configured backend; empty when it is usable."""
+    async with AsyncExitStack() as stack:
+        try:
+            backend = await build_backend(settings, stack)
+        except BackendError as error:
+            return [error.message]
+        check = getattr(backend, "check", None)
+        if check is None:
+            return []
+        problems: list[str] = await check()
+        return problems
