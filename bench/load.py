@@ -25,9 +25,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     def body(i: int) -> bytes:
         op = op_of(i)
         if op == "deploy_vm":
-            return msgspec.json.encode({"name": f"bench-{i}", "secret": f"tenant-{i % 1000}"})
+            return msgspec.json.encode(
+                {"name": f"bench-{i}", "secret": f"tenant-{i % args.tenants}"}
+            )
         if op == "list_vms":
-            return msgspec.json.encode({"secret": f"tenant-{i % 1000}"})
+            return msgspec.json.encode({"secret": f"tenant-{i % args.tenants}"})
         if op == "noop":
             return b"{}"
         sid = sids[i % len(sids)]
@@ -88,6 +90,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--sids", help="a JSON file of VM sids for start/stop")
     parser.add_argument("--secret-of", default="bench", help="secret for sid i")
+    parser.add_argument(
+        "--tenants", type=int, default=1000, help="deploy_vm and list_vms use tenant-{i %% tenants}"
+    )
     args = parser.parse_args()
     try:
         import uvloop

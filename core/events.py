@@ -46,8 +46,7 @@ class IdempotencyRecord:
     reply: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An event as committed: a gap-free global position and a per-stream version."""
 
     position: int

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 import aiosqlite
 import structlog
@@ -177,19 +179,73 @@ class ProjectionRunner:
                 future.set_result(None)
 
 
+@contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """Pauses the cyclic collector, which a rebuild would only keep busy.
+
+    A rebuild allocates millions of short-lived objects while it keeps every folded state alive;
+    the collector would rescan those states again and again and find nothing to free.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+@runtime_checkable
+class Replayable(Projection, Protocol):
+    """A projection that can fold a rebuild in memory and write each row once at the end."""
+
+    async def replay(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        """Takes the next batch of the log; may defer its writes until `flush`."""
+        ...
+
+    async def flush(self, conn: aiosqlite.Connection) -> None:
+        """Writes whatever `replay` deferred."""
+        ...
+
+
 async def rebuild(
-    source: EventSource, conn: aiosqlite.Connection, projections: Sequence[Projection]
+    source: EventSource,
+    conn: aiosqlite.Connection,
+    projections: Sequence[Projection],
+    *,
+    batch_size: int = 20000,
 ) -> int:
-    """Clears every view and replays the whole log into it; returns the events applied."""
-    await conn.execute("BEGIN IMMEDIATE")
+    """Clears every view and replays the whole log into it; returns the events applied.
+
+    It is one transaction: readers see the old view until the new one is complete, and a
+    rebuild that fails leaves the old view and its checkpoint as they were.
+    """
     for projection in projections:
         await projection.create(conn)
-        await projection.clear(conn)
-    await write_checkpoint(conn, ProjectionRunner.name, 0)
-    await conn.commit()
-    runner = ProjectionRunner(source, conn, projections, batch_size=20000)
-    await runner.catch_up()
-    return runner.position
+    with _without_cyclic_gc():
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for projection in projections:
+                await projection.clear(conn)
+            position = 0
+            while events := await source.read_all(after=position, limit=batch_size):
+                for projection in projections:
+                    if isinstance(projection, Replayable):
+                        await projection.replay(conn, events)
+                    else:
+                        await projection.apply(conn, events)
+                position = events[-1].position
+            for projection in projections:
+                if isinstance(projection, Replayable):
+                    await projection.flush(conn)
+            await write_checkpoint(conn, ProjectionRunner.name, position)
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            for projection in projections:
+                projection.rolled_back()
+            raise
+    return position
 
 
 class ProjectedEvents:
