@@ -95,6 +95,7 @@ class SqliteEventStore:
         self._version_cache_size = version_cache_size
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._point_reader: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._committed = asyncio.Condition()
@@ -119,6 +120,13 @@ class SqliteEventStore:
         await self._writer.executescript(SCHEMA)
         await self._writer.commit()
         self._reader = await _connect(self.path, self._synchronous)
+        # Point reads (one stream, one key) are indexed lookups of microseconds: they run on a
+        # read-only connection in the event loop instead of paying hops to a database thread.
+        self._point_reader = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        self._point_reader.execute("PRAGMA query_only = 1")
+        self._point_reader.execute("PRAGMA busy_timeout = 5000")
         self._last_position = await self._max_position()
         self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-writer")
 
@@ -132,6 +140,9 @@ class SqliteEventStore:
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
+        if self._point_reader is not None:
+            self._point_reader.close()
+            self._point_reader = None
         self._reader = self._writer = None
 
     # Writing ---------------------------------------------------------------------------------
@@ -367,7 +378,11 @@ class SqliteEventStore:
             await self._committed.wait_for(lambda: self._last_position > position)
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
-        events = await self._select(" WHERE stream = ? ORDER BY version", (stream,))
+        assert self._point_reader is not None
+        rows = self._point_reader.execute(
+            SELECT_EVENTS + " WHERE stream = ? ORDER BY version", (stream,)
+        ).fetchall()
+        events = [_recorded(row) for row in rows]
         if events and stream not in self._versions:
             # never ahead of the truth: a stale value here is caught by UNIQUE(stream, version)
             self._versions[stream] = events[-1].version
@@ -390,11 +405,10 @@ class SqliteEventStore:
         return await self._select(" WHERE position > ? ORDER BY position LIMIT ?", (after, limit))
 
     async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
-        assert self._reader is not None
-        async with self._reader.execute(
+        assert self._point_reader is not None
+        row = self._point_reader.execute(
             "SELECT key, operation, body_hash, reply FROM idempotency WHERE key = ?", (key,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        ).fetchone()
         if row is None:
             return None
         return IdempotencyRecord(key=row[0], operation=row[1], body_hash=row[2], reply=row[3])

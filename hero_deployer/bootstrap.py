@@ -35,7 +35,13 @@ from hero_deployer.settings import VERSION, Settings, per_step
 from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower
-from projections.runner import ProjectedEvents, Projection, ProjectionRunner, connect_views
+from projections.runner import (
+    ProjectedEvents,
+    Projection,
+    ProjectionRunner,
+    connect_views,
+    connect_views_reader,
+)
 from projections.user_view import UserProjection, UserView
 from projections.vm_view import VmProjection, VmView
 
@@ -117,6 +123,8 @@ async def bootstrap(
         stack.push_async_callback(query_conn.close)
         checkpoint_conn = await connect_views(views_db)
         stack.push_async_callback(checkpoint_conn.close)
+        reader = connect_views_reader(views_db)
+        stack.callback(reader.close)
 
         runner = await stack.enter_async_context(ProjectionRunner(store, views_conn, PROJECTIONS()))
         key = load_or_create_key(
@@ -126,7 +134,7 @@ async def bootstrap(
         deps = Deps(
             store=store,
             views=runner,
-            vm_view=VmView(query_conn),
+            vm_view=VmView(reader),
             vms=Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve),
             users=Aggregates[User](store, EventRegistry(USER_EVENT_TYPES), evolve_user),
             user_view=UserView(query_conn),

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import heapq
 import itertools
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,14 @@ async def connect_views(path: Path, *, synchronous: str = "NORMAL") -> aiosqlite
     await conn.execute(f"PRAGMA synchronous={synchronous}")
     await conn.execute("PRAGMA busy_timeout=5000")
     await conn.executescript(CHECKPOINTS)
+    return conn
+
+
+def connect_views_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection for point queries of the views (WAL: sees committed batches)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA query_only = 1")
+    conn.execute("PRAGMA busy_timeout = 5000")
     return conn
 
 
