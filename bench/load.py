@@ -53,7 +53,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                     print("error reply:", msg.data[:200].decode(errors="replace"), flush=True)
 
     # warm-up, not measured
-    for _ in range(min(200, args.n // 10)):
+    warmup = 0 if sids else min(200, args.n // 10)
+    for _ in range(warmup):
         await nc.request(
             subject if len(ops) == 1 else f"{args.prefix}.{ops[0]}",
             body(10**9 + _) if ops[0] == "deploy_vm" else body(_),
@@ -71,6 +72,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
     return {
         "requests": len(latencies),
+        "warmup": warmup,
         "errors": errors,
         "seconds": round(elapsed, 3),
         "per_second": round(len(latencies) / elapsed, 1),

@@ -75,7 +75,8 @@ def show(label: str, figures: dict[str, float], baseline: float | None = None) -
     ratio = f"  ({figures['per_second'] / baseline:.0%} of bare responder)" if baseline else ""
     print(
         f"{label:<34} {figures['per_second']:>9,.0f} req/s   p50 {figures['p50_ms']:6.2f} ms"
-        f"   p99 {figures['p99_ms']:6.2f} ms   errors {int(figures['errors'])}{ratio}",
+        f"   p99 {figures['p99_ms']:6.2f} ms   errors {int(figures['errors'])}{ratio}"
+        + (f"   service CPU {figures['cpu_us']:.0f} µs/req" if "cpu_us" in figures else ""),
         flush=True,
     )
 
@@ -119,6 +120,12 @@ class ServiceProcess:
                 break
         return self
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the service process has used so far (Linux /proc)."""
+        assert self._process is not None
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc: object) -> None:
         assert self._process is not None
         self._process.terminate()
@@ -151,13 +158,19 @@ def service_figures(url: str, n: int, deploy_delay: str) -> None:
             data,
             HERO_DEPLOYER_LOCAL_DEPLOY_DELAY=deploy_delay,
             HERO_DEPLOYER_LOCAL_ACTION_DELAY=deploy_delay,
-        ):
+        ) as service:
+            cpu = service.cpu_seconds()
             deploy = load(url, "deploy_vm", n)
+            time.sleep(float(deploy_delay) + 1.0)  # let the outcomes of the last deploys land
+            deploy["cpu_us"] = (
+                (service.cpu_seconds() - cpu) / (deploy["requests"] + deploy["warmup"]) * 1e6
+            )
             show("deploy_vm (whole pipeline)", deploy, baseline["per_second"])
             FIGURES["deploy_vm"] = deploy["per_second"]
             sids = asyncio.run(_running_sids(url, 2000))
             sids_file = data / "sids.json"
             sids_file.write_text(json.dumps(sids))
+            cpu = service.cpu_seconds()
             flips = load(
                 url,
                 "stop_vm,start_vm",
@@ -165,8 +178,16 @@ def service_figures(url: str, n: int, deploy_delay: str) -> None:
                 sids=sids_file,
                 secret_of="stopstart",
             )
+            time.sleep(float(deploy_delay) + 1.0)
+            flips["cpu_us"] = (
+                (service.cpu_seconds() - cpu) / (flips["requests"] + flips["warmup"]) * 1e6
+            )
             show("stop_vm/start_vm (existing VMs)", flips, baseline["per_second"])
+            cpu = service.cpu_seconds()
             listing = load(url, "list_vms", n // 4)
+            listing["cpu_us"] = (
+                (service.cpu_seconds() - cpu) / (listing["requests"] + listing["warmup"]) * 1e6
+            )
             show("list_vms", listing, baseline["per_second"])
 
 

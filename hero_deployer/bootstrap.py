@@ -25,7 +25,7 @@ from core.ports import BackendError, ComputeBackend, Forge, HealthProbe, NodeDir
 from core.secrets import Fingerprinter
 from core.user import USER_EVENT_TYPES, User
 from core.user import evolve as evolve_user
-from core.vm import VM_EVENT_TYPES, OutcomeCommand, Vm, evolve
+from core.vm import VM_EVENT_TYPES, Vm, evolve
 from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates
 from hero_deployer.backends import build_backend
@@ -149,10 +149,11 @@ async def bootstrap(
             vm, _ = await deps.vms.load(vm_stream(sid))
             return vm
 
-        async def record(command: OutcomeCommand, request_id: str) -> None:
-            await vm_handlers.record_outcome(deps, command, request_id)
-
-        reactor = VmReactor(backend, load_vm, record, retry=retry, ssh_keys=ssh_keys_for(deps))
+        recorder = vm_handlers.OutcomeRecorder(deps)
+        stack.push_async_callback(recorder.close)
+        reactor = VmReactor(
+            backend, load_vm, recorder.record, retry=retry, ssh_keys=ssh_keys_for(deps)
+        )
         checkpoints = Checkpoints(checkpoint_conn)
         stack.push_async_callback(reactor.close)
         await stack.enter_async_context(Follower(store, checkpoints, reactor))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 
@@ -124,6 +125,77 @@ async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -
     """Records what a side effect did to a VM; used by the VM reactor."""
     meta = RequestMeta(operation="record_outcome", request_id=request_id)
     await run_vm_command(deps, command.sid, command, Context(now=deps.clock()), meta, reply=False)
+
+
+class OutcomeRecorder:
+    """Records side-effect outcomes in batches: whatever arrives while one commits goes next.
+
+    Each VM has at most one outcome in flight (the reactor runs a VM's effects in order), so a
+    batch is one multi-stream append: one decision per VM, one commit for all.
+    """
+
+    def __init__(self, deps: Deps, max_batch: int = 512) -> None:
+        self._deps = deps
+        self._max_batch = max_batch
+        self._waiting: list[tuple[OutcomeCommand, asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, command: OutcomeCommand, request_id: str = "") -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="outcome-recorder")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((command, future))
+        self._wakeup.set()
+        await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._waiting:
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+                try:
+                    await self._record_batch([command for command, _ in batch])
+                except Exception as error:  # one bad outcome must not fail the others
+                    if len(batch) == 1:
+                        batch[0][1].set_exception(error)
+                        continue
+                    for command, future in batch:
+                        try:
+                            await record_outcome(self._deps, command, "")
+                        except Exception as single:
+                            future.set_exception(single)
+                        else:
+                            future.set_result(None)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _record_batch(self, commands: list[OutcomeCommand]) -> None:
+        ctx = Context(now=self._deps.clock())
+        by_stream = {vm_stream(c.sid): c for c in commands}
+        if len(by_stream) != len(commands):  # the same VM twice: keep them in order, one by one
+            for command in commands:
+                await record_outcome(self._deps, command, "")
+            return
+
+        def decide_all(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
+            decisions = []
+            for stream, (vm, version) in states.items():
+                events = decide(vm, by_stream[stream], ctx)
+                decisions.append(Decision(stream, version, events))
+            return decisions, b""
+
+        meta = RequestMeta(operation="record_outcome", request_id="")
+        await execute(self._deps, self._deps.vms, list(by_stream), decide_all, evolve, meta, None)
 
 
 async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
