@@ -231,25 +231,31 @@ async def rebuild(
     """
     for projection in projections:
         await projection.create(conn)
+    reading: asyncio.Future[list[RecordedEvent]] | None = None
     with _without_cyclic_gc():
         await conn.execute("BEGIN IMMEDIATE")
         try:
             for projection in projections:
                 await projection.clear(conn)
             position = 0
-            while events := await source.read_all(after=position, limit=batch_size):
+            # the next page is read (on the store's thread) while this one is folded
+            reading = asyncio.ensure_future(source.read_all(after=position, limit=batch_size))
+            while events := await reading:
+                position = events[-1].position
+                reading = asyncio.ensure_future(source.read_all(after=position, limit=batch_size))
                 for projection in projections:
                     if isinstance(projection, Replayable):
                         await projection.replay(conn, events)
                     else:
                         await projection.apply(conn, events)
-                position = events[-1].position
             for projection in projections:
                 if isinstance(projection, Replayable):
                     await projection.flush(conn)
             await write_checkpoint(conn, ProjectionRunner.name, position)
             await conn.commit()
         except BaseException:
+            if reading is not None:
+                reading.cancel()
             await conn.rollback()
             for projection in projections:
                 projection.rolled_back()
