@@ -411,3 +411,34 @@ async def test_events_pages_by_position(service: Service) -> None:
     assert set(one) == {"position", "stream", "version", "type", "data", "recorded_at"}
     only = await c.call("events", {"stream": one["stream"]})
     assert {e["stream"] for e in only["events"]} == {one["stream"]}
+
+
+async def test_registered_as_a_nats_micro_service(service: Service) -> None:
+    ping = json.loads((await service.nc.request("$SRV.PING.hero-deployer", b"", timeout=5)).data)
+    assert ping["name"] == "hero-deployer"
+    info = json.loads(
+        (await service.nc.request(f"$SRV.INFO.hero-deployer.{ping['id']}", b"", timeout=5)).data
+    )
+    endpoints = {e["name"]: e for e in info["endpoints"]}
+    prefix = service.settings.prefix
+    for operation in (
+        "deploy_vm",
+        "list_vms",
+        "get_vm",
+        "start_vm",
+        "stop_vm",
+        "restart_vm",
+        "delete_vm",
+        "migrate_secret",
+        "events",
+        "health",
+        "provision_user",
+        "decommission_user",
+        "get_user",
+        "list_users",
+        "reveal_initial_password",
+    ):
+        assert endpoints[operation]["subject"] == f"{prefix}.{operation}"
+        assert endpoints[operation]["queue_group"] == "hero-deployer"
+    stats = await service.nc.request(f"$SRV.STATS.hero-deployer.{ping['id']}", b"", timeout=5)
+    assert json.loads(stats.data)["name"] == "hero-deployer"
