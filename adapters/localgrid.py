@@ -141,8 +141,12 @@ class LocalGrid:
         unlimited: bool | None = None,
         max_calls: int = 100_000,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        gateway_port: int = 0,
     ) -> None:
-        """`jitter` is relative (0.1 = ±10 %); `unlimited` defaults to True for default nodes."""
+        """`jitter` is relative (0.1 = ±10 %); `unlimited` defaults to True for default nodes.
+
+        `gateway_port` 0 picks a free port; a fixed one keeps gateway URLs valid across restarts.
+        """
         self._root = data_dir / "localgrid" / "vms"
         chosen = tuple(nodes) if nodes is not None else default_nodes(gateway_domain_suffix)
         self._nodes = {n.node_id: _Node(spec=n, up=n.up) for n in chosen}
@@ -156,7 +160,7 @@ class LocalGrid:
         self._vms: dict[str, _Vm] = {}
         self._by_ip: dict[str, _Vm] = {}  # only with ssh: the gateway's way to a web service
         self._injected = _Injected()
-        self._gateway = GatewayServer(self._web_port_for)
+        self._gateway = GatewayServer(self._web_port_for, gateway_port)
         self._gateway_lock = asyncio.Lock()
         self._closed = False
         self.calls: list[tuple[str, str]] = []

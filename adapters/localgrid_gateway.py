@@ -63,8 +63,9 @@ def parse_backend_url(url: str) -> tuple[str, int]:
 class GatewayServer:
     """Routes `/gw/<fqdn>/...` or `Host: <fqdn>` to the gateway's backend; 502 when it is silent."""
 
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, port: int = 0) -> None:
         self._resolve = resolve
+        self._requested_port = port
         self._routes: dict[str, GatewayRoute] = {}
         self._by_fqdn: dict[str, GatewayRoute] = {}
         self._runner: web.AppRunner | None = None
@@ -76,13 +77,13 @@ class GatewayServer:
         return self._runner is not None
 
     async def start(self) -> None:
-        """Starts listening on a free loopback port."""
+        """Starts listening on the requested loopback port, or a free one."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._forward)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            await web.TCPSite(runner, "127.0.0.1", self._requested_port, reuse_address=True).start()
         except BaseException:
             await runner.cleanup()
             raise

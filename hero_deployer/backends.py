@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import cast
 
 import structlog
@@ -26,6 +27,7 @@ async def build_backend(settings: Settings, stack: AsyncExitStack) -> ComputeBac
                 deploy_delay=settings.local_deploy_delay,
                 action_delay=settings.local_action_delay,
                 ssh=settings.local_ssh,
+                gateway_port=_stable_port(settings.data_dir / "localgrid" / "gateway.port"),
             )
             return cast(ComputeBackend, await stack.enter_async_context(grid))
         case "hero-compute":
@@ -56,6 +58,18 @@ async def build_backend(settings: Settings, stack: AsyncExitStack) -> ComputeBac
                 log=step_log,
             )
     raise BackendError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _stable_port(path: Path) -> int:
+    """A loopback port chosen at the first start and kept in `path`, so URLs survive restarts."""
+    if path.exists():
+        return int(path.read_text().strip())
+    from hero_deployer.natsserver import free_port
+
+    port = free_port()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{port}\n")
+    return port
 
 
 async def check_backend(settings: Settings) -> list[str]:
