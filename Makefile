@@ -29,6 +29,7 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.provision
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
