@@ -41,8 +41,13 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve(settings: Settings, *, embedded_nats: bool) -> None:
-    """Runs until SIGINT/SIGTERM, then stops accepting, finishes in-flight work and closes."""
+async def serve(settings: Settings, *, embedded_nats: bool, web_port: int = 0) -> None:
+    """Runs until SIGINT/SIGTERM, then stops accepting, finishes in-flight work and closes.
+
+    With `web_port` (not 0) the dashboard is served on 127.0.0.1:`web_port` beside it.
+    """
+    from contextlib import AsyncExitStack
+
     import nats
     import structlog
 
@@ -59,10 +64,16 @@ async def serve(settings: Settings, *, embedded_nats: bool) -> None:
     try:
         nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
         try:
-            async with bootstrap(settings, nc):
+            async with AsyncExitStack() as stack:
+                await stack.enter_async_context(bootstrap(settings, nc))
+                web = ""
+                if web_port:
+                    web = ", web " + await stack.enter_async_context(
+                        _dashboard(settings, nc, web_port)
+                    )
                 print(
                     f"hero-deployer ready: nats {settings.nats_url}, prefix {settings.prefix},"
-                    f" data {settings.data_dir}, backend {settings.backend}",
+                    f" data {settings.data_dir}, backend {settings.backend}{web}",
                     flush=True,
                 )
                 await _wait_for_signal()
@@ -72,6 +83,28 @@ async def serve(settings: Settings, *, embedded_nats: bool) -> None:
     finally:
         await server.stop()
     log.info("shutdown.done")
+
+
+def _dashboard(settings: Settings, nc: Any, port: int) -> Any:
+    """The dashboard's server over `nc`, as a context manager yielding its URL."""
+    from hero_deployer.client import HeroDeployerClient
+    from hero_deployer.web import web_server
+
+    client = HeroDeployerClient(nc, token=settings.token, prefix=settings.prefix)
+    return web_server(client, token=settings.token, port=port)
+
+
+async def _web(args: argparse.Namespace, settings: Settings) -> None:
+    from hero_deployer.web import run_web
+
+    settings = settings.with_token()
+    await run_web(
+        args.nats or settings.nats_url,
+        token=settings.token,
+        prefix=settings.prefix,
+        port=args.web_port,
+        timeout=args.timeout,
+    )
 
 
 async def rebuild_views(settings: Settings) -> int:
@@ -409,6 +442,11 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="run everything with embedded defaults")
     up.add_argument("--nats-port", type=int)
     up.add_argument("--backend", choices=["local", "hero-compute", "opentofu"])
+    up.add_argument(
+        "--web-port", type=int, default=8080, help="dashboard port on 127.0.0.1 (0: none)"
+    )
+    web_p = sub.add_parser("web", parents=[common], help="run the dashboard alone")
+    web_p.add_argument("--web-port", type=int, default=8080, help="port on 127.0.0.1")
     serve_p = sub.add_parser("serve", parents=[common], help="run the service on an existing NATS")
     serve_p.add_argument("--backend", choices=["local", "hero-compute", "opentofu"])
     sub.add_parser("rebuild", parents=[common], help="rebuild every view from the event log")
@@ -494,6 +532,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "events": _events,
     "health": _health,
     "users": _users,
+    "web": _web,
 }
 
 
@@ -517,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "backend":
                 return runner.run(_backend_check(args, settings))
             if args.command in ("up", "serve"):
-                runner.run(serve(settings, embedded_nats=args.command == "up"))
+                web_port = args.web_port if args.command == "up" else 0
+                runner.run(serve(settings, embedded_nats=args.command == "up", web_port=web_port))
             elif args.command == "rebuild":
                 count = runner.run(rebuild_views(settings))
                 print(f"rebuilt views from {count} events")

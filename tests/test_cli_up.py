@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from hero_deployer.natsserver import free_port
 
 
@@ -40,6 +42,7 @@ def _listening(port: int) -> bool:
 def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
     port = free_port()
+    web_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERO_DEPLOYER_")}
     env["HERO_DEPLOYER_LOCAL_DEPLOY_DELAY"] = "0"
     env["HERO_DEPLOYER_LOCAL_SSH"] = "0"
@@ -53,6 +56,8 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             str(data_dir),
             "--nats-port",
             str(port),
+            "--web-port",
+            str(web_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -85,9 +90,13 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         missing = _cli("vms", "get", "vm_nope", "--secret", "s3cret", data_dir=data_dir, port=port)
         assert missing.returncode != 0
         assert missing.stderr.strip() == "error: NotFound: vm not found"
+
+        login = httpx.get(f"http://127.0.0.1:{web_port}/login", timeout=10)
+        assert login.status_code == 200 and 'name="token"' in login.text
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(30)
     assert code == 0, process.stderr.read() if process.stderr else ""
     assert not _listening(port), "the embedded nats-server must stop with the service"
+    assert not _listening(web_port), "the dashboard must stop with the service"
     assert (data_dir / "events.db").exists()

@@ -1,0 +1,94 @@
+"""One subscription to the status stream, fanned out to every server-sent-events listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Final
+
+import structlog
+
+from hero_deployer.client import EventOut, HeroDeployerClient
+
+log = structlog.get_logger("hero_deployer.web")
+
+CLOSED: Final = None
+
+
+class Listener:
+    """A bounded queue of events for one SSE response; None means the stream is over."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[EventOut | None] = asyncio.Queue(size)
+
+    def offer(self, event: EventOut | None) -> bool:
+        """Queues `event`; False when the listener is too slow and must be dropped."""
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+
+class EventHub:
+    """Follows `client.subscribe()` from the current position and hands each event to listeners.
+
+    A listener that falls `queue_size` events behind is closed; the browser's EventSource
+    reconnects and the page reloads what it shows, so nothing is lost for the viewer.
+    """
+
+    def __init__(
+        self, client: HeroDeployerClient, *, queue_size: int = 1000, retry_delay: float = 1.0
+    ) -> None:
+        self._client = client
+        self._queue_size = queue_size
+        self._retry_delay = retry_delay
+        self._listeners: set[Listener] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.position: int | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="web-event-hub")
+
+    async def close(self) -> None:
+        """Stops following and ends every listener's stream."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for listener in list(self._listeners):
+            listener.offer(CLOSED)
+        self._listeners.clear()
+
+    @contextlib.asynccontextmanager
+    async def listen(self) -> AsyncIterator[Listener]:
+        listener = Listener(self._queue_size)
+        self._listeners.add(listener)
+        try:
+            yield listener
+        finally:
+            self._listeners.discard(listener)
+
+    def _publish(self, event: EventOut) -> None:
+        for listener in list(self._listeners):
+            if not listener.offer(event):
+                self._listeners.discard(listener)
+                listener.queue = asyncio.Queue(1)
+                listener.offer(CLOSED)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self.position is None:
+                    self.position = (await self._client.health()).position
+                async with self._client.subscribe(after=self.position) as events:
+                    async for event in events:
+                        self.position = event.position
+                        self._publish(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the service or NATS is away: try again shortly
+                log.warning("web.live.retry", error=str(error))
+            await asyncio.sleep(self._retry_delay)

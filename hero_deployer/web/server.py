@@ -1,0 +1,67 @@
+"""Serving the dashboard: beside the service (`up`) or alone (`web --nats URL`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from hero_deployer.client import HeroDeployerClient
+from hero_deployer.web.app import create_app
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+@asynccontextmanager
+async def web_server(
+    client: HeroDeployerClient,
+    *,
+    token: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    shutdown_timeout: float = 5.0,
+    **options: Any,
+) -> AsyncIterator[str]:
+    """Serves the dashboard on host:port while inside; yields its base URL (port 0 picks one)."""
+    app = create_app(client, token=token, **options)
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname()[1] if sockets else port
+        yield f"http://{host}:{bound}"
+    finally:
+        await runner.cleanup()
+
+
+async def run_web(
+    nats_url: str,
+    *,
+    token: str,
+    prefix: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    timeout: float = 10.0,
+) -> None:
+    """Runs the dashboard alone against the service on `nats_url` until SIGINT or SIGTERM."""
+    from hero_deployer.cli import _wait_for_signal
+
+    client = await HeroDeployerClient.connect(
+        nats_url,
+        token=token,
+        prefix=prefix,
+        timeout=timeout,
+        nats_options={"max_reconnect_attempts": -1},
+    )
+    try:
+        async with web_server(client, token=token, host=host, port=port) as url:
+            print(f"hero-deployer web ready: {url} (nats {nats_url}, prefix {prefix})", flush=True)
+            await _wait_for_signal()
+    finally:
+        await client.close()
