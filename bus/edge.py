@@ -111,8 +111,12 @@ class ServiceEdge:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stops accepting, waits for in-flight requests, cancels what is left after `timeout`."""
         if self._service is not None:
-            await self._service.stop()
-            self._service = None
+            service, self._service = self._service, None
+            try:
+                # micro drains its control subscriptions; a stuck drain must not stop shutdown
+                await asyncio.wait_for(service.stop(), timeout)
+            except TimeoutError:
+                log.warning("edge.stop_timed_out", timeout=timeout)
         if self._in_flight:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
             for task in pending:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -52,9 +53,12 @@ def nats_url() -> Iterator[str]:
 
 @pytest_asyncio.fixture
 async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
+    client = await nats.connect(nats_url, drain_timeout=10)
     yield client
-    await client.drain()
+    try:
+        await asyncio.wait_for(client.drain(), 15)
+    except (TimeoutError, nats.errors.Error):
+        await client.close()
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
