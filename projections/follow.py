@@ -50,7 +50,7 @@ class Follower:
         checkpoints: Checkpoints,
         handler: Handler,
         *,
-        batch_size: int = 1000,
+        batch_size: int = 256,
         save_every: float = 0.5,
     ) -> None:
         self._source = source

@@ -100,7 +100,7 @@ class ProjectionRunner:
         conn: aiosqlite.Connection,
         projections: Sequence[Projection],
         *,
-        batch_size: int = 2000,
+        batch_size: int = 256,
     ) -> None:
         self._source = source
         self._conn = conn
