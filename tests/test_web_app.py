@@ -198,3 +198,22 @@ def test_sessions_expire_when_idle_and_are_bounded() -> None:
     a, b, c = store.create(), store.create(), store.create()
     assert store.get(a.id) is None and store.get(b.id) is b and store.get(c.id) is c
     assert b.check_csrf(b.csrf) and not b.check_csrf(c.csrf) and not b.check_csrf(None)
+
+
+async def test_audit_filters_by_stream_type_and_time(
+    web: TestClient[Any, Any], service: Service
+) -> None:
+    one = await service.client.deploy_vm(name="audited", secret="s")
+    await service.client.deploy_vm(name="other", secret="s")
+    await login(web)
+
+    by_stream = await (await web.get(f"/audit?stream=vm:{one.sid}")).text()
+    assert f"vm:{one.sid}" in by_stream and "VmDeployRequested" in by_stream
+    assert by_stream.count("<tr>") >= 1
+
+    recent = await (await web.get("/audit?within=5m&type=VmDeployRequested")).text()
+    assert recent.count("VmDeployRequested</td>") == 2
+    assert "recorded in the chosen window" in recent
+
+    bad = await (await web.get("/audit?within=forever")).text()
+    assert "Pick a time window from the list." in bad

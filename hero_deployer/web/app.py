@@ -13,7 +13,7 @@ import hmac
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
@@ -483,6 +483,15 @@ async def reveal_password(request: web.Request) -> web.StreamResponse:
 
 # Operator: audit ----------------------------------------------------------------------------
 
+WINDOW_LABELS: dict[str, tuple[str, timedelta]] = {
+    "": ("any time", timedelta(0)),
+    "5m": ("last 5 minutes", timedelta(minutes=5)),
+    "1h": ("last hour", timedelta(hours=1)),
+    "1d": ("last day", timedelta(days=1)),
+    "7d": ("last week", timedelta(days=7)),
+}
+WITHIN = {key: delta for key, (_, delta) in WINDOW_LABELS.items()}
+
 
 async def audit_page(request: web.Request) -> web.StreamResponse:
     _require_operator(request)
@@ -500,6 +509,10 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
         limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
     except ValueError:
         limit = 50
+    within = request.query.get("within", "")
+    if within not in WITHIN:
+        problems.append("Pick a time window from the list.")
+        within = ""
     events: list[EventOut] = []
     last = 0
     after: int | None = None
@@ -517,7 +530,12 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
         events, last = page.events, page.last
     except DomainError as error:
         problems.append(_words(error))
-    shown = [e for e in events if not kind or e.type == kind]
+    since = datetime.now(UTC) - WITHIN[within] if within else None
+    shown = [
+        e
+        for e in events
+        if (not kind or e.type == kind) and (since is None or e.recorded_at >= since)
+    ]
     rows = [
         {
             "position": e.position,
@@ -533,6 +551,8 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
         "rows": list(reversed(rows)),
         "stream": stream,
         "type": kind,
+        "within": within,
+        "windows": [(key, label) for key, (label, _) in WINDOW_LABELS.items()],
         "limit": limit,
         "after": after or 0,
         "earlier": max(0, (after or 0) - limit) if (after or 0) > 0 and not stream else None,
