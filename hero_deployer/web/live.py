@@ -46,18 +46,24 @@ class EventHub:
         self._retry_delay = retry_delay
         self._listeners: set[Listener] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
         self.position: int | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="web-event-hub")
 
     async def close(self) -> None:
-        """Stops following and ends every listener's stream."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stops following and ends every listener's stream.
+
+        nats-py turns a cancellation that meets a closed connection into ConnectionClosedError,
+        which the loop would take for an outage; so the loop also checks `_closing`, and the
+        task is cancelled until it is really done.
+        """
+        self._closing.set()
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         for listener in list(self._listeners):
             listener.offer(CLOSED)
         self._listeners.clear()
@@ -79,7 +85,7 @@ class EventHub:
                 listener.offer(CLOSED)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing.is_set():
             try:
                 if self.position is None:
                     self.position = (await self._client.health()).position
@@ -90,5 +96,7 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the service or NATS is away: try again shortly
+                if self._closing.is_set():
+                    return
                 log.warning("web.live.retry", error=str(error))
             await asyncio.sleep(self._retry_delay)
