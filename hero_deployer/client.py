@@ -556,6 +556,10 @@ class EventSubscription:
                 continue
             except ConnectionClosedError:
                 self._closed = True
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # nats-py reports a cancellation that meets a closed connection this way
+                    raise asyncio.CancelledError from None
                 raise StopAsyncIteration from None
             try:
                 event = _event_decoder.decode(msg.data)
