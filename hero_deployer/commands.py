@@ -111,3 +111,32 @@ async def execute(
                     aggregates.remember(d.stream, state, d.expected_version + len(d.events))
             return result
     raise Conflict("the resource changed concurrently; try again")
+
+
+async def execute_one(
+    deps: Deps,
+    aggregates: Aggregates[S],
+    stream: str,
+    decide: Callable[[S | None], Sequence[Event]],
+    evolve: Callable[[S | None, Event], S | None],
+    encode: Callable[[S | None], bytes] | None,
+    meta: RequestMeta,
+    idempotency: IdempotencyRecord | None = None,
+    *,
+    new_stream: bool = False,
+) -> bytes:
+    """Decides one command on one stream; returns `encode` of the state after it (or b"")."""
+
+    def decide_one(states: dict[str, tuple[S | None, int]]) -> tuple[list[Decision], bytes]:
+        state, version = states[stream]
+        events = decide(state)
+        decisions = [Decision(stream, version, events)]
+        if encode is None:
+            return decisions, b""
+        for event in events:
+            state = evolve(state, event)
+        return decisions, encode(state)
+
+    return await execute(
+        deps, aggregates, [stream], decide_one, evolve, meta, idempotency, new_streams=new_stream
+    )

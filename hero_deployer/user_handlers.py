@@ -25,7 +25,7 @@ from core.user import (
     decide,
     evolve,
 )
-from hero_deployer.commands import Decision, consistent_views, execute, idempotent
+from hero_deployer.commands import consistent_views, execute_one, idempotent
 from hero_deployer.deps import Deps
 
 # What the vault holds per user (owner = username), sealed; never in an event, a log or a reply.
@@ -52,19 +52,16 @@ async def run_user_command(
     reply: bool = True,
 ) -> bytes:
     """Decides one command on one user and records its events; returns the User as JSON."""
-    stream = user_stream(username)
-
-    def decide_one(states: dict[str, tuple[User | None, int]]) -> tuple[list[Decision], bytes]:
-        user, version = states[stream]
-        events = decide(user, command, ctx)
-        if not reply:
-            return [Decision(stream, version, events)], b""
-        after = user
-        for event in events:
-            after = evolve(after, event)
-        return [Decision(stream, version, events)], _result(after)
-
-    return await execute(deps, deps.users, [stream], decide_one, evolve, meta, idempotency)
+    return await execute_one(
+        deps,
+        deps.users,
+        user_stream(username),
+        lambda user: decide(user, command, ctx),
+        evolve,
+        _result if reply else None,
+        meta,
+        idempotency,
+    )
 
 
 async def provision_user(request: ProvisionUser, meta: RequestMeta, deps: Deps) -> bytes:

@@ -26,7 +26,13 @@ from core.vm import (
     evolve,
     owns,
 )
-from hero_deployer.commands import Decision, consistent_views, execute, idempotent
+from hero_deployer.commands import (
+    Decision,
+    consistent_views,
+    execute,
+    execute_one,
+    idempotent,
+)
 from hero_deployer.deps import Deps
 
 _encoder = msgspec.json.Encoder()
@@ -77,27 +83,16 @@ async def run_vm_command(
     reply: bool = True,
 ) -> bytes:
     """Decides one command on one VM and records its events; returns the Vm as JSON."""
-    stream = vm_stream(sid)
-
-    def decide_one(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
-        vm, version = states[stream]
-        events = decide(vm, command, ctx)
-        if not reply:
-            return [Decision(stream, version, events)], b""
-        after = vm
-        for event in events:
-            after = evolve(after, event)
-        return [Decision(stream, version, events)], _result(after)
-
-    return await execute(
+    return await execute_one(
         deps,
         deps.vms,
-        [stream],
-        decide_one,
+        vm_stream(sid),
+        lambda vm: decide(vm, command, ctx),
         evolve,
+        _result if reply else None,
         meta,
         idempotency,
-        new_streams=isinstance(command, DeployVm),
+        new_stream=isinstance(command, DeployVm),
     )
 
 
