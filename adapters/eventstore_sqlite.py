@@ -98,7 +98,7 @@ class SqliteEventStore:
         self._point_reader: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
-        self._committed = asyncio.Condition()
+        self._committed = asyncio.Event()  # set, then replaced, at every commit
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_position = 0
@@ -343,11 +343,8 @@ class SqliteEventStore:
                 pending.future.set_result(pending.recorded)
         if len(self._tail) > 2 * self._tail_size:
             del self._tail[: len(self._tail) - self._tail_size]
-        asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._committed:
-            self._committed.notify_all()
+        committed, self._committed = self._committed, asyncio.Event()
+        committed.set()
 
     async def _rollback_quietly(self) -> None:
         assert self._writer is not None
@@ -357,10 +354,6 @@ class SqliteEventStore:
             log.exception("eventstore.rollback_failed")
         self._versions.clear()
         self._last_position = await self._max_position()
-
-    def forget_stream_version(self, stream: str) -> None:
-        """Drops a cached version, so the next append re-reads it from the file."""
-        self._versions.pop(stream, None)
 
     # Reading ---------------------------------------------------------------------------------
 
@@ -374,8 +367,8 @@ class SqliteEventStore:
 
     async def wait_for_events_after(self, position: int) -> None:
         """Returns once an event with a position above `position` is committed."""
-        async with self._committed:
-            await self._committed.wait_for(lambda: self._last_position > position)
+        while self._last_position <= position:
+            await self._committed.wait()
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
         assert self._point_reader is not None

@@ -87,10 +87,6 @@ class ServiceEdge:
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def start(self) -> None:
         self._service = await add_service(
             self._nc,

@@ -26,7 +26,6 @@ class StatusPublisher:
     def __init__(self, nc: Client, prefix: str) -> None:
         self._nc = nc
         self._prefix = prefix
-        self._flushed = 0
 
     async def handle(self, events: Sequence[RecordedEvent]) -> None:
         publish = self._nc.publish
@@ -34,7 +33,7 @@ class StatusPublisher:
         for recorded in events:
             await publish(event_subject(prefix, recorded), _encoder.encode(recorded.wire()))
         await self._nc.flush()
-        self._flushed = events[-1].position
 
     def safe_position(self, read_position: int) -> int:
-        return self._flushed or read_position
+        # `handle` returns only after the server has the batch, so all that was read is out
+        return read_position

@@ -177,10 +177,6 @@ class VmView:
         )
         return [row[0] for row in cursor.fetchall()]
 
-    async def get(self, sid: str) -> Vm | None:
-        row = self._conn.execute(f"{SELECT} WHERE sid = ?", (sid,)).fetchone()
-        return _vm(tuple(row)) if row else None
-
     async def by_owner(self, owner: str, *, include_deleted: bool = False) -> list[Vm]:
         where = (
             " WHERE owner = ?" if include_deleted else " WHERE owner = ? AND status != 'deleted'"
