@@ -550,8 +550,11 @@ class EventSubscription:
                 self.position = event.position
                 return event
             try:
-                msg = await self._sub.next_msg(timeout=self._poll_interval)
-            except NatsTimeout:
+                # The silence is timed here, not by next_msg: its own timeout uses Python
+                # 3.11's wait_for, which can swallow a cancellation of the caller.
+                async with asyncio.timeout(self._poll_interval):
+                    msg = await self._sub.next_msg(timeout=None)
+            except TimeoutError:
                 await self._fetch()  # a silence: pick up anything the live stream lost
                 continue
             except ConnectionClosedError:

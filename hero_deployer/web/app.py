@@ -608,7 +608,9 @@ async def _sse(
                         break
             while True:
                 try:
-                    item = await asyncio.wait_for(listener.queue.get(), config.sse_heartbeat)
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                    async with asyncio.timeout(config.sse_heartbeat):
+                        item = await listener.queue.get()
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     continue
