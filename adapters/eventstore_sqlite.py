@@ -355,6 +355,10 @@ class SqliteEventStore:
         self._versions.clear()
         self._last_position = await self._max_position()
 
+    def known_version(self, stream: str) -> int | None:
+        """The stream's version as this store last committed or read it, if it remembers."""
+        return self._versions.get(stream)
+
     # Reading ---------------------------------------------------------------------------------
 
     @property

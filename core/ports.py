@@ -40,6 +40,10 @@ class EventStore(Protocol):
 
     async def last_position(self) -> int: ...
 
+    def known_version(self, stream: str) -> int | None:
+        """The stream's latest version as far as this store knows without reading; None if not."""
+        ...
+
     async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
         """The stored first reply of a keyed request, if any."""
         ...

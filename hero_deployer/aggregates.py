@@ -99,7 +99,10 @@ class Aggregates(Generic[S]):
         if not fresh:
             cached = self._cache.get(stream)
             if cached is not None:
-                return cached
+                # a follower can see a commit before the committing command caches its state
+                known = self._store.known_version(stream)
+                if known is None or known <= cached[1]:
+                    return cached
         state: S | None = None
         version = 0
         for recorded in await self._store.read_stream(stream):
@@ -112,6 +115,9 @@ class Aggregates(Generic[S]):
     def remember(self, stream: str, state: S | None, version: int) -> None:
         """Caches the state a committed append produced."""
         cache = self._cache
+        current = cache.get(stream)
+        if current is not None and current[1] > version:
+            return  # a newer state was read from the log meanwhile
         cache[stream] = (state, version)
         if len(cache) > self._cache_size:
             cache.popitem(last=False)

@@ -1,0 +1,46 @@
+"""The aggregate cache never answers with a state older than what the store has committed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from adapters.eventstore_sqlite import SqliteEventStore
+from core.events import EventRegistry, NewEvent, StreamAppend
+from core.vm import VM_EVENT_TYPES, Vm, VmDeployed, VmDeployRequested, evolve
+from hero_deployer.aggregates import Aggregates
+
+NOW = datetime(2026, 11, 25, tzinfo=UTC)
+SID = "vm_0123456789abcdef"
+STREAM = f"vm:{SID}"
+
+
+async def test_a_commit_made_behind_the_cache_is_read_back(tmp_path: Path) -> None:
+    async with SqliteEventStore(tmp_path / "events.db") as store:
+        vms = Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve)
+        requested = VmDeployRequested(
+            sid=SID,
+            name="a",
+            owner="o",
+            image="ubuntu-24.04",
+            cpu_count=1,
+            memory_gb=1,
+            disk_gb=1,
+            rootfs_gb=1,
+            at=NOW,
+        )
+        await store.append([StreamAppend(STREAM, 0, (NewEvent.of(requested),))])
+        vm, version = await vms.load(STREAM)
+        assert vm is not None and vm.status == "deploying" and version == 1
+
+        # committed, but the committing command has not cached its state yet (a follower
+        # woken by the commit loads first)
+        deployed = VmDeployed(sid=SID, node_id=13, mycelium_ip="400::1", at=NOW)
+        await store.append([StreamAppend(STREAM, 1, (NewEvent.of(deployed),))])
+        assert store.known_version(STREAM) == 2
+
+        vm, version = await vms.load(STREAM)
+        assert vm is not None and vm.status == "running" and version == 2
+
+        vms.remember(STREAM, None, 1)  # a late, older state never replaces a newer one
+        assert (await vms.load(STREAM))[1] == 2
