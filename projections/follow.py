@@ -15,6 +15,18 @@ from projections.runner import EventSource, read_checkpoint, write_checkpoint
 log = structlog.get_logger(__name__)
 
 
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancels `tasks` until each is really done.
+
+    Python 3.11's wait_for (nats-py's flush uses it) can swallow a cancellation; a task that
+    lost one is cancelled again instead of being waited for forever.
+    """
+    for task in tasks:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+
+
 class Checkpoints:
     """Named positions in the views database, saved with their own small transactions."""
 
@@ -71,9 +83,7 @@ class Follower:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         await self.save()
 
     async def save(self) -> None:
