@@ -10,6 +10,7 @@ from typing import Final
 import structlog
 
 from hero_deployer.client import EventOut, HeroDeployerClient
+from projections.follow import stop_tasks
 
 log = structlog.get_logger("hero_deployer.web")
 
@@ -61,9 +62,8 @@ class EventHub:
         """
         self._closing.set()
         task, self._task = self._task, None
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=1.0)
+        if task is not None:
+            await stop_tasks([task])
         for listener in list(self._listeners):
             listener.offer(CLOSED)
         self._listeners.clear()
