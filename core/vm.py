@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec.structs import replace
 
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
@@ -217,7 +219,7 @@ VM_EVENT_TYPES: tuple[type[Event], ...] = (
 # State --------------------------------------------------------------------------------------
 
 
-class Vm(msgspec.Struct, frozen=True, kw_only=True):
+class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The VM as its events made it; `owner` is the keyed fingerprint of its secret."""
 
     sid: str
@@ -396,57 +398,122 @@ def _existing(vm: Vm | None) -> Vm:
 
 
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
-    """Folds one event into the state. Pure, total, never raises."""
-    match event:
-        case VmDeployRequested():
-            return Vm(
-                sid=event.sid,
-                name=event.name,
-                owner=event.owner,
-                slice_sid=event.slice_sid,
-                image=event.image,
-                cpu_count=event.cpu_count,
-                memory_gb=event.memory_gb,
-                disk_gb=event.disk_gb,
-                rootfs_gb=event.rootfs_gb,
-                status="deploying",
-                node_id=event.node_id,
-                mycelium_ip="",
-                error="",
-                created_at=event.at,
-                updated_at=event.at,
-            )
+    """Folds one event into the state. Pure, total, never raises.
+
+    Dispatched on the event's class through a table rather than `match`: every class pattern
+    is an `isinstance` check, and this is the inner loop of a rebuild (a million events).
+    """
+    step = _STEPS.get(type(event))
+    if step is None:
+        step = _inherited_step(type(event))
+    return step(vm, event)
+
+
+def _deploy_requested(vm: Vm | None, event: VmDeployRequested) -> Vm | None:
+    return Vm(
+        sid=event.sid,
+        name=event.name,
+        owner=event.owner,
+        slice_sid=event.slice_sid,
+        image=event.image,
+        cpu_count=event.cpu_count,
+        memory_gb=event.memory_gb,
+        disk_gb=event.disk_gb,
+        rootfs_gb=event.rootfs_gb,
+        status="deploying",
+        node_id=event.node_id,
+        mycelium_ip="",
+        error="",
+        created_at=event.at,
+        updated_at=event.at,
+    )
+
+
+def _deployed(vm: Vm | None, event: VmDeployed) -> Vm | None:
     if vm is None:
         return None
-    match event:
-        case VmDeployed():
-            status: VmStatus = "running" if vm.status == "deploying" else vm.status
-            return msgspec.structs.replace(
-                vm,
-                status=status,
-                node_id=event.node_id,
-                mycelium_ip=event.mycelium_ip,
-                error="",
-                updated_at=event.at,
-            )
-        case VmDeployFailed():
-            status = "failed" if vm.status == "deploying" else vm.status
-            return msgspec.structs.replace(
-                vm, status=status, error=event.error, updated_at=event.at
-            )
-        case VmStarted() | VmRestarted():
-            return msgspec.structs.replace(vm, status="running", error="", updated_at=event.at)
-        case VmStopped():
-            return msgspec.structs.replace(vm, status="stopped", error="", updated_at=event.at)
-        case VmDeleteRequested():
-            return msgspec.structs.replace(vm, status="deleting", updated_at=event.at)
-        case VmDeleted():
-            return msgspec.structs.replace(vm, status="deleted", updated_at=event.at)
-        case VmOperationFailed():
-            return msgspec.structs.replace(vm, error=event.error, updated_at=event.at)
-        case VmSecretMigrated():
-            return msgspec.structs.replace(vm, owner=event.owner, updated_at=event.at)
+    status: VmStatus = "running" if vm.status == "deploying" else vm.status
+    return replace(
+        vm,
+        status=status,
+        node_id=event.node_id,
+        mycelium_ip=event.mycelium_ip,
+        error="",
+        updated_at=event.at,
+    )
+
+
+def _deploy_failed(vm: Vm | None, event: VmDeployFailed) -> Vm | None:
+    if vm is None:
+        return None
+    status: VmStatus = "failed" if vm.status == "deploying" else vm.status
+    return replace(vm, status=status, error=event.error, updated_at=event.at)
+
+
+def _running(vm: Vm | None, event: VmStarted | VmRestarted) -> Vm | None:
+    if vm is None:
+        return None
+    return replace(vm, status="running", error="", updated_at=event.at)
+
+
+def _stopped(vm: Vm | None, event: VmStopped) -> Vm | None:
+    if vm is None:
+        return None
+    return replace(vm, status="stopped", error="", updated_at=event.at)
+
+
+def _delete_requested(vm: Vm | None, event: VmDeleteRequested) -> Vm | None:
+    if vm is None:
+        return None
+    return replace(vm, status="deleting", updated_at=event.at)
+
+
+def _deleted(vm: Vm | None, event: VmDeleted) -> Vm | None:
+    if vm is None:
+        return None
+    return replace(vm, status="deleted", updated_at=event.at)
+
+
+def _operation_failed(vm: Vm | None, event: VmOperationFailed) -> Vm | None:
+    if vm is None:
+        return None
+    return replace(vm, error=event.error, updated_at=event.at)
+
+
+def _secret_migrated(vm: Vm | None, event: VmSecretMigrated) -> Vm | None:
+    if vm is None:
+        return None
+    return replace(vm, owner=event.owner, updated_at=event.at)
+
+
+def _unchanged(vm: Vm | None, event: Event) -> Vm | None:
     return vm
+
+
+_Step = Callable[[Vm | None, Any], Vm | None]
+
+_STEPS: dict[type, _Step] = {
+    VmDeployRequested: _deploy_requested,
+    VmDeployed: _deployed,
+    VmDeployFailed: _deploy_failed,
+    VmStarted: _running,
+    VmRestarted: _running,
+    VmStopped: _stopped,
+    VmDeleteRequested: _delete_requested,
+    VmDeleted: _deleted,
+    VmOperationFailed: _operation_failed,
+    VmSecretMigrated: _secret_migrated,
+}
+
+
+def _inherited_step(cls: type) -> _Step:
+    """The step of the nearest class `cls` derives from, remembered in the table for `cls`.
+
+    Events of other kinds change nothing.
+    """
+    step = next((_STEPS[base] for base in cls.__mro__[1:] if base in _STEPS), _unchanged)
+    _STEPS[cls] = step
+    return step
 
 
 def fold(events: list[Event]) -> Vm | None:

@@ -37,8 +37,8 @@ from hero_deployer.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower
 from projections.runner import (
     ProjectedEvents,
-    Projection,
     ProjectionRunner,
+    Replayable,
     connect_views,
     connect_views_reader,
 )
@@ -61,7 +61,7 @@ class App:
     operations: list[Operation]
 
 
-def PROJECTIONS() -> list[Projection]:
+def PROJECTIONS() -> list[Replayable]:
     """Every projection the views database holds, in the order they are applied."""
     return [VmProjection(), UserProjection()]
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import gc
 import heapq
 import itertools
+import operator
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, Self
 
 import aiosqlite
+import msgspec
 import structlog
 
-from core.events import RecordedEvent
+from core.events import Event, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -188,28 +192,29 @@ class ProjectionRunner:
                 future.set_result(None)
 
 
-@contextmanager
-def _without_cyclic_gc() -> Iterator[None]:
-    """Pauses the cyclic collector, which a rebuild would only keep busy.
+class PagedSource(EventSource, Protocol):
+    """The part of the event store a rebuild needs: the log in pages framed as JSON."""
 
-    A rebuild allocates millions of short-lived objects while it keeps every folded state alive;
-    the collector would rescan those states again and again and find nothing to free.
-    """
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
+    async def read_json_page(
+        self, after: int, upto: int, prefix: str, types: Sequence[str]
+    ) -> str: ...
 
 
-@runtime_checkable
+Change = tuple[int, str, Event]
+"""An event to fold during a rebuild: its position, its stream and the decoded event."""
+
+
 class Replayable(Projection, Protocol):
-    """A projection that can fold a rebuild in memory and write each row once at the end."""
+    """A projection that a rebuild replays from the log, one kind of stream at a time."""
 
-    async def replay(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
-        """Takes the next batch of the log; may defer its writes until `flush`."""
+    stream_prefix: str
+    """Only streams whose id starts with this feed the projection."""
+
+    event_types: tuple[type[Event], ...]
+    """The events the projection folds; others of its streams leave it unchanged."""
+
+    async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
+        """Takes the next page of the log, in position order; may defer writes until `flush`."""
         ...
 
     async def flush(self, conn: aiosqlite.Connection) -> None:
@@ -217,50 +222,124 @@ class Replayable(Projection, Protocol):
         ...
 
 
+def page_decoder(types: Sequence[type[Event]]) -> Callable[[str], list[Change]]:
+    """Decodes a `read_json_page` page of `types` in one msgspec call.
+
+    Each type gets a subclass tagged with its own name, so the page is one typed document of a
+    tagged union; the subclasses fold exactly like their bases (`evolve` looks through them).
+    """
+    tagged = [
+        msgspec.defstruct(t.__name__, [], bases=(t,), tag_field="type", tag=t.__name__)
+        for t in types
+    ]
+    union = functools.reduce(operator.or_, tagged)
+    decode = msgspec.json.Decoder(list[tuple[int, str, union]]).decode  # type: ignore[valid-type]
+
+    def decode_page(page: str) -> list[Change]:
+        changes: list[Change] = decode(page)
+        changes.sort(key=_position)  # SQLite 3.40 does not promise group_concat's order
+        return changes
+
+    return decode_page
+
+
+_position = operator.itemgetter(0)
+
+
 async def rebuild(
-    source: EventSource,
+    source: PagedSource,
     conn: aiosqlite.Connection,
-    projections: Sequence[Projection],
+    projections: Sequence[Replayable],
     *,
-    batch_size: int = 20000,
+    page_size: int = 20000,
+    reads_ahead: int = 2,
 ) -> int:
-    """Clears every view and replays the whole log into it; returns the events applied.
+    """Clears every view and replays the whole log into it; returns the position it reflects.
 
     It is one transaction: readers see the old view until the new one is complete, and a
-    rebuild that fails leaves the old view and its checkpoint as they were.
+    rebuild that fails leaves the old view and its checkpoint as they were. Each projection
+    reads only its own streams, in stretches of `page_size` positions; the next
+    `reads_ahead` stretches are read on database threads, outside the GIL, while this one is
+    decoded and folded.
     """
     for projection in projections:
         await projection.create(conn)
-    reading: asyncio.Future[list[RecordedEvent]] | None = None
-    with _without_cyclic_gc():
-        await conn.execute("BEGIN IMMEDIATE")
+    upto = source.position
+    async with _rebuilding(conn):
         try:
             for projection in projections:
                 await projection.clear(conn)
-            position = 0
-            # the next page is read (on the store's thread) while this one is folded
-            reading = asyncio.ensure_future(source.read_all(after=position, limit=batch_size))
-            while events := await reading:
-                position = events[-1].position
-                reading = asyncio.ensure_future(source.read_all(after=position, limit=batch_size))
-                for projection in projections:
-                    if isinstance(projection, Replayable):
-                        await projection.replay(conn, events)
-                    else:
-                        await projection.apply(conn, events)
             for projection in projections:
-                if isinstance(projection, Replayable):
-                    await projection.flush(conn)
-            await write_checkpoint(conn, ProjectionRunner.name, position)
+                decode = page_decoder(projection.event_types)
+                async with _pages(source, projection, upto, page_size, reads_ahead) as pages:
+                    async for page in pages:
+                        await projection.replay(conn, decode(page))
+                await projection.flush(conn)
+            await write_checkpoint(conn, ProjectionRunner.name, upto)
             await conn.commit()
         except BaseException:
-            if reading is not None:
-                reading.cancel()
             await conn.rollback()
             for projection in projections:
                 projection.rolled_back()
             raise
-    return position
+    return upto
+
+
+@asynccontextmanager
+async def _pages(
+    source: PagedSource, projection: Replayable, upto: int, page_size: int, reads_ahead: int
+) -> AsyncIterator[AsyncIterator[str]]:
+    """The projection's pages of the log up to `upto`, with `reads_ahead` of them in flight."""
+    types = [t.__name__ for t in projection.event_types]
+    starts = iter(range(0, upto, page_size))
+    reading: collections.deque[asyncio.Future[str]] = collections.deque()
+
+    def read_ahead() -> None:
+        for start in itertools.islice(starts, reads_ahead - len(reading)):
+            stop = min(start + page_size, upto)
+            read = source.read_json_page(start, stop, projection.stream_prefix, types)
+            reading.append(asyncio.ensure_future(read))
+
+    async def pages() -> AsyncIterator[str]:
+        read_ahead()
+        while reading:
+            await asyncio.sleep(0)  # lets the reads reach their threads before we fold
+            page = await reading.popleft()
+            read_ahead()
+            yield page
+
+    try:
+        yield pages()
+    finally:
+        for read in reading:
+            read.cancel()
+
+
+@asynccontextmanager
+async def _rebuilding(conn: aiosqlite.Connection) -> AsyncIterator[None]:
+    """A write transaction with the page cache a whole view fits in and no cyclic GC.
+
+    The rebuild allocates millions of short-lived objects while it keeps every folded state
+    alive; the collector would rescan those states again and again and find nothing to free.
+    A cache smaller than the view would spill half-written pages to the WAL and read them back.
+    """
+    async with conn.execute("PRAGMA cache_size") as cur:
+        row = await cur.fetchone()
+    cache_size = int(row[0]) if row else -2000
+    await conn.execute(f"PRAGMA cache_size = {-REBUILD_CACHE_KIB}")
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+        await conn.execute(f"PRAGMA cache_size = {cache_size}")
+
+
+REBUILD_CACHE_KIB = 512 * 1024
+"""The page cache of a rebuild: an upper bound, taken only as the view grows."""
 
 
 class ProjectedEvents:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import aiosqlite
 import msgspec
 
-from core.events import EventRegistry, RecordedEvent
+from core.events import Event, EventRegistry, RecordedEvent
 from core.user import USER_EVENT_TYPES, User, evolve
+from projections.runner import Change
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS users (
@@ -45,6 +46,8 @@ class UserProjection:
     """
 
     name = "users"
+    stream_prefix = "user:"
+    event_types = USER_EVENT_TYPES
 
     def __init__(self, cache_size: int = 100_000) -> None:
         self._cache: dict[str, User] = {}
@@ -61,15 +64,31 @@ class UserProjection:
         await conn.execute("DELETE FROM users")
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
-        mine = [e for e in events if e.stream.startswith("user:") and e.type in _registry]
-        if not mine:
+        changes = [
+            (e.stream[5:], e.version, _registry.decode(e.type, e.data))
+            for e in events
+            if e.stream.startswith("user:") and e.type in _registry
+        ]
+        await self._fold(conn, changes)
+
+    async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
+        """Folds a page of a rebuild; users are few, so rows are written at once."""
+        await self._fold(conn, [(stream[5:], 0, event) for _, stream, event in changes])
+
+    async def flush(self, conn: aiosqlite.Connection) -> None:
+        """Nothing is deferred."""
+
+    async def _fold(
+        self, conn: aiosqlite.Connection, changes: Sequence[tuple[str, int, Event]]
+    ) -> None:
+        """Folds `(username, version or 0 if unknown, event)` onto the rows and writes them."""
+        if not changes:
             return
         cache = self._cache
         states: dict[str, User | None] = {}
         missing: set[str] = set()
-        for recorded in mine:
-            name = recorded.stream[5:]
-            if recorded.version > 1 and name not in states:
+        for name, version, _ in changes:
+            if version != 1 and name not in states:
                 cached = cache.get(name)
                 if cached is None:
                     missing.add(name)
@@ -77,9 +96,7 @@ class UserProjection:
                     states[name] = cached
         if missing:
             states.update(await _load(conn, missing))
-        for recorded in mine:
-            name = recorded.stream[5:]
-            event = _registry.decode(recorded.type, recorded.data)
+        for name, _, event in changes:
             states[name] = evolve(states.get(name), event)
         if len(cache) + len(states) > self._cache_size:
             cache.clear()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 
 import aiosqlite
@@ -11,6 +12,7 @@ import msgspec
 
 from core.events import Event, RecordedEvent
 from core.vm import VM_EVENT_TYPES, Vm, evolve
+from projections.runner import Change
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -31,8 +33,8 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at  TEXT    NOT NULL,
     json        BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS vms_by_owner ON vms (owner, created_at, sid);
 """
+INDEX = "CREATE INDEX IF NOT EXISTS vms_by_owner ON vms (owner, created_at, sid)"
 # `vms_by_owner` gives one owner's VMs in the order `list_vms` replies with, without a sort;
 # the JSON stays in the table (an index carrying it would double the cost of every update).
 
@@ -65,11 +67,14 @@ class VmProjection:
     """
 
     name = "vms"
+    stream_prefix = "vm:"
+    event_types = VM_EVENT_TYPES
 
     def __init__(self, cache_size: int = 200_000) -> None:
         self._cache: dict[str, Vm] = {}
         self._cache_size = cache_size
         self._unwritten: dict[str, Vm | None] = {}
+        self._spilled = False
 
     def rolled_back(self) -> None:
         self._cache.clear()
@@ -77,20 +82,39 @@ class VmProjection:
 
     async def create(self, conn: aiosqlite.Connection) -> None:
         await conn.executescript(TABLE)
+        await conn.execute(INDEX)
 
     async def clear(self, conn: aiosqlite.Connection) -> None:
         self._cache.clear()
         self._unwritten.clear()
+        self._spilled = False
         await conn.execute("DELETE FROM vms")
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
-        await self._write(conn, await self._fold(conn, events))
+        changes = [
+            (e.stream[3:], e.version, decode(e.data))
+            for e in events
+            if e.stream.startswith("vm:") and (decode := _decoders.get(e.type)) is not None
+        ]
+        await self._write(conn, await self._fold(conn, changes))
 
-    async def replay(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
-        """Folds a batch of a rebuild in memory; rows are written by `flush`, once per VM."""
-        if len(self._cache) + len(events) > self._cache_size:
-            await self.flush(conn)  # the cache is about to be dropped: the rows must be stored
-        self._unwritten.update(await self._fold(conn, events))
+    async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
+        """Folds a page of a rebuild in memory; rows are written by `flush`, once per VM.
+
+        The view was cleared, so a VM absent from memory does not exist yet, until more VMs
+        than the cache holds force rows out to the table; from then on states are read back.
+        """
+        states = self._unwritten
+        if self._spilled or len(states) + len(changes) > self._cache_size:
+            await self.flush(conn)
+            self._spilled = True
+            folded = [(stream[3:], 0, event) for _, stream, event in changes]
+            self._unwritten = await self._fold(conn, folded)
+            return
+        get = states.get
+        for _, stream, event in changes:
+            sid = stream[3:]
+            states[sid] = evolve(get(sid), event)
 
     async def flush(self, conn: aiosqlite.Connection) -> None:
         """Writes the rows `replay` folded since the last flush."""
@@ -98,21 +122,19 @@ class VmProjection:
         await self._write(conn, unwritten)
 
     async def _fold(
-        self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]
+        self, conn: aiosqlite.Connection, changes: Sequence[tuple[str, int, Event]]
     ) -> dict[str, Vm | None]:
-        """The new state of every VM the events touch; the cache holds them afterwards."""
-        mine = [
-            (e.stream[3:], e.version, decode, e.data)
-            for e in events
-            if e.stream.startswith("vm:") and (decode := _decoders.get(e.type)) is not None
-        ]
-        if not mine:
+        """The new state of every VM `(sid, version or 0 if unknown, event)` touches.
+
+        The cache holds them afterwards; a VM neither cached nor new is read from the view.
+        """
+        if not changes:
             return {}
         cache = self._cache
         states: dict[str, Vm | None] = {}
         missing: set[str] = set()
-        for sid, version, _, _ in mine:
-            if version > 1 and sid not in states:
+        for sid, version, _ in changes:
+            if version != 1 and sid not in states:
                 cached = cache.get(sid)
                 if cached is None:
                     missing.add(sid)
@@ -121,8 +143,8 @@ class VmProjection:
         if missing:
             states.update(await self._load(conn, missing))
         get = states.get
-        for sid, _, decode, data in mine:
-            states[sid] = evolve(get(sid), decode(data))
+        for sid, _, event in changes:
+            states[sid] = evolve(get(sid), event)
         if len(cache) + len(states) > self._cache_size:
             cache.clear()
         for sid, vm in states.items():
@@ -132,13 +154,17 @@ class VmProjection:
 
     @staticmethod
     async def _write(conn: aiosqlite.Connection, states: dict[str, Vm | None]) -> None:
-        rows = [
-            (*_row(vm), _encoder.encode(vm.public()))
-            for _, vm in sorted(states.items())
-            if vm is not None
-        ]
-        if rows:
-            await conn.executemany(UPSERT, rows)
+        """Upserts the rows, in sid order; each chunk is written while the next is encoded."""
+        vms = [vm for _, vm in sorted(states.items()) if vm is not None]
+        writing: Awaitable[object] | None = None
+        for start in range(0, len(vms), 5000):
+            rows = [(*_row(vm), _encoder.encode(vm.public())) for vm in vms[start : start + 5000]]
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(conn.executemany(UPSERT, rows))
+            await asyncio.sleep(0)  # lets the write reach its thread before we encode more
+        if writing is not None:
+            await writing
 
     async def _load(self, conn: aiosqlite.Connection, sids: set[str]) -> dict[str, Vm | None]:
         states: dict[str, Vm | None] = {}

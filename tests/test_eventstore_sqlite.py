@@ -6,10 +6,12 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from adapters.eventstore_sqlite import SqliteEventStore
 from core.errors import ConcurrencyError, Conflict, Unavailable
+from core.events import Event, NewEvent
 from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
 
 
@@ -175,3 +177,31 @@ async def test_reads_agree_whether_served_from_memory_or_from_the_file(tmp_path:
                         range(after + 1, min(after + limit, 30) + 1)
                     )
                     assert [e.request_id for e in hot] == [f"r{e.position - 1}" for e in hot]
+
+
+async def test_a_json_page_holds_the_stretch_of_one_kind_of_stream(tmp_path: Path) -> None:
+    """Framed by SQLite: every event of the prefix and types in (after, upto], data inlined."""
+    async with SqliteEventStore(tmp_path / "events.db") as store:
+        odd = 'vm:a"b\\c'  # JSON-special characters in a stream id still frame valid JSON
+        await store.append([to("vm:x", 0, payload(1, stream="vm:x"), payload(2, stream="vm:x"))])
+        await store.append([to("user:x", 0, payload(3))])
+        await store.append([to(odd, 0, NewEvent(type="VmDeleted", data=b"{}", event=Event()))])
+        await store.append([to("vm:y", 0, payload(5, stream="vm:y"))])
+        await store.append([to("vmz", 0, payload(6))])  # shares the letters, not the prefix
+
+        page = await store.read_json_page(0, 4, "vm:", ["VmStarted", "VmStopped", "VmDeleted"])
+        whole = await store.read_json_page(0, 6, "vm:", ["VmStarted", "VmDeleted"])
+        empty = await store.read_json_page(5, 6, "user:", ["VmStarted"])
+
+    at = "2025-01-01T00:00:00Z"
+    assert sorted(msgspec.json.decode(page)) == [
+        [1, "vm:x", {"type": "VmStarted", "sid": "x-1", "at": at}],
+        [2, "vm:x", {"type": "VmStopped", "sid": "x-2", "at": at}],
+        [4, odd, {"type": "VmDeleted"}],
+    ]
+    assert sorted(msgspec.json.decode(whole)) == [
+        [1, "vm:x", {"type": "VmStarted", "sid": "x-1", "at": at}],
+        [4, odd, {"type": "VmDeleted"}],
+        [5, "vm:y", {"type": "VmStarted", "sid": "y-5", "at": at}],
+    ]
+    assert msgspec.json.decode(empty) == []

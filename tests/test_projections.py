@@ -48,6 +48,7 @@ from projections.runner import (
     read_checkpoint,
     rebuild,
 )
+from projections.user_view import UserProjection
 from projections.vm_view import SELECT, Row, VmProjection, rows_of
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import wait_for_event
@@ -142,6 +143,26 @@ async def test_the_live_view_equals_a_rebuild_from_scratch(
     assert live == folded_rows(await store.read_all(limit=100_000))
     statuses = {row[9] for row in live}
     assert statuses == {"running", "stopped", "deleted"}
+
+
+async def test_a_rebuild_in_small_pages_with_a_tiny_cache_builds_the_same_view(
+    service: Service, tmp_path: Path
+) -> None:
+    """Pages cut streams in the middle, and a cache of 5 VMs makes the rebuild read rows back."""
+    await exercise(service.client, service.grid)
+    store = service.app.store
+    last = await store.last_position()
+    await service.app.views.wait_for(last)
+    live = await service.app.deps.vm_view.all_rows()
+
+    conn = await connect_views(tmp_path / "small" / "views.db")
+    try:
+        projections = [VmProjection(cache_size=5), UserProjection()]
+        assert await rebuild(store, conn, projections, page_size=7, reads_ahead=3) == last
+        assert await view_rows(conn) == live
+        assert await read_checkpoint(conn, ProjectionRunner.name) == last
+    finally:
+        await conn.close()
 
 
 async def test_a_runner_with_small_batches_builds_the_same_view(

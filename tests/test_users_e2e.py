@@ -8,6 +8,7 @@ import dataclasses
 import io
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from adapters.ssh_asyncssh import AsyncsshShell
 from core.errors import NotFound
 from core.manifest import PROFILES
 from core.ports import SshTarget
-from hero_deployer.bootstrap import FROM_SETTINGS, App, bootstrap
+from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App, bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.logs import configure
 from hero_deployer.natsserver import free_port
@@ -35,6 +36,7 @@ from hero_deployer.settings import Settings
 from hero_deployer.user_handlers import SSH_PRIVATE_KEY, VM_SECRET
 from hero_deployer.user_manager import ssh_keys_for
 from hero_deployer.vm_reactor import RetryPolicy
+from projections.runner import connect_views, rebuild
 from tests.conftest import TOKEN, make_settings
 from tests.fakes.forgejo import FakeForgejo
 from tests.fakes.gridproxy import FakeGridProxy, grid_node
@@ -371,6 +373,22 @@ async def test_a_failed_vm_is_replaced_and_decommission_deletes_both(
         for sid in requested:
             types = [e["type"] for e in await stream_events(svc.client, f"vm:{sid}")]
             assert types[-1] == "VmDeleted", (sid, types)
+
+        # a history with a retry, a replaced VM and a decommission rebuilds to the live views
+        last = await svc.app.store.last_position()
+        await svc.app.views.wait_for(last)
+        rebuilt = tmp_path / "rebuilt" / "views.db"
+        conn = await connect_views(rebuilt)
+        try:
+            assert await rebuild(svc.app.store, conn, PROJECTIONS(), page_size=5) == last
+        finally:
+            await conn.close()
+        live = svc.settings.data_dir / "views.db"
+        for query in ("SELECT * FROM users ORDER BY username", "SELECT * FROM vms ORDER BY sid"):
+            with sqlite3.connect(live) as a, sqlite3.connect(rebuilt) as b:
+                live_rows, rebuilt_rows = a.execute(query).fetchall(), b.execute(query).fetchall()
+            assert rebuilt_rows == live_rows
+            assert live_rows
 
 
 class DeadPortShell(AsyncsshShell):
