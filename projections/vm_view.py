@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 import aiosqlite
@@ -154,17 +153,18 @@ class VmProjection:
 
     @staticmethod
     async def _write(conn: aiosqlite.Connection, states: dict[str, Vm | None]) -> None:
-        """Upserts the rows, in sid order; each chunk is written while the next is encoded."""
-        vms = [vm for _, vm in sorted(states.items()) if vm is not None]
-        writing: Awaitable[object] | None = None
-        for start in range(0, len(vms), 5000):
-            rows = [(*_row(vm), _encoder.encode(vm.public())) for vm in vms[start : start + 5000]]
-            if writing is not None:
-                await writing
-            writing = asyncio.ensure_future(conn.executemany(UPSERT, rows))
-            await asyncio.sleep(0)  # lets the write reach its thread before we encode more
-        if writing is not None:
-            await writing
+        """Upserts the rows, in sid order.
+
+        Encoded first, then written in one go: a database thread binding rows while this one
+        encodes would fight it for the GIL at every row.
+        """
+        rows = [
+            (*_row(vm), _encoder.encode(vm.public()))
+            for _, vm in sorted(states.items())
+            if vm is not None
+        ]
+        if rows:
+            await conn.executemany(UPSERT, rows)
 
     async def _load(self, conn: aiosqlite.Connection, sids: set[str]) -> dict[str, Vm | None]:
         states: dict[str, Vm | None] = {}
