@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import aiosqlite
 import msgspec
@@ -19,6 +21,8 @@ from core.errors import ConcurrencyError, Conflict, Unavailable
 from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -96,7 +100,8 @@ class SqliteEventStore:
         self._max_batch = max_batch
         self._tail_size = tail_size
         self._version_cache_size = version_cache_size
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._point_reader: sqlite3.Connection | None = None
         self._bulk_readers: asyncio.Queue[aiosqlite.Connection] | None = None
@@ -120,9 +125,10 @@ class SqliteEventStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await _connect(self.path, self._synchronous)
-        await self._writer.executescript(SCHEMA)
-        await self._writer.commit()
+        # The writer is a plain connection on a thread of its own: a commit is one hop there
+        # and back, however many statements it takes.
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="eventstore-writer")
+        self._writer = await self._on_writer(_connect_writer, self.path, self._synchronous)
         self._reader = await _connect(self.path, self._synchronous)
         # Point reads (one stream, one key) are indexed lookups of microseconds: they run on a
         # read-only connection in the event loop instead of paying hops to a database thread.
@@ -141,7 +147,12 @@ class SqliteEventStore:
             self._wakeup.set()
             await self._writer_task
             self._writer_task = None
-        conns = [self._reader, self._writer]
+        if self._writer is not None:
+            await self._on_writer(self._writer.close)
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=False)
+            self._writer_thread = None
+        conns = [self._reader]
         while self._bulk_readers is not None and not self._bulk_readers.empty():
             conns.append(self._bulk_readers.get_nowait())
         self._bulk_readers = None
@@ -197,32 +208,28 @@ class SqliteEventStore:
         try:
             await self._write(accepted, now)
         except sqlite3.IntegrityError:
-            await self._writer.rollback()
             await self._commit_one_by_one(accepted, now)
             return
         self._publish(accepted)
 
     async def _load_versions(self, batch: list[_Pending]) -> None:
-        """Reads the current version of streams this store has not seen yet, in one query."""
+        """Reads the current version of streams this store has not seen yet, in one query.
+
+        A stream expected to be new needs no read: version 1 of a stream that exists is taken,
+        so `UNIQUE (stream, version)` refuses the append, and the batch is retried one by one.
+        """
         assert self._writer is not None
-        unknown = {a.stream for p in batch for a in p.appends if a.stream not in self._versions}
+        unknown = {
+            a.stream
+            for p in batch
+            for a in p.appends
+            if a.expected_version != 0 and a.stream not in self._versions
+        }
         if not unknown:
             return
         if len(self._versions) + len(unknown) > self._version_cache_size:
             self._versions.clear()
-        for stream in unknown:
-            self._versions[stream] = 0
-        names = list(unknown)
-        for start in range(0, len(names), 500):
-            chunk = names[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            async with self._writer.execute(
-                f"SELECT stream, MAX(version) FROM events WHERE stream IN ({marks})"  # noqa: S608
-                " GROUP BY stream",
-                chunk,
-            ) as cursor:
-                for stream, version in await cursor.fetchall():
-                    self._versions[stream] = version
+        self._versions.update(await self._on_writer(_versions_of, self._writer, list(unknown)))
 
     def _stage(self, batch: list[_Pending], now: datetime) -> list[_Pending]:
         """Checks versions and keys in memory, assigns positions; fails the losers at once."""
@@ -306,11 +313,7 @@ class SqliteEventStore:
             for p in accepted
             if p.idempotency is not None
         ]
-        await self._writer.execute("BEGIN IMMEDIATE")
-        await self._writer.executemany(INSERT_EVENT, rows)
-        if keyed:
-            await self._writer.executemany(INSERT_IDEMPOTENCY, keyed)
-        await self._writer.commit()
+        await self._on_writer(_write_rows, self._writer, rows, keyed)
 
     async def _commit_one_by_one(self, accepted: list[_Pending], now: datetime) -> None:
         """Isolates the appends that broke a constraint after another writer changed the file."""
@@ -327,7 +330,6 @@ class SqliteEventStore:
             try:
                 await self._write(staged, now)
             except sqlite3.IntegrityError:
-                await self._writer.rollback()
                 self._versions.clear()
                 if pending.idempotency and await self.idempotent_reply(pending.idempotency.key):
                     pending.future.set_exception(Conflict("idempotency key already used"))
@@ -338,6 +340,8 @@ class SqliteEventStore:
 
     def _publish(self, accepted: list[_Pending]) -> None:
         """Makes committed events visible: versions, tail, waiting callers and followers."""
+        if len(self._versions) > self._version_cache_size:
+            self._versions.clear()
         for pending in accepted:
             for event in pending.recorded:
                 self._versions[event.stream] = event.version
@@ -357,7 +361,7 @@ class SqliteEventStore:
     async def _rollback_quietly(self) -> None:
         assert self._writer is not None
         try:
-            await self._writer.rollback()
+            await self._on_writer(_rollback, self._writer)
         except sqlite3.Error:
             log.exception("eventstore.rollback_failed")
         self._versions.clear()
@@ -460,9 +464,89 @@ class SqliteEventStore:
 
     async def _max_position(self) -> int:
         assert self._writer is not None
-        async with self._writer.execute("SELECT COALESCE(MAX(position), 0) FROM events") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return await self._on_writer(_max_position, self._writer)
+
+    async def _on_writer(self, fn: Callable[..., T], *args: object) -> T:
+        """Runs `fn(*args)` on the writer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer_thread, fn, *args)
+
+
+# On the writer's thread -----------------------------------------------------------------------
+
+
+def _connect_writer(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def _write_rows(
+    conn: sqlite3.Connection,
+    rows: list[tuple[int, str, int, str, bytes, bytes, str]],
+    keyed: list[tuple[str, str, str, bytes, int, str]],
+) -> None:
+    """One transaction: the events, then the idempotency records; nothing if anything fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _insert_many(conn, INSERT_EVENT, rows)
+        if keyed:
+            _insert_many(conn, INSERT_IDEMPOTENCY, keyed)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _insert_many(conn: sqlite3.Connection, insert: str, rows: Sequence[tuple[object, ...]]) -> None:
+    """Inserts rows with one statement per chunk rather than one per row.
+
+    Each statement releases and retakes the GIL; under load retaking it waits for the event
+    loop's thread, so `executemany` (a statement per row) made a commit wait once per row.
+    """
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        params = [value for row in chunk for value in row]
+        conn.execute(_multi_row(insert, len(chunk), len(chunk[0])), params)
+
+
+_ROWS_PER_STATEMENT = 1000
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(insert: str, rows: int, columns: int) -> str:
+    """`insert` (one row of placeholders) widened to `rows` rows."""
+    head, _, _ = insert.partition(" VALUES ")
+    row = "(" + ",".join("?" * columns) + ")"
+    return f"{head} VALUES {','.join([row] * rows)}"
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _versions_of(conn: sqlite3.Connection, streams: list[str]) -> dict[str, int]:
+    """The latest version of each stream; 0 for a stream with no events."""
+    versions = dict.fromkeys(streams, 0)
+    for start in range(0, len(streams), 500):
+        chunk = streams[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT stream, MAX(version) FROM events WHERE stream IN ({marks})"  # noqa: S608
+            " GROUP BY stream",
+            chunk,
+        )
+        versions.update(rows.fetchall())
+    return versions
+
+
+def _max_position(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _recorded(row: sqlite3.Row | tuple[object, ...]) -> RecordedEvent:

@@ -23,10 +23,9 @@ class TestSqliteEventStore(EventStoreContract):
 # SQLite only -------------------------------------------------------------------------------
 
 
-async def pragma(conn: object, name: str) -> object:
-    async with conn.execute(f"PRAGMA {name}") as cursor:  # type: ignore[attr-defined]
-        row = await cursor.fetchone()
-    return row[0]
+async def pragma(conn: sqlite3.Connection | None, name: str) -> object:
+    assert conn is not None
+    return conn.execute(f"PRAGMA {name}").fetchone()[0]
 
 
 async def test_the_writer_is_wal_and_synchronous_full_by_default(tmp_path: Path) -> None:
@@ -86,6 +85,28 @@ async def test_a_stale_append_after_another_writer_is_a_concurrency_error(
     # the first store learned the truth: an append at the real version now succeeds
     recorded = await first.append([to("vm:a", 2, payload(4))])
     assert [(e.position, e.version) for e in recorded] == [(3, 3)]
+
+
+async def test_a_new_stream_another_writer_created_is_a_concurrency_error(
+    two_processes: tuple[SqliteEventStore, SqliteEventStore],
+) -> None:
+    """Nothing is read for an append expecting a new stream: the schema refuses version 1."""
+    first, second = two_processes
+    await second.append([to("vm:a", 0, payload(1))], request_id="other-process")
+
+    outcomes = await asyncio.gather(
+        first.append([to("vm:a", 0, payload(2))], request_id="late"),
+        first.append([to("vm:b", 0, payload(3))], request_id="fresh"),
+        return_exceptions=True,
+    )
+
+    assert isinstance(outcomes[0], ConcurrencyError)
+    assert [(e.position, e.stream, e.version) for e in outcomes[1]] == [(2, "vm:b", 1)]
+    log = await second.read_all()
+    assert [(e.position, e.stream, e.request_id) for e in log] == [
+        (1, "vm:a", "other-process"),
+        (2, "vm:b", "fresh"),
+    ]
 
 
 async def test_a_batch_with_stale_and_fresh_appends_keeps_the_fresh_ones(

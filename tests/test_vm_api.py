@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
+import time
 
 import msgspec
 import pytest
@@ -48,6 +50,24 @@ async def test_deploy_reaches_running_through_events(service: Service) -> None:
     assert got["status"] == "running"
     assert got["node_id"] == deployed["data"]["node_id"]
     assert got["mycelium_ip"] == deployed["data"]["mycelium_ip"] != ""
+
+
+async def test_sids_are_unique_and_ordered_by_the_millisecond_of_the_deploy(
+    service: Service,
+) -> None:
+    """Time-ordered sids keep a commit of many deploys at the end of every index."""
+    before = time.time_ns() // 1_000_000
+    vms = await asyncio.gather(
+        *(service.client.call("deploy_vm", {"name": f"v{i}", "secret": "s"}) for i in range(50))
+    )
+    after = time.time_ns() // 1_000_000
+    sids = [vm["sid"] for vm in vms]
+    assert len(set(sids)) == 50
+    for sid in sids:
+        assert re.fullmatch(r"vm_[0-9a-f]{20}", sid)
+        assert before <= int(sid[3:15], 16) <= after
+    later = await service.client.call("deploy_vm", {"name": "later", "secret": "s"})
+    assert later["sid"][:15] >= max(sids)[:15]
 
 
 async def test_get_right_after_deploy_reads_own_write(service: Service) -> None:
