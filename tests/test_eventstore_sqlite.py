@@ -102,7 +102,7 @@ async def test_a_new_stream_another_writer_created_is_a_concurrency_error(
 
     assert isinstance(outcomes[0], ConcurrencyError)
     assert [(e.position, e.stream, e.version) for e in outcomes[1]] == [(2, "vm:b", 1)]
-    log = await second.read_all()
+    log = await first.read_all()
     assert [(e.position, e.stream, e.request_id) for e in log] == [
         (1, "vm:a", "other-process"),
         (2, "vm:b", "fresh"),
