@@ -126,14 +126,19 @@ async def exercise(client: HeroDeployerClient, grid: LocalGrid) -> int:
     return len(sids) + 1
 
 
+async def exercised_view(service: Service) -> tuple[int, int, list[Row]]:
+    """Runs `exercise`, then returns the VMs made, the log's position and the live view there."""
+    count = await exercise(service.client, service.grid)
+    last = await service.app.store.last_position()
+    await service.app.views.wait_for(last)
+    return count, last, await service.app.deps.vm_view.all_rows()
+
+
 async def test_the_live_view_equals_a_rebuild_from_scratch(
     service: Service, tmp_path: Path
 ) -> None:
-    count = await exercise(service.client, service.grid)
+    count, last, live = await exercised_view(service)
     store = service.app.store
-    last = await store.last_position()
-    await service.app.views.wait_for(last)
-    live = await service.app.deps.vm_view.all_rows()
 
     applied, rebuilt = await rebuilt_rows(store, tmp_path / "rebuilt" / "views.db")
 
@@ -149,16 +154,13 @@ async def test_a_rebuild_in_small_pages_with_a_tiny_cache_builds_the_same_view(
     service: Service, tmp_path: Path
 ) -> None:
     """Pages cut streams in the middle, and a cache of 5 VMs makes the rebuild read rows back."""
-    await exercise(service.client, service.grid)
-    store = service.app.store
-    last = await store.last_position()
-    await service.app.views.wait_for(last)
-    live = await service.app.deps.vm_view.all_rows()
+    _, last, live = await exercised_view(service)
 
     conn = await connect_views(tmp_path / "small" / "views.db")
     try:
         projections = [VmProjection(cache_size=5), UserProjection()]
-        assert await rebuild(store, conn, projections, page_size=7, reads_ahead=3) == last
+        rebuilt = await rebuild(service.app.store, conn, projections, page_size=7, reads_ahead=3)
+        assert rebuilt == last
         assert await view_rows(conn) == live
         assert await read_checkpoint(conn, ProjectionRunner.name) == last
     finally:
@@ -169,16 +171,12 @@ async def test_a_runner_with_small_batches_builds_the_same_view(
     service: Service, tmp_path: Path
 ) -> None:
     """Batches that cut streams in the middle must continue each VM from its stored row."""
-    await exercise(service.client, service.grid)
-    store = service.app.store
-    last = await store.last_position()
-    await service.app.views.wait_for(last)
-    live = await service.app.deps.vm_view.all_rows()
+    _, last, live = await exercised_view(service)
 
     conn = await connect_views(tmp_path / "small" / "views.db")
     try:
-        async with ProjectionRunner(store, conn, PROJECTIONS(), batch_size=3) as runner:
-            await runner.wait_for(last)
+        async with ProjectionRunner(service.app.store, conn, PROJECTIONS(), batch_size=3) as run:
+            await run.wait_for(last)
         assert await view_rows(conn) == live
         assert await read_checkpoint(conn, ProjectionRunner.name) == last
     finally:
