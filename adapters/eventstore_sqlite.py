@@ -27,7 +27,7 @@ T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 BULK_READERS = 2
-"""Database threads serving `read_json_page`: one per core of the machines we run on."""
+"""Database threads serving `read_json_page`, so a caller can keep two reads in flight."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -418,9 +418,9 @@ class SqliteEventStore:
 
         The events with `after` < position <= `upto` whose stream starts with `prefix` and whose
         type is one of `types`, as ``[[position, stream, {"type": type, ...data}], ...]``.
-        Building the document is one step of the engine, on a database thread without the GIL;
-        two such threads serve these reads, so a caller can keep two stretches in flight while
-        it decodes a third. Element order is the engine's: the caller sorts by position.
+        Building the document is one step of the engine, on a database thread without the GIL,
+        so a caller can decode one stretch while the next ones are read. Element order is the
+        engine's (SQLite 3.40 does not promise group_concat's): the caller sorts by position.
         """
         if not types or not prefix:
             return "[]"
@@ -504,8 +504,9 @@ def _write_rows(
 def _insert_many(conn: sqlite3.Connection, insert: str, rows: Sequence[tuple[object, ...]]) -> None:
     """Inserts rows with one statement per chunk rather than one per row.
 
-    Each statement releases and retakes the GIL; under load retaking it waits for the event
-    loop's thread, so `executemany` (a statement per row) made a commit wait once per row.
+    Each statement releases and retakes the GIL, and under load retaking it waits for the
+    event loop's thread; one statement for a commit's forty rows is also about a third cheaper
+    than `executemany` when nothing else runs.
     """
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
