@@ -1,8 +1,10 @@
 """The embedded "local grid": a `ComputeBackend` on this machine, for development and tests.
 
-State lives in memory: the event log is the source of truth, and after a restart the process
-manager re-deploys by name. Sandbox folders and host keys on disk survive and are reused when a
-VM of the same name is deployed again; `delete_vm` removes them.
+Which VMs and gateways exist is kept in `data_dir/localgrid/ledger.jsonl` (see
+`localgrid_ledger`): a grid entered again on the same data dir has them back, running VMs with
+their SSH server (same host key) and web service, stopped ones stopped, gateways routing. Sandbox
+folders and host keys on disk are reused when a VM of the same name is deployed again;
+`delete_vm` removes them. A grid used without `async with` keeps its state in memory only.
 
 Capacity: nodes you pass are enforced. The default nodes are realistic, but unless you say
 `unlimited=False` they do not refuse work, so benchmarks can deploy 100,000 VMs; their free
@@ -26,8 +28,10 @@ from typing import Self
 
 import asyncssh
 import msgspec
+import structlog
 
 from adapters.localgrid_gateway import GatewayRoute, GatewayServer, parse_backend_url
+from adapters.localgrid_ledger import Ledger, VmRecord
 from adapters.localgrid_machine import WEB_PORT, VmMachine
 from core.ports import (
     BackendError,
@@ -54,6 +58,8 @@ OPERATIONS = frozenset(
         "delete_gateway",
     }
 )
+
+log = structlog.get_logger(__name__)
 
 _VM_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _GATEWAY_NAME = re.compile(r"^[a-zA-Z0-9_]+$")
@@ -162,10 +168,12 @@ class LocalGrid:
         self._injected = _Injected()
         self._gateway = GatewayServer(self._web_port_for, gateway_port)
         self._gateway_lock = asyncio.Lock()
+        self._ledger = Ledger(data_dir / "localgrid" / "ledger.jsonl")
         self._closed = False
         self.calls: list[tuple[str, str]] = []
 
     async def __aenter__(self) -> Self:
+        await self._restore()
         return self
 
     async def __aexit__(
@@ -184,6 +192,7 @@ class LocalGrid:
         machines = [vm.machine for vm in self._vms.values() if vm.machine is not None]
         await asyncio.gather(*(m.halt() for m in machines))
         await self._gateway.close()
+        self._ledger.close()
 
     # Test controls ---------------------------------------------------------------------------
 
@@ -252,7 +261,7 @@ class LocalGrid:
         self._vms[spec.name] = vm
         self._reserve(node, spec, +1)
         if not self._ssh and self._deploy_delay <= 0:
-            vm.status = "running"
+            self._set_status(vm, "running")
             return self._view(vm)
         busy = vm.busy = asyncio.get_running_loop().create_future()
         try:
@@ -263,7 +272,7 @@ class LocalGrid:
                 )
                 self._by_ip[vm.mycelium_ip] = vm
                 await self._boot(vm.machine)
-            vm.status = "running"
+            self._set_status(vm, "running")
         except BaseException:
             self._forget(vm)
             raise
@@ -285,7 +294,7 @@ class LocalGrid:
             await self._pause(self._action_delay)
             if vm.machine is not None:
                 await self._boot(vm.machine)
-            vm.status = "running"
+            self._set_status(vm, "running")
 
     async def stop_vm(self, name: str) -> None:
         """Stops the VM: its SSH server and web service go silent; it keeps its capacity."""
@@ -295,7 +304,7 @@ class LocalGrid:
             await self._pause(self._action_delay)
             if vm.machine is not None:
                 await vm.machine.halt()
-            vm.status = "stopped"
+            self._set_status(vm, "stopped")
 
     async def restart_vm(self, name: str) -> None:
         """Stops and starts the VM; a web service that was set up comes back."""
@@ -306,7 +315,7 @@ class LocalGrid:
             if vm.machine is not None:
                 await vm.machine.halt()
                 await self._boot(vm.machine)
-            vm.status = "running"
+            self._set_status(vm, "running")
 
     async def delete_vm(self, name: str) -> None:
         """Deletes the VM with its sandbox folder; one already gone counts as deleted."""
@@ -333,22 +342,19 @@ class LocalGrid:
             raise BackendError(f"node {spec.node_id} is down")
         if not node.spec.gateway_domain:
             raise BackendError(f"node {spec.node_id} has no gateway")
-        host, port = parse_backend_url(spec.backend_url)
-        fqdn = f"{spec.name}.{node.spec.gateway_domain}"
+        route = self._route(spec, node)
         async with self._gateway_lock:
             if not self._gateway.running:
                 await self._gateway.start()
-        self._gateway.put(
-            GatewayRoute(
-                name=spec.name, fqdn=fqdn, backend_url=spec.backend_url, host=host, port=port
-            )
-        )
-        return BackendGateway(name=spec.name, fqdn=fqdn, url=self._gateway.url(fqdn))
+        self._gateway.put(route)
+        self._ledger.gateway(spec.name, spec)
+        return BackendGateway(name=spec.name, fqdn=route.fqdn, url=self._gateway.url(route.fqdn))
 
     async def delete_gateway(self, name: str) -> None:
         """Removes the gateway; one already gone counts as deleted."""
         self._enter("delete_gateway", name)
-        self._gateway.remove(name)
+        if self._gateway.remove(name):
+            self._ledger.gateway(name, None)
 
     # Internals ---------------------------------------------------------------------------------
 
@@ -436,8 +442,61 @@ class LocalGrid:
         if self._vms.get(name) is vm:
             del self._vms[name]
             self._reserve(vm.node, vm.spec, -1)
+            self._ledger.vm(name, None)
         if self._by_ip.get(vm.mycelium_ip) is vm:
             del self._by_ip[vm.mycelium_ip]
+
+    def _set_status(self, vm: _Vm, status: BackendVmStatus) -> None:
+        vm.status = status
+        self._ledger.vm(
+            vm.spec.name, VmRecord(spec=vm.spec, node_id=vm.node.spec.node_id, status=status)
+        )
+
+    @staticmethod
+    def _route(spec: GatewaySpec, node: _Node) -> GatewayRoute:
+        host, port = parse_backend_url(spec.backend_url)
+        fqdn = f"{spec.name}.{node.spec.gateway_domain}"
+        return GatewayRoute(
+            name=spec.name, fqdn=fqdn, backend_url=spec.backend_url, host=host, port=port
+        )
+
+    async def _restore(self) -> None:
+        """Takes back the VMs and gateways the ledger recorded, booting the VMs that ran."""
+        vms, gateways = await asyncio.to_thread(self._ledger.open)
+        booting: list[_Vm] = []
+        for name, record in vms.items():
+            node = self._nodes.get(record.node_id)
+            if node is None:
+                self._ledger.vm(name, None)  # its node is no longer configured
+                continue
+            vm = _Vm(spec=record.spec, node=node, mycelium_ip=mycelium_ip(name))
+            vm.status = record.status
+            self._vms[name] = vm
+            self._reserve(node, record.spec, +1)
+            if self._ssh:
+                vm.machine = VmMachine(
+                    name=name, root=self._root / name, authorized_keys=_authorized_keys(record.spec)
+                )
+                self._by_ip[vm.mycelium_ip] = vm
+                if record.status == "running":
+                    booting.append(vm)
+        routes = [
+            self._route(spec, node)
+            for spec in gateways.values()
+            if (node := self._nodes.get(spec.node_id)) is not None and node.spec.gateway_domain
+        ]
+        if routes:
+            await self._gateway.start()
+            for route in routes:
+                self._gateway.put(route)
+        booted = await asyncio.gather(
+            *(self._boot(vm.machine) for vm in booting if vm.machine is not None),
+            return_exceptions=True,
+        )
+        for vm, outcome in zip(booting, booted, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning("localgrid.restore_boot_failed", vm=vm.spec.name, error=str(outcome))
+                self._set_status(vm, "stopped")
 
     async def _boot(self, machine: VmMachine) -> None:
         """Boots the machine; a grid closed meanwhile halts it again."""

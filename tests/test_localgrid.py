@@ -20,6 +20,7 @@ from core.ports import (
     GatewaySpec,
     VmSpec,
 )
+from hero_deployer.natsserver import free_port
 from tests.compute_contract import ComputeBackendContract
 
 SMALL = {"cpu_count": 1, "memory_gb": 1, "disk_gb": 1, "rootfs_gb": 1}
@@ -470,6 +471,61 @@ async def test_redeploy_after_restart_reuses_host_key_and_setup(
         async with connect(vm, key) as conn:
             assert conn.get_server_host_key().export_public_key() == first_host_key
         assert g.web_port("vm1") is not None
+
+
+async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, key: asyncssh.SSHKey):
+    """Running VMs boot again (same host key, web service up), stopped ones stay stopped."""
+    port = free_port()
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:
+        vm = await ssh_vm(g, key, "web")
+        await ssh_vm(g, key, "idle")
+        await g.stop_vm("idle")
+        await ssh_vm(g, key, "gone")
+        await g.delete_vm("gone")
+        gw = await g.deploy_gateway(
+            GatewaySpec(
+                name="web", node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:9988"
+            )
+        )
+        async with connect(vm, key) as conn:
+            host_key = conn.get_server_host_key().export_public_key()
+            await conn.run("./setup-binaries.sh", check=True)
+        used = {n.node_id: n.free_memory_gb for n in await g.list_nodes()}
+
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:
+        web, idle = await g.get_vm("web"), await g.get_vm("idle")
+        assert web is not None and idle is not None
+        assert (web.status, idle.status) == ("running", "stopped")
+        assert await g.get_vm("gone") is None
+        assert {n.node_id: n.free_memory_gb for n in await g.list_nodes()} == used
+        async with connect(web, key) as conn:
+            assert conn.get_server_host_key().export_public_key() == host_key
+            assert (await conn.run("true")).exit_status == 0
+        assert g.web_port("idle") is None
+        async with httpx.AsyncClient(trust_env=False) as http:
+            health = await http.get(gw.url + "/health")
+        assert health.status_code == 200 and health.json()["vm"] == "web"
+        await g.start_vm("idle")
+        await g.delete_gateway("web")
+
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:
+        assert (await g.get_vm("idle")).status == "running"  # type: ignore[union-attr]
+        assert await refused(port)  # no gateway left: the gateway server does not even start
+
+
+async def test_a_torn_ledger_line_is_dropped_and_the_rest_kept(tmp_path: Path):
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
+        await g.deploy_vm(spec("a"))
+        await g.deploy_vm(spec("b"))
+    ledger = tmp_path / "localgrid" / "ledger.jsonl"
+    ledger.write_bytes(ledger.read_bytes() + b'{"vm":"c","record":{"spe')  # a crash mid-write
+
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
+        assert [await g.get_vm(name) is not None for name in "abc"] == [True, True, False]
+        await g.deploy_vm(spec("d"))
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
+        assert [await g.get_vm(name) is not None for name in "abcd"] == [True, True, False, True]
+    assert len(ledger.read_bytes().splitlines()) == 3  # compacted: one line per VM
 
 
 async def test_ssh_is_not_up_before_the_deploy_delay_ends(tmp_path: Path, key: asyncssh.SSHKey):
