@@ -269,6 +269,10 @@ class UserManager:
         for recorded in events:
             stream = recorded.stream
             if stream.startswith("user:"):
+                if recorded.type == "InitialPasswordRevealed":
+                    # The request destroys the password after recording the reveal; if the
+                    # process died in between, this event (replayed after the checkpoint) does.
+                    await self._ports.vault.delete(stream[5:], FORGE_PASSWORD)
                 self.kick(stream[5:])
             elif recorded.type in _VM_WAKERS and stream.startswith("vm:"):
                 owner = self._vm_owner.get(stream[3:])

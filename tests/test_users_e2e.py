@@ -27,13 +27,21 @@ from adapters.localgrid import LocalGrid
 from adapters.ssh_asyncssh import AsyncsshShell
 from core.errors import NotFound
 from core.manifest import PROFILES
+from core.operations import RequestMeta
 from core.ports import SshTarget
+from core.user import Context as UserContext
+from core.user import RevealInitialPassword
 from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App, bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.logs import configure
 from hero_deployer.natsserver import free_port
 from hero_deployer.settings import Settings
-from hero_deployer.user_handlers import SSH_PRIVATE_KEY, VM_SECRET
+from hero_deployer.user_handlers import (
+    FORGE_PASSWORD,
+    SSH_PRIVATE_KEY,
+    VM_SECRET,
+    run_user_command,
+)
 from hero_deployer.user_manager import ssh_keys_for
 from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import connect_views, rebuild
@@ -293,6 +301,34 @@ async def test_password_revealed_once_and_no_secret_leaks(
     for needle in needles:
         for where, haystack in haystacks.items():
             assert needle not in haystack, f"a secret leaked into {where}"
+
+
+async def test_a_reveal_recorded_but_not_yet_destroyed_is_destroyed_by_its_replay(
+    tmp_path: Path, nc: Client, forge: FakeForgejo
+) -> None:
+    """The crash window of `reveal_initial_password`: the event is in, the password still sealed."""
+    async with users_service(tmp_path, nc, **forge_settings(forge)) as svc:
+        await provision_ready(svc, "ella")
+        vault = svc.app.deps.vault
+        assert await vault.get("ella", FORGE_PASSWORD) is not None
+        # what the request does before it destroys the password, and no more
+        meta = RequestMeta(operation="reveal_initial_password", request_id="crashed")
+        await run_user_command(
+            svc.app.deps,
+            "ella",
+            RevealInitialPassword(username="ella"),
+            UserContext(now=svc.app.deps.clock()),
+            meta,
+            reply=False,
+        )
+        revealed = (await svc.app.store.read_stream("user:ella"))[-1]
+        assert revealed.type == "InitialPasswordRevealed"
+
+        await svc.app.manager.handle([revealed])  # as the follower does, also after a restart
+
+        assert await vault.get("ella", FORGE_PASSWORD) is None
+        with pytest.raises(NotFound, match="initial password not found"):
+            await svc.client.call("reveal_initial_password", {"username": "ella"})
 
 
 async def test_decommission_from_ready_keeps_forge_account_and_log(
