@@ -222,8 +222,9 @@ class Replayable(Projection, Protocol):
         ...
 
 
-def page_decoder(types: Sequence[type[Event]]) -> Callable[[str], list[Change]]:
-    """Decodes a `read_json_page` page of `types` in one msgspec call.
+@functools.cache
+def page_decoder(types: tuple[type[Event], ...]) -> Callable[[str], list[Change]]:
+    """Decodes a `read_json_page` page of `types` in one msgspec call (one decoder per types).
 
     Each type gets a subclass tagged with its own name, so the page is one typed document of a
     tagged union; the subclasses fold exactly like their bases (`evolve` looks through them).
