@@ -502,6 +502,18 @@ def test_evolve_ignores_events_it_does_not_know(status: str) -> None:
     assert evolve(before, Unrelated(note="x")) == before
 
 
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_a_subclass_of_an_event_folds_like_the_event(event: Event) -> None:
+    """What a rebuild decodes (tagged subclasses of the events) must fold exactly the same."""
+    base = type(event)
+    sub = msgspec.defstruct(base.__name__, [], bases=(base,), tag_field="type", tag="x")
+    copy = sub(**msgspec.structs.asdict(event))
+    for status in STATUSES:
+        before = state(HISTORIES[status])
+        assert evolve(before, copy) == evolve(before, event)
+    assert evolve(None, copy) == evolve(None, event)
+
+
 def test_evolve_is_pure() -> None:
     before = state(HISTORIES["running"])
     copy = msgspec.structs.replace(before)
