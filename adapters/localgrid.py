@@ -31,7 +31,7 @@ import msgspec
 import structlog
 
 from adapters.localgrid_gateway import GatewayRoute, GatewayServer, parse_backend_url
-from adapters.localgrid_ledger import Ledger, VmRecord
+from adapters.localgrid_ledger import Ledger, LedgerInUse, VmRecord
 from adapters.localgrid_machine import WEB_PORT, VmMachine
 from core.ports import (
     BackendError,
@@ -462,7 +462,10 @@ class LocalGrid:
 
     async def _restore(self) -> None:
         """Takes back the VMs and gateways the ledger recorded, booting the VMs that ran."""
-        vms, gateways = await asyncio.to_thread(self._ledger.open)
+        try:
+            vms, gateways = await asyncio.to_thread(self._ledger.open)
+        except LedgerInUse as error:
+            raise BackendError(str(error)) from None
         booting: list[_Vm] = []
         for name, record in vms.items():
             node = self._nodes.get(record.node_id)

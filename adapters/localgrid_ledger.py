@@ -7,6 +7,7 @@ by name). Opening folds the journal, drops a torn last line, and rewrites it com
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -39,15 +40,31 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Entry)
 
 
+class LedgerInUse(Exception):
+    """Another grid, in this process or another, holds the ledger."""
+
+
 class Ledger:
-    """Records the grid's VMs and gateways in `path`; `open` gives back what it held."""
+    """Records the grid's VMs and gateways in `path`; `open` gives back what it held.
+
+    One grid at a time: `open` takes an exclusive lock (`<path>.lock`) until `close`.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._file: BinaryIO | None = None
+        self._lock: BinaryIO | None = None
 
     def open(self) -> tuple[dict[str, VmRecord], dict[str, GatewaySpec]]:
         """The VMs and gateways recorded so far; later changes are appended."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self._path.with_name(self._path.name + ".lock").open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise LedgerInUse(f"{self._path} is in use by another local grid") from None
+        self._lock = lock
         vms: dict[str, VmRecord] = {}
         gateways: dict[str, GatewaySpec] = {}
         if self._path.exists():
@@ -60,7 +77,6 @@ class Ledger:
                     _put(vms, entry.vm, entry.record)
                 if entry.gateway:
                     _put(gateways, entry.gateway, entry.route)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         compacted = self._path.with_name(self._path.name + ".tmp")
         with compacted.open("wb") as out:
             out.writelines(
@@ -83,6 +99,9 @@ class Ledger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the lock
+            self._lock = None
 
     def _append(self, entry: _Entry) -> None:
         if self._file is not None:  # a grid never entered keeps its memory to itself

@@ -74,6 +74,9 @@ def _stable_port(path: Path) -> int:
 
 async def check_backend(settings: Settings) -> list[str]:
     """Human-readable problems with the configured backend; empty when it is usable."""
+    if settings.backend == "local":
+        # it needs nothing, and entering it would take the ledger of the grid a service runs
+        return []
     async with AsyncExitStack() as stack:
         try:
             backend = await build_backend(settings, stack)

@@ -513,6 +513,17 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
         assert await refused(port)  # no gateway left: the gateway server does not even start
 
 
+async def test_one_data_dir_serves_one_grid_at_a_time(tmp_path: Path):
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as first:
+        await first.deploy_vm(spec("a"))
+        with pytest.raises(BackendError, match="in use by another local grid"):
+            async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False):
+                pass
+        await first.deploy_vm(spec("b"))  # the refused grid changed nothing
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as again:
+        assert [await again.get_vm(n) is not None for n in "ab"] == [True, True]
+
+
 async def test_a_torn_ledger_line_is_dropped_and_the_rest_kept(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
         await g.deploy_vm(spec("a"))
