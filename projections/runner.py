@@ -10,10 +10,10 @@ import heapq
 import itertools
 import operator
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 import aiosqlite
 import msgspec
@@ -190,6 +190,46 @@ class ProjectionRunner:
             _, _, future = heapq.heappop(waiters)
             if not future.done():
                 future.set_result(None)
+
+
+S = TypeVar("S")
+
+
+async def fold_cached(
+    changes: Sequence[tuple[str, int, Event]],
+    cache: dict[str, S],
+    cache_size: int,
+    evolve: Callable[[S | None, Event], S | None],
+    load: Callable[[set[str]], Awaitable[dict[str, S | None]]],
+) -> dict[str, S | None]:
+    """The new state of every row `(key, version or 0 if unknown, event)` touches.
+
+    A row is taken from `cache`, else `load`ed (all misses in one call), unless its change is
+    version 1, which starts it. `cache` holds the new states afterwards, cleared first when
+    they would not fit in `cache_size`.
+    """
+    states: dict[str, S | None] = {}
+    if not changes:
+        return states
+    missing: set[str] = set()
+    for key, version, _ in changes:
+        if version != 1 and key not in states:
+            cached = cache.get(key)
+            if cached is None:
+                missing.add(key)
+            else:
+                states[key] = cached
+    if missing:
+        states.update(await load(missing))
+    get = states.get
+    for key, _, event in changes:
+        states[key] = evolve(get(key), event)
+    if len(cache) + len(states) > cache_size:
+        cache.clear()
+    for key, state in states.items():
+        if state is not None:
+            cache[key] = state
+    return states
 
 
 class PagedSource(EventSource, Protocol):

@@ -9,7 +9,7 @@ import msgspec
 
 from core.events import Event, EventRegistry, RecordedEvent
 from core.user import USER_EVENT_TYPES, User, evolve
-from projections.runner import Change
+from projections.runner import Change, fold_cached
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS users (
@@ -82,30 +82,14 @@ class UserProjection:
         self, conn: aiosqlite.Connection, changes: Sequence[tuple[str, int, Event]]
     ) -> None:
         """Folds `(username, version or 0 if unknown, event)` onto the rows and writes them."""
-        if not changes:
-            return
-        cache = self._cache
-        states: dict[str, User | None] = {}
-        missing: set[str] = set()
-        for name, version, _ in changes:
-            if version != 1 and name not in states:
-                cached = cache.get(name)
-                if cached is None:
-                    missing.add(name)
-                else:
-                    states[name] = cached
-        if missing:
-            states.update(await _load(conn, missing))
-        for name, _, event in changes:
-            states[name] = evolve(states.get(name), event)
-        if len(cache) + len(states) > self._cache_size:
-            cache.clear()
-        rows = []
-        for name, user in states.items():
-            if user is not None:
-                cache[name] = user
-                rows.append(_row(user))
-        await conn.executemany(UPSERT, rows)
+
+        async def load(names: set[str]) -> dict[str, User | None]:
+            return await _load(conn, names)
+
+        states = await fold_cached(changes, self._cache, self._cache_size, evolve, load)
+        rows = [_row(user) for user in states.values() if user is not None]
+        if rows:
+            await conn.executemany(UPSERT, rows)
 
 
 class UserView:

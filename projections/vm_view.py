@@ -11,7 +11,7 @@ import msgspec
 
 from core.events import Event, RecordedEvent
 from core.vm import VM_EVENT_TYPES, Vm, evolve
-from projections.runner import Change
+from projections.runner import Change, fold_cached
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -123,33 +123,12 @@ class VmProjection:
     async def _fold(
         self, conn: aiosqlite.Connection, changes: Sequence[tuple[str, int, Event]]
     ) -> dict[str, Vm | None]:
-        """The new state of every VM `(sid, version or 0 if unknown, event)` touches.
+        """The new state of every VM `(sid, version or 0 if unknown, event)` touches."""
 
-        The cache holds them afterwards; a VM neither cached nor new is read from the view.
-        """
-        if not changes:
-            return {}
-        cache = self._cache
-        states: dict[str, Vm | None] = {}
-        missing: set[str] = set()
-        for sid, version, _ in changes:
-            if version != 1 and sid not in states:
-                cached = cache.get(sid)
-                if cached is None:
-                    missing.add(sid)
-                else:
-                    states[sid] = cached
-        if missing:
-            states.update(await self._load(conn, missing))
-        get = states.get
-        for sid, _, event in changes:
-            states[sid] = evolve(get(sid), event)
-        if len(cache) + len(states) > self._cache_size:
-            cache.clear()
-        for sid, vm in states.items():
-            if vm is not None:
-                cache[sid] = vm
-        return states
+        async def load(sids: set[str]) -> dict[str, Vm | None]:
+            return await self._load(conn, sids)
+
+        return await fold_cached(changes, self._cache, self._cache_size, evolve, load)
 
     @staticmethod
     async def _write(conn: aiosqlite.Connection, states: dict[str, Vm | None]) -> None:
