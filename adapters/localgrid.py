@@ -267,11 +267,7 @@ class LocalGrid:
         try:
             await self._pause(self._deploy_delay)
             if self._ssh:
-                vm.machine = VmMachine(
-                    name=spec.name, root=self._root / spec.name, authorized_keys=keys
-                )
-                self._by_ip[vm.mycelium_ip] = vm
-                await self._boot(vm.machine)
+                await self._boot(self._attach_machine(vm, keys))
             self._set_status(vm, "running")
         except BaseException:
             self._forget(vm)
@@ -446,6 +442,13 @@ class LocalGrid:
         if self._by_ip.get(vm.mycelium_ip) is vm:
             del self._by_ip[vm.mycelium_ip]
 
+    def _attach_machine(self, vm: _Vm, keys: frozenset[bytes]) -> VmMachine:
+        """Gives the VM its SSH server and web service (not yet booted), reachable by its IP."""
+        name = vm.spec.name
+        vm.machine = VmMachine(name=name, root=self._root / name, authorized_keys=keys)
+        self._by_ip[vm.mycelium_ip] = vm
+        return vm.machine
+
     def _set_status(self, vm: _Vm, status: BackendVmStatus) -> None:
         vm.status = status
         self._ledger.vm(
@@ -477,10 +480,7 @@ class LocalGrid:
             self._vms[name] = vm
             self._reserve(node, record.spec, +1)
             if self._ssh:
-                vm.machine = VmMachine(
-                    name=name, root=self._root / name, authorized_keys=_authorized_keys(record.spec)
-                )
-                self._by_ip[vm.mycelium_ip] = vm
+                self._attach_machine(vm, _authorized_keys(record.spec))
                 if record.status == "running":
                     booting.append(vm)
         routes = [
