@@ -12,6 +12,7 @@ import operator
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, Self, TypeVar
 
@@ -193,6 +194,18 @@ class ProjectionRunner:
 
 
 S = TypeVar("S")
+
+
+def timestamp_text(value: datetime) -> str:
+    """`value.isoformat()`, a quarter of its cost for the UTC times events carry.
+
+    msgspec writes a UTC time as RFC 3339 with a `Z` (microseconds only when there are any,
+    as `isoformat` does); the view keeps the `+00:00` form its rows have always had.
+    """
+    if value.tzinfo is UTC:
+        text: str = msgspec.to_builtins(value)
+        return text[:-1] + "+00:00"
+    return value.isoformat()
 
 
 async def fold_cached(

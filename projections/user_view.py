@@ -9,7 +9,7 @@ import msgspec
 
 from core.events import Event, EventRegistry, RecordedEvent
 from core.user import USER_EVENT_TYPES, User, evolve
-from projections.runner import Change, fold_cached
+from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS users (
@@ -140,7 +140,7 @@ def _row(user: User) -> Row:
         user.vm_sid,
         user.node_id,
         user.error,
-        user.created_at.isoformat(),
-        user.updated_at.isoformat(),
+        timestamp_text(user.created_at),
+        timestamp_text(user.updated_at),
         _encoder.encode(user),
     )

@@ -11,7 +11,7 @@ import msgspec
 
 from core.events import Event, RecordedEvent
 from core.vm import VM_EVENT_TYPES, Vm, evolve
-from projections.runner import Change, fold_cached
+from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -210,8 +210,8 @@ def _row(vm: Vm) -> Row:
         vm.node_id,
         vm.mycelium_ip,
         vm.error,
-        vm.created_at.isoformat(),
-        vm.updated_at.isoformat(),
+        timestamp_text(vm.created_at),
+        timestamp_text(vm.updated_at),
     )
 
 
