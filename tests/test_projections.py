@@ -7,7 +7,7 @@ import random
 import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import aiosqlite
@@ -47,6 +47,7 @@ from projections.runner import (
     connect_views,
     read_checkpoint,
     rebuild,
+    timestamp_text,
 )
 from projections.user_view import UserProjection
 from projections.vm_view import SELECT, Row, VmProjection, rows_of
@@ -436,3 +437,19 @@ async def test_reopening_applies_only_events_after_the_checkpoint(
         assert await view_rows(conn) == rebuilt
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 11, 25, 18, 4, 5, tzinfo=UTC),
+        datetime(2026, 11, 25, 18, 4, 5, 120000, tzinfo=UTC),
+        datetime(2026, 11, 25, 18, 4, 5, 7, tzinfo=UTC),
+        datetime(1999, 1, 2, 3, 4, 5, 999999, tzinfo=UTC),
+        datetime(2026, 11, 25, 18, 4, 5, 120, tzinfo=timezone(timedelta(hours=-5))),
+        datetime(2026, 11, 25, 18, 4, 5),
+    ],
+)
+def test_timestamp_text_is_isoformat(value: datetime) -> None:
+    """The view's time columns keep their form (and so their order) whichever path wrote them."""
+    assert timestamp_text(value) == value.isoformat()
