@@ -492,7 +492,15 @@ def _write_rows(
     rows: list[tuple[int, str, int, str, bytes, bytes, str]],
     keyed: list[tuple[str, str, str, bytes, int, str]],
 ) -> None:
-    """One transaction: the events, then the idempotency records; nothing if anything fails."""
+    """One transaction: the events, then the idempotency records; nothing if anything fails.
+
+    A commit with no idempotency records that fits one statement is that statement alone (in
+    autocommit mode a statement is its own transaction, as durable): each of BEGIN and COMMIT
+    would release the GIL and wait to retake it from the busy event loop.
+    """
+    if not keyed and len(rows) <= _ROWS_PER_STATEMENT:
+        _insert_many(conn, INSERT_EVENT, rows)
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         _insert_many(conn, INSERT_EVENT, rows)
