@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Literal, Self, TypeVar, cast
 
 import aiosqlite
 import msgspec
@@ -26,8 +26,8 @@ T = TypeVar("T")
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-BULK_READERS = 2
-"""Database threads serving `read_json_page`, so a caller can keep two reads in flight."""
+BULK_READERS = 3
+"""Database threads serving bulk reads: two pages in flight and a stream's ends alongside."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -427,11 +427,7 @@ class SqliteEventStore:
         """
         if not types or not prefix:
             return "[]"
-        if self._bulk_readers is None:
-            self._bulk_readers = asyncio.Queue()
-            for _ in range(BULK_READERS):
-                self._bulk_readers.put_nowait(await _connect(self.path, self._synchronous))
-        readers = self._bulk_readers
+        readers = await self._bulk()
         marks = ",".join("?" * len(types))
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         sql = (
@@ -449,6 +445,35 @@ class SqliteEventStore:
         finally:
             readers.put_nowait(conn)
         return str(row[0]) if row else "[]"
+
+    async def stream_ends(self, prefix: str, upto: int) -> list[tuple[int, str]]:
+        """The last position up to `upto` of every stream starting with `prefix`, in order.
+
+        One scan of the stream index, which holds the position: the table is not read.
+        """
+        if not prefix:
+            return []
+        readers = await self._bulk()
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        conn = await readers.get()
+        try:
+            async with conn.execute(
+                "SELECT MAX(position), stream FROM events"
+                " WHERE stream >= ? AND stream < ? AND position <= ? GROUP BY stream ORDER BY 1",
+                (prefix, end, upto),
+            ) as cur:
+                rows = await cur.fetchall()
+        finally:
+            readers.put_nowait(conn)
+        return cast("list[tuple[int, str]]", list(rows))
+
+    async def _bulk(self) -> asyncio.Queue[aiosqlite.Connection]:
+        """The connections bulk reads take turns on, each with a thread of its own."""
+        if self._bulk_readers is None:
+            self._bulk_readers = asyncio.Queue()
+            for _ in range(BULK_READERS):
+                self._bulk_readers.put_nowait(await _connect(self.path, self._synchronous))
+        return self._bulk_readers
 
     async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
         assert self._point_reader is not None

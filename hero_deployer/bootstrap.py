@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 import aiosqlite
+import structlog
 from nats.aio.client import Client
 
 from adapters.eventstore_sqlite import SqliteEventStore, Synchronous
@@ -41,9 +42,13 @@ from projections.runner import (
     Replayable,
     connect_views,
     connect_views_reader,
+    outdated,
+    rebuild,
 )
 from projections.user_view import UserProjection, UserView
 from projections.vm_view import VmProjection, VmView
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -126,7 +131,13 @@ async def bootstrap(
         reader = connect_views_reader(views_db)
         stack.callback(reader.close)
 
-        runner = await stack.enter_async_context(ProjectionRunner(store, views_conn, PROJECTIONS()))
+        projections = PROJECTIONS()
+        if stale := await outdated(views_conn, projections):
+            # views written with an older layout of their tables, or none yet: from the log
+            if store.position:
+                log.info("views.rebuilding", views=stale, events=store.position)
+            await rebuild(store, views_conn, projections)
+        runner = await stack.enter_async_context(ProjectionRunner(store, views_conn, projections))
         key = load_or_create_key(
             data_dir / "fingerprint.key", os.environ.get("HERO_DEPLOYER_FINGERPRINT_KEY")
         )

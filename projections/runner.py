@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import functools
 import gc
@@ -29,7 +30,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     name     TEXT    PRIMARY KEY,
     position INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS layouts (
+    name    TEXT    PRIMARY KEY,
+    version INTEGER NOT NULL
+);
 """
+# `layouts` records the version of each view's tables a rebuild wrote them with.
 
 
 class EventSource(Protocol):
@@ -53,8 +59,6 @@ class Projection(Protocol):
     async def create(self, conn: aiosqlite.Connection) -> None: ...
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None: ...
-
-    async def clear(self, conn: aiosqlite.Connection) -> None: ...
 
     def rolled_back(self) -> None:
         """Forgets in-memory state from a batch that was not committed."""
@@ -252,13 +256,24 @@ class PagedSource(EventSource, Protocol):
         self, after: int, upto: int, prefix: str, types: Sequence[str]
     ) -> str: ...
 
+    async def stream_ends(self, prefix: str, upto: int) -> list[tuple[int, str]]:
+        """The last position up to `upto` of every stream starting with `prefix`, in order."""
+        ...
+
 
 Change = tuple[int, str, Event]
 """An event to fold during a rebuild: its position, its stream and the decoded event."""
 
 
 class Replayable(Projection, Protocol):
-    """A projection that a rebuild replays from the log, one kind of stream at a time."""
+    """A projection that a rebuild replays from the log, one kind of stream at a time.
+
+    A row is folded from the events of one stream alone, so once a stream's last event has
+    been replayed, its row is final.
+    """
+
+    version: int
+    """The layout of the projection's tables; a view written with another is rebuilt."""
 
     stream_prefix: str
     """Only streams whose id starts with this feed the projection."""
@@ -266,8 +281,16 @@ class Replayable(Projection, Protocol):
     event_types: tuple[type[Event], ...]
     """The events the projection folds; others of its streams leave it unchanged."""
 
+    async def drop(self, conn: aiosqlite.Connection) -> None:
+        """Drops the projection's tables (a rebuild creates them again) and forgets its rows."""
+        ...
+
     async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
-        """Takes the next page of the log, in position order; may defer writes until `flush`."""
+        """Takes the next page of the log, in position order; may defer writes."""
+        ...
+
+    async def complete(self, conn: aiosqlite.Connection, streams: Sequence[str]) -> None:
+        """These streams have nothing left to replay: their rows may be written now."""
         ...
 
     async def flush(self, conn: aiosqlite.Connection) -> None:
@@ -300,6 +323,14 @@ def page_decoder(types: tuple[type[Event], ...]) -> Callable[[str], list[Change]
 _position = operator.itemgetter(0)
 
 
+async def outdated(conn: aiosqlite.Connection, projections: Sequence[Replayable]) -> list[str]:
+    """The projections whose tables were not written by a rebuild with their current layout."""
+    await conn.executescript(CHECKPOINTS)
+    async with conn.execute("SELECT name, version FROM layouts") as cur:
+        recorded = {str(name): int(version) for name, version in await cur.fetchall()}
+    return [p.name for p in projections if recorded.get(p.name) != p.version]
+
+
 async def rebuild(
     source: PagedSource,
     conn: aiosqlite.Connection,
@@ -308,27 +339,37 @@ async def rebuild(
     page_size: int = 20000,
     reads_ahead: int = 2,
 ) -> int:
-    """Clears every view and replays the whole log into it; returns the position it reflects.
+    """Drops every view and replays the whole log into it; returns the position it reflects.
 
     It is one transaction: readers see the old view until the new one is complete, and a
     rebuild that fails leaves the old view and its checkpoint as they were. Each projection
     reads only its own streams, in stretches of `page_size` positions; the next
     `reads_ahead` stretches are read on database threads, outside the GIL, while this one is
-    decoded and folded.
+    decoded and folded. Where each stream ends is read alongside, so a stream's row is
+    written as soon as the stretch holding its last event has been folded.
     """
-    for projection in projections:
-        await projection.create(conn)
     upto = source.position
     async with _rebuilding(conn):
         try:
             for projection in projections:
-                await projection.clear(conn)
-            for projection in projections:
-                decode = page_decoder(projection.event_types)
-                async with _pages(source, projection, upto, page_size, reads_ahead) as pages:
-                    async for page in pages:
-                        await projection.replay(conn, decode(page))
-                await projection.flush(conn)
+                await projection.drop(conn)
+                await projection.create(conn)
+            # where each projection's streams end, read while the ones before it replay
+            ends = [
+                asyncio.ensure_future(source.stream_ends(p.stream_prefix, upto))
+                for p in projections
+            ]
+            try:
+                for projection, its_ends in zip(projections, ends, strict=True):
+                    await _replay(source, conn, projection, its_ends, upto, page_size, reads_ahead)
+            finally:
+                for pending in ends:
+                    pending.cancel()
+                await asyncio.gather(*ends, return_exceptions=True)
+            await conn.executemany(
+                "INSERT OR REPLACE INTO layouts (name, version) VALUES (?, ?)",
+                [(p.name, p.version) for p in projections],
+            )
             await write_checkpoint(conn, ProjectionRunner.name, upto)
             await conn.commit()
         except BaseException:
@@ -339,33 +380,63 @@ async def rebuild(
     return upto
 
 
+async def _replay(
+    source: PagedSource,
+    conn: aiosqlite.Connection,
+    projection: Replayable,
+    ends: asyncio.Future[list[tuple[int, str]]],
+    upto: int,
+    page_size: int,
+    reads_ahead: int,
+) -> None:
+    """Replays the projection's pages, completing streams as their last events go by.
+
+    Until `ends` is known, rows wait; once it is, a projection without streams reads no page.
+    """
+    if ends.done() and not ends.result():
+        return
+    decode = page_decoder(projection.event_types)
+    done = 0  # how many of the ends have been completed
+    async with _pages(source, projection, upto, page_size, reads_ahead) as pages:
+        async for stop, page in pages:
+            await projection.replay(conn, decode(page))
+            if ends.done():
+                last = ends.result()
+                end = bisect.bisect_right(last, stop, lo=done, key=_position)
+                await projection.complete(conn, [stream for _, stream in last[done:end]])
+                done = end
+    await projection.flush(conn)
+
+
 @asynccontextmanager
 async def _pages(
     source: PagedSource, projection: Replayable, upto: int, page_size: int, reads_ahead: int
-) -> AsyncIterator[AsyncIterator[str]]:
-    """The projection's pages of the log up to `upto`, with `reads_ahead` of them in flight."""
+) -> AsyncIterator[AsyncIterator[tuple[int, str]]]:
+    """The projection's pages of the log up to `upto` with the position each one ends at,
+    `reads_ahead` of them in flight."""
     types = [t.__name__ for t in projection.event_types]
     starts = iter(range(0, upto, page_size))
-    reading: collections.deque[asyncio.Future[str]] = collections.deque()
+    reading: collections.deque[tuple[int, asyncio.Future[str]]] = collections.deque()
 
     def read_ahead() -> None:
         for start in itertools.islice(starts, reads_ahead - len(reading)):
             stop = min(start + page_size, upto)
             read = source.read_json_page(start, stop, projection.stream_prefix, types)
-            reading.append(asyncio.ensure_future(read))
+            reading.append((stop, asyncio.ensure_future(read)))
 
-    async def pages() -> AsyncIterator[str]:
+    async def pages() -> AsyncIterator[tuple[int, str]]:
         read_ahead()
         while reading:
             await asyncio.sleep(0)  # lets the reads reach their threads before we fold
-            page = await reading.popleft()
+            stop, read = reading.popleft()
+            page = await read
             read_ahead()
-            yield page
+            yield stop, page
 
     try:
         yield pages()
     finally:
-        for read in reading:
+        for _, read in reading:
             read.cancel()
 
 

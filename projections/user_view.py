@@ -22,9 +22,9 @@ CREATE TABLE IF NOT EXISTS users (
     created_at TEXT    NOT NULL,
     updated_at TEXT    NOT NULL,
     state      BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS users_by_status ON users (status);
+)
 """
+INDEX = "CREATE INDEX IF NOT EXISTS users_by_status ON users (status)"
 
 COLUMNS = "username, status, step, vm_sid, node_id, error, created_at, updated_at, state"
 UPSERT = f"INSERT OR REPLACE INTO users ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"  # noqa: S608
@@ -46,6 +46,7 @@ class UserProjection:
     """
 
     name = "users"
+    version = 1
     stream_prefix = "user:"
     event_types = USER_EVENT_TYPES
 
@@ -57,11 +58,13 @@ class UserProjection:
         self._cache.clear()
 
     async def create(self, conn: aiosqlite.Connection) -> None:
-        await conn.executescript(TABLE)
+        # statement by statement: `executescript` would commit a rebuild's transaction
+        await conn.execute(TABLE)
+        await conn.execute(INDEX)
 
-    async def clear(self, conn: aiosqlite.Connection) -> None:
+    async def drop(self, conn: aiosqlite.Connection) -> None:
         self._cache.clear()
-        await conn.execute("DELETE FROM users")
+        await conn.execute("DROP TABLE IF EXISTS users")
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
         changes = [
@@ -74,6 +77,9 @@ class UserProjection:
     async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
         """Folds a page of a rebuild; users are few, so rows are written at once."""
         await self._fold(conn, [(stream[5:], 0, event) for _, stream, event in changes])
+
+    async def complete(self, conn: aiosqlite.Connection, streams: Sequence[str]) -> None:
+        """Nothing is deferred."""
 
     async def flush(self, conn: aiosqlite.Connection) -> None:
         """Nothing is deferred."""

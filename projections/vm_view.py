@@ -2,59 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
 
 import aiosqlite
 import msgspec
 
 from core.events import Event, RecordedEvent
-from core.vm import VM_EVENT_TYPES, Vm, evolve
+from core.vm import VM_EVENT_TYPES, Vm, VmOut, evolve
 from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS vms (
-    sid         TEXT    PRIMARY KEY,
-    owner       TEXT    NOT NULL,
-    name        TEXT    NOT NULL,
-    slice_sid   TEXT    NOT NULL,
-    image       TEXT    NOT NULL,
-    cpu_count   INTEGER NOT NULL,
-    memory_gb   INTEGER NOT NULL,
-    disk_gb     INTEGER NOT NULL,
-    rootfs_gb   INTEGER NOT NULL,
-    status      TEXT    NOT NULL,
-    node_id     INTEGER,
-    mycelium_ip TEXT    NOT NULL,
-    error       TEXT    NOT NULL,
-    created_at  TEXT    NOT NULL,
-    updated_at  TEXT    NOT NULL,
-    json        BLOB    NOT NULL
-);
+    sid        TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    json       BLOB NOT NULL
+)
 """
 INDEX = "CREATE INDEX IF NOT EXISTS vms_by_owner ON vms (owner, created_at, sid)"
-# `vms_by_owner` gives one owner's VMs in the order `list_vms` replies with, without a sort;
-# the JSON stays in the table (an index carrying it would double the cost of every update).
+# A row is what the queries select and order by, and the Vm resource as JSON: a reply is the
+# stored JSON as is, and the few columns are cheap to write. `vms_by_owner` gives one owner's VMs
+# in the order `list_vms` replies with, without a sort.
 
-COLUMNS = (
-    "sid, owner, name, slice_sid, image, cpu_count, memory_gb, disk_gb, rootfs_gb,"
-    " status, node_id, mycelium_ip, error, created_at, updated_at"
-)
-UPSERT = (
-    f"INSERT OR REPLACE INTO vms ({COLUMNS}, json)"  # noqa: S608
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
-SELECT = f"SELECT {COLUMNS} FROM vms"  # noqa: S608
+VERSION = 2
+"""The layout of the table above; a view written with another is rebuilt (1: a column a field)."""
 
-Row = tuple[str, str, str, str, str, int, int, int, int, str, int | None, str, str, str, str]
+UPSERT = "INSERT OR REPLACE INTO vms (sid, owner, status, created_at, json) VALUES (?,?,?,?,?)"
+INSERT_JSON = (
+    "INSERT INTO vms (sid, owner, status, created_at, json)"
+    " SELECT value->>0, value->>1, value->>2, value->>3, CAST(value->>4 AS BLOB)"
+    " FROM json_each(?)"
+)
+"""Rows given as one JSON array of `[sid, owner, status, created_at, json]`: SQLite reads them
+in one step, without the GIL, while the rebuild folds on."""
+UPSERT_JSON = INSERT_JSON.replace("INSERT", "INSERT OR REPLACE", 1)
+"""The same, for a rebuild whose rows spilled to the table and may be written again."""
+SELECT = "SELECT sid, owner, status, created_at, json FROM vms"
+BY_OWNER = "SELECT owner, json FROM vms WHERE owner = ? ORDER BY created_at, sid"
+BY_OWNER_LIVE = (
+    "SELECT owner, json FROM vms WHERE owner = ? AND status != 'deleted' ORDER BY created_at, sid"
+)
+
+Row = tuple[str, str, str, str, bytes]
 
 _encoder = msgspec.json.Encoder()
+_vm_out = msgspec.json.Decoder(VmOut)
 
 _decoders: dict[str, Callable[[bytes], Event]] = {
     t.__name__: msgspec.json.Decoder(t).decode for t in VM_EVENT_TYPES
 }
 """Event type name → its decoder, looked up once per event."""
+
+REBUILD_CHUNK = 5000
+"""Rows a rebuild hands SQLite at a time."""
 
 
 class VmProjection:
@@ -62,32 +65,40 @@ class VmProjection:
 
     It keeps the rows it wrote in memory (bounded), so an update needs no read back; the
     runner calls `rolled_back` when a batch fails, and the cache is dropped. During a rebuild
-    (`replay`, then `flush`) it folds the whole log in memory and writes each VM's row once.
+    (`replay`, `complete`, then `flush`) it folds the log in memory and writes each VM's row
+    once, as soon as the VM's stream has no events left, in chunks SQLite inserts on its own
+    thread while the next pages are folded.
     """
 
     name = "vms"
+    version = VERSION
     stream_prefix = "vm:"
     event_types = VM_EVENT_TYPES
 
-    def __init__(self, cache_size: int = 200_000) -> None:
+    def __init__(self, cache_size: int = 200_000, chunk: int = REBUILD_CHUNK) -> None:
         self._cache: dict[str, Vm] = {}
         self._cache_size = cache_size
+        self._chunk = chunk
         self._unwritten: dict[str, Vm | None] = {}
         self._spilled = False
+        self._ready: list[tuple[str, str, str, str, str]] = []
+        self._inserting: asyncio.Future[aiosqlite.Cursor] | None = None
 
     def rolled_back(self) -> None:
         self._cache.clear()
         self._unwritten.clear()
+        self._ready.clear()
+        self._inserting = None
 
     async def create(self, conn: aiosqlite.Connection) -> None:
-        await conn.executescript(TABLE)
+        # statement by statement: `executescript` would commit a rebuild's transaction
+        await conn.execute(TABLE)
         await conn.execute(INDEX)
 
-    async def clear(self, conn: aiosqlite.Connection) -> None:
-        self._cache.clear()
-        self._unwritten.clear()
+    async def drop(self, conn: aiosqlite.Connection) -> None:
+        self.rolled_back()
         self._spilled = False
-        await conn.execute("DELETE FROM vms")
+        await conn.execute("DROP TABLE IF EXISTS vms")
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
         changes = [
@@ -98,7 +109,7 @@ class VmProjection:
         await self._write(conn, await self._fold(conn, changes))
 
     async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
-        """Folds a page of a rebuild in memory; rows are written by `flush`, once per VM.
+        """Folds a page of a rebuild in memory; rows are written by `complete` and `flush`.
 
         The view was cleared, so a VM absent from memory does not exist yet, until more VMs
         than the cache holds force rows out to the table; from then on states are read back.
@@ -115,10 +126,38 @@ class VmProjection:
             sid = stream[3:]
             states[sid] = evolve(get(sid), event)
 
+    async def complete(self, conn: aiosqlite.Connection, streams: Sequence[str]) -> None:
+        """Writes the rows of VMs whose streams have no events left to replay."""
+        pop = self._unwritten.pop
+        ready = self._ready
+        for stream in streams:
+            vm = pop(stream[3:], None)
+            if vm is not None:
+                ready.append(_json_row(vm))
+        if len(ready) >= self._chunk:
+            await self._insert_ready(conn)
+
     async def flush(self, conn: aiosqlite.Connection) -> None:
-        """Writes the rows `replay` folded since the last flush."""
+        """Writes every row `replay` folded and has not written yet."""
         unwritten, self._unwritten = self._unwritten, {}
-        await self._write(conn, unwritten)
+        self._ready.extend(_json_row(vm) for vm in unwritten.values() if vm is not None)
+        await self._insert_ready(conn)
+        if self._inserting is not None:
+            inserting, self._inserting = self._inserting, None
+            await inserting
+
+    async def _insert_ready(self, conn: aiosqlite.Connection) -> None:
+        """Hands the ready rows to SQLite, once the previous chunk is in."""
+        if self._inserting is not None:
+            inserting, self._inserting = self._inserting, None
+            await inserting
+        if self._ready:
+            document = _encoder.encode(self._ready).decode()
+            self._ready = []
+            insert = UPSERT_JSON if self._spilled else INSERT_JSON
+            inserting = asyncio.ensure_future(conn.execute(insert, (document,)))
+            inserting.add_done_callback(_retrieve)
+            self._inserting = inserting
 
     async def _fold(
         self, conn: aiosqlite.Connection, changes: Sequence[tuple[str, int, Event]]
@@ -137,11 +176,7 @@ class VmProjection:
         Encoded first, then written in one go: a database thread binding rows while this one
         encodes would fight it for the GIL at every row.
         """
-        rows = [
-            (*_row(vm), _encoder.encode(vm.public()))
-            for _, vm in sorted(states.items())
-            if vm is not None
-        ]
+        rows = [_row(vm) for _, vm in sorted(states.items()) if vm is not None]
         if rows:
             await conn.executemany(UPSERT, rows)
 
@@ -151,11 +186,21 @@ class VmProjection:
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            async with conn.execute(f"{SELECT} WHERE sid IN ({marks})", chunk) as cursor:
-                for row in await cursor.fetchall():
-                    vm = _vm(tuple(row))
+            async with conn.execute(
+                f"SELECT owner, json FROM vms WHERE sid IN ({marks})",  # noqa: S608
+                chunk,
+            ) as cursor:
+                for owner, json in await cursor.fetchall():
+                    vm = _vm(owner, json)
                     states[vm.sid] = vm
         return states
+
+
+def _retrieve(inserting: asyncio.Future[aiosqlite.Cursor]) -> None:
+    """Marks a failed insert's error as seen: whoever awaits it raises it, or the rebuild failed
+    before that and rolled back."""
+    if not inserting.cancelled():
+        inserting.exception()
 
 
 class VmView:
@@ -183,11 +228,8 @@ class VmView:
         return [row[0] for row in cursor.fetchall()]
 
     async def by_owner(self, owner: str, *, include_deleted: bool = False) -> list[Vm]:
-        where = (
-            " WHERE owner = ?" if include_deleted else " WHERE owner = ? AND status != 'deleted'"
-        )
-        rows = self._conn.execute(SELECT + where + " ORDER BY created_at, sid", (owner,))
-        return [_vm(tuple(row)) for row in rows.fetchall()]
+        query = BY_OWNER if include_deleted else BY_OWNER_LIVE
+        return [_vm(row[0], row[1]) for row in self._conn.execute(query, (owner,)).fetchall()]
 
     async def all_rows(self) -> list[Row]:
         """Every row in sid order, for comparing a live view with a rebuilt one."""
@@ -199,40 +241,26 @@ def _row(vm: Vm) -> Row:
     return (
         vm.sid,
         vm.owner,
-        vm.name,
-        vm.slice_sid,
-        vm.image,
-        vm.cpu_count,
-        vm.memory_gb,
-        vm.disk_gb,
-        vm.rootfs_gb,
         vm.status,
-        vm.node_id,
-        vm.mycelium_ip,
-        vm.error,
         timestamp_text(vm.created_at),
-        timestamp_text(vm.updated_at),
+        _encoder.encode(vm.public()),
     )
 
 
-def _vm(row: Row) -> Vm:
-    return Vm(
-        sid=row[0],
-        owner=row[1],
-        name=row[2],
-        slice_sid=row[3],
-        image=row[4],
-        cpu_count=row[5],
-        memory_gb=row[6],
-        disk_gb=row[7],
-        rootfs_gb=row[8],
-        status=row[9],  # type: ignore[arg-type]
-        node_id=row[10],
-        mycelium_ip=row[11],
-        error=row[12],
-        created_at=datetime.fromisoformat(row[13]),
-        updated_at=datetime.fromisoformat(row[14]),
+def _json_row(vm: Vm) -> tuple[str, str, str, str, str]:
+    """The row as `UPSERT_JSON` reads it: the resource's JSON travels as a JSON string."""
+    return (
+        vm.sid,
+        vm.owner,
+        vm.status,
+        timestamp_text(vm.created_at),
+        _encoder.encode(vm.public()).decode(),
     )
+
+
+def _vm(owner: str, json: bytes) -> Vm:
+    out = _vm_out.decode(json)
+    return Vm(owner=owner, **msgspec.structs.asdict(out))
 
 
 def rows_of(vms: Iterable[Vm]) -> list[Row]:

@@ -226,3 +226,21 @@ async def test_a_json_page_holds_the_stretch_of_one_kind_of_stream(tmp_path: Pat
         [5, "vm:y", {"type": "VmStarted", "sid": "y-5", "at": at}],
     ]
     assert msgspec.json.decode(empty) == []
+
+
+async def test_stream_ends_are_the_last_positions_of_a_kind_of_stream_in_order(
+    tmp_path: Path,
+) -> None:
+    async with SqliteEventStore(tmp_path / "events.db") as store:
+        await store.append([to("vm:x", 0, payload(1, stream="vm:x"), payload(2, stream="vm:x"))])
+        await store.append([to("vm:y", 0, payload(3, stream="vm:y"))])
+        await store.append([to("user:x", 0, payload(4))])
+        await store.append([to("vm:x", 2, payload(5, stream="vm:x"))])
+        await store.append([to("vmz", 0, payload(6))])  # shares the letters, not the prefix
+        await store.append([to("vm:y", 1, payload(7, stream="vm:y"))])
+
+        assert await store.stream_ends("vm:", 7) == [(5, "vm:x"), (7, "vm:y")]
+        assert await store.stream_ends("vm:", 4) == [(2, "vm:x"), (3, "vm:y")]
+        assert await store.stream_ends("vm:", 0) == []
+        assert await store.stream_ends("user:", 7) == [(4, "user:x")]
+        assert await store.stream_ends("node:", 7) == []

@@ -42,9 +42,11 @@ from hero_deployer.cli import main
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import (
+    Change,
     Projection,
     ProjectionRunner,
     connect_views,
+    outdated,
     read_checkpoint,
     rebuild,
     timestamp_text,
@@ -147,7 +149,7 @@ async def test_the_live_view_equals_a_rebuild_from_scratch(
     assert len(live) == count
     assert rebuilt == live
     assert live == folded_rows(await store.read_all(limit=100_000))
-    statuses = {row[9] for row in live}
+    statuses = {row[2] for row in live}
     assert statuses == {"running", "stopped", "deleted"}
 
 
@@ -159,13 +161,103 @@ async def test_a_rebuild_in_small_pages_with_a_tiny_cache_builds_the_same_view(
 
     conn = await connect_views(tmp_path / "small" / "views.db")
     try:
-        projections = [VmProjection(cache_size=5), UserProjection()]
+        projections = [VmProjection(cache_size=5, chunk=2), UserProjection()]
         rebuilt = await rebuild(service.app.store, conn, projections, page_size=7, reads_ahead=3)
         assert rebuilt == last
         assert await view_rows(conn) == live
         assert await read_checkpoint(conn, ProjectionRunner.name) == last
     finally:
         await conn.close()
+
+
+async def test_a_rebuild_writing_rows_in_small_chunks_builds_the_same_view(
+    service: Service, tmp_path: Path
+) -> None:
+    """Rows go to the table as their streams end, chunk by chunk, while later pages fold."""
+    _, last, live = await exercised_view(service)
+
+    conn = await connect_views(tmp_path / "chunks" / "views.db")
+    try:
+        projections = [VmProjection(chunk=3), UserProjection()]
+        assert await rebuild(service.app.store, conn, projections, page_size=5) == last
+        assert await view_rows(conn) == live
+    finally:
+        await conn.close()
+
+
+async def test_a_failed_rebuild_leaves_the_view_its_layout_and_checkpoint_as_they_were(
+    service: Service, tmp_path: Path
+) -> None:
+    """The tables are dropped and written again inside the rebuild's one transaction."""
+    _, last, live = await exercised_view(service)
+
+    class FailsLate(VmProjection):
+        pages = completed = 0
+
+        async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
+            await super().replay(conn, changes)
+            self.pages += 1
+            if self.pages == 20:
+                raise Boom("the disk is full")
+
+        async def complete(self, conn: aiosqlite.Connection, streams: Sequence[str]) -> None:
+            await super().complete(conn, streams)
+            self.completed += len(streams)
+
+    conn = await connect_views(tmp_path / "failed" / "views.db")
+    try:
+        assert await rebuild(service.app.store, conn, PROJECTIONS()) == last
+        failing = FailsLate(chunk=2)
+        with pytest.raises(Boom):
+            await rebuild(service.app.store, conn, [failing, UserProjection()], page_size=5)
+        assert failing.pages == 20
+        assert failing.completed > 2  # rows of finished streams went to SQLite, in chunks of 2
+        assert await view_rows(conn) == live
+        assert await read_checkpoint(conn, ProjectionRunner.name) == last
+        assert await outdated(conn, PROJECTIONS()) == []
+    finally:
+        await conn.close()
+
+
+async def test_a_view_with_an_older_layout_is_rebuilt_when_the_service_starts(
+    tmp_path: Path, nc: Client
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    async with (
+        LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False) as grid,
+        bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app,
+    ):
+        await exercise(HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix), grid)
+        last = await app.store.last_position()
+        await app.views.wait_for(last)
+        live = await app.deps.vm_view.all_rows()
+        listed = await HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix).call(
+            "list_vms", {"secret": "bob"}
+        )
+
+    with sqlite3.connect(settings.data_dir / "views.db") as db:  # as version 1 left it
+        db.execute("DROP TABLE vms")
+        db.execute(
+            "CREATE TABLE vms (sid TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL,"
+            " status TEXT NOT NULL, created_at TEXT NOT NULL, json BLOB NOT NULL)"
+        )
+        db.execute("INSERT INTO vms VALUES ('vm_stale', 'x', 'stale', 'running', '', x'7b7d')")
+        db.execute("DELETE FROM layouts")
+
+    async with (
+        LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False) as grid,
+        bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app,
+    ):
+        assert await app.deps.vm_view.all_rows() == live
+        client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+        assert await client.call("list_vms", {"secret": "bob"}) == listed
+        assert listed["vms"]
+
+    with sqlite3.connect(settings.data_dir / "views.db") as db:
+        assert dict(db.execute("SELECT name, version FROM layouts").fetchall()) == {
+            "vms": VmProjection.version,
+            "users": UserProjection.version,
+        }
 
 
 async def test_a_runner_with_small_batches_builds_the_same_view(
@@ -201,11 +293,9 @@ async def test_the_rebuild_command_leaves_the_view_equal_to_the_live_one(
     views_db = settings.data_dir / "views.db"
     with sqlite3.connect(views_db) as db:  # damage the view: rebuild must not trust it
         db.execute("DELETE FROM vms WHERE rowid % 2 = 0")
-        db.execute("UPDATE vms SET status = 'running', error = 'stale'")
+        db.execute("UPDATE vms SET status = 'running', json = '{}'")
         db.execute(
-            "INSERT INTO vms SELECT 'vm_ghost', owner, name, slice_sid, image, cpu_count,"
-            " memory_gb, disk_gb, rootfs_gb, status, node_id, mycelium_ip, error,"
-            " created_at, updated_at, json FROM vms LIMIT 1"
+            "INSERT INTO vms SELECT 'vm_ghost', owner, status, created_at, json FROM vms LIMIT 1"
         )
         db.execute("UPDATE checkpoints SET position = 3 WHERE name = 'views'")
 
@@ -280,9 +370,6 @@ class Seen:
     async def create(self, conn: aiosqlite.Connection) -> None:
         await conn.execute("CREATE TABLE IF NOT EXISTS seen (position INTEGER NOT NULL)")
 
-    async def clear(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("DELETE FROM seen")
-
     def rolled_back(self) -> None:
         pass
 
@@ -311,9 +398,6 @@ class FailOnce:
     async def create(self, conn: aiosqlite.Connection) -> None:
         pass
 
-    async def clear(self, conn: aiosqlite.Connection) -> None:
-        pass
-
     def rolled_back(self) -> None:
         pass
 
@@ -334,9 +418,6 @@ class Recorder:
     async def create(self, conn: aiosqlite.Connection) -> None:
         pass
 
-    async def clear(self, conn: aiosqlite.Connection) -> None:
-        pass
-
     def rolled_back(self) -> None:
         pass
 
@@ -355,7 +436,7 @@ async def test_drive_makes_a_rich_history(store: SqliteEventStore) -> None:
     log = await store.read_all(limit=10_000)
     assert {e.type for e in log} == {t.__name__ for t in VM_EVENT_TYPES}
     rows = folded_rows(log)
-    assert {row[9] for row in rows} >= {"running", "stopped", "deleted"}
+    assert {row[2] for row in rows} >= {"running", "stopped", "deleted"}
     assert len({row[1] for row in rows}) == len(OWNERS)
 
 
