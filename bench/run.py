@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapters.sqlite_runtime import disable_memory_statistics
 from hero_deployer.natsserver import NatsServer, free_port
 
 TOKEN = "bench-token-" + "b" * 32
@@ -214,6 +215,7 @@ async def _running_sids(url: str, count: int) -> list[str]:
 
 
 def main() -> None:
+    disable_memory_statistics()  # as `hero-deployer` does before it opens a database
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=30000, help="requests per service benchmark")
     parser.add_argument("--only", default="service,eventsourcing,rebuild,list")

@@ -24,6 +24,7 @@ import msgspec
 
 from adapters.eventstore_sqlite import INSERT_EVENT, SCHEMA, SqliteEventStore
 from adapters.keyfiles import load_or_create_key
+from adapters.sqlite_runtime import disable_memory_statistics
 from core.events import Event
 from core.secrets import Fingerprinter
 from core.vm import (
@@ -285,6 +286,7 @@ def rebuild_and_list(
 
 
 def main() -> None:
+    disable_memory_statistics()  # as `hero-deployer` does before it opens a database
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--vms", type=int, default=100_000)

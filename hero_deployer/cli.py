@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from adapters.sqlite_runtime import disable_memory_statistics
 from core.errors import DomainError
 from core.ports import BackendError
 from hero_deployer.settings import Settings
@@ -551,6 +552,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    disable_memory_statistics()  # before any database is opened; see its docstring
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"data_dir": getattr(args, "data_dir", None)}
     if getattr(args, "nats_port", None) is not None:

@@ -16,6 +16,7 @@ import pytest_asyncio
 from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
+from adapters.sqlite_runtime import disable_memory_statistics
 from hero_deployer.bootstrap import App, bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.natsserver import free_port, nats_server_binary
@@ -23,6 +24,11 @@ from hero_deployer.settings import Settings
 from hero_deployer.vm_reactor import RetryPolicy
 
 TOKEN = "test-token-" + "x" * 32
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite runs SQLite as the service does (`hero_deployer.cli.main` does this first)."""
+    disable_memory_statistics()
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ from core.vm import (
     StopVm,
     Vm,
     VmCommand,
+    VmDeployFailed,
+    VmDeployRequested,
     decide,
     evolve,
     fold,
@@ -534,3 +536,63 @@ async def test_reopening_applies_only_events_after_the_checkpoint(
 def test_timestamp_text_is_isoformat(value: datetime) -> None:
     """The view's time columns keep their form (and so their order) whichever path wrote them."""
     assert timestamp_text(value) == value.isoformat()
+
+
+async def test_rows_a_rebuild_writes_are_byte_for_byte_the_rows_the_live_view_writes(
+    tmp_path: Path,
+) -> None:
+    """The rebuild hands SQLite its rows as JSON; quotes, escapes, non-ASCII text and times
+    with and without microseconds or a UTC offset come out as the live path stores them."""
+    at = datetime(2026, 11, 25, 18, 4, 5, tzinfo=UTC)
+    history = [
+        VmDeployRequested(
+            sid=f"vm_{i}",
+            name=f"vm-{i}",
+            owner="ab" * 32,
+            image="ubuntu-24.04",
+            cpu_count=2,
+            memory_gb=4,
+            disk_gb=50,
+            rootfs_gb=16,
+            node_id=i or None,
+            at=when,
+        )
+        for i, when in enumerate(
+            [
+                at,
+                at.replace(microsecond=120000),
+                at.replace(microsecond=7, tzinfo=timezone(timedelta(hours=-5))),
+            ]
+        )
+    ] + [VmDeployFailed(sid="vm_1", error='node "13" \\ out of capacity: é漢😀\n\t\x01', at=at)]
+    recorded = [
+        RecordedEvent(
+            position=position,
+            stream=f"vm:{event.sid}",
+            version=1 if isinstance(event, VmDeployRequested) else 2,
+            type=type(event).__name__,
+            data=NewEvent.of(event).data,
+            recorded_at=at,
+            request_id="r",
+        )
+        for position, event in enumerate(history, start=1)
+    ]
+
+    live_conn = await connect_views(tmp_path / "live.db")
+    rebuilt_conn = await connect_views(tmp_path / "rebuilt.db")
+    try:
+        live, rebuilt = VmProjection(), VmProjection(chunk=1)
+        await live.create(live_conn)
+        await live.apply(live_conn, recorded)
+        await rebuilt.create(rebuilt_conn)
+        await rebuilt.replay(
+            rebuilt_conn,
+            [(e.position, e.stream, ev) for e, ev in zip(recorded, history, strict=True)],
+        )
+        await rebuilt.complete(rebuilt_conn, ["vm:vm_0", "vm:vm_2"])
+        await rebuilt.flush(rebuilt_conn)
+        assert await view_rows(rebuilt_conn) == await view_rows(live_conn)
+        assert len(await view_rows(live_conn)) == 3
+    finally:
+        await live_conn.close()
+        await rebuilt_conn.close()
