@@ -23,7 +23,9 @@ def disable_memory_statistics() -> bool:
     The library must be shut down to change the setting, which is only safe while no
     connection is open: call this first thing. When SQLite reports memory in use (a
     connection is open) or the library cannot be reached, nothing changes and it returns
-    False; the statistics then stay on, which only costs speed.
+    False; the statistics then stay on, which only costs speed. When they are off already
+    (a library built so, or set before), a probe allocation is not counted, and nothing is
+    shut down.
     """
     global _disabled
     if _disabled:
@@ -40,6 +42,14 @@ def disable_memory_statistics() -> bool:
     memory_used.restype = ctypes.c_int64
     if memory_used() != 0:
         return False
+    lib.sqlite3_malloc.restype = ctypes.c_void_p
+    lib.sqlite3_free.argtypes = [ctypes.c_void_p]
+    probe = lib.sqlite3_malloc(64)
+    counted = memory_used()
+    lib.sqlite3_free(probe)
+    if probe and counted == 0:
+        _disabled = True  # nothing is counted: a zero above said nothing about connections
+        return True
     if lib.sqlite3_shutdown() != _SQLITE_OK:
         return False
     configured = lib.sqlite3_config(ctypes.c_int(_SQLITE_CONFIG_MEMSTATUS), ctypes.c_int(0))

@@ -58,3 +58,27 @@ def test_an_open_connection_keeps_the_library_as_it_is() -> None:
         """
     )
     assert (took, used, rows) == ("False", "True", "1")
+
+
+def test_statistics_already_off_are_left_alone_even_with_a_connection_open() -> None:
+    """Off, SQLite reports no memory in use with a connection open: that zero proves nothing,
+    so the library must not be shut down under the connection. A shutdown would also forget
+    the registered auto-extension, which every new connection runs."""
+    took, rows, runs = run(
+        """
+        lib.sqlite3_shutdown()
+        lib.sqlite3_config(ctypes.c_int(9), ctypes.c_int(0))  # off, as a build can have it
+        lib.sqlite3_initialize()
+        runs = []
+        ENTRY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        entry = ENTRY(lambda db, error, api: runs.append(db) or 0)
+        lib.sqlite3_auto_extension(entry)
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (x)")
+        took = disable_memory_statistics()
+        conn.execute("INSERT INTO t VALUES (1)")
+        sqlite3.connect(":memory:").close()
+        print(took, conn.execute("SELECT count(*) FROM t").fetchone()[0], len(runs))
+        """
+    )
+    assert (took, rows, runs) == ("True", "1", "2")
