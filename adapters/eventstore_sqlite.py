@@ -426,9 +426,7 @@ class SqliteEventStore:
         """
         if not types or not prefix:
             return "[]"
-        readers = await self._bulk()
         marks = ",".join("?" * len(types))
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         sql = (
             "SELECT coalesce('[' || group_concat("  # noqa: S608
             "'[' || position || ',' || json_quote(stream) || ',{\"type\":\"' || type || '\"'"
@@ -437,13 +435,8 @@ class SqliteEventStore:
             " WHERE position > ? AND position <= ? AND +stream >= ? AND +stream < ?"
             f" AND type IN ({marks})"
         )
-        conn = await readers.get()
-        try:
-            async with conn.execute(sql, (after, upto, prefix, end, *types)) as cur:
-                row = await cur.fetchone()
-        finally:
-            readers.put_nowait(conn)
-        return str(row[0]) if row else "[]"
+        rows = await self._bulk_read(sql, (after, upto, prefix, _past(prefix), *types))
+        return str(rows[0][0]) if rows else "[]"
 
     async def stream_ends(self, prefix: str, upto: int) -> list[tuple[int, str]]:
         """The last position up to `upto` of every stream starting with `prefix`, in order.
@@ -452,27 +445,27 @@ class SqliteEventStore:
         """
         if not prefix:
             return []
-        readers = await self._bulk()
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        conn = await readers.get()
-        try:
-            async with conn.execute(
-                "SELECT MAX(position), stream FROM events"
-                " WHERE stream >= ? AND stream < ? AND position <= ? GROUP BY stream ORDER BY 1",
-                (prefix, end, upto),
-            ) as cur:
-                rows = await cur.fetchall()
-        finally:
-            readers.put_nowait(conn)
-        return cast("list[tuple[int, str]]", list(rows))
+        rows = await self._bulk_read(
+            "SELECT MAX(position), stream FROM events"
+            " WHERE stream >= ? AND stream < ? AND position <= ? GROUP BY stream ORDER BY 1",
+            (prefix, _past(prefix), upto),
+        )
+        return cast("list[tuple[int, str]]", rows)
 
-    async def _bulk(self) -> asyncio.Queue[aiosqlite.Connection]:
-        """The connections bulk reads take turns on, each with a thread of its own."""
+    async def _bulk_read(self, sql: str, params: tuple[object, ...]) -> list[sqlite3.Row]:
+        """Every row of `sql`, on one of the connections bulk reads take turns on (each has a
+        thread of its own, so several reads run at once)."""
         if self._bulk_readers is None:
             self._bulk_readers = asyncio.Queue()
             for _ in range(BULK_READERS):
                 self._bulk_readers.put_nowait(await _connect(self.path, self._synchronous))
-        return self._bulk_readers
+        readers = self._bulk_readers
+        conn = await readers.get()
+        try:
+            async with conn.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        finally:
+            readers.put_nowait(conn)
 
     async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
         assert self._point_reader is not None
@@ -583,6 +576,11 @@ def _versions_of(conn: sqlite3.Connection, streams: list[str]) -> dict[str, int]
 def _max_position(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
     return int(row[0]) if row else 0
+
+
+def _past(prefix: str) -> str:
+    """The least string above every string starting with `prefix`: `stream < _past(prefix)`."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def _recorded(row: sqlite3.Row | tuple[object, ...]) -> RecordedEvent:

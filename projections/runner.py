@@ -324,8 +324,10 @@ _position = operator.itemgetter(0)
 
 
 async def outdated(conn: aiosqlite.Connection, projections: Sequence[Replayable]) -> list[str]:
-    """The projections whose tables were not written by a rebuild with their current layout."""
-    await conn.executescript(CHECKPOINTS)
+    """The projections whose tables were not written by a rebuild with their current layout.
+
+    `conn` is one `connect_views` opened, which made the `layouts` table.
+    """
     async with conn.execute("SELECT name, version FROM layouts") as cur:
         recorded = {str(name): int(version) for name, version in await cur.fetchall()}
     return [p.name for p in projections if recorded.get(p.name) != p.version]

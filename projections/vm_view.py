@@ -248,14 +248,9 @@ def _row(vm: Vm) -> Row:
 
 
 def _json_row(vm: Vm) -> tuple[str, str, str, str, str]:
-    """The row as `UPSERT_JSON` reads it: the resource's JSON travels as a JSON string."""
-    return (
-        vm.sid,
-        vm.owner,
-        vm.status,
-        timestamp_text(vm.created_at),
-        _encoder.encode(vm.public()).decode(),
-    )
+    """The row as `INSERT_JSON` reads it: the resource's JSON travels as a JSON string."""
+    sid, owner, status, created_at, json = _row(vm)
+    return sid, owner, status, created_at, json.decode()
 
 
 def _vm(owner: str, json: bytes) -> Vm:

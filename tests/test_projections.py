@@ -155,34 +155,35 @@ async def test_the_live_view_equals_a_rebuild_from_scratch(
     assert statuses == {"running", "stopped", "deleted"}
 
 
-async def test_a_rebuild_in_small_pages_with_a_tiny_cache_builds_the_same_view(
-    service: Service, tmp_path: Path
+@pytest.mark.parametrize(
+    ("cache_size", "chunk", "page_size", "reads_ahead"),
+    [
+        # pages cut streams in the middle; a cache of 5 VMs makes the rebuild read rows back
+        (5, 2, 7, 3),
+        # rows go to the table as their streams end, chunk by chunk, while later pages fold
+        (200_000, 3, 5, 2),
+    ],
+    ids=["small-pages-tiny-cache", "small-chunks"],
+)
+async def test_a_rebuild_in_small_pieces_builds_the_same_view(
+    service: Service,
+    tmp_path: Path,
+    cache_size: int,
+    chunk: int,
+    page_size: int,
+    reads_ahead: int,
 ) -> None:
-    """Pages cut streams in the middle, and a cache of 5 VMs makes the rebuild read rows back."""
     _, last, live = await exercised_view(service)
 
     conn = await connect_views(tmp_path / "small" / "views.db")
     try:
-        projections = [VmProjection(cache_size=5, chunk=2), UserProjection()]
-        rebuilt = await rebuild(service.app.store, conn, projections, page_size=7, reads_ahead=3)
+        projections = [VmProjection(cache_size=cache_size, chunk=chunk), UserProjection()]
+        rebuilt = await rebuild(
+            service.app.store, conn, projections, page_size=page_size, reads_ahead=reads_ahead
+        )
         assert rebuilt == last
         assert await view_rows(conn) == live
         assert await read_checkpoint(conn, ProjectionRunner.name) == last
-    finally:
-        await conn.close()
-
-
-async def test_a_rebuild_writing_rows_in_small_chunks_builds_the_same_view(
-    service: Service, tmp_path: Path
-) -> None:
-    """Rows go to the table as their streams end, chunk by chunk, while later pages fold."""
-    _, last, live = await exercised_view(service)
-
-    conn = await connect_views(tmp_path / "chunks" / "views.db")
-    try:
-        projections = [VmProjection(chunk=3), UserProjection()]
-        assert await rebuild(service.app.store, conn, projections, page_size=5) == last
-        assert await view_rows(conn) == live
     finally:
         await conn.close()
 
