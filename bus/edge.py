@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import itertools
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ class ServiceEdge:
         self._version = version
         self._service: Service | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._stats: dict[str, Any] = {}
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
 
@@ -102,6 +104,10 @@ class ServiceEdge:
                 queue_group=QUEUE_GROUP,
                 handler=self._endpoint(operation),
             )
+        # nats-py's micro times only the handler call (ours hands off to a task at once) and
+        # counts only exceptions as errors (ours are replies): the edge keeps the endpoint's
+        # counters itself, in the fields `$SRV.STATS` reports, as nats micro defines them.
+        self._stats = {endpoint._name: endpoint for endpoint in self._service._endpoints}
         await self._nc.flush()
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -134,6 +140,8 @@ class ServiceEdge:
         self, operation: Operation, decoder: msgspec.json.Decoder[Any], request: Request
     ) -> None:
         request_id = f"{self._id_prefix}-{next(self._ids)}"
+        started = time.perf_counter_ns()
+        failure: DomainError | None = None
         try:
             headers = request.headers or {}
             if operation.name not in self._exempt:
@@ -153,13 +161,31 @@ class ServiceEdge:
             result = await operation.handler(command, meta)
             await _send(request, _OK_PREFIX + result + b"}")
         except DomainError as error:
+            failure = error
             await self._respond_error(request, error)
         except asyncio.CancelledError:
-            await self._respond_error(request, Internal("the service is shutting down"))
+            failure = Internal("the service is shutting down")
+            await self._respond_error(request, failure)
             raise
         except Exception:
             log.exception("request.failed", operation=operation.name, request_id=request_id)
-            await self._respond_error(request, Internal("internal error"))
+            failure = Internal("internal error")
+            await self._respond_error(request, failure)
+        finally:
+            self._count(operation.name, time.perf_counter_ns() - started, failure)
+
+    def _count(self, name: str, elapsed_ns: int, error: DomainError | None) -> None:
+        """Adds one request's processing time, and its error, to the endpoint's statistics."""
+        endpoint = self._stats.get(name)
+        if endpoint is None:
+            return
+        endpoint._processing_time += elapsed_ns
+        endpoint._average_processing_time = endpoint._processing_time // max(
+            endpoint._num_requests, 1
+        )
+        if error is not None:
+            endpoint._num_errors += 1
+            endpoint._last_error = f"{error.number}:{error.message}"
 
     def _authenticate(self, header: str | None) -> None:
         if header is None:
