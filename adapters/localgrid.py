@@ -153,6 +153,8 @@ class LocalGrid:
 
         `gateway_port` 0 picks a free port; a fixed one keeps gateway URLs valid across restarts.
         """
+        # Absolute once: the root reaches commands that run with a VM's home as their cwd.
+        data_dir = data_dir.absolute()
         self._root = data_dir / "localgrid" / "vms"
         chosen = tuple(nodes) if nodes is not None else default_nodes(gateway_domain_suffix)
         self._nodes = {n.node_id: _Node(spec=n, up=n.up) for n in chosen}
