@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import itertools
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from core.errors import DomainError, Internal, InvalidInput, Unauthorized
-from core.operations import Operation, RequestMeta
+from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN, Operation, RequestMeta
 
 log = structlog.get_logger(__name__)
 
@@ -60,8 +61,12 @@ def validation_message(error: msgspec.MsgspecError) -> str:
     return "malformed JSON: " + str(error).removeprefix("JSON is malformed: ")
 
 
+_BEARER = re.compile(BEARER_PATTERN)
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
 def _valid_idempotency_key(key: str) -> bool:
-    return 1 <= len(key) <= 128 and all(" " <= c <= "~" for c in key)
+    return _IDEMPOTENCY_KEY.match(key) is not None
 
 
 class ServiceEdge:
@@ -190,7 +195,7 @@ class ServiceEdge:
     def _authenticate(self, header: str | None) -> None:
         if header is None:
             raise Unauthorized("missing bearer token")
-        if not header.startswith("Bearer "):
+        if _BEARER.match(header) is None:
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         if not hmac.compare_digest(header.encode(), self._expected):
             raise Unauthorized("invalid bearer token")

@@ -8,6 +8,10 @@ from typing import Any
 
 import msgspec
 
+# Header rules, whole-value like every pattern (`\Z`: `$` would also match before a final newline)
+BEARER_PATTERN = r"^Bearer [^\x00-\x1f\x7f]+\Z"
+IDEMPOTENCY_KEY_PATTERN = r"^[ -~]{1,128}\Z"
+
 
 @dataclass(frozen=True, slots=True)
 class RequestMeta:

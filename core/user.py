@@ -20,8 +20,9 @@ from core.gateway_names import gateway_name
 from core.manifest import PROFILES
 
 USERNAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
-PROFILE_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
-EMAIL_PATTERN = r"^$|^[^@\s]+@[^@\s]+$"
+PROFILE_PATTERN = r"^[a-z0-9][a-z0-9_-]*\Z"
+# empty, or one `@` between two runs without spaces or control characters (C0, DEL, C1)
+EMAIL_PATTERN = r"^(?:[^@\s\x00-\x1f\x7f-\x9f]+@[^@\s\x00-\x1f\x7f-\x9f]+)?\Z"
 
 Username = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=USERNAME_PATTERN)]
 DisplayName = Annotated[str, msgspec.Meta(max_length=128)]

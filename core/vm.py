@@ -14,7 +14,9 @@ from msgspec.structs import replace
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 
-NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+# Patterns match the whole value: msgspec uses `re.search`, and `$` also matches before a final
+# newline, so every pattern ends with `\Z` (the AsyncAPI document turns it into ECMA-262 `$`).
+NAME_PATTERN = r"^[A-Za-z0-9._-]+\Z"
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 Secret = Annotated[str, msgspec.Meta(max_length=256)]

@@ -26,6 +26,7 @@ from core.errors import (
     Unavailable,
 )
 from core.events import Event, EventOut
+from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
 from core.user import USER_EVENT_TYPES, USERNAME_PATTERN
 from core.vm import VM_EVENT_TYPES
 from hero_deployer.client import (
@@ -133,6 +134,38 @@ def _ref(pointer: str) -> Json:
     return {"$ref": pointer}
 
 
+_ECMA_ANCHORS: Final = {"A": "^", "Z": "$"}
+
+
+def ecma_pattern(pattern: str) -> str:
+    """The ECMA-262 form of a whole-value Python pattern (`\\A` and `\\Z` become `^` and `$`).
+
+    JSON Schema patterns are ECMA-262, where `$` without the m flag matches only at the end and
+    `\\Z` does not exist; Python's `$` also matches before a final newline, hence `\\Z` in ours.
+    """
+    out: list[str] = []
+    chars = iter(pattern)
+    for char in chars:
+        if char != "\\":
+            out.append(char)
+            continue
+        escaped = next(chars, "")
+        out.append(_ECMA_ANCHORS.get(escaped, char + escaped))
+    return "".join(out)
+
+
+def _ecma_patterns(node: Any) -> Any:
+    """A copy of a JSON Schema with every `pattern` in its ECMA-262 form."""
+    if isinstance(node, dict):
+        return {
+            k: ecma_pattern(v) if k == "pattern" and isinstance(v, str) else _ecma_patterns(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_ecma_patterns(v) for v in node]
+    return node
+
+
 def _schemas(operations: Sequence[OperationSpec], events: Sequence[type[Event]]) -> Json:
     types: list[Any] = [EventOut]
     for op in operations:
@@ -141,7 +174,7 @@ def _schemas(operations: Sequence[OperationSpec], events: Sequence[type[Event]])
     _, components = msgspec.json.schema_components(
         list(dict.fromkeys(types)), ref_template=SCHEMAS + "{name}"
     )
-    return dict(sorted(components.items()))
+    return dict(sorted(_ecma_patterns(components).items()))
 
 
 def _schema_name(cls: type[Any]) -> str:
@@ -154,7 +187,7 @@ def _request_headers(op: OperationSpec) -> Json:
     if op.authenticated:
         properties[AUTHORIZATION_HEADER] = {
             "type": "string",
-            "pattern": "^Bearer .+$",
+            "pattern": ecma_pattern(BEARER_PATTERN),
             "description": "`Bearer <token>`: the service credential, compared in constant time.",
         }
         required.append(AUTHORIZATION_HEADER)
@@ -163,7 +196,7 @@ def _request_headers(op: OperationSpec) -> Json:
             "type": "string",
             "minLength": 1,
             "maxLength": 128,
-            "pattern": "^[ -~]+$",
+            "pattern": ecma_pattern(IDEMPOTENCY_KEY_PATTERN),
             "description": (
                 "Optional. A repeat with the same key, operation and body gets the first reply "
                 "and appends nothing; the same key with another body is a Conflict."

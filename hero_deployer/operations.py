@@ -15,7 +15,7 @@ from hero_deployer.commands import consistent_views
 from hero_deployer.deps import Deps
 from hero_deployer.settings import VERSION
 
-STREAM_PATTERN = r"^(vm|user):[A-Za-z0-9._-]{1,64}$"
+STREAM_PATTERN = r"^(vm|user):[A-Za-z0-9._-]{1,64}\Z"
 
 _encoder = msgspec.json.Encoder()
 
