@@ -191,7 +191,7 @@ async def bootstrap(
                 Follower(
                     ProjectedEvents(store, runner),
                     checkpoints,
-                    StatusPublisher(nc, settings.prefix),
+                    StatusPublisher(nc, settings.prefix, deps.set_aside),
                 )
             )
             edge = ServiceEdge(

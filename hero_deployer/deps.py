@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from adapters.eventstore_sqlite import SqliteEventStore
+from bus.publisher import SetAside
 from core.ports import SecretVault
 from core.secrets import Fingerprinter
 from core.user import User
@@ -32,3 +33,4 @@ class Deps:
     require_secret: bool = False
     max_retries: int = 8
     idempotency_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    set_aside: SetAside = field(default_factory=SetAside)  # events the publisher could not publish

@@ -35,9 +35,18 @@ class EventsPage(msgspec.Struct, frozen=True):
 
 
 class Health(msgspec.Struct, frozen=True):
+    """Liveness, version, last position, and the events the status stream had to set aside.
+
+    `events_set_aside` counts the events no retry could publish since this process started (a
+    subject NATS refuses, a payload over its max_payload); `last_set_aside_position` is the last
+    one's position, null when none. The log keeps them: `events` returns them.
+    """
+
     status: str
     version: str
     position: int
+    events_set_aside: int = 0
+    last_set_aside_position: int | None = None
 
 
 async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
@@ -55,7 +64,16 @@ async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes
 
 
 async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
-    return _encoder.encode(Health(status="ok", version=VERSION, position=deps.store.position))
+    """The contract's fields, and the events the publisher set aside since this process started."""
+    return _encoder.encode(
+        Health(
+            status="ok",
+            version=VERSION,
+            position=deps.store.position,
+            events_set_aside=deps.set_aside.count,
+            last_set_aside_position=deps.set_aside.last_position,
+        )
+    )
 
 
 def _bind(deps: Deps) -> Any:

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from structlog.testing import capture_logs
 
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
+from bus.publisher import StatusPublisher
 from core.events import NewEvent, RecordedEvent, StreamAppend, vm_stream
 from core.vm import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
 from hero_deployer.bootstrap import bootstrap
@@ -156,28 +159,34 @@ async def test_a_subscriber_sees_gap_free_positions_under_concurrent_load(
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
+async def append_quiet_history(
+    store: SqliteEventStore, sid: str, name: str, i: int, *, deleted: bool = False
+) -> None:
+    """A VM that ended up running (or deleted): a complete history that asks the reactor nothing."""
+    at = T0 + timedelta(seconds=i)
+    events: list[Any] = [
+        VmDeployRequested(
+            sid=sid,
+            name=name,
+            owner="fp",
+            image="ubuntu-24.04",
+            cpu_count=1,
+            memory_gb=1,
+            disk_gb=10,
+            rootfs_gb=2,
+            at=at,
+        ),
+        VmDeployed(sid=sid, node_id=1 + i % 3, mycelium_ip=f"5a1::{i:x}", at=at),
+    ]
+    if deleted:
+        events += [VmDeleteRequested(sid=sid, at=at), VmDeleted(sid=sid, at=at)]
+    await store.append([StreamAppend(vm_stream(sid), 0, tuple(NewEvent.of(e) for e in events))])
+
+
 async def append_quiet_histories(store: SqliteEventStore, count: int, *, tag: str) -> None:
-    """VMs that ended up running or deleted: complete histories that ask the reactor for nothing."""
+    """VMs that ended up running or deleted, one in three deleted."""
     for i in range(count):
-        sid = f"vm_{tag}{i:03}"
-        at = T0 + timedelta(seconds=i)
-        events: list[Any] = [
-            VmDeployRequested(
-                sid=sid,
-                name=f"{tag}-{i}",
-                owner="fp",
-                image="ubuntu-24.04",
-                cpu_count=1,
-                memory_gb=1,
-                disk_gb=10,
-                rootfs_gb=2,
-                at=at,
-            ),
-            VmDeployed(sid=sid, node_id=1 + i % 3, mycelium_ip=f"5a1::{i:x}", at=at),
-        ]
-        if i % 3 == 0:
-            events += [VmDeleteRequested(sid=sid, at=at), VmDeleted(sid=sid, at=at)]
-        await store.append([StreamAppend(vm_stream(sid), 0, tuple(NewEvent.of(e) for e in events))])
+        await append_quiet_history(store, f"vm_{tag}{i:03}", f"{tag}-{i}", i, deleted=i % 3 == 0)
 
 
 @pytest.fixture
@@ -251,3 +260,71 @@ async def test_a_publisher_whose_checkpoint_is_behind_catches_up_in_order(
         assert received.positions[: len(expected)] == expected
         check_against_the_log(settings.prefix, received.messages, log)
     assert publisher_checkpoint(settings) == last
+
+
+# Events no retry can publish ------------------------------------------------------------------
+
+# stream ids an older version could have written: none is one NATS subject token
+POISON_SIDS = ["evil\n", "cr\rlf", "tab\there", "sp ace", "dot.ted", "*", ">", "nul\x00", ""]
+
+
+async def test_events_no_retry_can_publish_are_set_aside_and_the_events_after_them_flow(
+    settings: Settings, grid: LocalGrid, nc: Client
+) -> None:
+    """Invalid subjects and a payload over max_payload, straight in the log: counted, skipped."""
+    huge = "x" * (nc.max_payload + 1)
+    async with SqliteEventStore(settings.data_dir / "events.db") as store:
+        await append_quiet_histories(store, 2, tag="before")
+        for i, sid in enumerate(POISON_SIDS):
+            await append_quiet_history(store, sid, f"poison-{i}", i)
+        await append_quiet_history(store, "vm_huge", huge, 0)
+        await append_quiet_histories(store, 4, tag="after")
+        last = await store.last_position()
+        log = await full_log(store)
+    poison_streams = {vm_stream(sid) for sid in POISON_SIDS}
+    huge_position = next(p for p, e in log.items() if huge.encode() in e.data)
+    poison = sorted([*(p for p, e in log.items() if e.stream in poison_streams), huge_position])
+    assert len(poison) == 2 * len(POISON_SIDS) + 1
+
+    with capture_logs() as logs:
+        async with subscribe(nc, settings.prefix) as received:
+            async with bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
+                await received.through(last)
+                client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+                health = await client.call("health")
+                typed = await client.health()
+
+    assert received.positions == [p for p in range(1, last + 1) if p not in poison]
+    check_against_the_log(settings.prefix, received.messages, log)
+    assert health["position"] == last
+    assert health["events_set_aside"] == len(poison)
+    assert health["last_set_aside_position"] == max(poison)
+    assert (typed.events_set_aside, typed.last_set_aside_position) == (len(poison), max(poison))
+    set_aside = [e for e in logs if e["event"] == "publisher.event_set_aside"]
+    assert [e["position"] for e in set_aside] == sorted(poison)
+    assert all(e["log_level"] == "error" for e in set_aside)
+    # why and where, never the event's data
+    assert all(
+        set(e) == {"event", "log_level", "position", "stream", "type", "reason"} for e in set_aside
+    )
+    assert publisher_checkpoint(settings) == last
+
+
+async def test_the_set_aside_count_survives_a_retried_batch_and_transient_failures_raise(
+    nats_url: str,
+) -> None:
+    """A closed connection is not the event's fault: it raises (the follower retries), uncounted."""
+    poison = RecordedEvent(
+        position=7, stream="vm:a.b", version=1, type="VmDeployed", data=b"{}", recorded_at=T0
+    )
+    good = msgspec.structs.replace(poison, position=8, stream="vm:vm_ok")
+    client = await nats.connect(nats_url)
+    publisher = StatusPublisher(client, "t.v1")
+    await publisher.handle([poison, good])
+    await publisher.handle([poison, good])  # the follower re-sends a batch after a failure
+    assert (publisher.set_aside.count, publisher.set_aside.last_position) == (1, 7)
+    await client.close()
+
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await publisher.handle([good])
+    assert (publisher.set_aside.count, publisher.set_aside.last_position) == (1, 7)
