@@ -13,8 +13,9 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypedDict, TypeVar
 
 import msgspec
 import nats
@@ -205,6 +206,26 @@ def _event_dict(event: EventOut) -> dict[str, Any]:
     return value
 
 
+class NatsIdentity(TypedDict, total=False):
+    """The identity a client connects with: an NKey seed file or a creds file (JWT and seed)."""
+
+    nkey: Path
+    creds: Path
+
+
+def nats_credentials(
+    *, nkey: str | Path | None = None, creds: str | Path | None = None
+) -> dict[str, str]:
+    """The `nats.connect` options that authenticate with an NKey seed file or a creds file."""
+    if nkey is not None and creds is not None:
+        raise ValueError("give an NKey seed or a creds file, not both")
+    if nkey is not None:
+        return {"nkeys_seed": str(nkey)}
+    if creds is not None:
+        return {"user_credentials": str(creds)}
+    return {}
+
+
 # The client ---------------------------------------------------------------------------------
 
 
@@ -238,10 +259,20 @@ class HeroDeployerClient:
 
     @classmethod
     async def connect(
-        cls, url: str, *, nats_options: dict[str, Any] | None = None, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        nkey: str | Path | None = None,
+        creds: str | Path | None = None,
+        nats_options: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> HeroDeployerClient:
-        """Connects to NATS at `url`; `close` drains this connection."""
+        """Connects to NATS at `url` as the identity of an NKey seed or a creds file, if given.
+
+        `close` drains this connection.
+        """
         options: dict[str, Any] = {"allow_reconnect": True, "max_reconnect_attempts": 3}
+        options.update(nats_credentials(nkey=nkey, creds=creds))
         options.update(nats_options or {})
         nc = await nats.connect(url, **options)
         client = cls(nc, **kwargs)
