@@ -113,11 +113,16 @@ class BackendVm(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class GatewaySpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A web gateway `<name>.<node domain>` forwarding to `backend_url`."""
+    """A web gateway `<name>.<node domain>` forwarding to `backend_url`.
+
+    `vm_name` names the VM behind it, so a backend may reach that VM another way (its private
+    network) on the URL's port; empty, the URL is taken as it is.
+    """
 
     name: str
     node_id: int
     backend_url: str
+    vm_name: str = ""
 
 
 class BackendGateway(msgspec.Struct, frozen=True, kw_only=True):
@@ -196,6 +201,21 @@ class NodeDirectory(Protocol):
     """The grid proxy: which nodes are up, healthy and gateway-capable, and their headroom."""
 
     async def candidate_nodes(self, node_ids: Sequence[int]) -> list[NodeInfo]: ...
+
+
+class NameHolder(msgspec.Struct, frozen=True, kw_only=True):
+    """Who holds a gateway name on the chain: the name contract and its twin."""
+
+    contract_id: int
+    twin_id: int
+
+
+class GatewayNameRegistry(Protocol):
+    """The grid's registry of gateway names (name contracts), shared by every deployer."""
+
+    async def name_holder(self, name: str) -> NameHolder | None:
+        """The live name contract holding `name`, or None while it is free."""
+        ...
 
 
 class SshTarget(msgspec.Struct, frozen=True, kw_only=True):

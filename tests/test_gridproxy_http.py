@@ -1,14 +1,32 @@
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp import web
 
-from adapters.gridproxy_http import GridProxyDirectory
-from core.ports import ExternalError, NodeInfo
-from tests.fakes.gridproxy import GIB, FakeGridProxy, RecordedQuery, grid_node
+from adapters.gridproxy_http import GRIDPROXY_URLS, GridProxyDirectory, gridproxy_url_for
+from core.ports import ExternalError, NameHolder, NodeInfo
+from tests.fakes.gridproxy import (
+    GIB,
+    FakeGridProxy,
+    NameContractError,
+    NameRegistry,
+    RecordedQuery,
+    grid_node,
+)
 
 CANDIDATES = [1, 8, 13, 50]
-EXPECTED_QUERY = {"node_ids": "1,8,13,50", "status": "up", "healthy": "true", "domain": "true"}
+EXPECTED_QUERY = {
+    "node_ids": "1,8,13,50",
+    "status": "up",
+    "healthy": "true",
+    "domain": "true",
+    "rented": "false",
+    "dedicated": "false",
+}
+# The query the adapter used to send, before it excluded rented and dedicated nodes.
+OLD_QUERY = {"node_ids": "1,8,13,50", "status": "up", "healthy": "true", "domain": "true"}
 
 
 @pytest.fixture
@@ -131,3 +149,100 @@ async def test_a_refused_query_is_not_retryable(proxy: FakeGridProxy) -> None:
             await directory.candidate_nodes(CANDIDATES)
 
     assert caught.value.retryable is False
+
+
+# Rented and dedicated nodes ------------------------------------------------------------------
+
+
+async def test_rented_and_dedicated_nodes_are_not_candidates(proxy: FakeGridProxy) -> None:
+    proxy.nodes = [
+        grid_node(1, domain="gw1.grid.tf", rented=True),
+        grid_node(8, domain="gw8.grid.tf", dedicated=True),
+        grid_node(13, domain="gw13.grid.tf"),
+    ]
+    async with GridProxyDirectory(proxy.url) as directory:
+        nodes = await directory.candidate_nodes(CANDIDATES)
+
+    assert [n.node_id for n in nodes] == [13]
+    assert proxy.requests[-1].query == EXPECTED_QUERY
+
+
+async def test_the_old_query_was_offered_rented_and_dedicated_nodes(proxy: FakeGridProxy) -> None:
+    proxy.nodes = [
+        grid_node(1, domain="gw1.grid.tf", rented=True),
+        grid_node(8, domain="gw8.grid.tf", dedicated=True),
+    ]
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        old = (await http.get("/nodes", params=OLD_QUERY)).json()
+        new = (await http.get("/nodes", params=EXPECTED_QUERY)).json()
+
+    assert [n["nodeId"] for n in old] == [1, 8]
+    assert new == []
+
+
+async def test_a_lax_proxy_cannot_offer_rented_or_dedicated_nodes() -> None:
+    class LaxProxy(FakeGridProxy):
+        async def _nodes(self, request: web.Request) -> web.Response:  # ignores every filter
+            return web.json_response(self.nodes)
+
+    nodes = [grid_node(1, domain="a.grid.tf", rented=True), grid_node(8, domain="b.grid.tf")]
+    nodes.append(grid_node(13, domain="c.grid.tf", dedicated=True))
+    async with LaxProxy(nodes) as lax, GridProxyDirectory(lax.url) as directory:
+        assert [n.node_id for n in await directory.candidate_nodes(CANDIDATES)] == [8]
+
+
+# Grid proxy URLs -----------------------------------------------------------------------------
+
+
+def test_each_network_has_its_grid_proxy() -> None:
+    assert gridproxy_url_for("main") == "https://gridproxy.grid.tf"
+    for network in ("test", "qa", "dev"):
+        assert gridproxy_url_for(network) == f"https://gridproxy.{network}.grid.tf"
+    assert set(GRIDPROXY_URLS) == {"main", "test", "qa", "dev"}
+    with pytest.raises(ValueError, match="unknown grid network 'mainnet'"):
+        gridproxy_url_for("mainnet")
+
+
+# Gateway names -------------------------------------------------------------------------------
+
+
+async def test_a_free_name_has_no_holder_and_a_taken_one_names_its_contract(
+    tmp_path: Path,
+) -> None:
+    names = NameRegistry(tmp_path / "names.json")
+    contract = names.create("someone_alice", twin_id=77)
+    async with FakeGridProxy(names=names) as proxy, GridProxyDirectory(proxy.url) as directory:
+        assert await directory.name_holder("hd_alice") is None
+        assert await directory.name_holder("someone_alice") == NameHolder(
+            contract_id=contract, twin_id=77
+        )
+        names.cancel("someone_alice", twin_id=77)
+        assert await directory.name_holder("someone_alice") is None
+
+    assert proxy.requests[0].path == "/contracts"
+    assert proxy.requests[0].query["type"] == "name"
+    assert proxy.requests[0].query["name"] == "hd_alice"
+
+
+def test_the_registry_refuses_what_tfchain_refuses(tmp_path: Path) -> None:
+    names = NameRegistry(tmp_path / "names.json")
+    names.create("alice", twin_id=1)
+
+    for name, error in [
+        ("Alice", "NameNotValid"),  # the gateway name the adapter used to send for `Alice`
+        ("al", "NameContractNameTooShort"),
+        ("a" * 65, "NameContractNameTooLong"),
+        ("a.b", "NameNotValid"),
+        ("alice", "NameExists"),  # whoever holds it: the registry is the whole grid's
+    ]:
+        with pytest.raises(NameContractError, match=error):
+            names.create(name, twin_id=2)
+
+
+async def test_an_unreachable_proxy_is_a_retryable_name_lookup(proxy: FakeGridProxy) -> None:
+    await proxy.go_down("503")
+    async with GridProxyDirectory(proxy.url) as directory:
+        with pytest.raises(ExternalError) as caught:
+            await directory.name_holder("hd_alice")
+
+    assert caught.value.retryable is True
