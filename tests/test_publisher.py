@@ -328,3 +328,25 @@ async def test_the_set_aside_count_survives_a_retried_batch_and_transient_failur
     with pytest.raises(nats.errors.ConnectionClosedError):
         await publisher.handle([good])
     assert (publisher.set_aside.count, publisher.set_aside.last_position) == (1, 7)
+
+
+async def test_a_subscriber_gets_the_events_set_aside_live_from_events(service: Service) -> None:
+    """The SDK's subscription fills the gap a set-aside event leaves, in order, exactly once."""
+    store = service.app.store
+    await append_quiet_history(store, "vm_first", "first", 0)
+    seen: list[int] = []
+    async with asyncio.timeout(10), service.client.subscribe() as events:
+        async for event in events:
+            seen.append(event.position)
+            if event.position == 2:
+                break
+        await append_quiet_history(store, "dot.ted", "poison", 1)  # positions 3 and 4
+        await append_quiet_history(store, "vm_after", "after", 2)
+        last = await store.last_position()
+        async for event in events:
+            seen.append(event.position)
+            if event.position == last:
+                break
+    assert seen == list(range(1, last + 1))
+    health = await service.client.health()
+    assert (health.events_set_aside, health.last_set_aside_position) == (2, 4)
