@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +17,7 @@ import aiosqlite
 import msgspec
 import structlog
 
+from adapters.event_chain import GENESIS, add_chain, head, link
 from core.errors import ConcurrencyError, Conflict, Unavailable
 from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
 
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS events (
     data        BLOB    NOT NULL,
     metadata    BLOB    NOT NULL,
     recorded_at TEXT    NOT NULL,
+    hash        BLOB    NOT NULL,  -- adapters/event_chain.py
     UNIQUE (stream, version)
 );
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -51,8 +53,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 INSERT_EVENT = (
-    "INSERT INTO events (position, stream, version, type, data, metadata, recorded_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (position, stream, version, type, data, metadata, recorded_at, hash)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_IDEMPOTENCY = (
     "INSERT INTO idempotency (key, operation, body_hash, reply, position, recorded_at)"
@@ -71,6 +73,10 @@ class _Metadata(msgspec.Struct, frozen=True, omit_defaults=True):
 _metadata_decoder = msgspec.json.Decoder(_Metadata)
 
 
+_Row = tuple[int, str, int, str, bytes, bytes, str, bytes]
+"""An events row as inserted: position, stream, version, type, data, metadata, at, hash."""
+
+
 @dataclass(slots=True)
 class _Pending:
     """One caller's append, waiting for the next group commit."""
@@ -79,7 +85,7 @@ class _Pending:
     idempotency: IdempotencyRecord | None
     request_id: str
     future: asyncio.Future[list[RecordedEvent]]
-    rows: list[tuple[int, str, int, str, bytes, bytes, str]] = field(default_factory=list)
+    rows: list[_Row] = field(default_factory=list)
     recorded: list[RecordedEvent] = field(default_factory=list)
 
 
@@ -94,12 +100,17 @@ class SqliteEventStore:
         max_batch: int = 1024,
         tail_size: int = 65536,
         version_cache_size: int = 500_000,
+        on_connect: Callable[[Path, Callable[[str], Awaitable[object]]], Awaitable[None]]
+        | None = None,
     ) -> None:
+        """`on_connect` is told of the writer's connection, with a way to run SQL on it on the
+        writer's thread (tests set `PRAGMA max_page_count` there to make the disk full)."""
         self.path = path
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._tail_size = tail_size
         self._version_cache_size = version_cache_size
+        self._on_connect = on_connect
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -111,6 +122,7 @@ class SqliteEventStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_position = 0
+        self._head_hash = GENESIS
         self._versions: dict[str, int] = {}
         self._tail: list[RecordedEvent] = []
 
@@ -128,7 +140,9 @@ class SqliteEventStore:
         # The writer is a plain connection on a thread of its own: a commit is one hop there
         # and back, however many statements it takes.
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="eventstore-writer")
-        self._writer = await self._on_writer(_connect_writer, self.path, self._synchronous)
+        self._writer = writer = await self._on_writer(_connect_writer, self.path, self._synchronous)
+        if self._on_connect is not None:
+            await self._on_connect(self.path, lambda sql: self._on_writer(writer.execute, sql))
         self._reader = await _connect(self.path, self._synchronous)
         # Point reads (one stream, one key) are indexed lookups of microseconds: they run on a
         # read-only connection in the event loop instead of paying hops to a database thread.
@@ -137,7 +151,7 @@ class SqliteEventStore:
         )
         self._point_reader.execute("PRAGMA query_only = 1")
         self._point_reader.execute("PRAGMA busy_timeout = 5000")
-        self._last_position = await self._max_position()
+        await self._read_head()
         self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-writer")
 
     async def close(self) -> None:
@@ -237,6 +251,7 @@ class SqliteEventStore:
         versions: dict[str, int] = {}
         keys: set[str] = set()
         position = self._last_position
+        chain = self._head_hash
         accepted: list[_Pending] = []
         for pending in batch:
             error = self._check(pending, versions, keys)
@@ -254,15 +269,18 @@ class SqliteEventStore:
                 for new in stream_append.events:
                     position += 1
                     version += 1
+                    stream = stream_append.stream
+                    chain = link(chain, position, stream, version, new.type, new.data, recorded_at)
                     pending.rows.append(
                         (
                             position,
-                            stream_append.stream,
+                            stream,
                             version,
                             new.type,
                             new.data,
                             metadata,
                             recorded_at,
+                            chain,
                         )
                     )
                     pending.recorded.append(
@@ -322,7 +340,7 @@ class SqliteEventStore:
         for pending in accepted:
             pending.rows.clear()
             pending.recorded.clear()
-            self._last_position = await self._max_position()
+            await self._read_head()
             await self._load_versions([pending])
             staged = self._stage([pending], now)
             if not staged:
@@ -349,8 +367,9 @@ class SqliteEventStore:
                 if pending.recorded[0].position != self._tail[-1].position + 1:
                     self._tail.clear()  # another writer filled the gap: read it from the file
             self._tail.extend(pending.recorded)
-            if pending.recorded:
-                self._last_position = pending.recorded[-1].position
+            if pending.rows:
+                self._last_position = pending.rows[-1][0]
+                self._head_hash = pending.rows[-1][7]
             if not pending.future.done():
                 pending.future.set_result(pending.recorded)
         if len(self._tail) > 2 * self._tail_size:
@@ -365,7 +384,7 @@ class SqliteEventStore:
         except sqlite3.Error:
             log.exception("eventstore.rollback_failed")
         self._versions.clear()
-        self._last_position = await self._max_position()
+        await self._read_head()
 
     def known_version(self, stream: str) -> int | None:
         """The stream's version as this store last committed or read it, if it remembers."""
@@ -377,6 +396,11 @@ class SqliteEventStore:
     def position(self) -> int:
         """The last committed global position."""
         return self._last_position
+
+    @property
+    def head_hash(self) -> str:
+        """The hash chain's head (hex): the hash of the event at `position`."""
+        return self._head_hash.hex()
 
     async def last_position(self) -> int:
         return self._last_position
@@ -482,9 +506,10 @@ class SqliteEventStore:
             rows = await cursor.fetchall()
         return [_recorded(row) for row in rows]
 
-    async def _max_position(self) -> int:
+    async def _read_head(self) -> None:
+        """Takes the last position and its hash from the file (after another writer, a failure)."""
         assert self._writer is not None
-        return await self._on_writer(_max_position, self._writer)
+        self._last_position, self._head_hash = await self._on_writer(head, self._writer)
 
     async def _on_writer(self, fn: Callable[..., T], *args: object) -> T:
         """Runs `fn(*args)` on the writer's thread."""
@@ -501,12 +526,15 @@ def _connect_writer(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
+    hashed = add_chain(conn)
+    if hashed is not None:
+        log.info("eventstore.chain_added", events=hashed)
     return conn
 
 
 def _write_rows(
     conn: sqlite3.Connection,
-    rows: list[tuple[int, str, int, str, bytes, bytes, str]],
+    rows: list[_Row],
     keyed: list[tuple[str, str, str, bytes, int, str]],
 ) -> None:
     """One transaction: the events, then the idempotency records; nothing if anything fails.
@@ -571,11 +599,6 @@ def _versions_of(conn: sqlite3.Connection, streams: list[str]) -> dict[str, int]
         )
         versions.update(rows.fetchall())
     return versions
-
-
-def _max_position(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
-    return int(row[0]) if row else 0
 
 
 def _past(prefix: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from adapters.event_chain import chained
 from adapters.eventstore_sqlite import INSERT_EVENT, SCHEMA, SqliteEventStore
 from adapters.keyfiles import load_or_create_key
 from adapters.sqlite_runtime import disable_memory_statistics
@@ -163,19 +164,21 @@ def generate(path: Path, events: int, vms: int, owners: list[str], *, seed: int 
             )
         )
     del timeline
+    hashed = chained(rows)  # the store's hash chain (adapters/event_chain.py)
+    del rows
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=OFF")  # for generating only: the store uses FULL
         db.executescript(SCHEMA)
-        for start in range(0, len(rows), 200_000):
+        for start in range(0, len(hashed), 200_000):
             db.execute("BEGIN")
-            db.executemany(INSERT_EVENT, rows[start : start + 200_000])
+            db.executemany(INSERT_EVENT, hashed[start : start + 200_000])
             db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
-    return len(rows)
+    return len(hashed)
 
 
 async def timed_rebuild(data: Path) -> tuple[int, float]:

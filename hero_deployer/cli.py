@@ -17,6 +17,7 @@ import msgspec
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.errors import DomainError
 from core.ports import BackendError
+from hero_deployer import audit
 from hero_deployer.settings import Settings
 
 EXIT_ERROR = 1
@@ -523,6 +524,7 @@ def _parser() -> argparse.ArgumentParser:
     user_sub.add_parser(
         "reveal-password", parents=[common], help="the initial Forge password, once"
     ).add_argument("username")
+    audit.add_commands(sub, common)
     return parser
 
 
@@ -568,6 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = Settings.load(overrides)
+        if args.command in audit.COMMANDS:
+            return audit.run(args, settings)
         with _runner() as runner:
             if args.command == "backend":
                 return runner.run(_backend_check(args, settings))

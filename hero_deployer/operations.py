@@ -39,7 +39,8 @@ class Health(msgspec.Struct, frozen=True):
 
     `events_set_aside` counts the events no retry could publish since this process started (a
     subject NATS refuses, a payload over its max_payload); `last_set_aside_position` is the last
-    one's position, null when none. The log keeps them: `events` returns them.
+    one's position, null when none. The log keeps them: `events` returns them. `head_hash` is
+    the hash chain's head, the hash of the event at `position` (hex; see docs/api.md).
     """
 
     status: str
@@ -47,6 +48,7 @@ class Health(msgspec.Struct, frozen=True):
     position: int
     events_set_aside: int = 0
     last_set_aside_position: int | None = None
+    head_hash: str = ""
 
 
 async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
@@ -70,6 +72,7 @@ async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
             status="ok",
             version=VERSION,
             position=deps.store.position,
+            head_hash=deps.store.head_hash,
             events_set_aside=deps.set_aside.count,
             last_set_aside_position=deps.set_aside.last_position,
         )
