@@ -6,7 +6,7 @@ import secrets
 import string
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -21,6 +21,11 @@ _SPECIALS = "%+,-.=@^_~"
 _VERBATIM = frozenset({400, 409, 422})
 _CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, _SPECIALS)
 _T = TypeVar("_T")
+# The token scopes the admin calls need. forgejo/forgejo routers/api/v1/api.go: `find_user` is a
+# GET in the `/users` group (`tokenRequiresScopes(...User)`: read:user), `create_user` a POST in
+# the `/admin` group (`tokenRequiresScopes(...Admin)`: write:admin). Password logins have no scopes.
+REQUIRED_SCOPES: Final = ("write:admin", "read:user")
+_SCOPE_REFUSAL = "token does not have at least one of required scope(s)"
 
 
 class _Token(msgspec.Struct):
@@ -29,6 +34,10 @@ class _Token(msgspec.Struct):
 
 class _ErrorBody(msgspec.Struct):
     message: str = ""
+
+
+class _Me(msgspec.Struct):
+    is_admin: bool = False
 
 
 def generate_password(length: int = 24) -> str:
@@ -130,6 +139,28 @@ class ForgejoClient:
             raise _refusal(response, redact=password)
         return _decode(response, _Token).sha1
 
+    async def check(self) -> list[str]:
+        """What keeps the admin credentials from working, one line each; empty when usable.
+
+        Forgejo tells no client its token's scopes, so each scope is probed with a request that
+        needs it and changes nothing: `GET /api/v1/user` (read:user) and `POST /api/v1/admin/users`
+        with an empty body, which the admin group's checks (scope, token, site admin) see first
+        and the binding then refuses with 422, before any account is touched.
+        """
+        try:
+            me = await self._send("GET", "/api/v1/user")
+            create = await self._send("POST", "/api/v1/admin/users", json={})
+        except ExternalError as error:
+            return [error.message]
+        problems = [
+            p for p in (_probe_problem(me, "read:user"), _probe_problem(create, "write:admin")) if p
+        ]
+        if me.status_code == 200 and not _is_admin(me):
+            problems.append("the forgejo admin user is not a site administrator")
+        elif create.status_code == 403 and _SCOPE_REFUSAL not in _message(create):
+            problems.append(f"forgejo refused the admin user: {_message(create)}")
+        return list(dict.fromkeys(problems))
+
     async def _send(
         self,
         method: str,
@@ -159,12 +190,36 @@ def _segment(name: str) -> str:
     return quote(name, safe="")
 
 
+def _message(response: httpx.Response) -> str:
+    """Forgejo's `message`, or "" when the body has none."""
+    try:
+        return msgspec.json.decode(response.content, type=_ErrorBody).message
+    except msgspec.DecodeError:
+        return ""
+
+
+def _is_admin(response: httpx.Response) -> bool:
+    try:
+        return bool(msgspec.json.decode(response.content, type=_Me).is_admin)
+    except msgspec.DecodeError:
+        return False
+
+
+def _probe_problem(response: httpx.Response, scope: str) -> str:
+    """The problem a scope probe shows: refused credentials, or the scope missing."""
+    status, message = response.status_code, _message(response)
+    if status == 401:
+        return f"forgejo refused the admin credentials: {message or 'HTTP 401'}"
+    if status == 403 and _SCOPE_REFUSAL in message:
+        return f"the forgejo admin token lacks the `{scope}` scope (forgejo: {message})"
+    if status >= 500 or status in (404, 405):
+        return f"forgejo answered {status} to {response.request.method} {response.request.url.path}"
+    return ""
+
+
 def _refusal(response: httpx.Response, *, redact: str = "") -> ExternalError:
     """Forgejo's own message for a failed request; only 5xx, 408 and 429 are worth retrying."""
-    try:
-        message = msgspec.json.decode(response.content, type=_ErrorBody).message
-    except msgspec.DecodeError:
-        message = ""
+    message = _message(response)
     if redact:
         message = message.replace(redact, "***")
     status = response.status_code

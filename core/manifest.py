@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 
-_USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,39}$")
+from core.usernames import username_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +40,7 @@ PROFILES: dict[str, tuple[str, ...]] = {
 
 def render_services_toml(username: str, profile: str = "demo") -> str:
     """Renders the manifest of `profile` for `username`; ValueError for an unknown profile."""
-    if not _USERNAME.match(username):
+    if username_problem(username) is not None:
         raise ValueError(f"not a valid username: {username!r}")
     try:
         names = PROFILES[profile]

@@ -27,7 +27,8 @@ from core.errors import (
 )
 from core.events import Event, EventOut
 from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
-from core.user import USER_EVENT_TYPES, USERNAME_PATTERN
+from core.user import USER_EVENT_TYPES
+from core.usernames import USERNAME_PATTERN
 from core.vm import VM_EVENT_TYPES
 from hero_deployer.client import (
     AUTHORIZATION_HEADER,
@@ -281,7 +282,7 @@ def _stream_types() -> tuple[tuple[str, str, str, str, tuple[type[Event], ...]],
         (
             "user",
             "username",
-            f"The username (`{USERNAME_PATTERN}`, 1..40 characters).",
+            f"The username (`{ecma_pattern(USERNAME_PATTERN)}`, 1..40 characters).",
             r"^user:.+$",
             USER_EVENT_TYPES,
         ),

@@ -216,3 +216,110 @@ def test_generated_passwords_meet_the_complexity_rules() -> None:
     assert len(generate_password(16)) == 16
     with pytest.raises(ValueError):
         generate_password(15)
+
+
+# Forgejo's username rule (issue 11, item 7) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("username", "message"),
+    [
+        ("_bob", "[Username]: invalid username"),
+        ("bob-", "[Username]: invalid username"),
+        ("a__b", "[Username]: invalid username"),
+        ("bob\n", "[Username]: invalid username"),
+        ("admin", "name is reserved [name: admin]"),
+        ("Explore", "name is reserved [name: explore]"),
+    ],
+)
+async def test_usernames_forgejo_refuses_are_refused_by_the_fake_with_422(
+    forge: FakeForgejo, client: ForgejoClient, username: str, message: str
+) -> None:
+    # These are requests the adapter sent before the service checked Forgejo's rule itself.
+    with pytest.raises(ExternalError) as caught:
+        await client.create_user(username, email="x@example.org", password=PASSWORD)
+
+    assert caught.value.message == message
+    assert caught.value.retryable is False
+    assert set(forge.users) == {forge.admin_user}
+
+
+async def test_a_dotted_username_is_one_forgejo_accepts(client: ForgejoClient) -> None:
+    # Forgejo allows dots (ALLOW_DOTS_IN_USERNAMES defaults to true); the service refuses them
+    # itself because a username is a NATS subject token. The fake follows Forgejo, not us.
+    user = await client.create_user("bob.smith", email="b@example.org", password=PASSWORD)
+    assert user.login == "bob.smith"
+
+
+# Admin token scopes -----------------------------------------------------------------------------
+
+
+def token_client(forge: FakeForgejo) -> ForgejoClient:
+    return ForgejoClient(forge.url, admin_user=forge.admin_user, admin_token=forge.admin_token)
+
+
+async def test_an_admin_token_without_write_admin_cannot_create_users() -> None:
+    async with FakeForgejo(admin_token_scopes=("read:user",)) as forge, token_client(forge) as c:
+        with pytest.raises(ExternalError) as caught:
+            await c.create_user("alice", email="a@example.org", password=PASSWORD)
+
+    assert caught.value.message == (
+        "forgejo answered 403 to POST /api/v1/admin/users: "
+        "token does not have at least one of required scope(s): [write:admin]"
+    )
+    assert "alice" not in forge.users
+
+
+@pytest.mark.parametrize(
+    "scopes", [("write:admin", "read:user"), ("all",), ("write:admin", "write:user")]
+)
+async def test_check_passes_a_token_with_the_needed_scopes(scopes: tuple[str, ...]) -> None:
+    async with FakeForgejo(admin_token_scopes=scopes) as forge, token_client(forge) as c:
+        assert await c.check() == []
+
+    assert set(forge.users) == {forge.admin_user}  # the probes created nothing
+
+
+async def test_check_passes_admin_password_credentials(client: ForgejoClient) -> None:
+    assert await client.check() == []
+
+
+@pytest.mark.parametrize(
+    ("scopes", "missing"),
+    [
+        (("read:user",), ["write:admin"]),
+        (("read:admin", "write:admin"), ["read:user"]),
+        (("write:repository",), ["read:user", "write:admin"]),
+    ],
+)
+async def test_check_names_each_missing_scope(scopes: tuple[str, ...], missing: list[str]) -> None:
+    async with FakeForgejo(admin_token_scopes=scopes) as forge, token_client(forge) as c:
+        problems = await c.check()
+
+    assert sorted(p.split("`")[1] for p in problems) == missing
+    assert all("lacks the" in p and "required scope(s)" in p for p in problems)
+    assert all(forge.admin_token not in p for p in problems)
+
+
+async def test_check_reports_refused_credentials_without_echoing_them(forge: FakeForgejo) -> None:
+    async with ForgejoClient(
+        forge.url, admin_user=forge.admin_user, admin_token="f" * 40
+    ) as client:
+        problems = await client.check()
+
+    assert problems == ["forgejo refused the admin credentials: token is required"]
+
+
+async def test_check_reports_an_admin_user_that_is_no_site_admin(forge: FakeForgejo) -> None:
+    forge.add_user("helper", password=PASSWORD)
+    async with ForgejoClient(forge.url, admin_user="helper", admin_password=PASSWORD) as client:
+        assert await client.check() == ["the forgejo admin user is not a site administrator"]
+
+
+async def test_check_reports_an_unreachable_forge() -> None:
+    async with FakeForgejo() as fake:
+        url = fake.url
+    async with ForgejoClient(url, admin_user="admin", admin_password="pw") as client:
+        (problem,) = await client.check()
+
+    assert problem.startswith("cannot reach forgejo")

@@ -14,9 +14,31 @@ from aiohttp import web
 
 from . import LoopbackServer
 
-COMPLEXITY_MESSAGE = "password does not meet complexity requirements"
+# forgejo/forgejo routers/api/v1/admin/user.go `CreateUser`: a password that misses a class is
+# `ctx.Error(http.StatusBadRequest, "PasswordComplexity", errors.New("PasswordComplexity"))`.
+COMPLEXITY_MESSAGE = "PasswordComplexity"
 _SPECIAL = re.compile(r"[^A-Za-z0-9]")
-_USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,39}$")
+# forgejo/forgejo modules/validation/helpers.go `IsValidUsername`, with `ALLOW_DOTS_IN_USERNAMES`
+# at its default (true, modules/setting/service.go): Go's `\w` is ASCII and its `$` is the end of
+# the text, hence re.ASCII and `\Z` here.
+_USERNAME_WITH_DOTS = re.compile(r"^[\da-zA-Z][-.\w]*\Z", re.ASCII)
+_INVALID_USERNAME = re.compile(r"[-._]{2,}|[-._]\Z")
+# forgejo/forgejo modules/structs/admin_user.go `CreateUserOption.Username`:
+# `binding:"Required;Username;MaxSize(40)"`.
+USERNAME_MAX = 40
+# forgejo/forgejo models/user/user.go `reservedUsernames` and `reservedUserPatterns`, kept here on
+# their own (not imported from core) so the fake refuses what Forgejo refuses, not what we think.
+RESERVED_USERNAMES = frozenset(
+    {
+        ".", "..", "-", ".well-known", "api", "metrics", "v2", "assets", "attachments",
+        "avatar", "avatars", "repo-avatars", "captcha", "login", "org", "repo", "user",
+        "admin", "explore", "issues", "pulls", "milestones", "notifications", "report_abuse",
+        "favicon.ico", "manifest.json", "robots.txt", "sitemap.xml", "ssh_info",
+        "swagger.v1.json", "ghost", "gitea-actions", "forgejo-actions",
+    }
+)  # fmt: skip
+RESERVED_USER_PATTERNS = ("*.keys", "*.gpg", "*.rss", "*.atom", "*.png")
+# forgejo/forgejo models/auth/access_token_scope.go: the scopes a token can carry.
 SCOPES = {
     f"{access}:{category}"
     for access in ("read", "write")
@@ -31,7 +53,7 @@ SCOPES = {
         "repository",
         "user",
     )
-} | {"all"}
+} | {"all", "public-only"}
 
 
 @dataclass(frozen=True)
@@ -85,7 +107,7 @@ def password_is_complex(password: str) -> bool:
 
 
 class FakeForgejo(LoopbackServer):
-    """Speaks `/api/v1/users/{name}`, `/api/v1/admin/users`, `/api/v1/users/{name}/tokens`."""
+    """Speaks `/api/v1/user`, `/api/v1/users/{name}`, `/api/v1/admin/users` and user tokens."""
 
     def __init__(
         self,
@@ -93,6 +115,7 @@ class FakeForgejo(LoopbackServer):
         admin_user: str = "forge_admin",
         admin_password: str = "Admin-Passw0rd!",
         admin_token: str = "0123456789abcdef0123456789abcdef01234567",
+        admin_token_scopes: tuple[str, ...] = ("write:admin", "read:user"),
     ) -> None:
         super().__init__()
         self.admin_token = admin_token
@@ -102,6 +125,7 @@ class FakeForgejo(LoopbackServer):
         self.add_user(admin_user, password=admin_password, is_admin=True)
         self.admin_user = admin_user
         self.admin_password = admin_password
+        self.token_scopes: dict[str, tuple[str, ...]] = {admin_token: admin_token_scopes}
 
     def add_user(
         self, login: str, *, password: str, email: str = "", is_admin: bool = False
@@ -119,6 +143,7 @@ class FakeForgejo(LoopbackServer):
 
     def build_app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/api/v1/user", self._get_me)
         app.router.add_get("/api/v1/users/{name}", self._get_user)
         app.router.add_post("/api/v1/admin/users", self._create_user)
         app.router.add_post("/api/v1/users/{name}/tokens", self._create_token)
@@ -149,17 +174,44 @@ class FakeForgejo(LoopbackServer):
             return None, None, "token"
         return None, None, None
 
-    async def _record(self, request: web.Request) -> tuple[FakeUser | None, str | None, Any]:
-        """Records the request; returns the authenticated user, the auth scheme and the body."""
+    async def _record(
+        self, request: web.Request, scope: str
+    ) -> tuple[FakeUser | None, str | None, Any, web.Response | None]:
+        """Records the request; the caller, the auth scheme, the body and a scope refusal."""
         user, claimed, scheme = self._authenticate(request)
         body = await request.json() if request.can_read_body else None
         self.requests.append(RecordedRequest(request.method, request.path, body, claimed, scheme))
-        return user, scheme, body
+        refusal = None
+        if user is not None and scheme == "token":
+            refusal = self._scope_refusal(request, scope)
+        return user, scheme, body, refusal
+
+    def _scope_refusal(self, request: web.Request, category: str) -> web.Response | None:
+        """forgejo/forgejo routers/api/v1/api.go `tokenRequiresScopes`: only a token has scopes;
+        a POST/PUT/PATCH/DELETE needs `write:<category>`, anything else `read:<category>`."""
+        level = "write" if request.method in ("POST", "PUT", "PATCH", "DELETE") else "read"
+        required = f"{level}:{category}"
+        token = request.headers.get("Authorization", "").partition(" ")[2]
+        if _has_scope(self.token_scopes.get(token, ()), required):
+            return None
+        return _error(403, f"token does not have at least one of required scope(s): [{required}]")
 
     # Routes --------------------------------------------------------------------------------
 
+    async def _get_me(self, request: web.Request) -> web.Response:
+        # forgejo/forgejo routers/api/v1/api.go: the `/user` group is
+        # `tokenRequiresScopes(AccessTokenScopeCategoryUser), reqToken`.
+        caller, _, _, refusal = await self._record(request, "user")
+        if refusal is not None:
+            return refusal
+        if caller is None:
+            return _error(401, "token is required")
+        return web.json_response(caller.as_json())
+
     async def _get_user(self, request: web.Request) -> web.Response:
-        await self._record(request)
+        _, _, _, refusal = await self._record(request, "user")
+        if refusal is not None:
+            return refusal
         user = self.users.get(request.match_info["name"].lower())
         if user is None:
             name = request.match_info["name"]
@@ -167,32 +219,40 @@ class FakeForgejo(LoopbackServer):
         return web.json_response(user.as_json())
 
     async def _create_user(self, request: web.Request) -> web.Response:
-        caller, _, body = await self._record(request)
+        # forgejo/forgejo routers/api/v1/api.go: the `/admin` group is
+        # `tokenRequiresScopes(AccessTokenScopeCategoryAdmin), reqToken, reqSiteAdmin()`; the
+        # body is bound (422 on a binding error) only after those.
+        caller, _, body, refusal = await self._record(request, "admin")
+        if refusal is not None:
+            return refusal
         if caller is None:
             return _error(401, "token is required")
         if not caller.is_admin:
-            return _error(403, "reqSiteAdmin")
+            return _error(403, "user should be the site admin")
         if not isinstance(body, dict):
             return _error(422, "invalid JSON body")
-        for required in ("username", "email", "password"):
-            if not body.get(required):
-                return _error(422, f"[{required.capitalize()}]: Required")
-        username, email, password = body["username"], body["email"], body["password"]
-        if not _USERNAME.match(username):
-            return _error(422, "[Username]: Username should contain only alphanumeric characters")
+        problem = _binding_problem(body)
+        if problem:
+            return _error(422, problem)
+        username, email, password = body["username"], body["email"], body.get("password", "")
+        if not password_is_complex(password):
+            return _error(400, COMPLEXITY_MESSAGE)
+        problem = _unusable_username(username)
+        if problem:
+            return _error(422, problem)
         if username.lower() in self.users:
             return _error(422, f"user already exists [name: {username}]")
         if any(u.email.lower() == email.lower() for u in self.users.values()):
             return _error(422, f"e-mail already in use [email: {email}]")
-        if not password_is_complex(password):
-            return _error(422, COMPLEXITY_MESSAGE)
         user = self.add_user(username, password=password, email=email)
         user.full_name = body.get("full_name", "")
         user.must_change_password = bool(body.get("must_change_password", True))
         return web.json_response(user.as_json(), status=201)
 
     async def _create_token(self, request: web.Request) -> web.Response:
-        caller, scheme, body = await self._record(request)
+        caller, scheme, body, refusal = await self._record(request, "user")
+        if refusal is not None:
+            return refusal
         if caller is None or scheme != "basic":
             return _error(401, "auth required")
         owner = self.users.get(request.match_info["name"].lower())
@@ -207,6 +267,7 @@ class FakeForgejo(LoopbackServer):
             return _error(422, "access token name has been used already")
         sha1 = hashlib.sha1(secrets.token_bytes(20)).hexdigest()
         owner.tokens[body["name"]] = sha1
+        self.token_scopes[sha1] = tuple(scopes)
         token = {
             "id": len(owner.tokens),
             "name": body["name"],
@@ -215,6 +276,50 @@ class FakeForgejo(LoopbackServer):
             "scopes": scopes,
         }
         return web.json_response(token, status=201)
+
+
+def _has_scope(scopes: tuple[str, ...], required: str) -> bool:
+    """forgejo/forgejo models/auth/access_token_scope.go `HasScope`: `all` holds every scope and
+    `write:<category>` holds `read:<category>`."""
+    level, _, category = required.partition(":")
+    held = {"all", required} | ({f"write:{category}"} if level == "read" else set())
+    return bool(held & set(scopes))
+
+
+def _binding_problem(body: dict[str, Any]) -> str:
+    """The first binding error of `CreateUserOption`, in field order, as the API words it.
+
+    forgejo/forgejo routers/api/v1/api.go `bind`: `"%s: %s", errs[0].FieldNames, errs[0].Error()`;
+    modules/validation/binding.go `addUsernamePatternRule`: "invalid username".
+    """
+    username = body.get("username")
+    if not username:
+        return "[Username]: Required"
+    if not isinstance(username, str) or not _valid_username(username):
+        return "[Username]: invalid username"
+    if len(username) > USERNAME_MAX:
+        return "[Username]: MaxSize"
+    if not body.get("email"):
+        return "[Email]: Required"
+    return ""
+
+
+def _valid_username(name: str) -> bool:
+    """forgejo/forgejo modules/validation/helpers.go `IsValidUsername`."""
+    return bool(_USERNAME_WITH_DOTS.match(name)) and not _INVALID_USERNAME.search(name)
+
+
+def _unusable_username(name: str) -> str:
+    """forgejo/forgejo models/db/name.go `IsUsableName`: trimmed, lower case; names, patterns."""
+    lower = name.strip().lower()
+    if lower in RESERVED_USERNAMES:
+        return f"name is reserved [name: {lower}]"
+    for pattern in RESERVED_USER_PATTERNS:
+        if (pattern[0] == "*" and lower.endswith(pattern[1:])) or (
+            pattern[-1] == "*" and lower.startswith(pattern[:-1])
+        ):
+            return f"name pattern is not allowed [pattern: {pattern}]"
+    return ""
 
 
 def _error(status: int, message: str) -> web.Response:
