@@ -15,7 +15,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from hero_deployer.web import create_app
-from hero_deployer.web.ratelimit import FailureLimiter
+from hero_deployer.web.ratelimit import FailureLimiter, TenantLimiter
 from hero_deployer.web.sessions import COOKIE_NAME, SessionStore
 from tests.conftest import TOKEN, Service
 
@@ -24,7 +24,7 @@ CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 
 @pytest_asyncio.fixture
 async def web(service: Service) -> AsyncIterator[TestClient[Any, Any]]:
-    limiter = FailureLimiter(allowance=3, base_delay=30.0)
+    limiter = TenantLimiter(per_secret=FailureLimiter(allowance=3, base_delay=30.0))
     app = create_app(service.client, token=TOKEN, tenant_limiter=limiter, sse_heartbeat=0.5)
     async with TestClient(TestServer(app)) as client:
         yield client

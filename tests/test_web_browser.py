@@ -84,6 +84,17 @@ async def shot(page: Any, name: str) -> None:
     await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+async def pattern_mismatches(page: Any, selector: str, values: list[str]) -> bool:
+    """True when the input's `pattern` refuses every one of `values`, False when none."""
+    verdicts = []
+    for value in values:
+        await page.fill(selector, value)
+        verdicts.append(await page.eval_on_selector(selector, "el => el.validity.patternMismatch"))
+    await page.fill(selector, "")
+    assert len(set(verdicts)) == 1, f"mixed verdicts for {values}: {verdicts}"
+    return bool(verdicts[0])
+
+
 async def log_in(page: Any, url: str, then: str = "/users") -> None:
     await page.goto(url + then)
     await expect(page).to_have_url(re.compile(r"/login\?next="))
@@ -104,6 +115,11 @@ async def test_operator_provisions_watches_live_reveals_once_and_decommissions(
     await page.click("button:has-text('Log in')")
     await expect(page).to_have_url(url + "/users")
     await expect(page.locator("#user-rows")).to_contain_text("No users yet")
+
+    # The form's pattern is the core username rule, and Chromium compiles it (an invalid
+    # pattern is ignored and would let everything through).
+    assert await pattern_mismatches(page, "input[name=username]", ["-alice", "a__b", "al ice"])
+    assert not await pattern_mismatches(page, "input[name=username]", ["alice", "a-b_c9"])
 
     # Provision through the form; the display name carries markup that must stay text.
     hostile = "<script>window.__xss = 1</script>Alice <b>A.</b>"
@@ -186,6 +202,8 @@ async def test_tenant_deploys_stops_starts_and_changes_the_secret(
     await expect(page.locator("#vm-rows")).to_contain_text("No VMs for this secret yet")
     assert await page.evaluate("localStorage.getItem('hero-deployer.secret')") == "tenant-secret-1"
 
+    assert await pattern_mismatches(page, "#vm-name", ["web 1", "web/1", "wéb"])
+    assert not await pattern_mismatches(page, "#vm-name", ["web-1", "a.b_c"])
     await page.fill("#vm-name", "web-1")
     await page.click("#deploy-form button[type=submit]")
     row = page.locator("#vm-rows tr", has_text="web-1")

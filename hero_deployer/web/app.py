@@ -1,7 +1,8 @@
 """The dashboard: an aiohttp app that is a client of the wire contract over NATS.
 
 Operators log in with the bearer token (exchanged for a server-side session) and see users and
-the audit log; tenants manage the VMs of their secret, which travels only in POST bodies. Every
+the audit log; tenants manage the VMs of their secret, which travels only in POST bodies and
+keeps no state here beyond their open live stream. Every
 page is rendered by Jinja2 with autoescaping; live updates are server-sent events fed by one
 subscription to the status stream.
 """
@@ -12,7 +13,6 @@ import asyncio
 import hmac
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -23,6 +23,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from core.usernames import Username, UserRefName
+from core.vm import Name
 from hero_deployer.client import (
     DomainError,
     EventOut,
@@ -30,34 +32,31 @@ from hero_deployer.client import (
     NotFound,
     UserOut,
 )
+from hero_deployer.operations import StreamName
+from hero_deployer.web.forms import conforms, html_pattern, max_length
 from hero_deployer.web.live import EventHub
-from hero_deployer.web.ratelimit import FailureLimiter
-from hero_deployer.web.sessions import COOKIE_NAME, Session, SessionStore
+from hero_deployer.web.middleware import (
+    CLIENT_KEY,
+    CONFIG_KEY,
+    HUB_KEY,
+    JINJA_KEY,
+    LIVE_AFTER_KEY,
+    MIDDLEWARES,
+    SECURITY_HEADERS,
+    SESSION_KEY,
+    WebConfig,
+    error_json,
+)
+from hero_deployer.web.ratelimit import FailureLimiter, TenantLimiter
+from hero_deployer.web.sessions import Session
+from hero_deployer.web.site import Site, safe_next
 from hero_deployer.web.timeline import step_states, timeline
 
 log = structlog.get_logger("hero_deployer.web")
 
 HERE: Final = Path(__file__).parent
-CSRF_FIELD: Final = "csrf"
-CSRF_HEADER: Final = "X-CSRF-Token"
-SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-CSP: Final = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-    "frame-ancestors 'none'"
-)
-SECURITY_HEADERS: Final[dict[str, str]] = {
-    "Content-Security-Policy": CSP,
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "same-origin",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), interest-cohort=()",
-}
-USERNAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,39}$")
-STREAM_RE: Final = re.compile(r"^(vm|user):[A-Za-z0-9_.-]{1,64}$")
-TYPE_RE: Final = re.compile(r"^[A-Za-z]{1,64}$")
+TYPE_RE: Final = re.compile(r"\A[A-Za-z]{1,64}\Z")
+CATCH_UP_PAGES: Final = 10
 HTTP_STATUS: Final[dict[str, int]] = {
     "InvalidInput": 400,
     "Unauthorized": 502,  # the dashboard's own token was refused: a configuration problem
@@ -67,30 +66,6 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "Unavailable": 503,
     "Internal": 500,
 }
-CATCH_UP_PAGES: Final = 10
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(slots=True)
-class WebConfig:
-    """What the app needs besides the client; tests shorten the limits."""
-
-    token: str
-    secure_cookies: bool = False
-    sse_heartbeat: float = 15.0
-    tenant_limiter: FailureLimiter = field(default_factory=FailureLimiter)
-    login_limiter: FailureLimiter = field(default_factory=FailureLimiter)
-    sessions: SessionStore = field(default_factory=SessionStore)
-
-
-CLIENT_KEY: Final = web.AppKey("client", HeroDeployerClient)
-CONFIG_KEY: Final = web.AppKey("config", WebConfig)
-HUB_KEY: Final = web.AppKey("hub", EventHub)
-JINJA_KEY: Final = web.AppKey("jinja", jinja2.Environment)
-SESSION_KEY: Final = web.RequestKey("session", Session)
-LIVE_AFTER_KEY: Final = web.RequestKey("live_after", str)
-
 
 # Requests ---------------------------------------------------------------------------------
 
@@ -114,6 +89,11 @@ class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     old_secret: str
     new_secret: str
 
+    @property
+    def secret(self) -> str:
+        """The secret this request tries: the one it proves ownership with."""
+        return self.old_secret
+
 
 # Helpers ----------------------------------------------------------------------------------
 
@@ -123,19 +103,13 @@ def _session(request: web.Request) -> Session:
 
 
 def _client_key(request: web.Request) -> str:
-    """Who to count failures against: the peer address (a proxy in front must be trusted)."""
+    """The address failures count against: the peer (a proxy in front is one address)."""
     return request.remote or "unknown"
 
 
 def _safe_url(value: str) -> str:
     """`value` if it is an http(s) URL, else empty: user data never becomes a javascript: link."""
     return value if urlsplit(value).scheme in ("http", "https") else ""
-
-
-def _safe_next(value: str | None) -> str:
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/users"
 
 
 def _iso(value: datetime | None) -> str:
@@ -164,6 +138,12 @@ def _environment() -> jinja2.Environment:
     env.filters["safe_url"] = _safe_url
     env.filters["iso"] = _iso
     env.filters["duration"] = _duration
+    env.globals.update(
+        username_pattern=html_pattern(Username),
+        username_max=max_length(Username),
+        vm_name_pattern=html_pattern(Name),
+        vm_name_max=max_length(Name),
+    )
     return env
 
 
@@ -188,11 +168,6 @@ def render(
     return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
 
 
-def _error_json(code: str, message: str, status: int, **headers: str) -> web.Response:
-    body = msgspec.json.encode({"error": {"code": code, "message": message}})
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
 def _json(value: Any) -> web.Response:
     return web.Response(body=msgspec.json.encode(value), content_type="application/json")
 
@@ -215,89 +190,6 @@ def _words(error: DomainError) -> str:
     return message if message.endswith(".") else message + "."
 
 
-# Middlewares ------------------------------------------------------------------------------
-
-
-@web.middleware
-async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Security headers on every answer; no caching of anything but static files."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as error:
-        response = error
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    if not request.path.startswith("/static/"):
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["Pragma"] = "no-cache"
-    if isinstance(response, web.HTTPException):
-        raise response
-    return response
-
-
-@web.middleware
-async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Finds the browser's session or starts one; sets the cookie when the id is new."""
-    if request.path.startswith("/static/"):
-        return await handler(request)
-    config = request.app[CONFIG_KEY]
-    session = config.sessions.get(request.cookies.get(COOKIE_NAME))
-    if session is None:
-        session = config.sessions.create()
-    request[SESSION_KEY] = session
-    position = request.app[HUB_KEY].position  # before any data is read: live updates go on here
-    request[LIVE_AFTER_KEY] = "" if position is None else str(position)
-    try:
-        response = await handler(request)
-    except web.HTTPException as error:
-        _set_cookie(request, error, config)
-        raise
-    _set_cookie(request, response, config)
-    return response
-
-
-def _set_cookie(request: web.Request, response: web.StreamResponse, config: WebConfig) -> None:
-    session = _session(request)
-    if response.prepared:  # a stream: its headers are gone
-        return
-    if request.cookies.get(COOKIE_NAME) != session.id:
-        response.set_cookie(
-            COOKIE_NAME,
-            session.id,
-            path="/",
-            httponly=True,
-            samesite="Strict",
-            secure=config.secure_cookies,
-        )
-
-
-@web.middleware
-async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuses a state-changing request without the session's CSRF token or from elsewhere."""
-    if request.method in SAFE_METHODS:
-        return await handler(request)
-    origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc != request.host:
-        return _forbidden(request, "cross-origin request refused")
-    token = request.headers.get(CSRF_HEADER)
-    if token is None and request.content_type in (
-        "application/x-www-form-urlencoded",
-        "multipart/form-data",
-    ):
-        form = await request.post()
-        value = form.get(CSRF_FIELD)
-        token = value if isinstance(value, str) else None
-    if not _session(request).check_csrf(token):
-        return _forbidden(request, "missing or wrong CSRF token; reload the page and try again")
-    return await handler(request)
-
-
-def _forbidden(request: web.Request, message: str) -> web.Response:
-    if request.path.startswith("/tenant/api/"):
-        return _error_json("Forbidden", message, 403)
-    return web.Response(text=f"Forbidden: {message}\n", status=403)
-
-
 # Operator: login ----------------------------------------------------------------------------
 
 
@@ -307,14 +199,14 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def login_page(request: web.Request) -> web.StreamResponse:
     if _session(request).operator:
-        raise web.HTTPFound(_safe_next(request.query.get("next")))
-    return render(request, "login.html", {"next": _safe_next(request.query.get("next"))})
+        raise web.HTTPFound(safe_next(request.query.get("next")))
+    return render(request, "login.html", {"next": safe_next(request.query.get("next"))})
 
 
 async def login(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     form = await request.post()
-    next_path = _safe_next(str(form.get("next", "")))
+    next_path = safe_next(str(form.get("next", "")))
     key = _client_key(request)
     wait = config.login_limiter.retry_after(key)
     if wait > 0:
@@ -325,7 +217,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         config.login_limiter.failed(key)
         context = {"next": next_path, "error": "That token is not right."}
         return render(request, "login.html", context, status=401)
-    request[SESSION_KEY] = config.sessions.rotate(_session(request), operator=True)
+    request[SESSION_KEY] = config.sessions.rotate(_session(request))
     log.info("web.login")
     raise web.HTTPSeeOther(next_path)
 
@@ -336,8 +228,7 @@ async def logout_page(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
-    config.sessions.end(_session(request))
-    request[SESSION_KEY] = config.sessions.create()
+    request[SESSION_KEY] = config.sessions.end(_session(request))
     raise web.HTTPSeeOther("/login")
 
 
@@ -389,7 +280,7 @@ async def provision(request: web.Request) -> web.StreamResponse:
 
 def _username(request: web.Request) -> str:
     name = request.match_info["name"]
-    if not USERNAME_RE.fullmatch(name):
+    if not conforms(name, UserRefName):
         raise web.HTTPNotFound(text="No such user.")
     return name
 
@@ -499,7 +390,7 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
     stream = request.query.get("stream", "").strip()
     kind = request.query.get("type", "").strip()
     problems = []
-    if stream and not STREAM_RE.fullmatch(stream):
+    if stream and not conforms(stream, StreamName):
         problems.append("A stream looks like vm:vm_… or user:alice.")
         stream = ""
     if kind and not TYPE_RE.fullmatch(kind):
@@ -631,15 +522,16 @@ async def operator_live(request: web.Request) -> web.StreamResponse:
 
 async def tenant_live(request: web.Request) -> web.StreamResponse:
     """Only events of the VMs this browser's tenant page listed, and only their sid and type."""
-    session = _session(request)
+    with request.app[CONFIG_KEY].watches.watch(_session(request).id) as watched:
 
-    def select(event: EventOut) -> bytes | None:
-        kind, _, sid = event.stream.partition(":")
-        if kind != "vm" or sid not in session.watched:
-            return None
-        return msgspec.json.encode({"sid": sid, "type": event.type, "position": event.position})
+        def select(event: EventOut) -> bytes | None:
+            kind, _, sid = event.stream.partition(":")
+            if kind != "vm" or sid not in watched:
+                return None
+            body = {"sid": sid, "type": event.type, "position": event.position}
+            return msgspec.json.encode(body)
 
-    return await _sse(request, select)
+        return await _sse(request, select)
 
 
 # Tenant -------------------------------------------------------------------------------------
@@ -658,39 +550,39 @@ async def _tenant_call(
     kind: type[msgspec.Struct],
     call: Callable[[Any], Awaitable[web.Response]],
 ) -> web.Response:
-    """Decodes the body, applies the per-client limiter, maps errors to JSON answers."""
-    config = request.app[CONFIG_KEY]
-    key = _client_key(request)
-    wait = config.tenant_limiter.retry_after(key)
+    """Decodes the body, applies the tenant limiter, maps errors to JSON answers."""
+    limiter = request.app[CONFIG_KEY].tenant_limiter
+    try:
+        body = msgspec.json.decode(await request.read(), type=kind)
+    except msgspec.ValidationError as error:
+        return error_json("InvalidInput", str(error), 400)
+    except msgspec.DecodeError:
+        return error_json("InvalidInput", "the body is not JSON", 400)
+    address, secret = _client_key(request), str(getattr(body, "secret", ""))
+    wait = limiter.retry_after(address, secret)
     if wait > 0:
-        return _error_json(
+        return error_json(
             "TooManyRequests",
             f"Too many failed attempts; try again in {wait:.0f} s.",
             429,
             **{"Retry-After": str(max(1, round(wait)))},
         )
     try:
-        body = msgspec.json.decode(await request.read(), type=kind)
-    except msgspec.ValidationError as error:
-        return _error_json("InvalidInput", str(error), 400)
-    except msgspec.DecodeError:
-        return _error_json("InvalidInput", "the body is not JSON", 400)
-    try:
         return await call(body)
     except NotFound as error:
-        config.tenant_limiter.failed(key)
-        return _error_json(error.code, _words(error), 404)
+        limiter.failed(address, secret)
+        return error_json(error.code, _words(error), 404)
     except DomainError as error:
-        return _error_json(error.code, _words(error), HTTP_STATUS.get(error.code, 500))
+        return error_json(error.code, _words(error), HTTP_STATUS.get(error.code, 500))
 
 
 async def tenant_vms(request: web.Request) -> web.StreamResponse:
     client = request.app[CLIENT_KEY]
-    session = _session(request)
+    browser, watches = _session(request).id, request.app[CONFIG_KEY].watches
 
     async def call(body: TenantRequest) -> web.Response:
         vms = await client.list_vms(body.secret)
-        session.watched = {vm.sid for vm in vms}
+        watches.show(browser, (vm.sid for vm in vms))
         return _json({"vms": [_vm_json(vm) for vm in vms]})
 
     return await _tenant_call(request, TenantRequest, call)
@@ -698,11 +590,11 @@ async def tenant_vms(request: web.Request) -> web.StreamResponse:
 
 async def tenant_deploy(request: web.Request) -> web.StreamResponse:
     client = request.app[CLIENT_KEY]
-    session = _session(request)
+    browser, watches = _session(request).id, request.app[CONFIG_KEY].watches
 
     async def call(body: DeployRequest) -> web.Response:
         vm = await client.deploy_vm(name=body.name, secret=body.secret)
-        session.watched.add(vm.sid)
+        watches.add(browser, vm.sid)
         return _json(_vm_json(vm))
 
     return await _tenant_call(request, DeployRequest, call)
@@ -745,21 +637,25 @@ def create_app(
     client: HeroDeployerClient,
     *,
     token: str,
-    secure_cookies: bool = False,
-    tenant_limiter: FailureLimiter | None = None,
+    public_url: str = "",
+    tenant_limiter: TenantLimiter | None = None,
     login_limiter: FailureLimiter | None = None,
     sse_heartbeat: float = 15.0,
 ) -> web.Application:
-    """The dashboard app over `client`; `token` is the bearer token operators log in with."""
+    """The dashboard app over `client`; `token` is the bearer token operators log in with.
+
+    `public_url` (https://host[:port]) is where browsers reach it through a proxy: only that
+    Host is answered and cookies are `Secure` when it is https; without it, loopback only.
+    """
     if not token:
         raise ValueError("the dashboard needs the bearer token to check operator logins")
-    app = web.Application(middlewares=[security_headers, sessions, csrf])
+    app = web.Application(middlewares=MIDDLEWARES)
     app[CLIENT_KEY] = client
     app[CONFIG_KEY] = WebConfig(
         token=token,
-        secure_cookies=secure_cookies,
+        site=Site.parse(public_url),
         sse_heartbeat=sse_heartbeat,
-        tenant_limiter=tenant_limiter or FailureLimiter(),
+        tenant_limiter=tenant_limiter or TenantLimiter(),
         login_limiter=login_limiter or FailureLimiter(),
     )
     app[JINJA_KEY] = _environment()

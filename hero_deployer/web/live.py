@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Final
 
 import structlog
@@ -100,3 +100,43 @@ class EventHub:
                     return
                 log.warning("web.live.retry", error=str(error))
             await asyncio.sleep(self._retry_delay)
+
+
+class TenantWatches:
+    """The VM sids each open tenant stream may forward, keyed by the browser's cookie.
+
+    A set exists only while its stream is open (state the open connection holds anyway), so a
+    listing without an open stream stores nothing; the tenant page opens its stream first and
+    lists its VMs when the stream is connected.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, list[set[str]]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, browser: str) -> Iterator[set[str]]:
+        """The set of sids one stream of `browser` forwards, while the stream is open."""
+        watched: set[str] = set()
+        self._open.setdefault(browser, []).append(watched)
+        try:
+            yield watched
+        finally:
+            sets = self._open.get(browser, [])
+            sets.remove(watched)
+            if not sets:
+                self._open.pop(browser, None)
+
+    def show(self, browser: str, sids: Iterable[str]) -> None:
+        """The browser's page lists exactly `sids` now: its open streams forward those."""
+        shown = set(sids)
+        for watched in self._open.get(browser, []):
+            watched.clear()
+            watched.update(shown)
+
+    def add(self, browser: str, sid: str) -> None:
+        """The browser's page shows `sid` too (it just deployed it)."""
+        for watched in self._open.get(browser, []):
+            watched.add(sid)
+
+    def __len__(self) -> int:
+        return sum(len(sets) for sets in self._open.values())

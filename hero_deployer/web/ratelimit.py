@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -61,3 +64,38 @@ class FailureLimiter:
         self._records[client] = record
         while len(self._records) > self._capacity:
             self._records.popitem(last=False)
+
+
+class TenantLimiter:
+    """Tenant failures counted per (address, attempted secret), under a higher per-address ceiling.
+
+    Tenants behind one proxy share an address: one tenant repeating a wrong secret blocks only
+    that secret from that address, while many different wrong secrets (guessing) hit the
+    address's ceiling. Secrets are kept only as an HMAC under a key of this process.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_secret: FailureLimiter | None = None,
+        per_address: FailureLimiter | None = None,
+    ) -> None:
+        self.per_secret = per_secret or FailureLimiter()
+        self.per_address = per_address or FailureLimiter(allowance=50)
+        self._key = secrets.token_bytes(32)
+
+    def _pair(self, address: str, secret: str) -> str:
+        digest = hmac.new(self._key, secret.encode("utf-8", "replace"), hashlib.sha256)
+        return f"{address} {digest.hexdigest()[:32]}"
+
+    def retry_after(self, address: str, secret: str) -> float:
+        """Seconds this address must wait before trying `secret` again, 0 when it may."""
+        return max(
+            self.per_address.retry_after(address),
+            self.per_secret.retry_after(self._pair(address, secret)),
+        )
+
+    def failed(self, address: str, secret: str) -> None:
+        """Counts one failed attempt of `secret` from `address` against both limits."""
+        self.per_address.failed(address)
+        self.per_secret.failed(self._pair(address, secret))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -48,19 +49,29 @@ async def run_web(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     timeout: float = 10.0,
+    public_url: str = "",
+    nkey: str | Path | None = None,
+    creds: str | Path | None = None,
 ) -> None:
-    """Runs the dashboard alone against the service on `nats_url` until SIGINT or SIGTERM."""
+    """Runs the dashboard alone against the service on `nats_url` until SIGINT or SIGTERM.
+
+    It connects as the client identity of `nkey` (a seed file) or `creds`, when given.
+    """
     from hero_deployer.cli import _wait_for_signal
 
     client = await HeroDeployerClient.connect(
         nats_url,
+        nkey=nkey,
+        creds=creds,
         token=token,
         prefix=prefix,
         timeout=timeout,
         nats_options={"max_reconnect_attempts": -1},
     )
     try:
-        async with web_server(client, token=token, host=host, port=port) as url:
+        async with web_server(
+            client, token=token, host=host, port=port, public_url=public_url
+        ) as url:
             print(f"hero-deployer web ready: {url} (nats {nats_url}, prefix {prefix})", flush=True)
             await _wait_for_signal()
     finally:

@@ -1,0 +1,40 @@
+"""Input rules of the dashboard's forms, taken from the core types rather than copied."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, get_args
+
+import msgspec
+
+from hero_deployer.asyncapi import ecma_pattern
+
+# In an HTML `pattern` (compiled with the v flag) a literal "-" at either end of a class must be
+# escaped: https://html.spec.whatwg.org/multipage/input.html#the-pattern-attribute
+_EDGE_DASH: Final = re.compile(r"(?<=\[)-|(?<=\[\^)-|(?<!\\)-(?=\])")
+
+
+def conforms(value: str, kind: Any) -> bool:
+    """True when the whole of `value` is a valid `kind` (a core string type)."""
+    if not value.isprintable():  # no trailing newline or other control character, whatever `$`
+        return False
+    try:
+        msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _meta(kind: Any) -> msgspec.Meta:
+    return next(arg for arg in get_args(kind)[1:] if isinstance(arg, msgspec.Meta))
+
+
+def html_pattern(kind: Any) -> str:
+    """The `pattern` attribute for `kind`: its core pattern in the form browsers compile."""
+    pattern = _meta(kind).pattern
+    return _EDGE_DASH.sub(r"\\-", ecma_pattern(pattern)) if pattern else ""
+
+
+def max_length(kind: Any) -> int:
+    """The `maxlength` attribute for `kind`."""
+    return _meta(kind).max_length or 0
