@@ -107,7 +107,7 @@ def _dashboard(settings: Settings, nc: Any, port: int) -> Any:
     from hero_deployer.web import web_server
 
     client = HeroDeployerClient(nc, token=settings.token, prefix=settings.prefix)
-    return web_server(client, token=settings.token, port=port)
+    return web_server(client, token=settings.token, port=port, public_url=settings.public_url)
 
 
 async def _web(args: argparse.Namespace, settings: Settings) -> None:
@@ -120,6 +120,7 @@ async def _web(args: argparse.Namespace, settings: Settings) -> None:
         prefix=settings.prefix,
         port=args.web_port,
         timeout=args.timeout,
+        public_url=settings.public_url,
     )
 
 
@@ -463,6 +464,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     web_p = sub.add_parser("web", parents=[common], help="run the dashboard alone")
     web_p.add_argument("--web-port", type=int, default=8080, help="port on 127.0.0.1")
+    for parser_ in (up, web_p):
+        parser_.add_argument(
+            "--public-url",
+            help="https://host[:port] browsers use (via a proxy): only that Host, Secure cookies",
+        )
     serve_p = sub.add_parser("serve", parents=[common], help="run the service on an existing NATS")
     serve_p.add_argument("--backend", choices=["local", "hero-compute", "opentofu"])
     sub.add_parser("rebuild", parents=[common], help="rebuild every view from the event log")
@@ -561,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["nats_port"] = args.nats_port
     if getattr(args, "backend", None) is not None:
         overrides["backend"] = args.backend
+    if getattr(args, "public_url", None) is not None:  # `up`/`web --public-url`
+        overrides["public_url"] = args.public_url
     if args.command == "serve" and args.nats:
         overrides["nats_url"] = args.nats
     if args.command == "api-spec":

@@ -60,6 +60,8 @@ class Settings:
     tofu_network: str = "main"
     tofu_mnemonic_env: str = "TFGRID_MNEMONIC"
     tofu_timeout: float = 900.0
+    # Where browsers reach the dashboard (behind a proxy): its Host only, Secure cookies if https.
+    public_url: str = ""
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
