@@ -14,13 +14,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
+from core.gateway_names import GRID_GATEWAY_NAME
 from core.ports import (
     BackendError,
     BackendGateway,
     BackendNotFound,
     BackendVm,
     BackendVmStatus,
+    GatewayNameRegistry,
     GatewaySpec,
     NodeInfo,
     VmSpec,
@@ -30,11 +33,25 @@ FLISTS: Final = {
     "ubuntu-24.04": "https://hub.grid.tf/tf-official-vms/ubuntu-24.04-full.flist",
 }
 NETWORKS: Final = frozenset({"main", "test", "qa", "dev"})
-GATEWAY_NAME: Final = re.compile(r"^[a-zA-Z0-9_]+$")
+# The provider release main.tf is written for, pinned: its schema moved between releases
+# (`mounts { disk_name }` until 1.11.1, `mounts { name }` after; the development line's
+# scheduler requires `yggdrasil` and `wireguard`). Every block below follows 1.11.1's
+# threefoldtech/terraform-provider-grid `docs/resources/*.md` and `internal/provider/*.go`.
+PROVIDER_VERSION: Final = "1.11.1"
+RANDOM_VERSION: Final = "3.6.3"
+# A workload name: `^[a-zA-Z0-9_]+$`, 1..36 characters (threefoldtech/zosbase
+# `pkg/gridtypes/id.go` IsValidName); ours are lowercase and at most 32, leaving room for the
+# network's `net_`. A mapped name ends with `_` and 12 hex characters, which no kept name does.
+WORKLOAD_NAME_MAX: Final = 36
+_KEPT_NAME: Final = re.compile(r"[a-z0-9_]{1,32}")
+_MAPPED_SUFFIX: Final = re.compile(r"_[0-9a-f]{12}\Z")
+_RESERVED_NAMES: Final = frozenset({"ygg"})  # zosbase pkg/gridtypes/id.go reservedNames
+GATEWAY_NAME: Final = GRID_GATEWAY_NAME
 DISK_MOUNT: Final = "/data"
-# The provider reads its mnemonic from the environment; older releases read MNEMONICS, newer
-# ones MNEMONIC. The child gets both, so main.tf never holds it.
+# Provider 1.11.1 reads its mnemonic from MNEMONICS (internal/provider/provider.go), later
+# releases from MNEMONIC. The child gets both, so main.tf never holds it.
 PROVIDER_MNEMONIC_VARS: Final = ("MNEMONICS", "MNEMONIC")
+GATEWAY_BACKENDS: Final = ("network", "mycelium")
 UNSUPPORTED: Final = "is not supported by the OpenTofu backend: the grid cannot {} a VM in place"
 TAIL_LINES: Final = 20
 KILL_GRACE: Final = 10.0
@@ -53,7 +70,11 @@ class OpenTofuBackend:
         timeout: float = 900.0,
         log: Callable[[str], None] | None = None,
         env: Mapping[str, str] | None = None,
+        names: GatewayNameRegistry | None = None,
+        gateway_backend: str = "network",
     ) -> None:
+        """`names` says who holds a gateway name on the chain; `gateway_backend` is how the
+        gateway reaches a VM: `network` (its private IP in the VM's network) or `mycelium`."""
         self._env = dict(os.environ if env is None else env)
         binary = shutil.which(tofu_path, path=self._env.get("PATH"))
         if binary is None:
@@ -62,6 +83,12 @@ class OpenTofuBackend:
             )
         if network not in NETWORKS:
             raise BackendError(f"unknown grid network {network!r}: one of {', '.join(NETWORKS)}")
+        if gateway_backend not in GATEWAY_BACKENDS:
+            raise BackendError(
+                f"unknown gateway backend {gateway_backend!r}: one of {', '.join(GATEWAY_BACKENDS)}"
+            )
+        self._names = names
+        self._gateway_backend = gateway_backend
         self._tofu = binary
         self._work_dir = work_dir
         self._network = network
@@ -116,12 +143,20 @@ class OpenTofuBackend:
         await self._destroy(self._vm_dir(name), f"deleting vm {name}")
 
     async def deploy_gateway(self, spec: GatewaySpec) -> BackendGateway:
-        """Applies a `grid_name_proxy` named `spec.name`; applying it again changes nothing."""
-        config = render_gateway(spec, network=self._network)
+        """Applies a `grid_name_proxy` named `spec.name`; applying it again changes nothing.
+
+        Before its first apply the name must be free on the chain: a name contract someone else
+        holds fails at once, not after a long apply.
+        """
         work = self._gateway_dir(spec.name)
         async with self._lock(work):
             outputs = await self._outputs(work)
             if not outputs.get("fqdn"):
+                if not _has_state(work):
+                    await self._claimable(spec.name)
+                config = render_gateway(
+                    spec, network=self._network, private=await self._private_backend(spec)
+                )
                 async with self._deadline(f"deploying gateway {spec.name}"):
                     await self._apply(work, config)
                     outputs = await self._outputs(work)
@@ -133,7 +168,7 @@ class OpenTofuBackend:
         return BackendGateway(name=spec.name, fqdn=fqdn, url=f"https://{fqdn}")
 
     async def delete_gateway(self, name: str) -> None:
-        if not GATEWAY_NAME.match(name):
+        if not GATEWAY_NAME.fullmatch(name):
             return
         await self._destroy(self._gateway_dir(name), f"deleting gateway {name}")
 
@@ -167,9 +202,34 @@ class OpenTofuBackend:
         return self._work_dir / f"vm_{grid_name(name)}"
 
     def _gateway_dir(self, name: str) -> Path:
-        if not GATEWAY_NAME.match(name):
-            raise BackendError(f"gateway name {name!r} must match {GATEWAY_NAME.pattern}")
+        _check_gateway_name(name)
         return self._work_dir / f"gw_{name}"
+
+    async def _claimable(self, name: str) -> None:
+        """Raises a permanent BackendError when another twin holds the name contract `name`."""
+        if self._names is None:
+            return
+        holder = await self._names.name_holder(name)
+        if holder is not None:
+            raise BackendError(
+                f"gateway name {name!r} is already registered on the {self._network} grid "
+                f"(name contract {holder.contract_id} of twin {holder.twin_id}): names are "
+                "unique across the whole grid; set HERO_DEPLOYER_GATEWAY_PREFIX to a prefix "
+                "of your own"
+            )
+
+    async def _private_backend(self, spec: GatewaySpec) -> tuple[str, str] | None:
+        """The VM's network name and private IP when the gateway reaches it over its network."""
+        if self._gateway_backend != "network" or not spec.vm_name:
+            return None
+        outputs = await self._outputs(self._vm_dir(spec.vm_name))
+        network, ip = str(outputs.get("network_name") or ""), str(outputs.get("private_ip") or "")
+        if not network or not ip:
+            raise BackendError(
+                f"vm {spec.vm_name} has no private address for gateway {spec.name} yet",
+                retryable=True,
+            )
+        return network, ip
 
     def _lock(self, work: Path) -> asyncio.Lock:
         return self._locks.setdefault(work, asyncio.Lock())
@@ -298,12 +358,28 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
 
 
 def grid_name(name: str) -> str:
-    """A grid-safe workload name (lowercase alphanumerics and `_`) unique for `name`."""
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
-    if slug == name and slug:
-        return slug
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    """A workload name for `name`: at most 32 lowercase alphanumerics and `_`, unique for it.
+
+    Names of that form that do not look mapped (sids like `vm_0193…`) stay as they are; any
+    other is its lowercase slug, cut, plus `_` and 12 hex characters of its SHA-256.
+    """
+    if (
+        _KEPT_NAME.fullmatch(name)
+        and not _MAPPED_SUFFIX.search(name)
+        and name not in _RESERVED_NAMES
+    ):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:19]
     return f"{slug}_{digest}" if slug else f"vm_{digest}"
+
+
+def _check_gateway_name(name: str) -> None:
+    if not GATEWAY_NAME.fullmatch(name):
+        raise BackendError(
+            f"gateway name {name!r} must match {GATEWAY_NAME.pattern}: a workload name "
+            "(at most 36 characters) that is also a name contract (lowercase)"
+        )
 
 
 def render_vm(spec: VmSpec, *, network: str) -> str:
@@ -345,7 +421,8 @@ def render_vm(spec: VmSpec, *, network: str) -> str:
     ]
     if spec.mycelium:
         vm_body.append(_raw("mycelium_ip_seed", "random_bytes.mycelium_ip_seed.hex"))
-    vm_body.append(_block("mounts", [_attr("name", "data"), _attr("mount_point", DISK_MOUNT)]))
+    # 1.11.1 docs/resources/deployment.md, `vms.mounts`: `disk_name` and `mount_point`.
+    vm_body.append(_block("mounts", [_attr("disk_name", "data"), _attr("mount_point", DISK_MOUNT)]))
     vm_body.append(_map("env_vars", {"SSH_KEY": "\n".join(spec.ssh_keys)}))
     network_body = [
         _attr("name", f"net_{name}"),
@@ -375,25 +452,33 @@ def render_vm(spec: VmSpec, *, network: str) -> str:
         _output("node_id", "grid_deployment.vm.node"),
         _output("mycelium_ip", "grid_deployment.vm.vms[0].mycelium_ip"),
         _output("public_ip", "grid_deployment.vm.vms[0].computedip"),
+        _output("private_ip", "grid_deployment.vm.vms[0].ip"),
+        _output("network_name", "grid_network.net.name"),
     ]
     return "\n".join(p for p in parts if p)
 
 
-def render_gateway(spec: GatewaySpec, *, network: str) -> str:
-    """The main.tf of one web gateway: a `grid_name_proxy` on the node, to the backend URL."""
-    if not GATEWAY_NAME.match(spec.name):
-        raise BackendError(f"gateway name {spec.name!r} must match {GATEWAY_NAME.pattern}")
+def render_gateway(
+    spec: GatewaySpec, *, network: str, private: tuple[str, str] | None = None
+) -> str:
+    """The main.tf of one web gateway: a `grid_name_proxy` on the node, to the backend URL.
+
+    With `private` (the VM's network name and private IP) the gateway joins that network and
+    forwards to the private IP on the backend URL's port: 1.11.1's documented pattern for a VM
+    without a public IP (docs/resources/private_gateway.md, `network` in name_proxy.md).
+    """
+    _check_gateway_name(spec.name)
+    body = [_attr("node", spec.node_id), _attr("name", spec.name)]
+    if private is None:
+        body.append(_attr("backends", [spec.backend_url]))
+    else:
+        net, ip = private
+        body.append(_attr("backends", [_with_host(spec.backend_url, ip)]))
+        body.append(_attr("network", net))
+    body.append(_attr("tls_passthrough", False))
     parts = [
         _preamble(network),
-        _block(
-            'resource "grid_name_proxy" "gateway"',
-            [
-                _attr("node", spec.node_id),
-                _attr("name", spec.name),
-                _attr("backends", [spec.backend_url]),
-                _attr("tls_passthrough", False),
-            ],
-        ),
+        _block('resource "grid_name_proxy" "gateway"', body),
         _output("fqdn", "grid_name_proxy.gateway.fqdn"),
     ]
     return "\n".join(parts)
@@ -408,6 +493,13 @@ def parse_outputs(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BackendError("tofu output -json printed no JSON object", retryable=True)
     return {k: v.get("value") for k, v in data.items() if isinstance(v, dict)}
+
+
+def _with_host(url: str, host: str) -> str:
+    """`url` with its host replaced by `host`, its scheme and port kept."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}"
 
 
 def _vm(name: str, outputs: Mapping[str, Any]) -> BackendVm | None:
@@ -435,8 +527,20 @@ def _preamble(network: str) -> str:
                     _block(
                         "required_providers",
                         [
-                            _block("grid =", [_attr("source", "threefoldtech/grid")]),
-                            _block("random =", [_attr("source", "hashicorp/random")]),
+                            _block(
+                                "grid =",
+                                [
+                                    _attr("source", "threefoldtech/grid"),
+                                    _attr("version", f"= {PROVIDER_VERSION}"),
+                                ],
+                            ),
+                            _block(
+                                "random =",
+                                [
+                                    _attr("source", "hashicorp/random"),
+                                    _attr("version", f"= {RANDOM_VERSION}"),
+                                ],
+                            ),
                         ],
                     )
                 ],
