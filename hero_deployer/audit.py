@@ -70,6 +70,7 @@ def take_backup(data_dir: Path, target: Path) -> int:
 def restore_backup(source: Path, data_dir: Path) -> int:
     manifest = restore(source, data_dir)
     asyncio.run(_write_checkpoints(data_dir / "views.db", manifest.checkpoints))
+    (data_dir / "views.db").chmod(0o600)
     print(
         f"restored {manifest.events} events (head {manifest.head}, chain verified) into"
         f" {data_dir}; the service rebuilds its views when it starts"
