@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,8 +16,16 @@ import msgspec
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.errors import DomainError
 from core.ports import BackendError
-from hero_deployer import audit
-from hero_deployer.settings import Settings
+from hero_deployer import audit, context
+from hero_deployer.secret_input import (
+    NEW_SECRET,
+    OLD_SECRET,
+    SECRET,
+    UsageError,
+    add_secret_arguments,
+    resolve_secret,
+)
+from hero_deployer.settings import Settings, explicit_values
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -74,6 +81,8 @@ async def serve(settings: Settings, *, embedded_nats: bool, web_port: int = 0) -
                         _dashboard(settings, nc, web_port)
                     )
                 _tune_gc()
+                if embedded_nats:  # the CLI finds this `up` from any directory (context.py)
+                    stack.enter_context(context.recorded(context.current(settings)))
                 print(
                     f"hero-deployer ready: nats {settings.nats_url}, prefix {settings.prefix},"
                     f" data {settings.data_dir}, backend {settings.backend}{web}",
@@ -140,15 +149,67 @@ async def rebuild_views(settings: Settings) -> int:
 # Talking to a running service ---------------------------------------------------------------
 
 
-async def _call(args: argparse.Namespace, settings: Settings, operation: str, body: Any) -> Any:
+class NoService(Exception):
+    """Nothing answers as NATS at the resolved URL; the message says where and what to run."""
+
+
+async def _quiet(error: Exception) -> None:
+    """Swallows nats-py's asynchronous error reports: the CLI reports one line itself."""
+
+
+# The CLI fails fast. nats-py's `connect` tries a server until it has failed more than
+# `max_reconnect_attempts` times (0 means forever), `reconnect_time_wait` apart, each try bounded
+# by `connect_timeout`: so two tries 0.1 s apart, at most ~2.1 s with nothing listening. No
+# reconnect once connected (a lost connection ends the command with one line), and nats-py's
+# default error callback, which logs a traceback per try, is replaced by `_quiet`.
+CLI_NATS_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 1.0,
+    "max_reconnect_attempts": 1,
+    "reconnect_time_wait": 0.1,
+    "allow_reconnect": False,
+    "error_cb": _quiet,
+}
+
+
+async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
+    """The CLI's one connection to the service that the settings point at."""
+    import nats.errors
+
     from hero_deployer.client import HeroDeployerClient
 
-    client = await HeroDeployerClient.connect(
-        args.nats or settings.nats_url,
-        token=settings.with_token().token,
-        prefix=settings.prefix,
-        timeout=args.timeout,
-    )
+    url = settings.nats_url
+    token = _token(settings)
+    try:
+        client = await HeroDeployerClient.connect(
+            url,
+            nats_options=CLI_NATS_OPTIONS,
+            token=token,
+            prefix=settings.prefix,
+            timeout=args.timeout,
+        )
+    except (OSError, TimeoutError, nats.errors.NoServersError):
+        raise NoService(f'no hero-deployer at {url} (is "hero-deployer up" running?)') from None
+    except nats.errors.Error as error:
+        raise NoService(f"cannot connect to {url}: {error}") from None
+    if not token:
+        await client.close()
+        where = settings.data_dir / "token"
+        raise NoService(f"no token: set HERO_DEPLOYER_TOKEN, or --data-dir to where {where} is")
+    return client
+
+
+def _token(settings: Settings) -> str:
+    """The bearer token: configured, else `DIR/token` when it exists (the CLI creates no file)."""
+    if settings.token:
+        return settings.token
+    try:
+        return (settings.data_dir / "token").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+async def _call(args: argparse.Namespace, settings: Settings, operation: str, body: Any) -> Any:
+    client = await _connect(args, settings)
     try:
         return await client.call(operation, body)
     finally:
@@ -156,14 +217,7 @@ async def _call(args: argparse.Namespace, settings: Settings, operation: str, bo
 
 
 async def _follow(args: argparse.Namespace, settings: Settings) -> None:
-    from hero_deployer.client import HeroDeployerClient
-
-    client = await HeroDeployerClient.connect(
-        args.nats or settings.nats_url,
-        token=settings.with_token().token,
-        prefix=settings.prefix,
-        timeout=args.timeout,
-    )
+    client = await _connect(args, settings)
     try:
         async for event in client.follow(after=args.after, stream=args.stream):
             _print_events(args, [event])
@@ -210,17 +264,11 @@ def _print_events(args: argparse.Namespace, events: list[dict[str, Any]]) -> Non
             )
 
 
-def _secret(args: argparse.Namespace, name: str = "secret") -> str:
-    value = getattr(args, name, None)
-    if value is None:
-        value = os.environ.get("HERO_SECRET", "")
-    return str(value)
-
-
 async def _vms(args: argparse.Namespace, settings: Settings) -> None:
     action = args.vm_action
+    secret = resolve_secret(args, SECRET, what=f"vms {action}")
     if action == "deploy":
-        body: dict[str, Any] = {"name": args.name, "secret": _secret(args)}
+        body: dict[str, Any] = {"name": args.name, "secret": secret}
         for field in ("image", "cpu_count", "memory_gb", "disk_gb", "rootfs_gb", "node_id"):
             if getattr(args, field) is not None:
                 body[field] = getattr(args, field)
@@ -228,18 +276,20 @@ async def _vms(args: argparse.Namespace, settings: Settings) -> None:
         args.many = False
         _print_vms(args, [vm])
     elif action == "list":
-        result = await _call(args, settings, "list_vms", {"secret": _secret(args)})
+        result = await _call(args, settings, "list_vms", {"secret": secret})
         args.many = True
         _print_vms(args, result["vms"])
     else:
         operation = {"get": "get_vm"}.get(action, f"{action}_vm")
-        vm = await _call(args, settings, operation, {"sid": args.sid, "secret": _secret(args)})
+        vm = await _call(args, settings, operation, {"sid": args.sid, "secret": secret})
         args.many = False
         _print_vms(args, [vm])
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
-    body = {"old_secret": args.old_secret, "new_secret": args.new_secret}
+    old = resolve_secret(args, OLD_SECRET, what="migrate-secret")
+    new = resolve_secret(args, NEW_SECRET, what="migrate-secret")
+    body = {"old_secret": old, "new_secret": new}
     result = await _call(args, settings, "migrate_secret", body)
     if args.json:
         _print_json(result)
@@ -276,17 +326,6 @@ STEP_EVENTS: dict[str, str] = {
 
 class CommandFailed(Exception):
     """The command ran, but what it waited for failed; the message says what (exit status 1)."""
-
-
-async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
-    from hero_deployer.client import HeroDeployerClient
-
-    return await HeroDeployerClient.connect(
-        args.nats or settings.nats_url,
-        token=settings.with_token().token,
-        prefix=settings.prefix,
-        timeout=args.timeout,
-    )
 
 
 def _print_users(args: argparse.Namespace, users: list[dict[str, Any]], many: bool) -> None:
@@ -476,22 +515,22 @@ def _parser() -> argparse.ArgumentParser:
     vms = sub.add_parser("vms", help="tenant VMs").add_subparsers(dest="vm_action", required=True)
     deploy = vms.add_parser("deploy", parents=[common])
     deploy.add_argument("name")
-    deploy.add_argument("--secret")
+    add_secret_arguments(deploy, SECRET)
     deploy.add_argument("--image")
     deploy.add_argument("--cpu", dest="cpu_count", type=int)
     deploy.add_argument("--memory", dest="memory_gb", type=int)
     deploy.add_argument("--disk", dest="disk_gb", type=int)
     deploy.add_argument("--rootfs", dest="rootfs_gb", type=int)
     deploy.add_argument("--node", dest="node_id", type=int)
-    vms.add_parser("list", parents=[common]).add_argument("--secret")
+    add_secret_arguments(vms.add_parser("list", parents=[common]), SECRET)
     for action in ("get", "start", "stop", "restart", "delete"):
         p = vms.add_parser(action, parents=[common])
         p.add_argument("sid")
-        p.add_argument("--secret")
+        add_secret_arguments(p, SECRET)
 
     migrate = sub.add_parser("migrate-secret", parents=[common], help="re-key all of your VMs")
-    migrate.add_argument("--old-secret", required=True)
-    migrate.add_argument("--new-secret", required=True)
+    add_secret_arguments(migrate, OLD_SECRET)
+    add_secret_arguments(migrate, NEW_SECRET)
 
     events = sub.add_parser("events", parents=[common], help="the event log, for audits")
     events.add_argument("--stream")
@@ -559,6 +598,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
 }
 
 
+def _settings(command: str, overrides: dict[str, Any]) -> Settings:
+    """Flags, then `HERO_DEPLOYER_*` variables, then the `up` running here, then the defaults.
+
+    The running `up` (its context file) counts for the commands that talk to a service, not for
+    the ones that run one; a URL given by flag or variable picks the context at that URL.
+    """
+    settings = Settings.load(overrides)
+    if command in ("up", "serve"):
+        return settings
+    given = explicit_values(overrides)
+    url_given = "nats_url" in given or "nats_port" in given
+    found = context.find(settings.nats_url if url_given else None)
+    return Settings.load(overrides, found=found.settings()) if found else settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     disable_memory_statistics()  # before any database is opened; see its docstring
     args = _parser().parse_args(argv)
@@ -569,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["backend"] = args.backend
     if getattr(args, "public_url", None) is not None:  # `up`/`web --public-url`
         overrides["public_url"] = args.public_url
-    if args.command == "serve" and args.nats:
+    if args.command != "up" and getattr(args, "nats", None):
         overrides["nats_url"] = args.nats
     if args.command == "api-spec":
         from hero_deployer.asyncapi import print_spec
@@ -577,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_spec(args.prefix)
         return 0
     try:
-        settings = Settings.load(overrides)
+        settings = _settings(args.command, overrides)
         if args.command in audit.COMMANDS:
             return audit.run(args, settings)
         with _runner() as runner:
@@ -594,9 +648,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainError as error:
         print(f"error: {error.code}: {error.message}", file=sys.stderr)
         return EXIT_ERROR
-    except CommandFailed as error:
+    except (CommandFailed, NoService) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except BackendError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_ERROR

@@ -64,27 +64,39 @@ class Settings:
     public_url: str = ""
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
-        """Defaults, overridden by the environment, overridden by `overrides` (CLI flags)."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = os.environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, raw)
-        for name, value in (overrides or {}).items():
-            if value is not None:
-                values[name] = value
-        settings = cls(**values)
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        found: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Defaults, then `found` (a running `up`'s context), the environment, `overrides` (flags).
+
+        The data dir comes out absolute, so every part of the process sees one path.
+        """
+        values = explicit_values(overrides)
         if "nats_url" not in values and "nats_port" in values:
-            settings = dataclasses.replace(
-                settings, nats_url=f"nats://127.0.0.1:{settings.nats_port}"
-            )
-        return settings
+            values["nats_url"] = f"nats://127.0.0.1:{values['nats_port']}"
+        settings = cls(**{**(found or {}), **values})
+        return dataclasses.replace(settings, data_dir=settings.data_dir.expanduser().absolute())
 
     def with_token(self) -> Settings:
         """The settings with the bearer token resolved: configured, else `DIR/token`."""
         token = load_or_create_token(self.data_dir / "token", self.token or None)
         return dataclasses.replace(self, token=token)
+
+
+def explicit_values(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings given by `HERO_DEPLOYER_*` variables, overridden by `overrides` (flags)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = os.environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None and raw != "":
+            values[f.name] = _parse(f.name, raw)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    return values
 
 
 def per_step(spec: str, kind: type[float] | type[int]) -> dict[str, float]:
