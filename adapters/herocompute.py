@@ -11,6 +11,7 @@ from typing import Any, Final, Self
 
 import httpx
 
+from adapters.openrpc import DISCOVER, ClientMethod, interface_mismatches
 from core.ports import (
     BackendError,
     BackendGateway,
@@ -48,6 +49,37 @@ STATUS_MAP: Final[dict[str, BackendVmStatus]] = {
 GONE_STATUSES: Final = frozenset({"deleting", "deleted"})
 
 DEFAULT_SOCKET_URL: Final = "http://localhost/"
+
+_VM = frozenset({"sid", "secret"})
+# Every method this client calls and the named params it sends. hero_compute publishes no source,
+# so these names are unverified (docs/backends.md): `backend check` compares them with the OpenRPC
+# document the server answers to `rpc.discover`, and `_call` refuses to send anything else.
+CLIENT_METHODS: Final = (
+    ClientMethod(DISCOVER, optional=True),
+    ClientMethod("list_nodes", optional=True),
+    ClientMethod("list_vms", frozenset({"secret"})),
+    ClientMethod(
+        "deploy_vm",
+        frozenset(
+            {"secret", "name", "image", "cpu_count", "memory_gb", "disk_gb", "rootfs_gb"}
+            | {"mycelium", "public_ip"}
+        ),
+        sometimes=frozenset({"node_id"}),
+    ),
+    ClientMethod("get_vm", _VM),
+    ClientMethod("start_vm", _VM),
+    ClientMethod("stop_vm", _VM),
+    ClientMethod("restart_vm", _VM),
+    ClientMethod("delete_vm", _VM),
+    ClientMethod("inject_ssh_keys", _VM | {"keys"}),
+    ClientMethod("deploy_webgateway", frozenset({"secret", "name", "node_id", "backend_url"})),
+    ClientMethod("delete_webgateway", frozenset({"secret", "name"})),
+)
+_SENDS: Final = {m.name: m.params for m in CLIENT_METHODS}
+NO_DISCOVERY: Final = (
+    "hero_compute offers no OpenRPC discovery (`rpc.discover`), so the methods and params this "
+    "client uses cannot be verified against it"
+)
 
 
 class HeroComputeBackend:
@@ -181,6 +213,24 @@ class HeroComputeBackend:
 
     async def check(self) -> list[str]:
         """What keeps this backend from working, in the operator's words; empty when usable."""
+        return (await self.check_report())[0]
+
+    async def check_report(self) -> tuple[list[str], list[str]]:
+        """The problems `check` names, and notes that are no failure (an unverifiable interface)."""
+        problems = await self._reach_problems()
+        if problems:
+            return problems, []
+        try:
+            document = await self._call(DISCOVER, {})
+        except _MethodNotFound:
+            return [], [NO_DISCOVERY]
+        except BackendError as e:
+            return [], [f"{NO_DISCOVERY}: {DISCOVER} failed: {e.message}"]
+        found = interface_mismatches(document, CLIENT_METHODS)
+        return [f"hero_compute's OpenRPC document: {m}" for m in found], []
+
+    async def _reach_problems(self) -> list[str]:
+        """An empty secret, a missing socket, or hero_compute not answering `list_vms`."""
         problems: list[str] = []
         if not self._secret:
             problems.append(
@@ -243,6 +293,9 @@ class HeroComputeBackend:
 
     async def _call(self, method: str, params: dict[str, Any]) -> Any:
         """One JSON-RPC call; maps every failure onto BackendError and its subclasses."""
+        sends = _SENDS.get(method)
+        if sends is None or not params.keys() <= sends:
+            raise BackendError(f"hero_compute client bug: {method} does not match CLIENT_METHODS")
         request = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         try:
             response = await self._client.post(self._url, json=request)

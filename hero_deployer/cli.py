@@ -576,15 +576,19 @@ def _parser() -> argparse.ArgumentParser:
 async def _backend_check(args: argparse.Namespace, settings: Settings) -> int:
     from hero_deployer.backends import check_backend
 
-    problems = await check_backend(settings)
+    report = await check_backend(settings)
+    problems, notes = report.problems, report.notes
     if args.json:
-        _print_json({"backend": settings.backend, "usable": not problems, "problems": problems})
-    elif problems:
-        print(f"backend {settings.backend}: not usable")
+        usable = not problems
+        _print_json(
+            {"backend": settings.backend, "usable": usable, "problems": problems, "notes": notes}
+        )
+    else:
+        print(f"backend {settings.backend}: {'not usable' if problems else 'ok'}")
         for problem in problems:
             print(f"  - {problem}")
-    else:
-        print(f"backend {settings.backend}: ok")
+        for note in notes:
+            print(f"  note: {note}")
     return EXIT_ERROR if problems else 0
 
 

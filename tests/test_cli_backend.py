@@ -17,6 +17,7 @@ def test_local_backend_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "backend": "local",
         "usable": True,
         "problems": [],
+        "notes": [],
     }
 
 

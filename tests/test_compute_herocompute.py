@@ -289,3 +289,112 @@ async def test_check_names_an_unreachable_server_and_an_empty_secret(rpc: HeroCo
 def test_a_backend_needs_somewhere_to_call() -> None:
     with pytest.raises(BackendError, match="url or a socket path"):
         HeroComputeBackend(owner_secret=SECRET)
+
+
+# The unverified interface against hero_compute's own OpenRPC document (issue 11, item 8) --------
+
+
+def renamed(document: dict[str, object], method: str, new: str) -> None:
+    """Renames `method` in an OpenRPC document, as a server that calls it otherwise would."""
+    for entry in document["methods"]:  # type: ignore[attr-defined]
+        if entry["name"] == method:
+            entry["name"] = new
+
+
+def renamed_param(document: dict[str, object], method: str, param: str, new: str) -> None:
+    for entry in document["methods"]:  # type: ignore[attr-defined]
+        if entry["name"] == method:
+            for descriptor in entry["params"]:
+                if descriptor["name"] == param:
+                    descriptor["name"] = new
+
+
+async def test_a_matching_openrpc_document_gives_no_problem_and_no_note(
+    rpc: HeroComputeRpc, client: HeroComputeBackend
+) -> None:
+    assert await client.check_report() == ([], [])
+    assert "rpc.discover" in rpc.methods
+
+
+async def test_each_renamed_method_or_param_is_named(
+    rpc: HeroComputeRpc, client: HeroComputeBackend
+) -> None:
+    assert rpc.discovery is not None
+    renamed(rpc.discovery, "deploy_webgateway", "deploy_gateway")
+    renamed_param(rpc.discovery, "deploy_vm", "cpu_count", "cpu")
+    renamed_param(rpc.discovery, "get_vm", "sid", "vm_id")
+
+    problems, notes = await client.check_report()
+
+    assert notes == []
+    assert problems == [
+        "hero_compute's OpenRPC document: `deploy_vm` has no param `cpu_count`, which the client "
+        "sends",
+        "hero_compute's OpenRPC document: `get_vm` has no param `sid`, which the client sends",
+        "hero_compute's OpenRPC document: `get_vm` requires param `vm_id`, which the client does "
+        "not always send",
+        "hero_compute's OpenRPC document: no method `deploy_webgateway`, which the client calls",
+    ]
+    assert await client.check() == problems  # the service refuses to start on them too
+    assert all(SECRET not in p for p in problems)
+
+
+async def test_a_param_the_client_sends_only_sometimes_must_not_be_required(
+    rpc: HeroComputeRpc, client: HeroComputeBackend
+) -> None:
+    assert rpc.discovery is not None
+    for entry in rpc.discovery["methods"]:
+        if entry["name"] == "deploy_vm":
+            for descriptor in entry["params"]:
+                descriptor["required"] = descriptor["name"] == "node_id" or descriptor["required"]
+            entry["paramStructure"] = "either"
+
+    problems, _ = await client.check_report()
+
+    assert problems == [
+        "hero_compute's OpenRPC document: `deploy_vm` requires param `node_id`, which the client "
+        "does not always send"
+    ]
+
+
+async def test_positional_params_and_references_are_understood(
+    rpc: HeroComputeRpc, client: HeroComputeBackend
+) -> None:
+    assert rpc.discovery is not None
+    methods = rpc.discovery["methods"]
+    stop = next(m for m in methods if m["name"] == "stop_vm")
+    rpc.discovery["components"] = {"methods": {"stop": stop}}
+    methods[methods.index(stop)] = {"$ref": "#/components/methods/stop"}
+    next(m for m in methods if m.get("name") == "start_vm")["paramStructure"] = "by-position"
+
+    problems, _ = await client.check_report()
+
+    assert problems == [
+        "hero_compute's OpenRPC document: `start_vm` takes its params by position; the client "
+        "sends them by name"
+    ]
+
+
+async def test_a_server_without_discovery_cannot_be_verified_which_is_a_note_not_a_failure() -> (
+    None
+):
+    async with (
+        HeroComputeRpc(discovery=False) as rpc,
+        HeroComputeBackend(url=rpc.url, owner_secret=SECRET) as client,
+    ):
+        problems, notes = await client.check_report()
+        assert await client.check() == []
+
+    assert problems == []
+    assert len(notes) == 1
+    assert "cannot be verified" in notes[0] and "rpc.discover" in notes[0]
+
+
+async def test_the_client_sends_nothing_outside_its_method_table(
+    client: HeroComputeBackend, rpc: HeroComputeRpc
+) -> None:
+    with pytest.raises(BackendError, match="client bug"):
+        await client._call("reboot_everything", {})
+    with pytest.raises(BackendError, match="client bug"):
+        await client._call("get_vm", {"sid": "vm_1", "secret": SECRET, "force": True})
+    assert rpc.calls == []

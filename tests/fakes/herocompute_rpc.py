@@ -24,18 +24,49 @@ NOT_FOUND = -32004
 CONFLICT = -32009
 INVALID_STATE = -32010
 
-_VM_PARAMS = {"sid", "secret"}
-_DEPLOY_REQUIRED = {"secret", "name"}
-_DEPLOY_OPTIONAL = {
-    "image",
-    "cpu_count",
-    "memory_gb",
-    "disk_gb",
-    "rootfs_gb",
-    "node_id",
-    "mycelium",
-    "public_ip",
+_VM_PARAMS = frozenset({"sid", "secret"})
+# hero_compute publishes no source: this table is our reading of its ComputeService, kept apart
+# from the client's own table (adapters/herocompute.py CLIENT_METHODS) so that `rpc.discover`,
+# built from it, can disagree with the client. Method -> (required params, optional params).
+METHODS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "deploy_vm": (
+        frozenset({"secret", "name"}),
+        frozenset(
+            {"image", "cpu_count", "memory_gb", "disk_gb", "rootfs_gb", "node_id"}
+            | {"mycelium", "public_ip"}
+        ),
+    ),
+    "get_vm": (_VM_PARAMS, frozenset()),
+    "list_vms": (frozenset({"secret"}), frozenset()),
+    "start_vm": (_VM_PARAMS, frozenset()),
+    "stop_vm": (_VM_PARAMS, frozenset()),
+    "restart_vm": (_VM_PARAMS, frozenset()),
+    "delete_vm": (_VM_PARAMS, frozenset()),
+    "inject_ssh_keys": (_VM_PARAMS | {"keys"}, frozenset()),
+    "deploy_webgateway": (frozenset({"secret", "name", "node_id", "backend_url"}), frozenset()),
+    "delete_webgateway": (frozenset({"secret", "name"}), frozenset()),
 }
+
+
+def openrpc_document(methods: dict[str, tuple[frozenset[str], frozenset[str]]]) -> dict[str, Any]:
+    """An OpenRPC 1.2.6 document (open-rpc/spec 1.2.6/index.md: OpenRPC, Method and Content
+    Descriptor Objects) describing `methods`, with named params."""
+    return {
+        "openrpc": "1.2.6",
+        "info": {"title": "hero_compute ComputeService (fake)", "version": "0.0.0"},
+        "methods": [
+            {
+                "name": name,
+                "paramStructure": "by-name",
+                "params": [
+                    {"name": p, "required": p in required, "schema": {}}
+                    for p in sorted(required | optional)
+                ],
+                "result": {"name": "result", "schema": {"type": "object"}},
+            }
+            for name, (required, optional) in methods.items()
+        ],
+    }
 
 
 class RpcError(Exception):
@@ -93,8 +124,11 @@ class HeroComputeRpc(LoopbackServer):
         node_id: int = 13,
         gateway_domain: str = "gent01.grid.tf",
         fail_deploys_with: str = "",
+        discovery: bool = True,
     ) -> None:
         super().__init__()
+        # `rpc.discover` answers this document; None: no such method, as on a server without it.
+        self.discovery: dict[str, Any] | None = openrpc_document(METHODS) if discovery else None
         self.polls_until_running = polls_until_running
         self.node_id = node_id
         self.gateway_domain = gateway_domain
@@ -178,19 +212,21 @@ class HeroComputeRpc(LoopbackServer):
         if method in self._hung:
             await self._released.wait()
             return _error(rid, RpcError(-32000, "server shutting down"))
+        if method == "rpc.discover" and self.discovery is not None:
+            return web.json_response({"jsonrpc": "2.0", "id": rid, "result": self.discovery})
         handler = getattr(self, f"_rpc_{method}", None)
-        if handler is None:
+        if handler is None or method not in METHODS:
             return _error(rid, RpcError(METHOD_NOT_FOUND, f"method not found: {method}"))
         try:
             if method in self._injected:
                 raise self._injected.pop(method)
+            _check(params, *METHODS[method])
             result = handler(params)
         except RpcError as e:
             return _error(rid, e)
         return web.json_response({"jsonrpc": "2.0", "id": rid, "result": result})
 
     def _rpc_deploy_vm(self, params: dict[str, Any]) -> dict[str, Any]:
-        _check(params, _DEPLOY_REQUIRED, _DEPLOY_OPTIONAL)
         name, secret = params["name"], params["secret"]
         if any(vm.name == name and vm.status != "deleted" for vm in self.vms.values()):
             raise RpcError(CONFLICT, f"a vm named {name} already exists")
@@ -218,7 +254,6 @@ class HeroComputeRpc(LoopbackServer):
         return vm.as_json()
 
     def _rpc_list_vms(self, params: dict[str, Any]) -> dict[str, Any]:
-        _check(params, {"secret"})
         return {
             "vms": [
                 vm.as_json()
@@ -244,7 +279,6 @@ class HeroComputeRpc(LoopbackServer):
         return vm.as_json()
 
     def _rpc_inject_ssh_keys(self, params: dict[str, Any]) -> dict[str, Any]:
-        _check(params, {"sid", "secret", "keys"})
         vm = self._owned({"sid": params["sid"], "secret": params["secret"]})
         keys = params["keys"]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -253,7 +287,6 @@ class HeroComputeRpc(LoopbackServer):
         return {"sid": vm.sid, "keys": len(vm.ssh_keys)}
 
     def _rpc_deploy_webgateway(self, params: dict[str, Any]) -> dict[str, Any]:
-        _check(params, {"secret", "name", "node_id", "backend_url"})
         name = params["name"]
         existing = self.gateways.get(name)
         if existing is not None:
@@ -265,7 +298,6 @@ class HeroComputeRpc(LoopbackServer):
         return _public(self.gateways[name])
 
     def _rpc_delete_webgateway(self, params: dict[str, Any]) -> dict[str, Any]:
-        _check(params, {"secret", "name"})
         gateway = self.gateways.get(params["name"])
         if gateway is None or gateway["secret"] != params["secret"]:
             raise RpcError(NOT_FOUND, "gateway not found")
@@ -273,7 +305,6 @@ class HeroComputeRpc(LoopbackServer):
         return {"name": params["name"], "deleted": True}
 
     def _owned(self, params: dict[str, Any]) -> FakeVm:
-        _check(params, _VM_PARAMS)
         vm = self.vms.get(params["sid"])
         if vm is None or vm.secret != params["secret"]:
             raise RpcError(NOT_FOUND, "vm not found")
@@ -287,9 +318,8 @@ class HeroComputeRpc(LoopbackServer):
         return vm.as_json()
 
 
-def _check(
-    params: dict[str, Any], required: set[str], optional: frozenset[str] | set[str] = frozenset()
-) -> None:
+def _check(params: dict[str, Any], required: frozenset[str], optional: frozenset[str]) -> None:
+    """The params of a call against the method's table entry: none missing, none unknown."""
     missing = required - params.keys()
     unknown = params.keys() - required - optional
     if missing or unknown:
