@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -27,6 +28,9 @@ from hero_deployer.secret_input import (
 )
 from hero_deployer.settings import Settings, explicit_values
 
+if TYPE_CHECKING:
+    from hero_deployer.client import NatsIdentity
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -42,59 +46,104 @@ def _runner() -> asyncio.Runner:
 # Running the service ----------------------------------------------------------------------
 
 
-async def _wait_for_signal() -> None:
+def _stop_signal() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets from now on (instead of ending the process)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def _wait_for_signal() -> None:
+    await _stop_signal().wait()
 
 
 async def serve(settings: Settings, *, embedded_nats: bool, web_port: int = 0) -> None:
     """Runs until SIGINT/SIGTERM, then stops accepting, finishes in-flight work and closes.
 
-    With `web_port` (not 0) the dashboard is served on 127.0.0.1:`web_port` beside it.
+    With `embedded_nats` (`up`) it first starts its own nats-server; with `web_port` (not 0)
+    the dashboard is served on 127.0.0.1:`web_port` beside it.
     """
+    import os
     from contextlib import AsyncExitStack
 
+    import structlog
+
+    from adapters.keyfiles import restrict_to_owner
+    from hero_deployer.bootstrap import bootstrap
+    from hero_deployer.logs import configure
+
+    stop = _stop_signal()  # a signal during the start stops cleanly too: nothing is left behind
+    configure(settings.log_level, settings.log_format)
+    log = structlog.get_logger("hero_deployer")
+    os.umask(0o077)  # every file the service creates is its owner's only: keys, token, databases
+    restrict_to_owner(settings.data_dir)  # and those an earlier version left readable
+    settings = settings.with_token()
+    async with AsyncExitStack() as stack:
+        if embedded_nats:
+            await stack.enter_async_context(_embedded_nats(settings))
+        nc = await _service_connection(settings, embedded_nats)
+        stack.push_async_callback(nc.drain)
+        await stack.enter_async_context(bootstrap(settings, nc))
+        web = ""
+        if web_port:
+            web = ", web " + await stack.enter_async_context(_dashboard(settings, web_port))
+        _tune_gc()
+        if embedded_nats:  # the CLI finds this `up` from any directory (context.py)
+            stack.enter_context(context.recorded(context.current(settings)))
+        print(
+            f"hero-deployer ready: nats {settings.nats_url}, prefix {settings.prefix},"
+            f" data {settings.data_dir}, backend {settings.backend}{web}",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("shutdown.started")
+    log.info("shutdown.done")
+
+
+def _embedded_nats(settings: Settings) -> Any:
+    """`up`'s own nats-server on 127.0.0.1:`nats_port`, with DIR's two NATS identities."""
+    from hero_deployer.natsserver import NatsServer, render_config
+
+    config = render_config(settings.data_dir, settings.prefix)
+    return NatsServer(port=settings.nats_port, data_dir=settings.data_dir, config=config)
+
+
+async def _service_connection(settings: Settings, embedded_nats: bool) -> Any:
+    """The service's NATS connection: as DIR/service.nk under `up`, else as `--nkey`/`--creds`.
+
+    It reconnects forever once connected; a refused identity fails the start with one line.
+    """
     import nats
     import structlog
 
-    from hero_deployer.bootstrap import bootstrap
-    from hero_deployer.logs import configure
-    from hero_deployer.natsserver import NatsServer
+    from hero_deployer.client import nats_credentials
+    from hero_deployer.natsserver import SERVICE_SEED
 
-    configure(settings.log_level, settings.log_format)
     log = structlog.get_logger("hero_deployer")
-    settings = settings.with_token()
-    server = NatsServer(port=settings.nats_port, data_dir=settings.data_dir)
+    connecting = True
+
+    async def on_error(error: Exception) -> None:
+        if connecting and "authorization violation" in str(error).lower():
+            raise NatsRefused(f"NATS at {settings.nats_url} refused the service's identity")
+        log.warning("nats.error", error=str(error) or type(error).__name__)
+
     if embedded_nats:
-        await server.start()
-    try:
-        nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
-        try:
-            async with AsyncExitStack() as stack:
-                await stack.enter_async_context(bootstrap(settings, nc))
-                web = ""
-                if web_port:
-                    web = ", web " + await stack.enter_async_context(
-                        _dashboard(settings, nc, web_port)
-                    )
-                _tune_gc()
-                if embedded_nats:  # the CLI finds this `up` from any directory (context.py)
-                    stack.enter_context(context.recorded(context.current(settings)))
-                print(
-                    f"hero-deployer ready: nats {settings.nats_url}, prefix {settings.prefix},"
-                    f" data {settings.data_dir}, backend {settings.backend}{web}",
-                    flush=True,
-                )
-                await _wait_for_signal()
-                log.info("shutdown.started")
-        finally:
-            await nc.drain()
-    finally:
-        await server.stop()
-    log.info("shutdown.done")
+        credentials = nats_credentials(nkey=settings.data_dir / SERVICE_SEED)
+    else:
+        credentials = nats_credentials(
+            nkey=settings.nats_nkey or None, creds=settings.nats_creds or None
+        )
+    nc = await nats.connect(
+        settings.nats_url, max_reconnect_attempts=-1, error_cb=on_error, **credentials
+    )
+    connecting = False
+    return nc
+
+
+class NatsRefused(Exception):
+    """The NATS server refused this process's identity (exit status 1, one line)."""
 
 
 def _tune_gc() -> None:
@@ -110,13 +159,38 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def _dashboard(settings: Settings, nc: Any, port: int) -> Any:
-    """The dashboard's server over `nc`, as a context manager yielding its URL."""
+@contextlib.asynccontextmanager
+async def _dashboard(settings: Settings, port: int) -> AsyncIterator[str]:
+    """The dashboard's server, connected as a client identity; yields its URL."""
     from hero_deployer.client import HeroDeployerClient
     from hero_deployer.web import web_server
 
-    client = HeroDeployerClient(nc, token=settings.token, prefix=settings.prefix)
-    return web_server(client, token=settings.token, port=port, public_url=settings.public_url)
+    client = await HeroDeployerClient.connect(
+        settings.nats_url,
+        token=settings.token,
+        prefix=settings.prefix,
+        nats_options={"max_reconnect_attempts": -1},
+        **client_credentials(settings),
+    )
+    try:
+        async with web_server(
+            client, token=settings.token, port=port, public_url=settings.public_url
+        ) as url:
+            yield url
+    finally:
+        await client.close()
+
+
+def client_credentials(settings: Settings) -> NatsIdentity:
+    """The NATS identity of the CLI's clients: `nats_creds`, `nats_nkey`, else DIR/client.nk."""
+    from hero_deployer.natsserver import CLIENT_SEED
+
+    if settings.nats_creds:
+        return {"creds": Path(settings.nats_creds)}
+    if settings.nats_nkey:
+        return {"nkey": Path(settings.nats_nkey)}
+    seed = settings.data_dir / CLIENT_SEED
+    return {"nkey": seed} if seed.exists() else {}
 
 
 async def _web(args: argparse.Namespace, settings: Settings) -> None:
@@ -130,6 +204,7 @@ async def _web(args: argparse.Namespace, settings: Settings) -> None:
         port=args.web_port,
         timeout=args.timeout,
         public_url=settings.public_url,
+        **client_credentials(settings),
     )
 
 
@@ -186,6 +261,7 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
             token=token,
             prefix=settings.prefix,
             timeout=args.timeout,
+            **client_credentials(settings),
         )
     except (OSError, TimeoutError, nats.errors.NoServersError):
         raise NoService(f'no hero-deployer at {url} (is "hero-deployer up" running?)') from None
@@ -510,6 +586,8 @@ def _parser() -> argparse.ArgumentParser:
         )
     serve_p = sub.add_parser("serve", parents=[common], help="run the service on an existing NATS")
     serve_p.add_argument("--backend", choices=["local", "hero-compute", "opentofu"])
+    serve_p.add_argument("--nkey", dest="nats_nkey", help="the service's NKey seed file")
+    serve_p.add_argument("--creds", dest="nats_creds", help="the service's NATS creds file")
     sub.add_parser("rebuild", parents=[common], help="rebuild every view from the event log")
 
     vms = sub.add_parser("vms", help="tenant VMs").add_subparsers(dest="vm_action", required=True)
@@ -627,6 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["backend"] = args.backend
     if getattr(args, "public_url", None) is not None:  # `up`/`web --public-url`
         overrides["public_url"] = args.public_url
+    for identity in ("nats_nkey", "nats_creds"):  # `serve --nkey/--creds`
+        overrides[identity] = getattr(args, identity, None)
     if args.command != "up" and getattr(args, "nats", None):
         overrides["nats_url"] = args.nats
     if args.command == "api-spec":
@@ -652,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainError as error:
         print(f"error: {error.code}: {error.message}", file=sys.stderr)
         return EXIT_ERROR
-    except (CommandFailed, NoService) as error:
+    except (CommandFailed, NoService, NatsRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except UsageError as error:

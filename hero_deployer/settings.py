@@ -20,6 +20,10 @@ class Settings:
     data_dir: Path = Path("var")
     nats_url: str = "nats://127.0.0.1:4222"
     nats_port: int = 4222
+    # The NATS identity this process connects with: an NKey seed file or a creds file (`serve
+    # --nkey/--creds`); the CLI and the dashboard default to DIR/client.nk when it exists.
+    nats_nkey: str = ""
+    nats_creds: str = ""
     prefix: str = "hero.v1"
     token: str = ""
     exempt: frozenset[str] = field(default_factory=lambda: frozenset({"health"}))
