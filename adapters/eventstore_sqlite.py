@@ -142,7 +142,7 @@ class SqliteEventStore:
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="eventstore-writer")
         self._writer = writer = await self._on_writer(_connect_writer, self.path, self._synchronous)
         if self._on_connect is not None:
-            await self._on_connect(self.path, lambda sql: self._on_writer(writer.execute, sql))
+            await self._on_connect(self.path, lambda sql: self._on_writer(_run_sql, writer, sql))
         self._reader = await _connect(self.path, self._synchronous)
         # Point reads (one stream, one key) are indexed lookups of microseconds: they run on a
         # read-only connection in the event loop instead of paying hops to a database thread.
@@ -518,6 +518,11 @@ class SqliteEventStore:
 
 
 # On the writer's thread -----------------------------------------------------------------------
+
+
+def _run_sql(conn: sqlite3.Connection, sql: str) -> list[sqlite3.Row]:
+    """Runs one statement to its end: one left open would hold a snapshot of the file."""
+    return conn.execute(sql).fetchall()
 
 
 def _connect_writer(path: Path, synchronous: Synchronous) -> sqlite3.Connection:

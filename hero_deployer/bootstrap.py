@@ -37,6 +37,7 @@ from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_ke
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower
 from projections.runner import (
+    ConnectionHook,
     ProjectedEvents,
     ProjectionRunner,
     Replayable,
@@ -106,11 +107,13 @@ async def bootstrap(
     directory: NodeDirectory | FromSettings | None = FROM_SETTINGS,
     shell: RemoteShell | None = None,
     probe: HealthProbe | None = None,
+    on_connect: ConnectionHook | None = None,
 ) -> AsyncIterator[App]:
     """Builds and starts the service; with `nc` None nothing is served or published.
 
     `forge=None` or `directory=None` means none at all (the Forge step is skipped, nodes come
-    from the backend); left out, they follow `forge_url` and `gridproxy_url`.
+    from the backend); left out, they follow `forge_url` and `gridproxy_url`. `on_connect`
+    is told of every connection that writes events.db or views.db (see `ConnectionHook`).
     """
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -118,15 +121,17 @@ async def bootstrap(
         backend = compute if compute is not None else await _configured_backend(settings, stack)
         store = await stack.enter_async_context(
             SqliteEventStore(
-                data_dir / "events.db", synchronous=cast(Synchronous, settings.synchronous)
+                data_dir / "events.db",
+                synchronous=cast(Synchronous, settings.synchronous),
+                on_connect=on_connect,
             )
         )
         views_db = data_dir / "views.db"
-        views_conn = await connect_views(views_db)
+        views_conn = await connect_views(views_db, on_connect=on_connect)
         stack.push_async_callback(views_conn.close)
-        query_conn = await connect_views(views_db)
+        query_conn = await connect_views(views_db, on_connect=on_connect)
         stack.push_async_callback(query_conn.close)
-        checkpoint_conn = await connect_views(views_db)
+        checkpoint_conn = await connect_views(views_db, on_connect=on_connect)
         stack.push_async_callback(checkpoint_conn.close)
         reader = connect_views_reader(views_db)
         stack.callback(reader.close)

@@ -313,7 +313,7 @@ class UserManager:
             )
 
     async def _resume_all(self) -> None:
-        await consistent_views(self._deps)
+        await vm_handlers.until_taken(lambda: consistent_views(self._deps), "user_manager_start")
         pending = await self._deps.user_view.pending()
         if pending:
             log.info("user_manager.resuming", users=len(pending))
@@ -383,8 +383,11 @@ class UserManager:
     # Recording -------------------------------------------------------------------------------
 
     async def _record(self, username: str, command: OutcomeCommand) -> None:
-        await user_handlers.record_user_outcome(
-            self._deps, username, command, f"user-manager-{uuid.uuid4().hex[:12]}"
+        """Records a step's outcome, waiting out a store that refuses it rather than redo it."""
+        request_id = f"user-manager-{uuid.uuid4().hex[:12]}"
+        await vm_handlers.until_taken(
+            lambda: user_handlers.record_user_outcome(self._deps, username, command, request_id),
+            "user_outcome",
         )
 
     def _remaining(self, action: StepAction) -> tuple[float, float]:

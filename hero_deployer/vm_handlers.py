@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import random
+import sqlite3
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 import msgspec
+import structlog
 
-from core.errors import VM_NOT_FOUND, InvalidInput, NotFound
+from core.errors import VM_NOT_FOUND, Conflict, InvalidInput, NotFound, Unavailable
 from core.events import IdempotencyRecord, vm_stream
 from core.operations import RequestMeta
 from core.vm import (
@@ -37,6 +43,34 @@ from hero_deployer.commands import (
 from hero_deployer.deps import Deps
 
 _encoder = msgspec.json.Encoder()
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+REFUSALS = (Unavailable, Conflict, sqlite3.Error)
+"""What a store that cannot take a write right now raises: a full disk, a lost race, I/O."""
+
+
+def backoff(failures: int, base: float = 0.1, ceiling: float = 2.0) -> float:
+    """The pause after `failures` refusals in a row: doubling from `base`, jittered, capped."""
+    top = min(ceiling, base * 2 ** max(0, failures - 1))
+    return random.uniform(top / 2, top)
+
+
+async def until_taken(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """Calls `call` until the store takes it, pausing longer after each refusal.
+
+    An outcome of a side effect that already happened must not be lost to a full disk.
+    """
+    failures = 0
+    while True:
+        try:
+            return await call()
+        except REFUSALS as error:
+            failures += 1
+            log.warning("store.refused", what=what, failures=failures, error=str(error))
+            await asyncio.sleep(backoff(failures))
 
 
 class _RandomPool:
@@ -133,7 +167,9 @@ class OutcomeRecorder:
     """Records side-effect outcomes in batches: whatever arrives while one commits goes next.
 
     Each VM has at most one outcome in flight (the reactor runs a VM's effects in order), so a
-    batch is one multi-stream append: one decision per VM, one commit for all.
+    batch is one multi-stream append: one decision per VM, one commit for all. A batch the
+    store refuses (a full disk) is tried again, with what arrived meanwhile, after a pause
+    that grows: an outcome is never dropped, and a full disk costs one try per pause.
     """
 
     def __init__(self, deps: Deps, max_batch: int = 512) -> None:
@@ -155,39 +191,61 @@ class OutcomeRecorder:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for _, future in self._waiting:
+            future.cancel()
+        self._waiting.clear()
 
     async def _run(self) -> None:
+        refused = 0
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._waiting:
-                batch = self._waiting[: self._max_batch]
-                del self._waiting[: self._max_batch]
+                batch = self._next_batch()
                 try:
                     await self._record_batch([command for command, _ in batch])
-                except Exception as error:  # one bad outcome must not fail the others
-                    if len(batch) == 1:
-                        batch[0][1].set_exception(error)
-                        continue
-                    for command, future in batch:
-                        try:
-                            await record_outcome(self._deps, command, "")
-                        except Exception as single:
-                            future.set_exception(single)
-                        else:
-                            future.set_result(None)
+                except REFUSALS as error:  # kept waiting, in order, for the next try
+                    refused += 1
+                    log.warning("outcomes.refused", outcomes=len(batch), error=str(error))
+                    await asyncio.sleep(backoff(refused))
                     continue
+                except Exception:  # one bad outcome must not fail the others
+                    refused = 0
+                    del self._waiting[: len(batch)]
+                    await self._record_one_by_one(batch)
+                    continue
+                refused = 0
+                del self._waiting[: len(batch)]
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
 
+    def _next_batch(self) -> list[tuple[OutcomeCommand, asyncio.Future[None]]]:
+        """The oldest outcomes up to the first one of a VM already in the batch."""
+        sids: set[str] = set()
+        batch = []
+        for item in self._waiting[: self._max_batch]:
+            if item[0].sid in sids:
+                break
+            sids.add(item[0].sid)
+            batch.append(item)
+        return batch
+
+    async def _record_one_by_one(
+        self, batch: list[tuple[OutcomeCommand, asyncio.Future[None]]]
+    ) -> None:
+        for command, future in batch:
+            try:
+                await until_taken(partial(record_outcome, self._deps, command, ""), "outcome")
+            except Exception as error:
+                future.set_exception(error)
+            else:
+                future.set_result(None)
+
     async def _record_batch(self, commands: list[OutcomeCommand]) -> None:
+        """One append over the streams of `commands`, which name each VM at most once."""
         ctx = Context(now=self._deps.clock())
         by_stream = {vm_stream(c.sid): c for c in commands}
-        if len(by_stream) != len(commands):  # the same VM twice: keep them in order, one by one
-            for command in commands:
-                await record_outcome(self._deps, command, "")
-            return
 
         def decide_all(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
             decisions = []

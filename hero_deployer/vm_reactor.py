@@ -26,6 +26,7 @@ from core.vm import (
     VmStarted,
     VmStopped,
 )
+from hero_deployer.vm_handlers import until_taken
 
 log = structlog.get_logger(__name__)
 
@@ -117,11 +118,13 @@ class VmReactor:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         try:
-            await self._perform(recorded)
+            # a store that cannot be read or written now is waited for: the intent stays in
+            # flight, so the checkpoint stays before it, restarts included
+            await until_taken(lambda: self._perform(recorded), "vm_reactor")
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("vm_reactor.failed", stream=recorded.stream, event=recorded.type)
+            log.exception("vm_reactor.failed", stream=recorded.stream, event_type=recorded.type)
 
     async def _perform(self, recorded: RecordedEvent) -> None:
         sid = recorded.stream[3:]
@@ -141,7 +144,7 @@ class VmReactor:
                 await self._act("restart", sid, self._backend.restart_vm, request_id)
             case VmDeleteRequested():
                 if await self._act("delete", sid, self._backend.delete_vm, request_id):
-                    await self._record(RecordDeleted(sid=sid), request_id)
+                    await self._outcome(RecordDeleted(sid=sid), request_id)
 
     async def _deploy(self, event: VmDeployRequested, request_id: str) -> None:
         keys = await self._ssh_keys(event.sid) if self._ssh_keys else ()
@@ -158,9 +161,9 @@ class VmReactor:
         try:
             vm = await self._with_retries(lambda: self._backend.deploy_vm(spec))
         except BackendError as error:
-            await self._record(RecordDeployFailed(sid=event.sid, error=error.message), request_id)
+            await self._outcome(RecordDeployFailed(sid=event.sid, error=error.message), request_id)
             return
-        await self._record(
+        await self._outcome(
             RecordDeployed(sid=event.sid, node_id=vm.node_id, mycelium_ip=vm.mycelium_ip),
             request_id,
         )
@@ -175,12 +178,16 @@ class VmReactor:
         try:
             await self._with_retries(lambda: call(sid))
         except BackendError as error:
-            await self._record(
+            await self._outcome(
                 RecordOperationFailed(sid=sid, operation=operation, error=error.message),
                 request_id,
             )
             return False
         return True
+
+    async def _outcome(self, command: OutcomeCommand, request_id: str) -> None:
+        """Records what a side effect did, waiting out a store that refuses it (a full disk)."""
+        await until_taken(lambda: self._record(command, request_id), "vm_outcome")
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retries retryable errors with backoff until the attempts or the deadline run out.

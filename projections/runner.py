@@ -21,6 +21,7 @@ import aiosqlite
 import msgspec
 import structlog
 
+from core.errors import Unavailable
 from core.events import Event, RecordedEvent
 
 log = structlog.get_logger(__name__)
@@ -65,7 +66,19 @@ class Projection(Protocol):
         ...
 
 
-async def connect_views(path: Path, *, synchronous: str = "NORMAL") -> aiosqlite.Connection:
+SqlRunner = Callable[[str], Awaitable[object]]
+"""Runs one SQL statement to its end on a connection, on that connection's own thread."""
+
+ConnectionHook = Callable[[Path, SqlRunner], Awaitable[None]]
+"""Told of each writing connection a database file gets, with a way to run SQL on it later.
+
+Per-connection settings such as `PRAGMA max_page_count` (how tests make a disk full) go here.
+"""
+
+
+async def connect_views(
+    path: Path, *, synchronous: str = "NORMAL", on_connect: ConnectionHook | None = None
+) -> aiosqlite.Connection:
     """Opens the views database; it is rebuildable from the log, so NORMAL sync is enough."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = await aiosqlite.connect(path, isolation_level=None)
@@ -73,6 +86,13 @@ async def connect_views(path: Path, *, synchronous: str = "NORMAL") -> aiosqlite
     await conn.execute(f"PRAGMA synchronous={synchronous}")
     await conn.execute("PRAGMA busy_timeout=5000")
     await conn.executescript(CHECKPOINTS)
+    if on_connect is not None:
+
+        async def run(sql: str) -> object:
+            async with conn.execute(sql) as cursor:  # a statement left open holds a snapshot
+                return await cursor.fetchall()
+
+        await on_connect(path, run)
     return conn
 
 
@@ -99,7 +119,11 @@ async def write_checkpoint(conn: aiosqlite.Connection, name: str, position: int)
 
 
 class ProjectionRunner:
-    """Follows the log, applying each batch to every projection in one transaction."""
+    """Follows the log, applying each batch to every projection in one transaction.
+
+    A batch that fails (a full disk, a store that cannot be read) is rolled back and tried
+    again after a growing pause; meanwhile queries that need it are told Unavailable at once.
+    """
 
     name = "views"
 
@@ -110,20 +134,30 @@ class ProjectionRunner:
         projections: Sequence[Projection],
         *,
         batch_size: int = 256,
+        retry_delay: float = 0.1,
+        max_retry_delay: float = 2.0,
     ) -> None:
         self._source = source
         self._conn = conn
         self._projections = projections
         self._batch_size = batch_size
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
         self._position = 0
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, int, bool, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._failing = False
 
     @property
     def position(self) -> int:
         return self._position
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last try to advance the views failed (until one succeeds)."""
+        return self._failing
 
     async def __aenter__(self) -> Self:
         for projection in self._projections:
@@ -136,10 +170,13 @@ class ProjectionRunner:
         await self.stop()
 
     async def stop(self) -> None:
-        """Applies what is committed so far, then stops following."""
+        """Applies what is committed so far, if it can, then stops following."""
         if self._task is None:
             return
-        await self.catch_up()
+        try:
+            await self.catch_up()
+        except Exception as error:  # the log keeps what was not applied; a restart applies it
+            log.warning("projection.stopped_behind", position=self._position, error=str(error))
         self._task.cancel()
         try:
             await self._task
@@ -148,32 +185,70 @@ class ProjectionRunner:
         self._task = None
 
     async def wait_for(self, position: int) -> None:
-        """Returns once the views reflect every event up to `position`."""
+        """Returns once the views reflect every event up to `position` (what a query needs).
+
+        Raises Unavailable as soon as the views cannot advance, so a query never waits for
+        a disk to be freed.
+        """
         if position <= self._position:
             return
+        if self._failing:
+            raise Unavailable(VIEWS_UNAVAILABLE)
+        await self._waiter(position, fails=True)
+
+    async def reached(self, position: int) -> None:
+        """Returns once the views reflect every event up to `position`, however long it takes."""
+        if position > self._position:
+            await self._waiter(position, fails=False)
+
+    async def _waiter(self, position: int, *, fails: bool) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (position, next(self._seq), future))
+        heapq.heappush(self._waiters, (position, next(self._seq), fails, future))
         await future
 
     async def catch_up(self) -> None:
         """Applies every event committed so far."""
         async with self._lock:
-            while True:
-                events = await self._source.read_all(after=self._position, limit=self._batch_size)
-                if not events:
-                    return
-                await self._apply(events)
+            try:
+                while True:
+                    events = await self._source.read_all(
+                        after=self._position, limit=self._batch_size
+                    )
+                    if not events:
+                        break
+                    await self._apply(events)
+            except Exception:
+                self._fail_queries()
+                raise
+            self._failing = False
+
+    def _fail_queries(self) -> None:
+        """Marks the views as not advancing and answers every waiting query Unavailable."""
+        self._failing = True
+        keep = []
+        for waiter in self._waiters:
+            _, _, fails, future = waiter
+            if not fails:
+                keep.append(waiter)
+            elif not future.done():
+                future.set_exception(Unavailable(VIEWS_UNAVAILABLE))
+        heapq.heapify(keep)
+        self._waiters = keep
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             try:
                 await self.catch_up()
+                failures = 0
                 await self._source.wait_for_events_after(self._position)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("projection.batch_failed", position=self._position)
-                await asyncio.sleep(1.0)  # back off, then retry from the committed checkpoint
+                delay = min(self._max_retry_delay, self._retry_delay * 2**failures)
+                failures += 1
+                await asyncio.sleep(delay)  # back off, then retry from the committed checkpoint
 
     async def _apply(self, events: Sequence[RecordedEvent]) -> None:
         conn = self._conn
@@ -190,11 +265,15 @@ class ProjectionRunner:
                 projection.rolled_back()
             raise
         self._position = last
+        self._failing = False
         waiters = self._waiters
         while waiters and waiters[0][0] <= last:
-            _, _, future = heapq.heappop(waiters)
+            _, _, _, future = heapq.heappop(waiters)
             if not future.done():
                 future.set_result(None)
+
+
+VIEWS_UNAVAILABLE = "the views cannot take new events right now (is the disk full?); try again"
 
 
 S = TypeVar("S")
@@ -490,4 +569,4 @@ class ProjectedEvents:
         return [e for e in events if e.position <= ceiling]
 
     async def wait_for_events_after(self, position: int) -> None:
-        await self._runner.wait_for(position + 1)
+        await self._runner.reached(position + 1)

@@ -1,0 +1,275 @@
+"""A full disk: queries answer Unavailable at once, refused outcomes wait, nothing is lost.
+
+The disk is made full with SQLite's own limit, `PRAGMA max_page_count`, set on the service's
+connections to events.db and views.db (`bootstrap(on_connect=...)`): a write that needs a new
+page fails with SQLITE_FULL, "database or disk is full", exactly as on a full file system.
+The service runs against the real nats-server, the real database files and the local grid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from nats.aio.client import Client
+from structlog.testing import capture_logs
+
+from adapters.localgrid import LocalGrid
+from hero_deployer.bootstrap import bootstrap
+from hero_deployer.client import HeroDeployerClient
+from hero_deployer.settings import Settings
+from hero_deployer.vm_reactor import RetryPolicy
+from projections.runner import SqlRunner
+from tests.conftest import TOKEN, Service, make_settings
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+EVENTS_DB = "events.db"
+VIEWS_DB = "views.db"
+NO_LIMIT = 1 << 30
+
+
+class PageLimits:
+    """`PRAGMA max_page_count` on every writing connection of a database file, now and later.
+
+    The limit is per connection, so it is set on each connection as it opens and on every one
+    open when it changes. A limit of 1 means "no page more than now": SQLite raises a limit
+    below the file's size to its size (vdbe.c, OP_MaxPgcnt).
+    """
+
+    def __init__(self) -> None:
+        self._limits: dict[str, int] = {}
+        self._open: list[tuple[str, SqlRunner]] = []
+
+    async def __call__(self, path: Path, execute: SqlRunner) -> None:
+        self._open.append((path.name, execute))
+        if path.name in self._limits:
+            await execute(f"PRAGMA max_page_count = {self._limits[path.name]}")
+
+    async def full(self, name: str) -> None:
+        await self._set(name, 1)
+
+    async def room(self, name: str) -> None:
+        await self._set(name, NO_LIMIT)
+
+    def closed(self) -> None:
+        """The service stopped: its connections are gone, the limits stay for the next one."""
+        self._open.clear()
+
+    async def _set(self, name: str, pages: int) -> None:
+        self._limits[name] = pages
+        for file, execute in self._open:
+            if file == name:
+                await execute(f"PRAGMA max_page_count = {pages}")
+
+
+class LogWatch:
+    """A structlog processor that keeps each entry and lets a test wait for one by name."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self._logged = asyncio.Event()
+
+    def __call__(
+        self, logger: object, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        self.entries.append(dict(event_dict))
+        self._logged.set()
+        return event_dict
+
+    def count(self, event: str) -> int:
+        return sum(1 for entry in self.entries if entry["event"] == event)
+
+    async def wait(self, event: str, *, at_least: int = 1, timeout: float = 30.0) -> None:
+        """Returns once `event` was logged `at_least` times."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._logged.clear()
+                if self.count(event) >= at_least:
+                    return
+                await self._logged.wait()
+
+
+class Gate:
+    """The local grid's boot time: every VM boots once the test opens the gate."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.waiting = 0
+        self.all_waiting = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def sleep(self, _delay: float) -> None:
+        self.waiting += 1
+        if self.waiting >= self.expected:
+            self.all_waiting.set()
+        await self.opened.wait()
+
+
+@asynccontextmanager
+async def serving(
+    settings: Settings, nc: Client, grid: LocalGrid, limits: PageLimits
+) -> AsyncIterator[Service]:
+    async with bootstrap(
+        settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01), on_connect=limits
+    ) as app:
+        client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix, timeout=3.0)
+        yield Service(app=app, client=client, settings=settings, grid=grid, nc=nc)
+    limits.closed()
+
+
+async def ask(service: Service, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The reply's envelope, awaited for at most 3 s (a reply that never comes fails here)."""
+    msg = await service.nc.request(
+        f"{service.settings.prefix}.{operation}", json.dumps(body).encode(), 3.0, headers=AUTH
+    )
+    reply: dict[str, Any] = json.loads(msg.data)
+    return reply
+
+
+def unavailable(reply: dict[str, Any]) -> bool:
+    return reply["ok"] is False and reply["error"]["code"] == "Unavailable"
+
+
+def count_events(data_dir: Path, event_type: str) -> int:
+    with sqlite3.connect(data_dir / EVENTS_DB) as db:
+        row = db.execute("SELECT COUNT(*) FROM events WHERE type = ?", (event_type,)).fetchone()
+    return int(row[0])
+
+
+async def test_queries_answer_unavailable_while_the_views_are_full_then_the_data(
+    tmp_path: Path, nc: Client
+) -> None:
+    limits = PageLimits()
+    settings = make_settings(tmp_path / "data")
+    async with (
+        LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False) as grid,
+        serving(settings, nc, grid, limits) as service,
+    ):
+        first = await service.client.call("deploy_vm", {"name": "first", "secret": "s"})
+        await limits.full(VIEWS_DB)
+        sids = [first["sid"]]
+        for i in range(40):  # the store takes them; the views need pages they cannot get
+            vm = await service.client.call("deploy_vm", {"name": f"vm{i}", "secret": "s"})
+            sids.append(vm["sid"])
+        last = sids[-1]
+
+        queries = [
+            ("get_vm", {"sid": last, "secret": "s"}),
+            ("list_vms", {"secret": "s"}),
+            ("events", {"stream": f"vm:{last}"}),
+        ]
+        for operation, body in queries:
+            reply = await ask(service, operation, body)
+            assert unavailable(reply), (operation, reply)
+        assert service.app.views.failing
+        assert service.app.views.position < service.app.store.position
+        health = await ask(service, "health", {})
+        assert health["ok"] is True  # the service keeps serving
+        later = await service.client.call("deploy_vm", {"name": "later", "secret": "s"})
+        sids.append(later["sid"])
+
+        await limits.room(VIEWS_DB)
+        async with asyncio.timeout(30):
+            await service.app.views.reached(service.app.store.position)
+
+        got = await ask(service, "get_vm", {"sid": last, "secret": "s"})
+        assert got["ok"] is True and got["result"]["sid"] == last
+        listed = await ask(service, "list_vms", {"secret": "s"})
+        assert sorted(vm["sid"] for vm in listed["result"]["vms"]) == sorted(sids)
+        page = await ask(service, "events", {"stream": f"vm:{last}"})
+        assert page["result"]["events"][0]["type"] == "VmDeployRequested"
+        assert not service.app.views.failing
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["live", "across-a-restart"])
+async def test_outcomes_the_full_store_refused_are_recorded_once_it_has_room(
+    tmp_path: Path, nc: Client, restart: bool
+) -> None:
+    vms = 64
+    limits = PageLimits()
+    gate = Gate(expected=vms)
+    settings = make_settings(tmp_path / "data")
+    data_dir = settings.data_dir
+    watch = LogWatch()
+    with capture_logs(processors=[watch]):
+        grid = LocalGrid(
+            data_dir=tmp_path / "grid",
+            deploy_delay=1.0,
+            action_delay=0,
+            ssh=False,
+            sleep=gate.sleep,
+        )
+        async with grid:  # the grid outlives the service, as a real one does
+            async with serving(settings, nc, grid, limits) as service:
+                sids = []
+                for i in range(vms):
+                    vm = await service.client.call("deploy_vm", {"name": f"v{i}", "secret": "s"})
+                    assert vm["status"] == "deploying"
+                    sids.append(vm["sid"])
+                async with asyncio.timeout(30):
+                    await gate.all_waiting.wait()  # every deploy is under way on the grid
+                await limits.full(EVENTS_DB)
+                gate.opened.set()  # every VM runs now; the store cannot take one outcome
+
+                await watch.wait("outcomes.refused")
+                assert count_events(data_dir, "VmDeployed") == 0
+                refused = await ask(service, "deploy_vm", {"name": "more", "secret": "s"})
+                assert unavailable(refused)  # writes are refused cleanly meanwhile
+                listed = await ask(service, "list_vms", {"secret": "s"})
+                assert {vm["status"] for vm in listed["result"]["vms"]} == {"deploying"}
+                if not restart:
+                    await limits.room(EVENTS_DB)
+                    await all_running(service, sids)
+
+            if restart:  # stopped while full, started again while still full
+                refusals = watch.count("outcomes.refused")
+                async with serving(settings, nc, grid, limits) as service:
+                    await watch.wait("outcomes.refused", at_least=refusals + 1)
+                    assert count_events(data_dir, "VmDeployed") == 0
+                    await limits.room(EVENTS_DB)
+                    await all_running(service, sids)
+    assert watch.count("vm_reactor.failed") == 0
+
+
+async def all_running(service: Service, sids: list[str]) -> None:
+    """Waits on the status stream for every VM's VmDeployed, then checks the views agree."""
+    waiting = {f"vm:{sid}" for sid in sids}
+    async with asyncio.timeout(60):
+        async for event in service.client.follow():
+            if event["type"] == "VmDeployed":
+                waiting.discard(event["stream"])
+                if not waiting:
+                    break
+    listed = await service.client.call("list_vms", {"secret": "s"})
+    assert {vm["sid"]: vm["status"] for vm in listed["vms"]} == dict.fromkeys(sids, "running")
+    assert count_events(service.settings.data_dir, "VmDeployed") == len(sids)
+
+
+async def test_the_reactor_logs_a_failure_with_its_cause(tmp_path: Path, nc: Client) -> None:
+    """A side effect that fails unexpectedly is logged with its traceback, not a TypeError."""
+
+    async def broken_boot(_delay: float) -> None:
+        raise RuntimeError("the grid exploded")
+
+    settings = make_settings(tmp_path / "data")
+    watch = LogWatch()
+    with capture_logs(processors=[structlog.processors.format_exc_info, watch]):
+        async with (
+            LocalGrid(
+                data_dir=tmp_path / "grid", deploy_delay=1.0, ssh=False, sleep=broken_boot
+            ) as grid,
+            serving(settings, nc, grid, PageLimits()) as service,
+        ):
+            vm = await service.client.call("deploy_vm", {"name": "web", "secret": "s"})
+            await watch.wait("vm_reactor.failed")
+    [failed] = [e for e in watch.entries if e["event"] == "vm_reactor.failed"]
+    assert failed["stream"] == f"vm:{vm['sid']}"
+    assert failed["event_type"] == "VmDeployRequested"
+    assert "RuntimeError: the grid exploded" in failed["exception"]
