@@ -181,7 +181,7 @@ async def test_logout_forgets_the_session(web: Web) -> None:
 
 async def test_only_loopback_hosts_on_the_bound_port_are_served(web: Web) -> None:
     port = web.server.port
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
         assert (await web.get("/login", headers={"Host": host})).status == 200, host
     for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", "127.0.0.1"):
         response = await web.get("/login", headers={"Host": host})
