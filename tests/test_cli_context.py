@@ -247,26 +247,27 @@ def test_other_vm_commands_without_a_secret_name_the_three_ways(
     assert all(way in line for way in SECRET_WAYS)
 
 
-def test_migrate_secret_reads_both_secrets_from_files_or_variables(up: Up, elsewhere: Path) -> None:
+def test_the_readme_way_secret_in_the_environment_new_one_in_a_file(
+    up: Up, elsewhere: Path
+) -> None:
     (elsewhere / "old").write_text("mig-old\n")
     (elsewhere / "new").write_text("mig-new\n")
-    deployed = up.cli(
-        "vms", "deploy", "mig-1", "--secret-file", str(elsewhere / "old"), cwd=elsewhere
-    )
+    old_file = ["--secret-file", str(elsewhere / "old")]
+    deployed = up.cli("vms", "deploy", "mig-1", *old_file, "--json", cwd=elsewhere)
     assert deployed.returncode == 0, deployed.stderr
+    sid = json.loads(deployed.stdout)["sid"]
+    old_env = {"HERO_DEPLOYER_SECRET": "mig-old"}
+    stopped = up.cli("vms", "stop", sid, "--json", cwd=elsewhere, env=old_env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["sid"] == sid
 
-    missing = up.cli("migrate-secret", "--old-secret-file", str(elsewhere / "old"), cwd=elsewhere)
+    missing = up.cli("migrate-secret", cwd=elsewhere, env=old_env)
     assert missing.returncode == 2
     (line,) = missing.stderr.splitlines()
     assert "needs a new secret" in line and "HERO_DEPLOYER_NEW_SECRET" in line
 
-    migrated = up.cli(
-        "migrate-secret",
-        "--old-secret-file",
-        str(elsewhere / "old"),
-        cwd=elsewhere,
-        env={"HERO_DEPLOYER_NEW_SECRET": "mig-new"},
-    )
+    new_file = ["--new-secret-file", str(elsewhere / "new")]
+    migrated = up.cli("migrate-secret", *new_file, cwd=elsewhere, env=old_env)
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stdout.strip() == "migrated 1 vms"
     listed = up.cli("vms", "list", "--json", "--secret-file", str(elsewhere / "new"), cwd=elsewhere)
