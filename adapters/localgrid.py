@@ -33,6 +33,7 @@ import structlog
 from adapters.localgrid_gateway import GatewayRoute, GatewayServer, parse_backend_url
 from adapters.localgrid_ledger import Ledger, LedgerInUse, VmRecord
 from adapters.localgrid_machine import WEB_PORT, VmMachine
+from core.gateway_names import GRID_GATEWAY_NAME
 from core.ports import (
     BackendError,
     BackendGateway,
@@ -61,8 +62,12 @@ OPERATIONS = frozenset(
 
 log = structlog.get_logger(__name__)
 
-_VM_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_GATEWAY_NAME = re.compile(r"^[a-zA-Z0-9_]+$")
+# A VM's name is its workload name on the node: at most 36 characters (threefoldtech/zosbase
+# pkg/gridtypes/id.go IsValidName); the characters stay the deployer's, which a real adapter
+# maps to the grid's (adapters/opentofu.py grid_name).
+_VM_NAME = re.compile(r"[A-Za-z0-9._-]{1,36}")
+# A gateway name is a workload name and a name contract at once (core/gateway_names.py).
+_GATEWAY_NAME = GRID_GATEWAY_NAME
 
 
 class LocalNode(msgspec.Struct, frozen=True):
@@ -255,7 +260,7 @@ class LocalGrid:
         existing = await self._settled(spec.name)
         if existing is not None:
             return self._view(existing)
-        if _VM_NAME.match(spec.name) is None or spec.name in (".", ".."):
+        if _VM_NAME.fullmatch(spec.name) is None or spec.name in (".", ".."):
             raise BackendError(f"invalid vm name {spec.name!r}")
         keys = _authorized_keys(spec) if self._ssh else frozenset()
         node = self._place(spec)
@@ -331,8 +336,10 @@ class LocalGrid:
     async def deploy_gateway(self, spec: GatewaySpec) -> BackendGateway:
         """Routes `<name>.<node domain>` to `spec.backend_url`; the same name again updates it."""
         self._enter("deploy_gateway", spec.name)
-        if _GATEWAY_NAME.match(spec.name) is None:
-            raise BackendError(f"invalid gateway name {spec.name!r}: use letters, digits and _")
+        if _GATEWAY_NAME.fullmatch(spec.name) is None:
+            raise BackendError(
+                f"invalid gateway name {spec.name!r}: 3 to 36 of lowercase letters, digits and _"
+            )
         node = self._nodes.get(spec.node_id)
         if node is None:
             raise BackendError(f"node {spec.node_id} does not exist")

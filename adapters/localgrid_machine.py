@@ -3,6 +3,11 @@
 The sandbox `data_dir/localgrid/vms/<name>/` stands for the VM's filesystem root. SFTP is
 confined to it; exec runs a real `/bin/sh` on this machine with its working directory and HOME
 in the sandbox, which is a convenience for tests and demos, not an isolation boundary.
+
+As on the grid, the VM's keys log in as `root` only: zos installs the SSH_KEY of a VM for root
+(threefoldtech/zosbase `pkg/vm/manager.go`). The image's accounts are in the sandbox's
+`/etc/passwd` (root, and `driver`, the account Hero's services run as); ownership set over
+SFTP is kept by the VM, not given to this machine's files.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ WEB_PORT = 9988
 SETUP_SCRIPT_NAME = "setup-binaries.sh"
 SERVICES_TOML = "hero/cfg/cockpit/services.toml"
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+LOGIN_USER = "root"
+SERVICE_USER = "driver"  # Hero's services run as driver and read its cockpit config
+# The image's accounts (/etc/passwd lines: name, no password, uid, gid, home, shell).
+IMAGE_ACCOUNTS = (
+    ("root", 0, 0, "/root"),
+    ("driver", 1000, 1000, "/home/driver"),
+)
 
 _HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
 _WEB_MARKER = "run/hero-web.ready"
@@ -56,6 +68,7 @@ class VmMachine:
         self._web: web.AppRunner | None = None
         self._web_port: int | None = None
         self._web_user = ""
+        self._owners: dict[str, tuple[int | None, int | None]] = {}
 
     @property
     def ssh_port(self) -> int:
@@ -68,16 +81,20 @@ class VmMachine:
         return self._web_port
 
     def home(self, username: str) -> Path:
-        """The real folder of `/home/<username>` inside the sandbox."""
-        return self.root / "home" / username
+        """The real folder of the user's home (`/root`, else `/home/<username>`) in the sandbox."""
+        return self.root / "root" if username == "root" else self.root / "home" / username
 
     def accepts(self, username: str, key: asyncssh.SSHKey) -> bool:
-        """Says whether `key` may log in as `username`."""
-        return (
-            USERNAME_PATTERN.match(username) is not None
-            and username not in (".", "..")
-            and key.public_data in self._authorized_keys
-        )
+        """Says whether `key` may log in as `username`: the VM's keys are root's only."""
+        return username == LOGIN_USER and key.public_data in self._authorized_keys
+
+    def owner(self, path: str) -> tuple[int | None, int | None] | None:
+        """The uid and gid set over SFTP on the VM's absolute `path`, or None."""
+        return self._owners.get(posixpath.normpath(path))
+
+    def set_owner(self, path: str, uid: int | None, gid: int | None) -> None:
+        """Records the owner SFTP gave `path` (this machine's file keeps its own)."""
+        self._owners[posixpath.normpath(path)] = (uid, gid)
 
     async def boot(self) -> None:
         """Prepares the sandbox and starts the SSH server, and the web service if set up."""
@@ -125,8 +142,14 @@ class VmMachine:
         return home
 
     def _prepare(self) -> None:
-        for folder in ("home", "run", "tmp", "etc/ssh"):
+        homes = [home.lstrip("/") for _, _, _, home in IMAGE_ACCOUNTS]
+        for folder in ("home", "run", "tmp", "etc/ssh", *homes):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        passwd = self.root / "etc" / "passwd"
+        if not passwd.exists():
+            passwd.write_text(
+                "".join(f"{n}:x:{u}:{g}::{h}:/bin/bash\n" for n, u, g, h in IMAGE_ACCOUNTS)
+            )
         path = self.root / _HOST_KEY
         if path.exists():
             self._host_key = asyncssh.read_private_key(path)
@@ -243,7 +266,7 @@ class VmMachine:
 
     async def _health(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = {"status": "ok", "vm": self.name, "services": []}
-        path = self.home(self._web_user) / SERVICES_TOML
+        path = self.home(SERVICE_USER) / SERVICES_TOML
         try:
             body["services"] = service_names(tomllib.loads(path.read_text()))
         except FileNotFoundError:
@@ -306,6 +329,7 @@ class _SandboxSftp(asyncssh.SFTPServer):
         username: str = chan.get_extra_info("username")
         home = machine.ensure_home(username)
         super().__init__(chan, chroot=os.fsencode(machine.root))
+        self._machine = machine
         self._real_root = os.fsencode(os.path.realpath(machine.root))
         self._home = b"/" + os.fsencode(home.relative_to(machine.root).as_posix())
 
@@ -316,6 +340,19 @@ class _SandboxSftp(asyncssh.SFTPServer):
         if real != self._real_root and not real.startswith(self._real_root + b"/"):
             raise asyncssh.SFTPPermissionDenied("path leads outside the vm's filesystem")
         return local
+
+    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        """Sets what this machine can; an owner is recorded by the VM instead."""
+        if attrs.uid is not None or attrs.gid is not None:
+            virtual = posixpath.normpath(posixpath.join(self._home, path))
+            self._machine.set_owner(os.fsdecode(virtual), attrs.uid, attrs.gid)
+            attrs = asyncssh.SFTPAttrs(
+                size=attrs.size,
+                permissions=attrs.permissions,
+                atime=attrs.atime,
+                mtime=attrs.mtime,
+            )
+        super().setstat(path, attrs)
 
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from core.gateway_names import GRID_GATEWAY_NAME
+from core.gateway_names import GRID_GATEWAY_NAME, check_prefix
 from core.ports import (
     BackendError,
     BackendGateway,
@@ -72,9 +72,11 @@ class OpenTofuBackend:
         env: Mapping[str, str] | None = None,
         names: GatewayNameRegistry | None = None,
         gateway_backend: str = "network",
+        gateway_prefix: str | None = None,
     ) -> None:
         """`names` says who holds a gateway name on the chain; `gateway_backend` is how the
-        gateway reaches a VM: `network` (its private IP in the VM's network) or `mycelium`."""
+        gateway reaches a VM: `network` (its private IP in the VM's network) or `mycelium`;
+        `gateway_prefix`, when given, is the operator's namespace that `check` vets."""
         self._env = dict(os.environ if env is None else env)
         binary = shutil.which(tofu_path, path=self._env.get("PATH"))
         if binary is None:
@@ -89,6 +91,7 @@ class OpenTofuBackend:
             )
         self._names = names
         self._gateway_backend = gateway_backend
+        self._gateway_prefix = gateway_prefix
         self._tofu = binary
         self._work_dir = work_dir
         self._network = network
@@ -176,7 +179,7 @@ class OpenTofuBackend:
 
     async def check(self) -> list[str]:
         """What keeps this backend from working, in the operator's words; empty when usable."""
-        problems: list[str] = []
+        problems: list[str] = self._prefix_problems()
         if not self._env.get(self._mnemonic_env):
             problems.append(
                 f"environment variable {self._mnemonic_env} (the grid mnemonic) is not set"
@@ -195,6 +198,19 @@ class OpenTofuBackend:
         except (TimeoutError, OSError, BackendError) as e:
             problems.append(f"`{self._tofu} version` did not run: {e}")
         return problems
+
+    def _prefix_problems(self) -> list[str]:
+        """Why the gateway prefix cannot namespace names on a real grid, if it cannot."""
+        if self._gateway_prefix is None:
+            return []
+        if not self._gateway_prefix:
+            return [
+                "HERO_DEPLOYER_GATEWAY_PREFIX is not set: gateway names are name contracts, "
+                "unique across the whole grid, so a plain username is most likely taken; "
+                "set a prefix of your own"
+            ]
+        problem = check_prefix(self._gateway_prefix)
+        return [f"HERO_DEPLOYER_GATEWAY_PREFIX: {problem}"] if problem else []
 
     # Internals ---------------------------------------------------------------------------------
 

@@ -58,28 +58,31 @@ class AsyncsshShell:
             f"ssh {_where(target)} not ready within {timeout:g}s: {last_error}", retryable=True
         )
 
-    async def upload(self, target: SshTarget, path: str, content: bytes) -> None:
+    async def upload(
+        self, target: SshTarget, path: str, content: bytes, *, owner: str = ""
+    ) -> None:
         """Writes `content` to `path` (relative paths from the login home), creating folders.
 
+        With `owner` (a login as root writing for another account), a relative path starts at
+        the owner's home, and the folders below that home and the file belong to the owner.
         The content goes to `<path>.part` first and is renamed over `path`, so a broken
         upload never leaves a half-written file in place.
         """
         remote = _remote_path(path)
-        partial = f"{remote}.part"
         async with self._session(target) as conn:
             try:
                 async with conn.start_sftp_client() as sftp:
-                    parent = posixpath.dirname(remote)
-                    if parent:
+                    if owner:
+                        uid, gid, home = await _account(sftp, owner)
+                        remote = posixpath.join(home, remote)
+                        await _makedirs_owned(sftp, home, posixpath.dirname(remote), uid, gid)
+                    elif parent := posixpath.dirname(remote):
                         await sftp.makedirs(parent, exist_ok=True)
-                    async with sftp.open(partial, "wb") as remote_file:
-                        await remote_file.write(content)
-                    try:
-                        await sftp.posix_rename(partial, remote)
-                    except asyncssh.SFTPOpUnsupported:
-                        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                            await sftp.remove(remote)
-                        await sftp.rename(partial, remote)
+                    await _write_replacing(sftp, remote, content)
+                    if owner:
+                        await sftp.chown(remote, uid, gid)
+            except LookupError as exc:
+                raise ExternalError(f"sftp upload of {path} to {_where(target)}: {exc}") from None
             except asyncssh.SFTPError as exc:
                 raise ExternalError(
                     f"sftp upload of {path} to {_where(target)} failed: {exc.reason}"
@@ -175,6 +178,52 @@ def _import_key(target: SshTarget) -> asyncssh.SSHKey:
         return asyncssh.import_private_key(target.private_key)
     except (asyncssh.KeyImportError, ValueError):
         raise ExternalError(f"the private key for {_where(target)} cannot be read") from None
+
+
+async def _write_replacing(sftp: asyncssh.SFTPClient, remote: str, content: bytes) -> None:
+    """Writes `<remote>.part`, then renames it over `remote`."""
+    partial = f"{remote}.part"
+    async with sftp.open(partial, "wb") as remote_file:
+        await remote_file.write(content)
+    try:
+        await sftp.posix_rename(partial, remote)
+    except asyncssh.SFTPOpUnsupported:
+        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+            await sftp.remove(remote)
+        await sftp.rename(partial, remote)
+
+
+async def _account(sftp: asyncssh.SFTPClient, user: str) -> tuple[int, int, str]:
+    """The uid, gid and home of `user` from the VM's `/etc/passwd`; LookupError if absent."""
+    async with sftp.open("/etc/passwd", "rb") as passwd:
+        data: object = await passwd.read()
+    text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[0] == user:
+            try:
+                return int(fields[2]), int(fields[3]), fields[5] or f"/home/{user}"
+            except ValueError:
+                break
+    raise LookupError(f"the vm has no account {user!r}")
+
+
+async def _makedirs_owned(
+    sftp: asyncssh.SFTPClient, home: str, folder: str, uid: int, gid: int
+) -> None:
+    """Creates `folder` and its parents; those below `home` (and a home it made) get the owner."""
+    missing_home = not await sftp.exists(home)
+    await sftp.makedirs(folder, exist_ok=True)
+    relative = posixpath.relpath(folder, home)
+    if relative.startswith(".."):
+        return
+    owned = [home] if missing_home else []
+    current = home
+    for part in [] if relative == "." else relative.split("/"):
+        current = posixpath.join(current, part)
+        owned.append(current)
+    for path in owned:
+        await sftp.chown(path, uid, gid)
 
 
 def _remote_path(path: str) -> str:

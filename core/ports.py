@@ -237,8 +237,11 @@ class RemoteShell(Protocol):
         """Returns once the VM accepts the key; ExternalError(retryable=True) on timeout."""
         ...
 
-    async def upload(self, target: SshTarget, path: str, content: bytes) -> None:
-        """Writes `content` to `path` over SFTP, creating parent folders."""
+    async def upload(
+        self, target: SshTarget, path: str, content: bytes, *, owner: str = ""
+    ) -> None:
+        """Writes `content` to `path` over SFTP, creating parent folders; with `owner`, from
+        that account's home and owned by it (a login as root writing for another user)."""
         ...
 
     async def run(self, target: SshTarget, command: str, *, timeout: float) -> CommandResult: ...

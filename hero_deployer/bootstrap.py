@@ -21,6 +21,7 @@ from adapters.vault_sqlite import SqliteSecretVault
 from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
 from core.events import EventRegistry, vm_stream
+from core.gateway_names import check_prefix
 from core.operations import Operation
 from core.ports import BackendError, ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
 from core.secrets import Fingerprinter
@@ -29,7 +30,7 @@ from core.user import evolve as evolve_user
 from core.vm import VM_EVENT_TYPES, Vm, evolve
 from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates
-from hero_deployer.backends import build_backend
+from hero_deployer.backends import build_backend, gridproxy_url
 from hero_deployer.deps import Deps
 from hero_deployer.operations import user_operations, vm_operations
 from hero_deployer.settings import VERSION, Settings, per_step
@@ -223,7 +224,9 @@ async def bootstrap(
 
 
 def manager_config(settings: Settings) -> ManagerConfig:
-    """The process manager's configuration; ValueError names a step setting that is wrong."""
+    """The process manager's configuration; ValueError names a setting that is wrong."""
+    if problem := check_prefix(settings.gateway_prefix):
+        raise ValueError(problem)
     policy = step_policy(
         deadline=settings.step_deadline,
         retries=settings.step_retries,
@@ -235,6 +238,7 @@ def manager_config(settings: Settings) -> ManagerConfig:
     return ManagerConfig(
         candidate_nodes=settings.candidate_nodes,
         ssh_user=settings.ssh_user,
+        gateway_prefix=settings.gateway_prefix,
         setup_command=settings.setup_command,
         forge_email_domain=settings.forge_email_domain,
         policy=policy,
@@ -279,8 +283,10 @@ async def _forge(settings: Settings, stack: AsyncExitStack) -> Forge | None:
 
 
 async def _directory(settings: Settings, stack: AsyncExitStack) -> NodeDirectory | None:
-    if not settings.gridproxy_url:
+    """The grid proxy: configured, or the OpenTofu network's; none for the other backends."""
+    url = gridproxy_url(settings)
+    if not url:
         return None
     from adapters.gridproxy_http import GridProxyDirectory
 
-    return await stack.enter_async_context(GridProxyDirectory(settings.gridproxy_url))
+    return await stack.enter_async_context(GridProxyDirectory(url))

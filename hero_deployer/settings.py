@@ -43,9 +43,14 @@ class Settings:
     forge_admin_password: str = field(default="", repr=False)
     forge_admin_token: str = field(default="", repr=False)
     forge_email_domain: str = "users.noreply.hero.local"
-    gridproxy_url: str = ""
+    gridproxy_url: str = ""  # empty: the grid proxy of `tofu_network` for a real grid
     candidate_nodes: tuple[int, ...] = (1, 8, 13, 50)
-    ssh_user: str = "driver"
+    # The grid installs the VM's SSH_KEY for root (zosbase pkg/vm/manager.go).
+    ssh_user: str = "root"
+    # Gateway names are name contracts, unique across the whole grid: the operator's prefix
+    # namespaces them (see core/gateway_names.py).
+    gateway_prefix: str = ""
+    gateway_backend: str = "network"  # or "mycelium": how a gateway reaches its VM
     setup_command: str = "./setup-binaries.sh"
     step_deadline: float = 600.0
     step_deadlines: str = "deploy_vm=1200,run_setup=1800"

@@ -29,6 +29,7 @@ import structlog
 from adapters.forge_http import generate_password
 from adapters.sshkeys import generate_ed25519
 from core.events import Event, EventRegistry, RecordedEvent, user_stream, vm_stream
+from core.gateway_names import gateway_name
 from core.manifest import render_services_toml, sha256_hex
 from core.operations import RequestMeta
 from core.ports import (
@@ -143,7 +144,9 @@ class ManagerConfig:
     """What the process manager needs from the settings."""
 
     candidate_nodes: tuple[int, ...] = (1, 8, 13, 50)
-    ssh_user: str = "driver"
+    ssh_user: str = "root"  # the grid installs the VM's SSH key for root only
+    manifest_owner: str = "driver"  # the manifest goes to ~driver/hero/cfg/cockpit/, driver's
+    gateway_prefix: str = ""  # namespaces gateway names, unique across the whole grid
     setup_command: str = "./setup-binaries.sh"
     forge_email_domain: str = "users.noreply.hero.local"
     policy: StepPolicy = field(default_factory=StepPolicy)
@@ -374,7 +377,7 @@ class UserManager:
             case VerifyHealth():
                 await self._verify_health(user, action)
             case DeleteGateway():
-                await self._decommission(action, self._delete_gateway(action))
+                await self._decommission(action, self._delete_gateway(user, action))
             case DeleteUserVm():
                 await self._decommission(action, self._delete_vm(user, action))
             case FinishDecommission():
@@ -650,7 +653,12 @@ class UserManager:
 
     async def _deploy_gateway(self, action: DeployGateway) -> OutcomeCommand:
         gateway = await self._ports.backend.deploy_gateway(
-            GatewaySpec(name=action.name, node_id=action.node_id, backend_url=action.backend_url)
+            GatewaySpec(
+                name=self._gateway_name(action.username),
+                node_id=action.node_id,
+                backend_url=action.backend_url,
+                vm_name=action.vm_sid,
+            )
         )
         return RecordGatewayDeployed(name=gateway.name, fqdn=gateway.fqdn, url=gateway.url)
 
@@ -676,8 +684,9 @@ class UserManager:
     async def _upload_manifest(self, user: User, action: UploadManifest) -> OutcomeCommand:
         manifest = render_services_toml(action.username, action.profile)
         target = await self._target(user)
-        await self._ports.shell.upload(target, MANIFEST_PATH, manifest.encode())
-        path = f"/home/{self._config.ssh_user}/{MANIFEST_PATH}"
+        owner = self._config.manifest_owner
+        await self._ports.shell.upload(target, MANIFEST_PATH, manifest.encode(), owner=owner)
+        path = f"/home/{owner}/{MANIFEST_PATH}"
         return RecordManifestUploaded(path=path, sha256=sha256_hex(manifest))
 
     async def _run_setup(self, user: User, remaining: float) -> OutcomeCommand:
@@ -710,7 +719,8 @@ class UserManager:
                 await self._live_vm(user.vm_sid)
                 gateway = await self._ports.backend.deploy_gateway(
                     GatewaySpec(
-                        name=user.gateway_name,
+                        name=user.gateway_name or self._gateway_name(user.username),
+                        vm_name=user.vm_sid,
                         node_id=user.node_id or 0,
                         backend_url=backend_url_for(user.mycelium_ip),
                     )
@@ -746,10 +756,16 @@ class UserManager:
         )
         await asyncio.sleep(self._policy.delay(action.failures + 1))
 
-    async def _delete_gateway(self, action: DeleteGateway) -> None:
+    async def _delete_gateway(self, user: User, action: DeleteGateway) -> None:
+        # a gateway never recorded may still exist under the configured namespace
+        name = user.gateway_name or self._gateway_name(action.username)
         with contextlib.suppress(BackendNotFound):
-            await self._ports.backend.delete_gateway(action.name)
-        await self._record(action.username, RecordGatewayDeleted(name=action.name))
+            await self._ports.backend.delete_gateway(name)
+        await self._record(action.username, RecordGatewayDeleted(name=name))
+
+    def _gateway_name(self, username: str) -> str:
+        """The user's gateway name in the operator's namespace (core.gateway_names)."""
+        return gateway_name(username, self._config.gateway_prefix)
 
     async def _delete_vm(self, user: User, action: DeleteUserVm) -> None:
         """Deletes the VM through the VM commands; if the reactor cannot, deletes it directly."""

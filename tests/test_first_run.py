@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
+from adapters.localgrid import LocalGrid
 from hero_deployer.bootstrap import bootstrap
 from hero_deployer.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
@@ -57,4 +58,9 @@ async def test_provisioning_reaches_ready_with_a_relative_data_dir(
         vms = tmp_path / "var" / "localgrid" / "vms"
         assert (vms / user["vm_sid"] / "run" / "hero-web.ready").is_file()
         assert not list((vms / user["vm_sid"] / "home").rglob("var"))
-        assert app.backend is not None
+        # logged in as root, as the grid allows; the manifest belongs to driver
+        manifest = "/home/driver/hero/cfg/cockpit/services.toml"
+        assert (vms / user["vm_sid"] / manifest.lstrip("/")).is_file()
+        assert isinstance(app.backend, LocalGrid)
+        machine = app.backend._vms[user["vm_sid"]].machine
+        assert machine is not None and machine.owner(manifest) == (1000, 1000)

@@ -12,12 +12,15 @@ import httpx
 import pytest
 
 from adapters.localgrid import LocalGrid, LocalNode, mycelium_ip
+from adapters.ssh_asyncssh import AsyncsshShell
 from core.ports import (
     BackendError,
     BackendUnavailable,
     BackendVm,
     ComputeBackend,
+    ExternalError,
     GatewaySpec,
+    SshTarget,
     VmSpec,
 )
 from hero_deployer.natsserver import free_port
@@ -237,9 +240,11 @@ async def test_actions_change_status(grid: LocalGrid):
     assert (await grid.get_vm("a")).status == "running"  # type: ignore[union-attr]
 
 
-async def test_invalid_vm_name_is_refused(grid: LocalGrid):
+@pytest.mark.parametrize("name", ["..", "x" * 37, "a/b", "vm\n"])
+async def test_invalid_vm_name_is_refused(grid: LocalGrid, name: str):
+    # 37: the node refuses workload names over 36 (zosbase pkg/gridtypes/id.go)
     with pytest.raises(BackendError, match="invalid vm name"):
-        await grid.deploy_vm(spec(".."))
+        await grid.deploy_vm(spec(name))
 
 
 # Failure injection ---------------------------------------------------------------------------
@@ -310,6 +315,9 @@ async def test_gateway_names_fqdn_and_is_idempotent(grid: LocalGrid):
     ("name", "node_id", "url", "message"),
     [
         ("al-ice", 1, "http://[400::1]:9988", "invalid gateway name"),
+        ("Alice", 1, "http://[400::1]:9988", "invalid gateway name"),  # no name contract
+        ("ab", 1, "http://[400::1]:9988", "invalid gateway name"),  # name contracts: 3..64
+        ("a" * 37, 1, "http://[400::1]:9988", "invalid gateway name"),  # workload: at most 36
         ("alice", 99, "http://[400::1]:9988", "node 99 does not exist"),
         ("alice", 3, "http://[400::1]:9988", "node 3 has no gateway"),
         ("alice", 4, "http://[400::1]:9988", "node 4 is down"),
@@ -324,7 +332,7 @@ async def test_gateway_refusals(grid: LocalGrid, name: str, node_id: int, url: s
 async def test_gateway_answers_502_while_nothing_listens(grid: LocalGrid):
     vm = await grid.deploy_vm(spec("a"))
     gw = await grid.deploy_gateway(
-        GatewaySpec(name="a", node_id=1, backend_url=f"http://[{vm.mycelium_ip}]:9988")
+        GatewaySpec(name="gwa", node_id=1, backend_url=f"http://[{vm.mycelium_ip}]:9988")
     )
     async with httpx.AsyncClient(trust_env=False) as http:
         assert (await http.get(gw.url + "/health")).status_code == 502
@@ -339,11 +347,11 @@ async def test_ssh_accepts_the_vm_key_and_runs_commands_in_the_home(
 ):
     vm = await ssh_vm(ssh_grid, key)
     assert vm.ssh_host == "127.0.0.1" and vm.ssh_port > 0
-    async with connect(vm, key, username="driver") as conn:
+    async with connect(vm, key) as conn:
         result = await conn.run('echo "hi $USER"; pwd; echo oops >&2; exit 3')
-    home = (tmp_path / "localgrid" / "vms" / "vm1" / "home" / "driver").resolve()
+    home = (tmp_path / "localgrid" / "vms" / "vm1" / "root").resolve()
     assert result.exit_status == 3
-    assert result.stdout.splitlines() == ["hi driver", str(home)]
+    assert result.stdout.splitlines() == ["hi root", str(home)]
     assert result.stderr == "oops\n"
     assert (home / "setup-binaries.sh").exists()
 
@@ -397,7 +405,7 @@ async def test_sftp_writes_into_the_home_and_stays_in_the_sandbox(
             await f.write("x = 1\n")
         async with sftp.open("/etc/motd", "w") as f:
             await f.write("welcome\n")
-        assert await sftp.realpath(".") == "/home/root"
+        assert await sftp.realpath(".") == "/root"
         assert await sftp.realpath("../../..") == "/"
         with pytest.raises(asyncssh.SFTPNoSuchFile):
             await sftp.open("../../../../outside.txt")
@@ -408,7 +416,7 @@ async def test_sftp_writes_into_the_home_and_stays_in_the_sandbox(
             await sftp.listdir("escape")
         with pytest.raises(asyncssh.SFTPOpUnsupported):
             await sftp.symlink("/", "root-link")
-    assert (root / "home/root/hero/cfg/cockpit/services.toml").read_text() == "x = 1\n"
+    assert (root / "root/hero/cfg/cockpit/services.toml").read_text() == "x = 1\n"
     assert (root / "etc/motd").read_text() == "welcome\n"
 
 
@@ -425,8 +433,9 @@ async def test_setup_brings_up_the_web_service_behind_the_gateway(
         assert ssh_grid.web_port("vm1") is None
         async with connect(vm, key) as conn:
             async with conn.start_sftp_client() as sftp:
-                await sftp.makedirs("hero/cfg/cockpit", exist_ok=True)
-                async with sftp.open("hero/cfg/cockpit/services.toml", "w") as f:
+                # Hero's services run as driver and read driver's cockpit config
+                await sftp.makedirs("/home/driver/hero/cfg/cockpit", exist_ok=True)
+                async with sftp.open("/home/driver/hero/cfg/cockpit/services.toml", "w") as f:
                     await f.write(toml)
             result = await conn.run("./setup-binaries.sh")
         assert result.exit_status == 0, result.stderr
@@ -575,3 +584,43 @@ async def test_close_leaves_no_listening_sockets(tmp_path: Path, key: asyncssh.S
     for port in ports:
         assert await refused(port)  # type: ignore[arg-type]
     await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+async def test_the_vm_keys_log_in_as_root_only_as_on_the_grid(
+    ssh_grid: LocalGrid, key: asyncssh.SSHKey
+):
+    # zos installs a VM's SSH_KEY for root (zosbase pkg/vm/manager.go); the deployer used to log
+    # in as driver, which the grid refuses.
+    vm = await ssh_vm(ssh_grid, key)
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with connect(vm, key, username="driver"):
+            pass
+    async with connect(vm, key) as conn:
+        assert (await conn.run("echo $USER")).stdout == "root\n"
+
+
+async def test_an_upload_as_root_for_driver_belongs_to_driver(
+    ssh_grid: LocalGrid, key: asyncssh.SSHKey, tmp_path: Path
+):
+    vm = await ssh_vm(ssh_grid, key)
+    target = SshTarget(
+        host=vm.ssh_host,
+        port=vm.ssh_port,
+        username="root",
+        private_key=key.export_private_key().decode(),
+    )
+
+    await AsyncsshShell().upload(
+        target, "hero/cfg/cockpit/services.toml", b"[services.x]\n", owner="driver"
+    )
+
+    root = tmp_path / "localgrid" / "vms" / "vm1"
+    assert (root / "home/driver/hero/cfg/cockpit/services.toml").read_bytes() == b"[services.x]\n"
+    machine = ssh_grid._vms["vm1"].machine
+    assert machine is not None
+    for path in ("/home/driver/hero", "/home/driver/hero/cfg", "/home/driver/hero/cfg/cockpit"):
+        assert machine.owner(path) == (1000, 1000), path
+    assert machine.owner("/home/driver/hero/cfg/cockpit/services.toml") == (1000, 1000)
+    assert machine.owner("/home/driver") is None  # the image made it, with its owner
+    with pytest.raises(ExternalError, match="the vm has no account 'nobody'"):
+        await AsyncsshShell().upload(target, "x.toml", b"x", owner="nobody")

@@ -230,7 +230,14 @@ async def test_provision_reaches_ready_and_health_answers_through_the_gateway(
         assert token["name"].startswith("hero-deployer-1-")
         assert token["scopes"] == ["write:repository", "write:user"]
         assert [r.query for r in gridproxy.requests] == [
-            {"node_ids": "1,8,13,50", "status": "up", "healthy": "true", "domain": "true"}
+            {
+                "node_ids": "1,8,13,50",
+                "status": "up",
+                "healthy": "true",
+                "domain": "true",
+                "rented": "false",
+                "dedicated": "false",
+            }
         ]
 
         # The user's VM is an ordinary owned VM of the fixed size, reachable with no other secret.
