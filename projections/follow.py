@@ -72,6 +72,7 @@ class Follower:
         self._save_every = save_every
         self.position = 0
         self._saved = 0
+        self._save_failures = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
@@ -109,9 +110,20 @@ class Follower:
                 await asyncio.sleep(1.0)
 
     async def _save_periodically(self) -> None:
+        """Saves the checkpoint every `save_every` seconds; a failing streak is logged once."""
         while True:
             await asyncio.sleep(self._save_every)
             try:
                 await self.save()
             except Exception:
-                log.exception("follower.checkpoint_failed", follower=self._handler.name)
+                self._save_failures += 1
+                if self._save_failures == 1:  # e.g. a full disk: the next save tries again
+                    log.exception("follower.checkpoint_failed", follower=self._handler.name)
+                continue
+            if self._save_failures:
+                log.info(
+                    "follower.checkpoint_saved",
+                    follower=self._handler.name,
+                    failures=self._save_failures,
+                )
+                self._save_failures = 0

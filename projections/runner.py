@@ -244,8 +244,16 @@ class ProjectionRunner:
                 await self._source.wait_for_events_after(self._position)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("projection.batch_failed", position=self._position)
+            except Exception as error:
+                if not failures:
+                    log.exception("projection.batch_failed", position=self._position)
+                else:
+                    log.warning(
+                        "projection.batch_failed_again",
+                        position=self._position,
+                        failures=failures + 1,
+                        error=str(error),
+                    )
                 delay = min(self._max_retry_delay, self._retry_delay * 2**failures)
                 failures += 1
                 await asyncio.sleep(delay)  # back off, then retry from the committed checkpoint

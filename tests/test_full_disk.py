@@ -22,12 +22,16 @@ from nats.aio.client import Client
 from structlog.testing import capture_logs
 
 from adapters.localgrid import LocalGrid
+from core.errors import NotFound
+from core.vm import RecordOperationFailed
 from hero_deployer.bootstrap import bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.settings import Settings
+from hero_deployer.vm_handlers import OutcomeRecorder
 from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import SqlRunner
 from tests.conftest import TOKEN, Service, make_settings
+from tests.helpers import deploy_running
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EVENTS_DB = "events.db"
@@ -164,6 +168,8 @@ async def test_queries_answer_unavailable_while_the_views_are_full_then_the_data
             ("get_vm", {"sid": last, "secret": "s"}),
             ("list_vms", {"secret": "s"}),
             ("events", {"stream": f"vm:{last}"}),
+            ("get_user", {"username": "alice"}),
+            ("list_users", {}),
         ]
         for operation, body in queries:
             reply = await ask(service, operation, body)
@@ -185,6 +191,10 @@ async def test_queries_answer_unavailable_while_the_views_are_full_then_the_data
         assert sorted(vm["sid"] for vm in listed["result"]["vms"]) == sorted(sids)
         page = await ask(service, "events", {"stream": f"vm:{last}"})
         assert page["result"]["events"][0]["type"] == "VmDeployRequested"
+        assert (await ask(service, "list_users", {}))["result"] == {"users": []}
+        assert (await ask(service, "get_user", {"username": "alice"}))["error"][
+            "code"
+        ] == "NotFound"
         assert not service.app.views.failing
 
 
@@ -273,3 +283,25 @@ async def test_the_reactor_logs_a_failure_with_its_cause(tmp_path: Path, nc: Cli
     assert failed["stream"] == f"vm:{vm['sid']}"
     assert failed["event_type"] == "VmDeployRequested"
     assert "RuntimeError: the grid exploded" in failed["exception"]
+
+
+async def test_outcomes_of_one_vm_keep_their_order_and_a_bad_one_fails_alone(
+    service: Service,
+) -> None:
+    """The recorder's batches name each VM once; an outcome the domain refuses fails alone."""
+    sid = await deploy_running(service.client, "s")
+    recorder = OutcomeRecorder(service.app.deps)
+    try:
+        results = await asyncio.gather(
+            recorder.record(RecordOperationFailed(sid=sid, operation="stop", error="first")),
+            recorder.record(RecordOperationFailed(sid=sid, operation="stop", error="second")),
+            recorder.record(RecordOperationFailed(sid="vm_missing", operation="stop", error="x")),
+            return_exceptions=True,
+        )
+    finally:
+        await recorder.close()
+    assert results[:2] == [None, None]
+    assert isinstance(results[2], NotFound)
+    events = await service.app.store.read_stream(f"vm:{sid}")
+    failed = [json.loads(e.data)["error"] for e in events if e.type == "VmOperationFailed"]
+    assert failed == ["first", "second"]
