@@ -299,6 +299,8 @@ async def _follow(args: argparse.Namespace, settings: Settings) -> None:
             _print_events(args, [event])
     finally:
         await client.close()
+    # Following ends only when the connection does (the CLI does not reconnect).
+    raise NoService(f"lost the connection to {settings.nats_url}")
 
 
 VM_COLUMNS = ("sid", "name", "status", "node_id", "mycelium_ip", "cpu_count", "memory_gb", "error")

@@ -141,9 +141,24 @@ def test_up_records_an_absolute_data_dir_and_forgets_it_on_exit(tmp_path: Path) 
         assert found["pid"] == service.process.pid
         assert path.stat().st_mode & 0o777 == 0o600
         assert path.parent.stat().st_mode & 0o777 == 0o700
+        assert service.cli("vms", "deploy", "f-1", "--no-secret", cwd=tmp_path).returncode == 0
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "hero_deployer", "events", "--follow"],
+            cwd=tmp_path,
+            env=service.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert follow.stdout is not None
+        assert "VmDeployRequested" in follow.stdout.readline()  # it follows the service
     finally:
         assert stop(service) == 0
     assert list((service.state / "hero-deployer").iterdir()) == []
+    _, stderr = follow.communicate(timeout=30)
+    assert follow.returncode == 1
+    assert stderr.splitlines() == [f"error: lost the connection to nats://127.0.0.1:{service.port}"]
 
     url = f"nats://127.0.0.1:{service.port}"
     after = service.cli("health", "--nats", url, cwd=tmp_path)
