@@ -83,9 +83,11 @@ async def serve(settings: Settings, *, embedded_nats: bool, web_port: int = 0) -
     async with AsyncExitStack() as stack:
         if embedded_nats:
             await stack.enter_async_context(_embedded_nats(settings))
-        nc = await _service_connection(settings, embedded_nats)
+        guard = _StartGuard(settings.nats_url)
+        nc = await _service_connection(settings, guard, embedded_nats)
         stack.push_async_callback(nc.drain)
         await stack.enter_async_context(bootstrap(settings, nc))
+        guard.started()
         web = ""
         if web_port:
             web = ", web " + await stack.enter_async_context(_dashboard(settings, web_port))
@@ -110,40 +112,59 @@ def _embedded_nats(settings: Settings) -> Any:
     return NatsServer(port=settings.nats_port, data_dir=settings.data_dir, config=config)
 
 
-async def _service_connection(settings: Settings, embedded_nats: bool) -> Any:
-    """The service's NATS connection: as DIR/service.nk under `up`, else as `--nkey`/`--creds`.
+class NatsRefused(Exception):
+    """The NATS server refused the service's identity or its permissions (exit status 1)."""
 
-    It reconnects forever once connected; a refused identity fails the start with one line.
+
+class _StartGuard:
+    """Fails the service's start on what the NATS server refuses; afterwards only logs it.
+
+    A refused identity fails the connect; a permissions violation (a client's NKey given as the
+    service's) arrives before the PONG of the edge's flush, so `started()` sees it.
     """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._refused: list[str] = []
+        self._starting = True
+
+    async def on_error(self, error: Exception) -> None:
+        import structlog
+
+        message = str(error) or type(error).__name__
+        if self._starting and "authorization violation" in message.lower():
+            raise NatsRefused(f"NATS at {self._url} refused the service's identity")
+        if (self._starting or self._refused) and "permissions violation" in message.lower():
+            self._refused.append(message)  # the start fails on the first; the rest say the same
+            return
+        structlog.get_logger("hero_deployer").warning("nats.error", error=message)
+
+    def started(self) -> None:
+        """Raises NatsRefused if the server refused anything during the start."""
+        self._starting = False
+        if self._refused:
+            raise NatsRefused(
+                f"NATS at {self._url} refused the service ({self._refused[0]}):"
+                " is --nkey/--creds the service's identity?"
+            )
+
+
+async def _service_connection(settings: Settings, guard: _StartGuard, embedded: bool) -> Any:
+    """The service's NATS connection: as DIR/service.nk under `up`, else as `--nkey`/`--creds`."""
     import nats
-    import structlog
 
     from hero_deployer.client import nats_credentials
     from hero_deployer.natsserver import SERVICE_SEED
 
-    log = structlog.get_logger("hero_deployer")
-    connecting = True
-
-    async def on_error(error: Exception) -> None:
-        if connecting and "authorization violation" in str(error).lower():
-            raise NatsRefused(f"NATS at {settings.nats_url} refused the service's identity")
-        log.warning("nats.error", error=str(error) or type(error).__name__)
-
-    if embedded_nats:
+    if embedded:
         credentials = nats_credentials(nkey=settings.data_dir / SERVICE_SEED)
     else:
         credentials = nats_credentials(
             nkey=settings.nats_nkey or None, creds=settings.nats_creds or None
         )
-    nc = await nats.connect(
-        settings.nats_url, max_reconnect_attempts=-1, error_cb=on_error, **credentials
+    return await nats.connect(
+        settings.nats_url, max_reconnect_attempts=-1, error_cb=guard.on_error, **credentials
     )
-    connecting = False
-    return nc
-
-
-class NatsRefused(Exception):
-    """The NATS server refused this process's identity (exit status 1, one line)."""
 
 
 def _tune_gc() -> None:

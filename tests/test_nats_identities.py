@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,23 +68,29 @@ class Bus:
 
 
 @pytest_asyncio.fixture
-async def bus(tmp_path: Path) -> AsyncIterator[Bus]:
+async def secured(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """`up`'s nats-server alone: nats.conf plus the authorization of DIR's two NKeys."""
     data_dir = tmp_path / "var"
     data_dir.mkdir()
     config = render_config(data_dir, PREFIX)
-    settings = make_settings(data_dir, prefix=PREFIX)
     async with NatsServer(port=free_port(), data_dir=data_dir, config=config) as server:
-        service_nc = await nats.connect(server.url, nkeys_seed=str(data_dir / SERVICE_SEED))
-        try:
-            async with (
-                LocalGrid(
-                    data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False
-                ) as g,
-                bootstrap(settings, service_nc, compute=g, retry=RetryPolicy(base_delay=0.01)),
-            ):
-                yield Bus(url=server.url, data_dir=data_dir)
-        finally:
-            await service_nc.drain()
+        yield server
+
+
+@pytest_asyncio.fixture
+async def bus(tmp_path: Path, secured: NatsServer) -> AsyncIterator[Bus]:
+    server, data_dir = secured, tmp_path / "var"
+    settings = make_settings(data_dir, prefix=PREFIX)
+    service_nc = await nats.connect(server.url, nkeys_seed=str(data_dir / SERVICE_SEED))
+    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
+    try:
+        async with (
+            grid,
+            bootstrap(settings, service_nc, compute=grid, retry=RetryPolicy(base_delay=0.01)),
+        ):
+            yield Bus(url=server.url, data_dir=data_dir)
+    finally:
+        await service_nc.drain()
 
 
 async def _next_error(errors: asyncio.Queue[str]) -> str:
@@ -217,3 +227,53 @@ def test_the_docs_show_the_permissions_up_grants() -> None:
     docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     block = authorization(PREFIX, service="USERVICE_PUBLIC_NKEY", client="UCLIENT_PUBLIC_NKEY")
     assert block in docs
+
+
+def _serve(url: str, tmp_path: Path, *identity: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERO_DEPLOYER_")}
+    env["HERO_DEPLOYER_LOCAL_SSH"] = "0"
+    command = [sys.executable, "-m", "hero_deployer", "serve", "--nats", url]
+    command += ["--data-dir", str(tmp_path / "serve"), *identity]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+async def test_serve_with_the_service_nkey_answers_clients(
+    tmp_path: Path, secured: NatsServer
+) -> None:
+    data_dir = tmp_path / "var"
+    process = _serve(secured.url, tmp_path, "--nkey", str(data_dir / SERVICE_SEED))
+    try:
+        assert process.stdout is not None
+        ready = await asyncio.to_thread(process.stdout.readline)
+        assert "ready" in ready
+        client = await HeroDeployerClient.connect(
+            secured.url, nkey=data_dir / CLIENT_SEED, token="unused", prefix=PREFIX
+        )
+        try:
+            assert (await client.health()).status == "ok"
+        finally:
+            await client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+@pytest.mark.parametrize(
+    ("identity", "refusal"),
+    [
+        ((), "refused the service's identity"),
+        (("--nkey", CLIENT_SEED), "refused the service (nats: permissions violation for subscr"),
+    ],
+)
+async def test_serve_without_the_service_identity_stops_with_one_line(
+    tmp_path: Path, secured: NatsServer, identity: tuple[str, ...], refusal: str
+) -> None:
+    if identity:
+        identity = (identity[0], str(tmp_path / "var" / identity[1]))
+    process = _serve(secured.url, tmp_path, *identity)
+    stdout, stderr = await asyncio.to_thread(process.communicate, None, 60)
+    assert process.returncode == 1
+    assert "ready" not in stdout
+    assert len(stderr.splitlines()) == 1 and refusal in stderr, stderr
