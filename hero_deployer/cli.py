@@ -291,7 +291,7 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
     if not token:
         await client.close()
         where = settings.data_dir / "token"
-        raise NoService(f"no token: set HERO_DEPLOYER_TOKEN, or --data-dir to where {where} is")
+        raise NoService(f"no token at {where}: set HERO_DEPLOYER_TOKEN or --data-dir")
     return client
 
 

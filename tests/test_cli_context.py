@@ -222,6 +222,24 @@ def test_a_nats_without_the_service_is_one_line(nats_url: str, tmp_path: Path) -
     ]
 
 
+def test_without_a_token_one_line_and_no_file_made(nats_url: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hero_deployer", "health", "--nats", nats_url],
+        cwd=tmp_path,
+        env=user_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: no token at {tmp_path / 'var' / 'token'}: set HERO_DEPLOYER_TOKEN or --data-dir"
+    ]
+    assert not (tmp_path / "var").exists()  # the CLI used to create ./var/token here
+
+
 # Secrets off the command line ---------------------------------------------------------------
 
 
