@@ -312,6 +312,24 @@ class EventStoreContract(abc.ABC):
 
     # Idempotency -------------------------------------------------------------------------
 
+    async def test_positions_stay_gap_free_around_rejected_appends(
+        self, store: ClosableEventStore
+    ) -> None:
+        await store.append([to("vm:a", 0, payload(1))])
+        outcomes = await asyncio.gather(
+            *(store.append([to("vm:a", 1, payload(i))]) for i in range(2, 6)),  # one wins
+            *(store.append([to(f"vm:n{i}", 0, payload(i))]) for i in range(6, 10)),
+            return_exceptions=True,
+        )
+        won = [o for o in outcomes if isinstance(o, list)]
+        assert len(won) == 5
+        assert sum(isinstance(o, ConcurrencyError) for o in outcomes) == 3
+        recorded = sorted((e for o in won for e in o), key=lambda e: e.position)
+        assert [e.position for e in recorded] == [2, 3, 4, 5, 6]
+        after = await store.append([to("vm:z", 0, payload(10))])
+        assert after[0].position == 7
+        assert essence(await store.read_all(after=1)) == essence(recorded + after)
+
     async def test_the_idempotency_record_is_stored_with_the_events(
         self, store: ClosableEventStore
     ) -> None:
@@ -375,6 +393,26 @@ class EventStoreContract(abc.ABC):
         assert await store.idempotent_reply("k-lost") == key("k-lost")
 
     # Durability --------------------------------------------------------------------------
+
+    async def test_recorded_at_and_request_id_survive_close_and_reopen(self, path: Path) -> None:
+        store = await self.make_store(path)
+        try:
+            recorded = await store.append(
+                [to("vm:a", 0, payload(1)), to("vm:b", 0, payload(2))], request_id="r-1"
+            )
+            recorded += await store.append([to("vm:a", 1, payload(3))], request_id="r-2")
+        finally:
+            await store.close()
+
+        reopened = await self.make_store(path)
+        try:
+            back = await reopened.read_all()
+            assert [(e.position, e.recorded_at, e.request_id) for e in back] == [
+                (e.position, e.recorded_at, e.request_id) for e in recorded
+            ]
+            assert all(e.recorded_at.tzinfo is not None for e in back)
+        finally:
+            await reopened.close()
 
     async def test_data_survives_close_and_reopen(self, path: Path) -> None:
         store = await self.make_store(path)
