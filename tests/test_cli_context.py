@@ -3,6 +3,7 @@ secrets from a file, a variable or a terminal prompt instead of the command line
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,6 +224,24 @@ def test_a_nats_without_the_service_is_one_line(nats_url: str, tmp_path: Path) -
     ]
 
 
+async def test_a_request_that_times_out_is_one_line(nats_url: str, nc: Any, tmp_path: Path) -> None:
+    silent = await nc.subscribe("hung.v1.health")  # takes the request, never answers
+    await nc.flush()
+    env = {**user_env(tmp_path), "HERO_DEPLOYER_TOKEN": TOKEN, "HERO_DEPLOYER_PREFIX": "hung.v1"}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "hero_deployer", "health", "--nats", nats_url, "--timeout", "0.2"),
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    await silent.unsubscribe()
+    assert process.returncode == 1
+    assert stderr.decode().splitlines() == ["error: Unavailable: health timed out after 0.2s"]
+
+
 def test_without_a_token_one_line_and_no_file_made(nats_url: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "hero_deployer", "health", "--nats", nats_url],
@@ -266,6 +286,36 @@ def test_deploy_without_a_secret_is_a_usage_error_and_deploys_nothing(
     deployed = up.cli("vms", "deploy", "open-1", "--no-secret", "--json", cwd=elsewhere)
     assert deployed.returncode == 0, deployed.stderr
     assert "open-1" in names(up.cli("vms", "list", "--json", "--no-secret", cwd=elsewhere))
+
+
+def test_a_secret_file_may_be_stdin_and_an_unreadable_one_is_one_line(
+    up: Up, elsewhere: Path
+) -> None:
+    deployed = up.cli("vms", "deploy", "piped-1", "--secret", "from-a-pipe", cwd=elsewhere)
+    assert deployed.returncode == 0, deployed.stderr
+    piped = subprocess.run(
+        [sys.executable, "-m", "hero_deployer", "vms", "list", "--json", "--secret-file", "-"],
+        cwd=elsewhere,
+        env=up.env,
+        input="from-a-pipe\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert names(piped) == ["piped-1"]
+
+    missing = elsewhere / "missing"
+    unreadable = up.cli("vms", "list", "--secret-file", str(missing), cwd=elsewhere)
+    assert unreadable.returncode == 2
+    assert unreadable.stderr.splitlines() == [
+        f"error: cannot read the secret file {missing}: No such file or directory"
+    ]
+    binary = elsewhere / "binary"
+    binary.write_bytes(b"\xff\xfe")
+    refused = up.cli("vms", "list", "--secret-file", str(binary), cwd=elsewhere)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [f"error: the secret file {binary} is not UTF-8 text"]
 
 
 @pytest.mark.parametrize("action", ["list", "get", "stop", "delete"])
@@ -360,6 +410,20 @@ def test_on_a_terminal_the_cli_prompts_for_the_secret(up: Up, elsewhere: Path) -
         "vms", "list", "--json", cwd=elsewhere, env={"HERO_DEPLOYER_SECRET": "typed-new"}
     )
     assert names(by_env) == ["typed-1"]
+
+
+def test_a_new_secret_typed_twice_differently_changes_nothing(up: Up, elsewhere: Path) -> None:
+    deployed = up.cli("vms", "deploy", "twice-1", "--secret", "twice-old", cwd=elsewhere)
+    assert deployed.returncode == 0, deployed.stderr
+    terminal = Terminal(up, elsewhere, "migrate-secret")
+    terminal.answer(b"old secret: ", "twice-old")
+    terminal.answer(b"new secret: ", "twice-new")
+    terminal.answer(b"new secret again: ", "twice-nwe")
+    code, stdout, stderr = terminal.finish()
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines()[-1] == "error: the two new secrets differ"
+    listed = up.cli("vms", "list", "--json", "--secret", "twice-old", cwd=elsewhere)
+    assert names(listed) == ["twice-1"]
 
 
 # The pieces ---------------------------------------------------------------------------------
