@@ -579,7 +579,10 @@ async def _health(args: argparse.Namespace, settings: Settings) -> None:
     if args.json:
         _print_json(result)
     else:
-        print(f"{result['status']}  version {result['version']}  position {result['position']}")
+        print(
+            f"{result['status']}  version {result['version']}  position {result['position']}"
+            f"  head {result.get('head_hash', '')}"
+        )
 
 
 # Argument parsing -------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from adapters.event_chain import GENESIS, link, verify
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.sqlite_backup import verify_file
 from hero_deployer.cli import main
-from tests.conftest import Service
+from tests.conftest import TOKEN, Service
 from tests.eventstore_contract import payload, to
 
 EVENTS = 12
@@ -204,3 +206,24 @@ def test_a_field_of_the_wrong_type_is_a_break_not_a_crash(log: Path) -> None:
     run_sql(log, "UPDATE events SET stream = x'00' WHERE position = 4")
     report = verify_file(log / "events.db")
     assert (report.broken_at, report.reason) == (4, "a field has the wrong type")
+
+
+async def test_the_health_command_prints_the_head(
+    service: Service,
+    nats_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await service.client.call("deploy_vm", {"name": "web-1", "secret": "s1"})
+    monkeypatch.setenv("HERO_DEPLOYER_TOKEN", TOKEN)
+    monkeypatch.setenv("HERO_DEPLOYER_PREFIX", service.settings.prefix)
+    argv = ["health", "--nats", nats_url, "--data-dir", str(tmp_path / "cli")]
+    assert await asyncio.to_thread(main, argv) == 0
+    line = capsys.readouterr().out
+    match = re.fullmatch(r"ok  version \S+  position (\d+)  head ([0-9a-f]{64})\n", line)
+    assert match is not None, line
+    db = sqlite3.connect(service.settings.data_dir / "events.db")
+    (stored,) = db.execute("SELECT hash FROM events WHERE position = ?", (int(match[1]),))
+    db.close()
+    assert match[2] == stored[0].hex()
