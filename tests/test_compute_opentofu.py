@@ -769,3 +769,52 @@ async def test_our_own_name_is_registered_once_and_freed_on_delete(
         await backend.delete_gateway("hd_frank")
 
         assert await directory.name_holder("hd_frank") is None
+
+
+@pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        ("", "HERO_DEPLOYER_GATEWAY_PREFIX is not set: gateway names are name contracts"),
+        ("Hero-Demo", "HERO_DEPLOYER_GATEWAY_PREFIX: gateway prefix 'Hero-Demo' must be"),
+        ("herodemo", None),
+    ],
+)
+async def test_check_vets_the_gateway_prefix(
+    tmp_path: Path, tofu: Path, calls_log: Path, prefix: str, problem: str | None
+) -> None:
+    backend = OpenTofuBackend(
+        work_dir=tmp_path / "w", env=environment(tofu, calls_log), gateway_prefix=prefix
+    )
+
+    problems = await backend.check()
+
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith(problem)
+
+
+async def test_build_backend_wires_the_networks_grid_proxy_and_the_settings(
+    tmp_path: Path, tofu: Path, calls_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import AsyncExitStack
+
+    from hero_deployer.backends import build_backend, gridproxy_url
+    from hero_deployer.settings import Settings
+
+    for key, value in environment(tofu, calls_log).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(
+        data_dir=tmp_path,
+        backend="opentofu",
+        tofu_network="qa",
+        gateway_prefix="Bad-Prefix",
+        gateway_backend="mycelium",
+    )
+    assert gridproxy_url(settings) == "https://gridproxy.qa.grid.tf"
+    assert gridproxy_url(Settings(backend="local")) == ""
+
+    async with AsyncExitStack() as stack:
+        backend = await build_backend(settings, stack)
+        assert isinstance(backend, OpenTofuBackend)
+        assert (await backend.check())[0].startswith("HERO_DEPLOYER_GATEWAY_PREFIX: gateway")
