@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
+import structlog
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -92,8 +93,10 @@ def recorded(context: Context, directory: Path | None = None) -> Iterator[Path |
     """
     try:
         path: Path | None = record(context, directory)
-    except OSError:
+    except OSError as error:
         path = None
+        log = structlog.get_logger("hero_deployer")
+        log.warning("context.unrecorded", reason=str(error), hint="pass the CLI --nats/--data-dir")
     try:
         yield path
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from hero_deployer import context
 from hero_deployer.context import Context
@@ -485,8 +486,9 @@ def test_a_context_is_removed_only_by_its_own_process(tmp_path: Path) -> None:
     assert not path.exists()
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    with context.recorded(mine, blocked / "sub") as nowhere:  # the service runs on regardless
-        assert nowhere is None
+    with capture_logs() as logs, context.recorded(mine, blocked / "sub") as nowhere:
+        assert nowhere is None  # the service runs on regardless, and says why it cannot be found
+    assert [entry["event"] for entry in logs] == ["context.unrecorded"]
 
 
 def test_settings_take_flags_then_variables_then_the_context(
