@@ -123,6 +123,8 @@ class ProjectionRunner:
 
     A batch that fails (a full disk, a store that cannot be read) is rolled back and tried
     again after a growing pause; meanwhile queries that need it are told Unavailable at once.
+    A query also gives up when the views make no progress for `patience` seconds (a batch
+    stuck behind another process's lock on views.db).
     """
 
     name = "views"
@@ -136,6 +138,7 @@ class ProjectionRunner:
         batch_size: int = 256,
         retry_delay: float = 0.1,
         max_retry_delay: float = 2.0,
+        patience: float = 1.0,
     ) -> None:
         self._source = source
         self._conn = conn
@@ -143,6 +146,8 @@ class ProjectionRunner:
         self._batch_size = batch_size
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
+        self._patience = patience
+        self._applied = 0  # batches committed, to tell a slow runner from a stuck one
         self._position = 0
         self._waiters: list[tuple[int, int, bool, asyncio.Future[None]]] = []
         self._seq = itertools.count()
@@ -194,17 +199,27 @@ class ProjectionRunner:
             return
         if self._failing:
             raise Unavailable(VIEWS_UNAVAILABLE)
-        await self._waiter(position, fails=True)
+        future = self._waiter(position, fails=True)
+        try:
+            while True:
+                applied = self._applied
+                await asyncio.wait({future}, timeout=self._patience)
+                if future.done():
+                    return future.result()  # or the Unavailable of a failed batch
+                if self._applied == applied:
+                    raise Unavailable(VIEWS_UNAVAILABLE)
+        finally:
+            future.cancel()
 
     async def reached(self, position: int) -> None:
         """Returns once the views reflect every event up to `position`, however long it takes."""
         if position > self._position:
             await self._waiter(position, fails=False)
 
-    async def _waiter(self, position: int, *, fails: bool) -> None:
+    def _waiter(self, position: int, *, fails: bool) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (position, next(self._seq), fails, future))
-        await future
+        return future
 
     async def catch_up(self) -> None:
         """Applies every event committed so far."""
@@ -273,6 +288,7 @@ class ProjectionRunner:
                 projection.rolled_back()
             raise
         self._position = last
+        self._applied += 1
         self._failing = False
         waiters = self._waiters
         while waiters and waiters[0][0] <= last:

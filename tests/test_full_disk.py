@@ -198,6 +198,30 @@ async def test_queries_answer_unavailable_while_the_views_are_full_then_the_data
         assert not service.app.views.failing
 
 
+async def test_queries_give_up_within_a_second_while_another_writer_holds_the_views(
+    service: Service,
+) -> None:
+    """A batch stuck on a lock (SQLite's busy timeout is 5 s) does not hold a query longer."""
+    first = await service.client.call("deploy_vm", {"name": "first", "secret": "s"})
+    other = sqlite3.connect(
+        service.settings.data_dir / VIEWS_DB, isolation_level=None, check_same_thread=False
+    )
+    try:
+        # another process writing views.db (off the loop: the runner may hold the lock a moment)
+        await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
+        vm = await service.client.call("deploy_vm", {"name": "second", "secret": "s"})
+        reply = await ask(service, "get_vm", {"sid": vm["sid"], "secret": "s"})
+        assert unavailable(reply)
+        assert (await ask(service, "health", {}))["ok"] is True
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    async with asyncio.timeout(30):
+        await service.app.views.reached(service.app.store.position)
+    listed = await service.client.call("list_vms", {"secret": "s"})
+    assert [v["sid"] for v in listed["vms"]] == [first["sid"], vm["sid"]]
+
+
 @pytest.mark.parametrize("restart", [False, True], ids=["live", "across-a-restart"])
 async def test_outcomes_the_full_store_refused_are_recorded_once_it_has_room(
     tmp_path: Path, nc: Client, restart: bool
