@@ -209,6 +209,7 @@ async def test_the_examples_of_the_page_run(
     tmp_path: Path,
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # no `up` of this machine's
     monkeypatch.setenv("NATS_URL", nats_url)
     monkeypatch.setenv("HERO_DEPLOYER_NATS_URL", nats_url)
     monkeypatch.setenv("HERO_DEPLOYER_TOKEN", TOKEN)
