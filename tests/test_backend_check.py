@@ -119,15 +119,26 @@ async def test_the_cli_prints_problems_and_notes(tmp_path: Path) -> None:
             "HERO_DEPLOYER_FORGE_ADMIN_USER": forge.admin_user,
             "HERO_DEPLOYER_FORGE_ADMIN_TOKEN": forge.admin_token,
         }
-        args = ["-m", "hero_deployer", "backend", "check", "--data-dir", str(tmp_path), "--json"]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        args = ["-m", "hero_deployer", "backend", "check", "--data-dir", str(tmp_path)]
+        code, out = await run([*args, "--json"], env)
+        text_code, text = await run(args, env)
 
     report = json.loads(out)
-    assert proc.returncode == 1
+    assert code == text_code == 1
+    lines = text.decode().splitlines()
+    assert lines[0] == "backend hero-compute: not usable"
+    assert sum(line.startswith("  - the forgejo admin token lacks") for line in lines) == 2
+    assert any(line.startswith("  note: hero_compute offers no OpenRPC") for line in lines)
     assert report["usable"] is False
     assert sorted(p.split("`")[1] for p in report["problems"]) == ["read:user", "write:admin"]
     assert any("cannot be verified" in n for n in report["notes"])
     assert SECRET not in out.decode() and forge.admin_token not in out.decode()
+
+
+async def run(args: list[str], env: dict[str, str]) -> tuple[int | None, bytes]:
+    """Runs the CLI in its own process (it runs its own event loop); its exit code and stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, out

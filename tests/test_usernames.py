@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import msgspec
@@ -11,6 +12,7 @@ from core.errors import InvalidInput
 from core.manifest import render_services_toml
 from core.user import GetUser, ProvisionUser
 from core.usernames import RESERVED_USERNAMES, reserved_username, username_problem
+from hero_deployer.asyncapi import build_spec
 from tests.conftest import TOKEN, Service
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -95,3 +97,17 @@ async def test_a_name_forgejo_accepts_is_provisioned(service: Service) -> None:
     assert reply["ok"] is True
     assert reply["result"]["username"] == "a-b_c"  # type: ignore[index]
     assert event_count(service) >= 1
+
+
+def test_the_asyncapi_schema_states_the_same_rule_in_ecma_262() -> None:
+    schema = build_spec()["components"]["schemas"]["ProvisionUser"]["properties"]["username"]
+    pattern, reserved = schema["pattern"], schema["not"]["pattern"]
+    # Only syntax ECMA-262 and Python read alike: no \A, \Z, inline flags or named groups.
+    for python_only in ("\\A", "\\Z", "(?i", "(?P", "(?<"):
+        assert python_only not in pattern + reserved
+    # ECMA's `$` (no m flag) is the end of the input, which Python spells `\Z`.
+    for name in [n for n in ACCEPTED + REFUSED if "\n" not in n]:
+        shape = re.search(pattern.replace("$", r"\Z"), name) is not None
+        taken = re.search(reserved.replace("$", r"\Z"), name) is not None
+        in_schema = shape and not taken and 1 <= len(name) <= schema["maxLength"]
+        assert in_schema == (username_problem(name) is None), name
