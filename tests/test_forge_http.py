@@ -1,5 +1,6 @@
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from adapters.forge_http import ForgejoClient, generate_password
@@ -323,3 +324,16 @@ async def test_check_reports_an_unreachable_forge() -> None:
         (problem,) = await client.check()
 
     assert problem.startswith("cannot reach forgejo")
+
+
+async def test_the_fake_creates_tokens_only_for_a_password_login(forge: FakeForgejo) -> None:
+    # What reqBasicOrRevProxyAuth refuses: the admin token may not mint tokens for anyone.
+    async with httpx.AsyncClient(base_url=forge.url) as http:
+        response = await http.post(
+            f"/api/v1/users/{forge.admin_user}/tokens",
+            json={"name": "t", "scopes": ["read:user"]},
+            headers={"Authorization": f"token {forge.admin_token}"},
+        )
+
+    assert response.status_code == 401
+    assert response.json()["message"] == "auth method not allowed"

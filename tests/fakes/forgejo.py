@@ -250,14 +250,19 @@ class FakeForgejo(LoopbackServer):
         return web.json_response(user.as_json(), status=201)
 
     async def _create_token(self, request: web.Request) -> web.Response:
+        # forgejo/forgejo routers/api/v1/api.go: `/users/{username}/tokens` is in the `/users`
+        # group (user scope) under `reqSelfOrAdmin()`; its POST adds `reqBasicOrRevProxyAuth()`,
+        # which refuses any login but a password with 401 "auth method not allowed".
         caller, scheme, body, refusal = await self._record(request, "user")
         if refusal is not None:
             return refusal
-        if caller is None or scheme != "basic":
+        if caller is None:
             return _error(401, "auth required")
         owner = self.users.get(request.match_info["name"].lower())
-        if owner is None or owner.login != caller.login:
-            return _error(403, "user should have a permission to create tokens for this user")
+        if owner is None or (owner.login != caller.login and not caller.is_admin):
+            return _error(403, "doer should be the site admin or be same as the contextUser")
+        if scheme != "basic":
+            return _error(401, "auth method not allowed")
         if not isinstance(body, dict) or not body.get("name"):
             return _error(422, "[Name]: Required")
         scopes = body.get("scopes") or []
