@@ -108,8 +108,9 @@ class Aggregates(Generic[S]):
         for recorded in await self._store.read_stream(stream):
             state = self._evolve(state, self._registry.decode(recorded.type, recorded.data))
             version = recorded.version
-        if version:
-            self.remember(stream, state, version)
+        # an absent stream is remembered too: naming a missing sid again costs what naming an
+        # existing one does (NotFound is the same in timing); a commit makes `known` pass it
+        self.remember(stream, state, version)
         return state, version
 
     def remember(self, stream: str, state: S | None, version: int) -> None:

@@ -44,3 +44,29 @@ async def test_a_commit_made_behind_the_cache_is_read_back(tmp_path: Path) -> No
 
         vms.remember(STREAM, None, 1)  # a late, older state never replaces a newer one
         assert (await vms.load(STREAM))[1] == 2
+
+
+async def test_an_absent_stream_is_remembered_until_a_commit_creates_it(tmp_path: Path) -> None:
+    async with SqliteEventStore(tmp_path / "events.db") as store:
+        vms = Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve)
+        reads: list[str] = []
+        assert store._point_reader is not None
+        store._point_reader.set_trace_callback(reads.append)
+        assert await vms.load(STREAM) == (None, 0)
+        assert await vms.load(STREAM) == (None, 0)
+        assert len(reads) == 1  # a missing sid named twice is read once, as an existing one is
+
+        requested = VmDeployRequested(
+            sid=SID,
+            name="a",
+            owner="o",
+            image="ubuntu-24.04",
+            cpu_count=1,
+            memory_gb=1,
+            disk_gb=1,
+            rootfs_gb=1,
+            at=NOW,
+        )
+        await store.append([StreamAppend(STREAM, 0, (NewEvent.of(requested),))])
+        vm, version = await vms.load(STREAM)  # the remembered absence does not hide the commit
+        assert vm is not None and vm.status == "deploying" and version == 1
