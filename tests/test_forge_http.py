@@ -326,14 +326,30 @@ async def test_check_reports_an_unreachable_forge() -> None:
     assert problem.startswith("cannot reach forgejo")
 
 
-async def test_the_fake_creates_tokens_only_for_a_password_login(forge: FakeForgejo) -> None:
-    # What reqBasicOrRevProxyAuth refuses: the admin token may not mint tokens for anyone.
-    async with httpx.AsyncClient(base_url=forge.url) as http:
+@pytest.mark.parametrize(
+    ("scopes", "status", "message"),
+    [
+        (("all",), 401, "auth method not allowed"),
+        (
+            ("write:admin", "read:user"),
+            403,
+            "token does not have at least one of required scope(s): [write:user]",
+        ),
+    ],
+)
+async def test_the_fake_creates_tokens_only_for_a_password_login(
+    scopes: tuple[str, ...], status: int, message: str
+) -> None:
+    # What tokenRequiresScopes and then reqBasicOrRevProxyAuth refuse: a token mints no tokens.
+    async with (
+        FakeForgejo(admin_token_scopes=scopes) as forge,
+        httpx.AsyncClient(base_url=forge.url) as http,
+    ):
         response = await http.post(
             f"/api/v1/users/{forge.admin_user}/tokens",
             json={"name": "t", "scopes": ["read:user"]},
             headers={"Authorization": f"token {forge.admin_token}"},
         )
 
-    assert response.status_code == 401
-    assert response.json()["message"] == "auth method not allowed"
+    assert response.status_code == status
+    assert response.json()["message"] == message
