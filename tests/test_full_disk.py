@@ -32,6 +32,7 @@ from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import SqlRunner
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import deploy_running
+from tests.test_users_e2e import Fifo, terminal
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EVENTS_DB = "events.db"
@@ -329,3 +330,65 @@ async def test_outcomes_of_one_vm_keep_their_order_and_a_bad_one_fails_alone(
     events = await service.app.store.read_stream(f"vm:{sid}")
     failed = [json.loads(e.data)["error"] for e in events if e.type == "VmOperationFailed"]
     assert failed == ["first", "second"]
+
+
+async def test_a_user_step_whose_outcome_the_full_store_refused_is_not_run_again(
+    tmp_path: Path, nc: Client
+) -> None:
+    """The process manager waits for room to record a step it did, instead of redoing it."""
+    started = Fifo(tmp_path / "setup-started")
+    release = tmp_path / "setup-release"
+    runs = tmp_path / "setup-runs"
+    settings = make_settings(
+        tmp_path / "data",
+        local_ssh=True,
+        step_base_delay=0.05,
+        step_max_delay=0.2,
+        # Counts its runs, says it started, waits (inside the VM) to be released, sets up, and
+        # ends with 5,000 characters of output: the outcome keeps a 4,000-character tail, more
+        # than a 4 KiB page holds, so recording it needs a page the full file cannot add.
+        setup_command=(
+            f"echo ran >> {runs}; echo started >> {started.path};"
+            f" while [ ! -e {release} ]; do sleep 0.02; done;"
+            " ./setup-binaries.sh && printf '%05000d' 0"
+        ),
+    )
+    limits = PageLimits()
+    watch = LogWatch()
+    try:
+        with capture_logs(processors=[watch]):
+            async with (
+                LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0) as grid,
+                bootstrap(
+                    settings,
+                    nc,
+                    compute=grid,
+                    retry=RetryPolicy(base_delay=0.01),
+                    forge=None,
+                    directory=None,
+                    on_connect=limits,
+                ) as app,
+            ):
+                client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+                await client.call("provision_user", {"username": "frank"})
+                async with asyncio.timeout(60):
+                    assert await started.line() == b"started"
+                await limits.full(EVENTS_DB)
+                release.touch()  # the setup finishes; its outcome finds the store full
+
+                await watch.wait("store.refused")
+                refusal = next(e for e in watch.entries if e["event"] == "store.refused")
+                assert refusal["what"] == "user_outcome"
+                user = await client.call("get_user", {"username": "frank"})
+                assert (user["status"], user["step"]) == ("provisioning", "run_setup")
+                assert count_events(settings.data_dir, "SetupCompleted") == 0
+
+                await limits.room(EVENTS_DB)
+                done = await terminal(client, "frank")
+                assert done["type"] == "ProvisioningCompleted", done
+                assert app.manager is not None
+    finally:
+        release.touch()
+        started.close()
+    assert runs.read_text().splitlines() == ["ran"]
+    assert count_events(settings.data_dir, "SetupCompleted") == 1
