@@ -124,7 +124,7 @@ class ProjectionRunner:
     A batch that fails (a full disk, a store that cannot be read) is rolled back and tried
     again after a growing pause; meanwhile queries that need it are told Unavailable at once.
     A query also gives up when the views make no progress for `patience` seconds (a batch
-    stuck behind another process's lock on views.db).
+    stuck behind another process's lock on views.db), so it is answered within a second.
     """
 
     name = "views"
@@ -138,7 +138,7 @@ class ProjectionRunner:
         batch_size: int = 256,
         retry_delay: float = 0.1,
         max_retry_delay: float = 2.0,
-        patience: float = 1.0,
+        patience: float = 0.9,
     ) -> None:
         self._source = source
         self._conn = conn
