@@ -1,0 +1,457 @@
+"""The JetStream event store: one replicated stream, a subject per event stream, atomic batches.
+
+The global position is the stream sequence (deletes and purges are denied, so it has no gaps);
+a stream's version is the count of its subject's messages and `Nats-Expected-Last-Subject-
+Sequence` holds the expected version. Every append also expects the stream's last sequence, so
+each event's place in the hash chain (adapters/event_chain.py) is known before it is sent and
+travels in its `Hero-Hash` header. Idempotency records live in a KV bucket: reserved before the
+append, confirmed after it, released when it fails (see `IdempotencyKeys`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from adapters.event_chain import GENESIS, link
+from adapters.jetstream_idempotency import IdempotencyKeys, Reservation
+from adapters.jetstream_log import (
+    ALL,
+    DUPLICATE,
+    EXPECTED_LAST_SEQ,
+    H_COMMIT,
+    H_HASH,
+    H_VERSION,
+    MAX_BATCH,
+    MSG_ID,
+    STREAM,
+    WRONG_LAST_SEQUENCE,
+    Outgoing,
+    Refused,
+    direct_get,
+    event_headers,
+    find_header,
+    json_page,
+    publish_atomic,
+    read_events,
+    scan,
+    stream_config,
+    stream_of,
+    subject_of,
+)
+from core.errors import ConcurrencyError, Conflict, Unavailable
+from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
+
+log = structlog.get_logger(__name__)
+
+RETRIES = 20
+"""Attempts of one append that keeps losing the log's head to other writers."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One caller's append, waiting for the next batch."""
+
+    appends: Sequence[StreamAppend]
+    request_id: str
+    reservation: Reservation | None
+    future: asyncio.Future[list[RecordedEvent]]
+    messages: list[Outgoing] = field(default_factory=list)
+    recorded: list[RecordedEvent] = field(default_factory=list)
+    chain: bytes = GENESIS
+
+
+class JetStreamEventStore:
+    """Appends go through one writer task that sends whatever is waiting as one atomic batch."""
+
+    def __init__(
+        self, nc: Client, *, replicas: int = 3, timeout: float = 5.0, max_batch: int = 500
+    ) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=timeout)
+        self._replicas = replicas
+        self._timeout = timeout
+        self._max_batch = min(max_batch, MAX_BATCH)
+        self.keys = IdempotencyKeys(self._js, replicas=replicas, find=self._find_commit)
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._committed = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._watcher: object | None = None
+        self._closing = False
+        self._head = 0
+        self._head_hash = GENESIS
+        self._versions: dict[str, tuple[int, int]] = {}  # stream -> (version, its last position)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Creates the stream and the key bucket if missing, reads the head, follows new events."""
+        try:
+            await self._js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(stream_config(self._replicas))
+        await self.keys.open()
+        await self._refresh_head()
+        self._watcher = await self._js.subscribe(
+            ALL,
+            ordered_consumer=True,
+            headers_only=True,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=self._head + 1),
+            cb=self._observe,
+        )
+        self._writer = asyncio.create_task(self._write_loop(), name="eventstore-jetstream-writer")
+
+    async def close(self) -> None:
+        """Sends what is waiting, then stops; later appends raise Unavailable."""
+        self._closing = True
+        if self._writer is not None:
+            self._wakeup.set()
+            await self._writer
+            self._writer = None
+        watcher = self._watcher
+        self._watcher = None
+        if watcher is not None:
+            try:
+                await watcher.unsubscribe()  # type: ignore[attr-defined]
+            except nats.errors.Error:
+                log.warning("eventstore.watch_not_stopped")
+
+    # Writing ---------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        appends: Sequence[StreamAppend],
+        *,
+        idempotency: IdempotencyRecord | None = None,
+        request_id: str = "",
+    ) -> list[RecordedEvent]:
+        if self._closing:
+            raise Unavailable("the event store is closing")
+        if not any(a.events for a in appends):
+            if idempotency is not None:
+                await self.keys.record(idempotency, self._head)
+            for a in appends:
+                if a.expected_version != await self._version(a.stream):
+                    raise ConcurrencyError(f"{a.stream} is not at version {a.expected_version}")
+            return []
+        reservation = await self.keys.reserve(idempotency) if idempotency else None
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(appends, request_id, reservation, future))
+        self._wakeup.set()
+        try:
+            events = await future
+        except BaseException:
+            if reservation is not None:
+                await self.keys.release(reservation)
+            raise
+        if reservation is not None:
+            await self.keys.confirm(reservation, events[-1].position)
+        return events
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch: list[_Pending] = []
+                size = 0
+                while self._pending and (
+                    not batch or size + _size(self._pending[0]) <= self._max_batch
+                ):
+                    size += _size(self._pending[0])
+                    batch.append(self._pending.pop(0))
+                try:
+                    await self._commit(batch)
+                except Exception as error:  # the store must outlive any one bad batch
+                    log.exception("eventstore.commit_failed", error=type(error).__name__)
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.set_exception(Unavailable("the event log failed"))
+            if self._closing and not self._pending:
+                return
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        await self._load_versions(batch)
+        staged = self._stage(batch)
+        if not staged:
+            return
+        try:
+            await self._send(staged)
+        except Refused as refused:
+            log.info("eventstore.batch_refused", code=refused.code, appends=len(staged))
+            for pending in staged:
+                await self._commit_alone(pending)
+
+    async def _commit_alone(self, pending: _Pending) -> None:
+        """Tries one append until it commits, loses on a version, or runs out of attempts."""
+        for _ in range(RETRIES):
+            await self._refresh_head()
+            for a in pending.appends:
+                self._versions.pop(a.stream, None)
+            await self._load_versions([pending])
+            if not self._stage([pending]):
+                return
+            try:
+                await self._send([pending])
+                return
+            except Refused as refused:
+                if refused.code in DUPLICATE:
+                    pending.future.set_exception(Conflict("idempotency key already used"))
+                    return
+                if refused.code not in WRONG_LAST_SEQUENCE:
+                    pending.future.set_exception(Unavailable(f"the event log refused: {refused}"))
+                    return
+        pending.future.set_exception(ConcurrencyError("the log kept changing; try again"))
+
+    async def _send(self, staged: list[_Pending]) -> None:
+        """Publishes the staged appends as one batch and resolves their callers."""
+        messages = [m for p in staged for m in p.messages]
+        first = messages[0]
+        messages[0] = Outgoing(
+            first.subject, {**first.headers, EXPECTED_LAST_SEQ: str(self._head)}, first.data
+        )
+        last = staged[-1].recorded[-1]
+        try:
+            seq = await publish_atomic(self._nc, messages, self._timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            if not await self._landed(last.position, staged[-1].chain):
+                raise Unavailable("the event log did not answer; the append may land") from error
+            seq = last.position
+        if seq != last.position:
+            raise Unavailable(f"the log placed the batch at {seq}, not {last.position}")
+        self._accepted(staged)
+
+    async def _landed(self, position: int, chain: bytes) -> bool:
+        """Whether the event this store hashed `chain` is at `position` (after a lost reply)."""
+        try:
+            msg = await direct_get(self._nc, {"seq": position}, self._timeout)
+        except (nats.errors.Error, Unavailable):
+            return False
+        return msg is not None and (msg.headers or {}).get(H_HASH) == chain.hex()
+
+    def _stage(self, batch: list[_Pending]) -> list[_Pending]:
+        """Checks versions in memory and numbers the events from the head; fails the losers."""
+        now = datetime.now(UTC)
+        at = now.isoformat()
+        overlay: dict[str, tuple[int, int]] = {}
+        keys: set[str] = set()
+        position, chain = self._head, self._head_hash
+        staged: list[_Pending] = []
+        for pending in batch:
+            pending.messages.clear()
+            pending.recorded.clear()
+            error = self._check(pending, overlay, keys)
+            if error is not None:
+                pending.future.set_exception(error)
+                continue
+            for a in pending.appends:
+                version, last = overlay.get(a.stream) or self._versions.get(a.stream, (0, 0))
+                expect: int | None = None if a.stream in overlay else last
+                subject = subject_of(a.stream)
+                for new in a.events:
+                    position += 1
+                    version += 1
+                    chain = link(chain, position, a.stream, version, new.type, new.data, at)
+                    event = RecordedEvent(
+                        position=position,
+                        stream=a.stream,
+                        version=version,
+                        type=new.type,
+                        data=new.data,
+                        recorded_at=now,
+                        request_id=pending.request_id,
+                    )
+                    headers = event_headers(event, at, chain, expect)
+                    expect = None
+                    pending.recorded.append(event)
+                    pending.messages.append(Outgoing(subject, headers, new.data))
+                overlay[a.stream] = (version, position)
+            if pending.reservation is not None:
+                keys.add(pending.reservation.hashed)
+                tail = pending.messages[-1]
+                tail.headers[MSG_ID] = "idem-" + pending.reservation.hashed
+                tail.headers[H_COMMIT] = pending.reservation.token
+            pending.chain = chain
+            staged.append(pending)
+        return staged
+
+    def _check(
+        self, pending: _Pending, overlay: dict[str, tuple[int, int]], keys: set[str]
+    ) -> Exception | None:
+        for a in pending.appends:
+            current = (overlay.get(a.stream) or self._versions.get(a.stream, (0, 0)))[0]
+            if current != a.expected_version:
+                return ConcurrencyError(
+                    f"{a.stream} is at version {current}, not {a.expected_version}"
+                )
+        if pending.reservation is not None and pending.reservation.hashed in keys:
+            return Conflict("idempotency key is in use by a concurrent request")
+        return None
+
+    def _accepted(self, staged: list[_Pending]) -> None:
+        for pending in staged:
+            for event in pending.recorded:
+                self._advance(
+                    event.position, pending.chain if event is pending.recorded[-1] else None
+                )
+                self._versions[event.stream] = (event.version, event.position)
+            if not pending.future.done():
+                pending.future.set_result(list(pending.recorded))
+
+    def _advance(self, position: int, chain: bytes | None) -> None:
+        """Moves the head forward (never back) and wakes whoever waits for new events."""
+        if position <= self._head:
+            return
+        self._head = position
+        if chain is not None:
+            self._head_hash = chain
+        committed, self._committed = self._committed, asyncio.Event()
+        committed.set()
+
+    async def _observe(self, msg: object) -> None:
+        """Takes note of every event in the log, this store's and other writers'."""
+        headers = getattr(msg, "headers", None) or {}
+        seq = msg.metadata.sequence.stream  # type: ignore[attr-defined]
+        stream = stream_of(msg.subject)  # type: ignore[attr-defined]
+        version = int(headers.get(H_VERSION, "0"))
+        if version > self._versions.get(stream, (0, 0))[0]:
+            self._versions[stream] = (version, seq)
+        self._advance(seq, bytes.fromhex(headers.get(H_HASH, "")))
+
+    # Versions and the head -------------------------------------------------------------------
+
+    def known_version(self, stream: str) -> int | None:
+        """The stream's version as this store last wrote or saw it, if it remembers."""
+        known = self._versions.get(stream)
+        return known[0] if known is not None else None
+
+    async def _version(self, stream: str) -> int:
+        await self._load_versions_of({stream})
+        return self._versions.get(stream, (0, 0))[0]
+
+    async def _load_versions(self, batch: list[_Pending]) -> None:
+        """Reads the last version of streams expected past zero that this store does not know."""
+        await self._load_versions_of(
+            {a.stream for p in batch for a in p.appends if a.expected_version != 0}
+        )
+
+    async def _load_versions_of(self, streams: set[str]) -> None:
+        unknown = [s for s in streams if s not in self._versions]
+        found = await asyncio.gather(*(self._last_of(s) for s in unknown))
+        for stream, last in zip(unknown, found, strict=True):
+            if last is not None and stream not in self._versions:
+                self._versions[stream] = last
+
+    async def _last_of(self, stream: str) -> tuple[int, int] | None:
+        msg = await self._get({"last_by_subj": subject_of(stream)})
+        if msg is None:
+            return None
+        headers = msg.headers or {}
+        return int(headers[H_VERSION]), int(headers["Nats-Sequence"])
+
+    async def _refresh_head(self) -> None:
+        """Takes the log's last position and its hash from the server."""
+        try:
+            info = await self._js.stream_info(STREAM)
+        except (nats.errors.Error, nats.js.errors.Error) as error:
+            raise Unavailable("the event log cannot be reached") from error
+        last = info.state.last_seq
+        if last > self._head:
+            msg = await self._get({"seq": last})
+            chain = bytes.fromhex((msg.headers or {}).get(H_HASH, "")) if msg else GENESIS
+            self._advance(last, chain)
+
+    async def _get(self, request: dict[str, object]) -> Msg | None:
+        try:
+            return await direct_get(self._nc, request, self._timeout)
+        except nats.errors.Error as error:
+            raise Unavailable("the event log cannot be reached") from error
+
+    # Reading ---------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """The last position this store has written or seen in the log."""
+        return self._head
+
+    @property
+    def head_hash(self) -> str:
+        """The hash chain's head (hex): the `Hero-Hash` of the event at `position`."""
+        return self._head_hash.hex()
+
+    async def last_position(self) -> int:
+        await self._refresh_head()
+        return self._head
+
+    async def wait_for_events_after(self, position: int) -> None:
+        """Returns once an event with a position above `position` is in the log."""
+        while self._head <= position:
+            await self._committed.wait()
+
+    async def read_stream(self, stream: str) -> list[RecordedEvent]:
+        _, last = self._versions.get(stream, (0, 0))  # a replica must answer at least this
+        events = await self._read(subject_of(stream), 0, 2**31, through=last)
+        if events and stream not in self._versions:
+            self._versions[stream] = (events[-1].version, events[-1].position)
+        return events
+
+    async def read_all(
+        self, after: int = 0, limit: int = 1000, stream: str | None = None
+    ) -> list[RecordedEvent]:
+        if stream is not None:
+            return await self._read(subject_of(stream), after, limit, through=0)
+        return await self._read(ALL, after, limit, through=min(self._head, after + limit))
+
+    async def _read(
+        self, subject: str, after: int, limit: int, *, through: int
+    ) -> list[RecordedEvent]:
+        return await read_events(self._nc, subject, after, limit, through, self._timeout)
+
+    async def read_json_page(self, after: int, upto: int, prefix: str, types: Sequence[str]) -> str:
+        """A stretch of the log for bulk replay, as SqliteEventStore.read_json_page frames it."""
+        if not types or not prefix:
+            return "[]"
+        return json_page([e async for e in self._scan(prefix, after, upto)], set(types))
+
+    async def stream_ends(self, prefix: str, upto: int) -> list[tuple[int, str]]:
+        """The last position up to `upto` of every stream starting with `prefix`, in order."""
+        if not prefix:
+            return []
+        ends: dict[str, int] = {}
+        async for event in self._scan(prefix, 0, upto):
+            ends[event.stream] = event.position
+        return sorted((position, stream) for stream, position in ends.items())
+
+    def _scan(self, prefix: str, after: int, upto: int) -> AsyncIterator[RecordedEvent]:
+        return scan(self._nc, prefix, after, upto, self._timeout)
+
+    async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
+        return await self.keys.lookup(key)
+
+    async def _find_commit(self, token: str, since: float) -> int | None:
+        """The position of the event carrying a reservation's token, searching from `since`."""
+        return await find_header(self._nc, H_COMMIT, token, since, self._timeout)
+
+
+def _size(pending: _Pending) -> int:
+    return sum(len(a.events) for a in pending.appends)

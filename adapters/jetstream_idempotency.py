@@ -1,0 +1,211 @@
+"""Idempotency records of the JetStream event store, in a KV bucket beside the log.
+
+A keyed append first reserves its key (a KV create, so exactly one writer gets it), then
+commits its events with the reservation's token in the last event's `Hero-Commit` header and
+`Nats-Msg-Id` set from the key, then confirms the record with the position; a failed append
+releases the key. A reservation left behind by a writer that died is settled by whoever meets
+it once it is older than any append can take: confirmed if the log holds its token, else freed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+import nats.errors
+import structlog
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from core.errors import Conflict, Unavailable
+from core.events import IdempotencyRecord
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+BUCKET = "HERO_IDEMPOTENCY"
+STALE_AFTER = 60.0
+"""Seconds after which a reservation is settled by others: an append gives up well before
+(the server drops an unfinished batch after 10 s, nats-server server/stream.go)."""
+SKEW = 60.0
+"""Seconds of clock difference between writers and servers allowed when searching the log."""
+
+FindCommit = Callable[[str, float], Awaitable[int | None]]
+"""The position of the event carrying a reservation token, searching from a Unix time."""
+
+
+class _Stored(msgspec.Struct, frozen=True, kw_only=True):
+    key: str
+    operation: str
+    body_hash: str
+    reply: bytes
+    position: int = 0
+    token: str = ""  # set while reserved, cleared once confirmed
+    created: float = 0.0
+
+    def record(self) -> IdempotencyRecord:
+        return IdempotencyRecord(self.key, self.operation, self.body_hash, self.reply)
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(_Stored).decode
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A key this writer holds while its append is in flight."""
+
+    hashed: str
+    token: str
+    revision: int
+    stored: _Stored
+
+
+def hashed(key: str) -> str:
+    """The KV key for an idempotency key (KV keys allow few characters; keys are not logged)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class IdempotencyKeys:
+    """The bucket of idempotency records."""
+
+    def __init__(self, js: JetStreamContext, *, replicas: int, find: FindCommit) -> None:
+        self._js = js
+        self._replicas = replicas
+        self._find = find
+        self._kv: KeyValue | None = None
+        self._mine: set[str] = set()
+
+    async def open(self) -> None:
+        config = api.KeyValueConfig(
+            bucket=BUCKET, history=1, replicas=self._replicas, storage=api.StorageType.FILE
+        )
+        try:
+            self._kv = await self._js.key_value(BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await self._js.create_key_value(config)
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._kv is not None, "open() first"
+        return self._kv
+
+    async def reserve(self, record: IdempotencyRecord) -> Reservation:
+        """Holds the key for one append; Conflict if it is taken or held."""
+        name = hashed(record.key)
+        token = uuid.uuid4().hex
+        stored = _Stored(
+            key=record.key,
+            operation=record.operation,
+            body_hash=record.body_hash,
+            reply=record.reply,
+            token=token,
+            created=time.time(),
+        )
+        for _ in range(3):
+            try:
+                revision = await self._call(self.kv.create(name, _encode(stored)))
+            except KeyWrongLastSequenceError:
+                found = await self._get(name)
+                if found is None:
+                    continue
+                existing, rev = found
+                if not existing.token:
+                    raise Conflict("idempotency key already used") from None
+                if not await self._settle(name, existing, rev):
+                    raise Conflict("idempotency key is in use by a concurrent request") from None
+                continue
+            self._mine.add(token)
+            return Reservation(name, token, revision, stored)
+        raise Conflict("idempotency key is in use by a concurrent request")
+
+    async def confirm(self, held: Reservation, position: int) -> None:
+        """Turns the reservation into the record; a failure leaves it for `_settle`."""
+        self._mine.discard(held.token)
+        final = msgspec.structs.replace(held.stored, position=position, token="")
+        try:
+            await self.kv.update(held.hashed, _encode(final), last=held.revision)
+        except (nats.errors.Error, nats.js.errors.Error):
+            log.warning("idempotency.confirm_deferred", position=position)
+
+    async def release(self, held: Reservation) -> None:
+        """Frees the key of an append that failed; a failure leaves it for `_settle`."""
+        self._mine.discard(held.token)
+        try:
+            await self.kv.delete(held.hashed, last=held.revision)
+        except (nats.errors.Error, nats.js.errors.Error):
+            log.warning("idempotency.release_deferred")
+
+    async def record(self, record: IdempotencyRecord, position: int) -> None:
+        """Stores the record of a keyed request that appended nothing; Conflict if taken."""
+        stored = _Stored(
+            key=record.key,
+            operation=record.operation,
+            body_hash=record.body_hash,
+            reply=record.reply,
+            position=position,
+            created=time.time(),
+        )
+        name = hashed(record.key)
+        try:
+            await self._call(self.kv.create(name, _encode(stored)))
+        except KeyWrongLastSequenceError:
+            found = await self._get(name)
+            if found is not None and found[0].token and await self._settle(name, *found):
+                return await self.record(record, position)
+            raise Conflict("idempotency key already used") from None
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None:
+        """The confirmed record of `key`; None while it is free or held by an append."""
+        name = hashed(key)
+        found = await self._get(name)
+        if found is None:
+            return None
+        stored, revision = found
+        if stored.token and not await self._settle(name, stored, revision):
+            return None
+        if stored.token:
+            again = await self._get(name)
+            return again[0].record() if again is not None and not again[0].token else None
+        return stored.record()
+
+    async def _settle(self, name: str, stored: _Stored, revision: int) -> bool:
+        """Confirms or frees a reservation whose writer is gone; False while it may be alive."""
+        if stored.token in self._mine or time.time() - stored.created < STALE_AFTER:
+            return False
+        position = await self._find(stored.token, stored.created - SKEW)
+        try:
+            if position is None:
+                await self.kv.delete(name, last=revision)
+            else:
+                final = msgspec.structs.replace(stored, position=position, token="")
+                await self.kv.update(name, _encode(final), last=revision)
+        except KeyWrongLastSequenceError:
+            pass  # another writer settled it first
+        log.info("idempotency.settled", committed=position is not None)
+        return True
+
+    async def _get(self, name: str) -> tuple[_Stored, int] | None:
+        try:
+            entry = await self._call(self.kv.get(name))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if entry.value is None:
+            return None
+        return _decode(entry.value), int(entry.revision or 0)
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except (KeyWrongLastSequenceError, KeyNotFoundError, KeyDeletedError):
+            raise
+        except (nats.errors.Error, nats.js.errors.Error) as error:
+            raise Unavailable("the idempotency records cannot be reached") from error
