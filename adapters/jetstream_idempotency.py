@@ -83,6 +83,7 @@ class IdempotencyKeys:
         self._find = find
         self._kv: KeyValue | None = None
         self._mine: set[str] = set()
+        self.stale_after = STALE_AFTER
 
     async def open(self) -> None:
         config = api.KeyValueConfig(
@@ -179,7 +180,7 @@ class IdempotencyKeys:
 
     async def _settle(self, name: str, stored: _Stored, revision: int) -> bool:
         """Confirms or frees a reservation whose writer is gone; False while it may be alive."""
-        if stored.token in self._mine or time.time() - stored.created < STALE_AFTER:
+        if stored.token in self._mine or time.time() - stored.created < self.stale_after:
             return False
         position = await self._find(stored.token, stored.created - SKEW)
         try:

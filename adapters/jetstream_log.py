@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
+from adapters.event_chain import GENESIS, ChainReport, link
 from core.errors import Unavailable
 from core.events import RecordedEvent
 
@@ -306,3 +307,29 @@ async def find_header(
             return None
         last = int((msgs[-1].headers or {})["Nats-Sequence"])
         request = {"seq": last + 1, "next_by_subj": ALL, "batch": 1000}
+
+
+async def verify_chain(nc: Client, timeout: float, page: int = 10_000) -> ChainReport:
+    """Walks the whole log in position order and checks every event's `Hero-Hash` link."""
+    previous, expected = GENESIS, 1
+    while True:
+        request = {"seq": expected, "next_by_subj": ALL, "batch": page}
+        try:
+            msgs, _ = await direct_batch(nc, request, timeout)
+        except nats.errors.Error as error:
+            raise Unavailable("the event log cannot be reached") from error
+        if not msgs:
+            return ChainReport(expected - 1, previous)
+        for msg in msgs:
+            h = msg.headers or {}
+            e = recorded(msg)
+            if e.position != expected:
+                return ChainReport(
+                    expected - 1, previous, expected, f"position {expected} is missing"
+                )
+            computed = link(previous, e.position, e.stream, e.version, e.type, e.data, h[H_AT])
+            if h.get(H_HASH) != computed.hex():
+                return ChainReport(
+                    expected - 1, previous, e.position, "its hash does not match its contents"
+                )
+            previous, expected = computed, expected + 1

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.js import api
 
-from adapters.eventstore_jetstream import JetStreamEventStore
+from adapters.eventstore_jetstream import JetStreamEventStore, _Pending
+from adapters.jetstream_log import (
+    EXPECTED_LAST_SEQ,
+    EXPECTED_SUBJECT_SEQ,
+    STREAM,
+    WRONG_LAST_SEQUENCE,
+    Outgoing,
+    Refused,
+    publish_atomic,
+    subject_of,
+    verify_chain,
+)
+from core.errors import ConcurrencyError, Conflict
+from core.events import RecordedEvent
 from hero_deployer.natsserver import NatsServer
-from tests.eventstore_contract import EventStoreContract
+from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
 from tests.jetstream_cluster import connect, jetstream_ready, jetstream_server
 
 
@@ -38,3 +54,208 @@ class TestJetStreamEventStore(EventStoreContract):
         self.connections.append(nc)
         await jetstream_ready(nc)
         return await JetStreamEventStore(nc, replicas=1).__aenter__()
+
+
+# JetStream only ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with jetstream_server(tmp_path / "nats") as running:
+        yield running
+
+
+@pytest.fixture
+async def connections(server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[Client]]]:
+    opened: list[Client] = []
+
+    async def open_one() -> Client:
+        nc = await connect([server.url])
+        opened.append(nc)
+        await jetstream_ready(nc)
+        return nc
+
+    yield open_one
+    for nc in opened:
+        await nc.close()
+
+
+@pytest.fixture
+async def two_writers(
+    connections: Callable[[], Awaitable[Client]],
+) -> AsyncIterator[tuple[JetStreamEventStore, JetStreamEventStore]]:
+    """Two stores on one log, each on its own connection: two service replicas."""
+    async with (
+        JetStreamEventStore(await connections(), replicas=1) as first,
+        JetStreamEventStore(await connections(), replicas=1) as second,
+    ):
+        yield first, second
+
+
+async def test_the_stream_keeps_every_position(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    """Deletes and purges are denied, so no position ever goes missing."""
+    store, _ = two_writers
+    await store.append([to("vm:a", 0, payload(1), payload(2))])
+    js = store._nc.jetstream()
+    config = (await js.stream_info(STREAM)).config
+    assert (config.deny_delete, config.deny_purge, config.allow_atomic) == (True, True, True)
+    assert config.storage == api.StorageType.FILE
+    assert config.subjects == ["hero.log.>"]
+    with pytest.raises(nats.js.errors.APIError):
+        await js.delete_msg(STREAM, 1)
+    with pytest.raises(nats.js.errors.APIError):
+        await js.purge_stream(STREAM)
+    assert [e.position for e in await store.read_all()] == [1, 2]
+
+
+async def test_each_event_stream_is_its_own_subject(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    store, _ = two_writers
+    odd = ["vm:vm_abc", "user:a.b", "user:*", "vm:", "vm", "x:y:z", "user:grüße ~2e"]
+    for stream in odd:
+        await store.append([to(stream, 0, payload(1))])
+    subjects = [subject_of(s) for s in odd]
+    assert subjects[0] == "hero.log.vm.vm_abc"
+    assert len(set(subjects)) == len(odd)
+    assert all("*" not in s and ">" not in s and s.count(".") in (2, 3) for s in subjects)
+    for stream in odd:
+        (event,) = await store.read_stream(stream)
+        assert event.stream == stream
+    assert [e.stream for e in await store.read_all()] == odd
+
+
+async def test_every_event_carries_the_hash_chain(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    first, second = two_writers
+    await first.append([to("vm:a", 0, payload(1), payload(2))])
+    await second.append([to("vm:b", 0, payload(3)), to("vm:a", 2, payload(4))])
+    await first.append([to("vm:b", 1, payload(5))])
+    report = await verify_chain(first._nc, 5)
+    assert report.ok
+    assert report.events == 5
+    assert report.head.hex() == first.head_hash
+    assert await first.last_position() == 5
+
+
+async def test_two_writers_on_one_log_contend_without_gaps_or_doubles(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    """Two replicas append to the same streams at once; each retries as the service does."""
+    stores = two_writers
+    streams = [f"vm:s{i}" for i in range(8)]
+    committed: list[RecordedEvent] = []
+
+    async def writer(store: JetStreamEventStore, n: int) -> None:
+        for round_ in range(10):
+            stream = streams[(n + round_) % len(streams)]
+            while True:
+                version = len(await store.read_stream(stream))
+                try:
+                    committed.extend(
+                        await store.append([to(stream, version, payload(100 * n + round_))])
+                    )
+                    break
+                except ConcurrencyError:
+                    continue
+
+    await asyncio.gather(*(writer(stores[n % 2], n) for n in range(6)))
+
+    everything = await stores[0].read_all(limit=1000)
+    assert [e.position for e in everything] == list(range(1, 61))
+    assert essence(sorted(committed, key=lambda e: e.position)) == essence(everything)
+    for stream in streams:
+        versions = [e.version for e in await stores[1].read_stream(stream)]
+        assert versions == list(range(1, len(versions) + 1))
+    assert (await verify_chain(stores[0]._nc, 5)).ok
+
+
+async def test_a_writer_sees_the_other_writers_events(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    first, second = two_writers
+    await first.append([to("vm:a", 0, payload(1), payload(2))])
+    await asyncio.wait_for(second.wait_for_events_after(1), 5)
+    assert second.position == 2
+    assert second.head_hash == first.head_hash
+    assert second.known_version("vm:a") == 2
+    with pytest.raises(ConcurrencyError):
+        await second.append([to("vm:a", 1, payload(3))])
+    assert [e.version for e in await second.read_stream("vm:a")] == [1, 2]
+
+
+async def test_a_reservation_left_by_a_dead_writer_is_freed(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    """A writer that reserved a key and died before appending does not hold it forever."""
+    dead, alive = two_writers
+    await dead.keys.reserve(key("k-orphan"))  # then it dies: no append, no release
+    assert await alive.idempotent_reply("k-orphan") is None
+    with pytest.raises(Conflict):  # still young: it may be in flight
+        await alive.append([to("vm:a", 0, payload(1))], idempotency=key("k-orphan"))
+    alive.keys.stale_after = 0
+    recorded = await alive.append([to("vm:a", 0, payload(2))], idempotency=key("k-orphan"))
+    assert await alive.idempotent_reply("k-orphan") == key("k-orphan")
+    assert [e.position for e in recorded] == [1]
+
+
+async def test_a_commit_its_writer_did_not_confirm_is_found_in_the_log(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    """A writer that died between its append and the record's confirmation: the log says so."""
+    dead, alive = two_writers
+    record = key("k-unconfirmed", b'{"ok":true,"result":"first"}')
+    held = await dead.keys.reserve(record)
+    future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+    dead._pending.append(_Pending([to("vm:a", 0, payload(1))], "r", held, future))
+    dead._wakeup.set()
+    (event,) = await future  # committed; the confirmation never happens
+    alive.keys.stale_after = 0
+    assert await alive.idempotent_reply("k-unconfirmed") == record
+    with pytest.raises(Conflict):
+        await alive.append([to("vm:b", 0, payload(2))], idempotency=key("k-unconfirmed"))
+    assert await alive.last_position() == event.position == 1
+
+
+async def test_the_log_survives_a_server_restart(tmp_path: Path) -> None:
+    server = jetstream_server(tmp_path / "nats")
+    async with server:
+        nc = await connect([server.url])
+        await jetstream_ready(nc)
+        async with JetStreamEventStore(nc, replicas=1) as store:
+            await store.append([to("vm:a", 0, payload(1), payload(2))], idempotency=key("k"))
+        await nc.close()
+    async with server:
+        nc = await connect([server.url])
+        try:
+            await jetstream_ready(nc)
+            async with JetStreamEventStore(nc, replicas=1) as store:
+                assert [e.version for e in await store.read_stream("vm:a")] == [1, 2]
+                assert await store.idempotent_reply("k") == key("k")
+                recorded = await store.append([to("vm:a", 2, payload(3))])
+                assert [(e.position, e.version) for e in recorded] == [(3, 3)]
+                assert (await verify_chain(nc, 5)).ok
+        finally:
+            await nc.close()
+
+
+async def test_the_server_refuses_a_whole_batch_when_one_expectation_fails(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    """What the store relies on when its cache is stale: the stream itself checks, all or none."""
+    store, _ = two_writers
+    await store.append([to("vm:a", 0, payload(1))])
+    fresh = Outgoing(subject_of("vm:new"), {EXPECTED_SUBJECT_SEQ: "0"}, b"{}")
+    stale = Outgoing(subject_of("vm:a"), {EXPECTED_SUBJECT_SEQ: "0"}, b"{}")
+    with pytest.raises(Refused) as refused:
+        await publish_atomic(store._nc, [fresh, stale], 5)
+    assert refused.value.code in WRONG_LAST_SEQUENCE
+    wrong_head = Outgoing(subject_of("vm:new"), {EXPECTED_LAST_SEQ: "0"}, b"{}")
+    with pytest.raises(Refused) as refused:
+        await publish_atomic(store._nc, [wrong_head, fresh], 5)
+    assert refused.value.code in WRONG_LAST_SEQUENCE
+    assert await store.last_position() == 1
+    assert await store.read_stream("vm:new") == []
