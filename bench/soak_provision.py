@@ -1,0 +1,156 @@
+"""Kills the service (`kill -9`) at random points of provisioning; every user must reach ready.
+
+One data dir, one nats-server of its own, the local grid with real SSH VMs. Each round starts
+`hero-deployer serve`, asks it to provision one more user (the ones before it may still be on
+their way), lets it run for a random time and kills it with SIGKILL. After the last round the
+service starts once more and every user must reach `ready`, with one VM each: provisioning
+continues from the last recorded step rather than starting over. Prints the rounds, the time
+they took, and each user that did not make it.
+
+    .venv/bin/python -m bench.soak_provision [--kills 200] [--max-pause 3] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hero_deployer.client import HeroDeployerClient
+from hero_deployer.natsserver import NatsServer, free_port
+
+TOKEN = "bench-token-" + "s" * 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _serve(url: str, data: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """`serve` in a process of its own; returns once it prints `ready`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hero_deployer", "serve", "--nats", url, "--data-dir", str(data),
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=(data.parent / "service.log").open("ab"),
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(60):
+        while b"ready" not in await process.stdout.readline():
+            if process.returncode is not None:
+                raise SystemExit(f"serve exited with {process.returncode}: see service.log")
+    return process
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    process.kill()  # SIGKILL: no shutdown, no flush, whatever was in flight is cut
+    await process.wait()
+
+
+async def _users(client: HeroDeployerClient) -> dict[str, Any]:
+    return {u["username"]: u for u in (await client.call("list_users"))["users"]}
+
+
+async def _vm_requests(client: HeroDeployerClient, name: str) -> int:
+    """How many VMs provisioning asked for on behalf of user `name`."""
+    page = await client.call("events", {"stream": f"user:{name}", "limit": 1000})
+    return sum(1 for e in page["events"] if e["type"] == "UserVmDeployRequested")
+
+
+async def run(kills: int, max_pause: float, seed: int, deadline: float) -> None:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = root / "data"
+        env = {
+            **os.environ,
+            "HERO_DEPLOYER_TOKEN": TOKEN,
+            "HERO_DEPLOYER_LOCAL_DEPLOY_DELAY": "0.2",
+            "HERO_DEPLOYER_LOCAL_ACTION_DELAY": "0",
+            "HERO_DEPLOYER_LOCAL_SSH": "true",
+            "HERO_DEPLOYER_LOG_LEVEL": "warning",
+        }
+        async with NatsServer(port=free_port(), data_dir=root, config=None) as nats_server:
+            client = await HeroDeployerClient.connect(
+                nats_server.url, token=TOKEN, timeout=5, retries=5,
+                nats_options={"max_reconnect_attempts": -1},
+            )  # fmt: skip
+            started = time.perf_counter()
+            steps_at_kill: Counter[str] = Counter()
+            try:
+                for round_ in range(kills):
+                    service = await _serve(nats_server.url, data, env)
+                    await client.call("provision_user", {"username": f"soak{round_:03d}"})
+                    await asyncio.sleep(rng.uniform(0, max_pause))  # a random point, not a wait
+                    for user in (await _users(client)).values():
+                        if user["status"] == "provisioning":
+                            steps_at_kill[user["step"]] += 1
+                    await _kill(service)
+                    if (round_ + 1) % 10 == 0:
+                        print(f"  {round_ + 1} kills, {time.perf_counter() - started:.0f} s",
+                              flush=True)  # fmt: skip
+                soak = time.perf_counter() - started
+                service = await _serve(nats_server.url, data, env)
+                try:
+                    users = await _settle(client, kills, deadline)
+                    vm_counts = {n: await _vm_requests(client, n) for n in users}
+                finally:
+                    service.send_signal(signal.SIGTERM)
+                    await service.wait()
+            finally:
+                await client.close()
+    _report(kills, soak, steps_at_kill, users, vm_counts)
+
+
+async def _settle(client: HeroDeployerClient, count: int, deadline: float) -> dict[str, Any]:
+    """The users once all are ready, or as they are when `deadline` seconds have passed."""
+    until = time.monotonic() + deadline
+    while True:
+        users = await _users(client)
+        if (len(users) == count and all(u["status"] == "ready" for u in users.values())) or (
+            time.monotonic() > until
+        ):
+            return users
+        await asyncio.sleep(0.5)  # polling the service's state from outside
+
+
+def _report(
+    kills: int,
+    soak: float,
+    steps_at_kill: Counter[str],
+    users: dict[str, Any],
+    vm_counts: dict[str, int],
+) -> None:
+    ready = [n for n, u in users.items() if u["status"] == "ready"]
+    print(f"{kills} kill -9 of serve in {soak:.0f} s ({soak / kills:.2f} s a round)")
+    print("steps in progress at the kills:", dict(sorted(steps_at_kill.items())))
+    print(f"users ready after the last restart: {len(ready)}/{kills} (want all)")
+    print(f"users whose VM was asked for more than once: "
+          f"{sum(1 for n in ready if vm_counts[n] > 1)} (want 0)")  # fmt: skip
+    for name, user in sorted(users.items()):
+        if user["status"] != "ready":
+            print(f"  NOT READY {name}: {user['status']} at {user['step']}: {user['error']}")
+        elif vm_counts[name] != 1:
+            print(f"  {name}: {vm_counts[name]} VMs asked for")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=200)
+    parser.add_argument("--max-pause", type=float, default=3.0, help="longest run before a kill")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--deadline", type=float, default=600.0, help="seconds to reach ready")
+    args = parser.parse_args()
+    print(
+        f"bench/soak_provision.py on {os.cpu_count()} cores, python {sys.version.split()[0]},"
+        f" seed {args.seed}"
+    )
+    asyncio.run(run(args.kills, args.max_pause, args.seed, args.deadline))
+
+
+if __name__ == "__main__":
+    main()
