@@ -20,9 +20,7 @@ async def _endpoint_stats(service: Service, name: str) -> dict[str, Any]:
 async def test_error_replies_are_counted_per_endpoint(service: Service) -> None:
     before = await _endpoint_stats(service, "get_vm")
     for _ in range(3):  # NotFound: a well-formed request for no such VM
-        _, headers = await service.request(
-            "get_vm", b'{"sid": "vm_missing", "secret": "s"}', AUTH
-        )
+        _, headers = await service.request("get_vm", b'{"sid": "vm_missing", "secret": "s"}', AUTH)
         assert headers["Nats-Service-Error-Code"] == "404"
     _, headers = await service.request("get_vm", b'{"sid": 1}', AUTH)  # InvalidInput
     assert headers["Nats-Service-Error-Code"] == "400"
