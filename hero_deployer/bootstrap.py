@@ -23,7 +23,15 @@ from bus.publisher import StatusPublisher
 from core.events import EventRegistry, vm_stream
 from core.gateway_names import check_prefix
 from core.operations import Operation
-from core.ports import BackendError, ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
+from core.ports import (
+    BackendError,
+    ComputeBackend,
+    Forge,
+    HealthProbe,
+    NodeDirectory,
+    RemoteShell,
+    SecretVault,
+)
 from core.secrets import Fingerprinter
 from core.user import USER_EVENT_TYPES, User
 from core.user import evolve as evolve_user
@@ -31,7 +39,7 @@ from core.vm import VM_EVENT_TYPES, Vm, evolve
 from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates
 from hero_deployer.backends import build_backend, gridproxy_url
-from hero_deployer.deps import Deps
+from hero_deployer.deps import Deps, ServiceStore
 from hero_deployer.operations import user_operations, vm_operations
 from hero_deployer.settings import VERSION, Settings, per_step
 from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
@@ -59,7 +67,7 @@ class App:
 
     settings: Settings
     deps: Deps
-    store: SqliteEventStore
+    store: ServiceStore
     views: ProjectionRunner
     backend: ComputeBackend
     reactor: VmReactor
@@ -120,13 +128,11 @@ async def bootstrap(
     data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         backend = compute if compute is not None else await _configured_backend(settings, stack)
-        store = await stack.enter_async_context(
-            SqliteEventStore(
-                data_dir / "events.db",
-                synchronous=cast(Synchronous, settings.synchronous),
-                on_connect=on_connect,
-            )
-        )
+        store = await _event_store(settings, nc, stack, on_connect)
+        if settings.store == "jetstream":
+            if store.position:
+                require_shared_keys(settings)
+            settings = settings.with_token()
         views_db = data_dir / "views.db"
         views_conn = await connect_views(views_db, on_connect=on_connect)
         stack.push_async_callback(views_conn.close)
@@ -147,7 +153,7 @@ async def bootstrap(
         key = load_or_create_key(
             data_dir / "fingerprint.key", os.environ.get("HERO_DEPLOYER_FINGERPRINT_KEY")
         )
-        vault = await _vault(settings, stack)
+        vault = await _vault(settings, stack, nc)
         deps = Deps(
             store=store,
             views=runner,
@@ -223,6 +229,57 @@ async def bootstrap(
         )
 
 
+async def _event_store(
+    settings: Settings, nc: Client | None, stack: AsyncExitStack, on_connect: ConnectionHook | None
+) -> ServiceStore:
+    """DIR/events.db, or the JetStream stream on the cluster `nc` is connected to."""
+    if settings.store == "sqlite":
+        return await stack.enter_async_context(
+            SqliteEventStore(
+                settings.data_dir / "events.db",
+                synchronous=cast(Synchronous, settings.synchronous),
+                on_connect=on_connect,
+            )
+        )
+    if settings.store != "jetstream":
+        raise ValueError(f"unknown store {settings.store!r}: sqlite or jetstream")
+    if nc is None:
+        raise ValueError("the jetstream store needs a NATS connection")
+    from adapters.eventstore_jetstream import JetStreamEventStore
+
+    return await stack.enter_async_context(JetStreamEventStore(nc, replicas=settings.replicas))
+
+
+SHARED_KEYS = (
+    ("fingerprint.key", "HERO_DEPLOYER_FINGERPRINT_KEY"),
+    ("master.key", "HERO_DEPLOYER_MASTER_KEY"),
+    ("token", "HERO_DEPLOYER_TOKEN"),
+)
+"""The keys every replica of one log shares: a file in DIR or a variable."""
+
+
+class SharedKeyMissing(ValueError):
+    """A replica joining a log with events lacks a key the log depends on."""
+
+
+def require_shared_keys(settings: Settings) -> None:
+    """Raises SharedKeyMissing naming each shared key this replica would otherwise generate."""
+    missing = [
+        (name, variable)
+        for name, variable in SHARED_KEYS
+        if not (settings.data_dir / name).exists()
+        and not os.environ.get(variable)
+        and not (name == "token" and settings.token)
+    ]
+    if missing:
+        files = ", ".join(str(settings.data_dir / name) for name, _ in missing)
+        variables = ", ".join(variable for _, variable in missing)
+        raise SharedKeyMissing(
+            f"the event log already has events, and this replica has no {files}: copy them"
+            f" from the first replica's data directory (or set {variables})"
+        )
+
+
 def manager_config(settings: Settings) -> ManagerConfig:
     """The process manager's configuration; ValueError names a setting that is wrong."""
     if problem := check_prefix(settings.gateway_prefix):
@@ -245,11 +302,18 @@ def manager_config(settings: Settings) -> ManagerConfig:
     )
 
 
-async def _vault(settings: Settings, stack: AsyncExitStack) -> SqliteSecretVault:
-    """Sealed secrets in `DIR/vault.db`, on a connection of their own, under the master key."""
+async def _vault(settings: Settings, stack: AsyncExitStack, nc: Client | None) -> SecretVault:
+    """Sealed secrets in `DIR/vault.db` (beside a jetstream log: in its cluster's HERO_VAULT
+    bucket, which every replica shares), under the master key."""
     master = load_or_create_key(
         settings.data_dir / "master.key", os.environ.get("HERO_DEPLOYER_MASTER_KEY")
     )
+    if settings.store == "jetstream" and nc is not None:
+        from adapters.vault_jetstream import JetStreamSecretVault
+
+        return await JetStreamSecretVault.open(
+            nc.jetstream(), AesGcmSealer(master), replicas=settings.replicas
+        )
     conn = await aiosqlite.connect(settings.data_dir / "vault.db")
     stack.push_async_callback(conn.close)
     await conn.execute("PRAGMA busy_timeout=5000")

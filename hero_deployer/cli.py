@@ -79,14 +79,16 @@ async def serve(settings: Settings, *, embedded_nats: bool, web_port: int = 0) -
     log = structlog.get_logger("hero_deployer")
     os.umask(0o077)  # every file the service creates is its owner's only: keys, token, databases
     restrict_to_owner(settings.data_dir)  # and those an earlier version left readable
-    settings = settings.with_token()
+    if settings.store != "jetstream":  # a replica of a log takes its keys from the first one
+        settings = settings.with_token()
     async with AsyncExitStack() as stack:
         if embedded_nats:
             await stack.enter_async_context(_embedded_nats(settings))
         guard = _StartGuard(settings.nats_url)
         nc = await _service_connection(settings, guard, embedded_nats)
         stack.push_async_callback(nc.drain)
-        await stack.enter_async_context(bootstrap(settings, nc))
+        app = await stack.enter_async_context(bootstrap(settings, nc))
+        settings = app.settings
         guard.started()
         web = ""
         if web_port:
@@ -162,8 +164,9 @@ async def _service_connection(settings: Settings, guard: _StartGuard, embedded: 
         credentials = nats_credentials(
             nkey=settings.nats_nkey or None, creds=settings.nats_creds or None
         )
+    urls = [url.strip() for url in settings.nats_url.split(",") if url.strip()]  # a cluster's
     return await nats.connect(
-        settings.nats_url, max_reconnect_attempts=-1, error_cb=guard.on_error, **credentials
+        urls, max_reconnect_attempts=-1, error_cb=guard.on_error, **credentials
     )
 
 
@@ -614,6 +617,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--backend", choices=["local", "hero-compute", "opentofu"])
     serve_p.add_argument("--nkey", dest="nats_nkey", help="the service's NKey seed file")
     serve_p.add_argument("--creds", dest="nats_creds", help="the service's NATS creds file")
+    serve_p.add_argument(
+        "--store", choices=["sqlite", "jetstream"], help="where the event log lives"
+    )
+    serve_p.add_argument("--replicas", type=int, help="copies of a jetstream log (default 3)")
     sub.add_parser("rebuild", parents=[common], help="rebuild every view from the event log")
 
     vms = sub.add_parser("vms", help="tenant VMs").add_subparsers(dest="vm_action", required=True)
@@ -731,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["backend"] = args.backend
     if getattr(args, "public_url", None) is not None:  # `up`/`web --public-url`
         overrides["public_url"] = args.public_url
+    for name in ("store", "replicas"):  # `serve --store jetstream --replicas N`
+        overrides[name] = getattr(args, name, None)
     for identity in ("nats_nkey", "nats_creds"):  # `serve --nkey/--creds`
         overrides[identity] = getattr(args, identity, None)
     if args.command != "up" and getattr(args, "nats", None):

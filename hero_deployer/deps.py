@@ -5,22 +5,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
-from adapters.eventstore_sqlite import SqliteEventStore
 from bus.publisher import SetAside
-from core.ports import SecretVault
+from core.ports import EventStore, SecretVault
 from core.secrets import Fingerprinter
 from core.user import User
 from core.vm import Vm
 from hero_deployer.aggregates import Aggregates, KeyedLocks
-from projections.runner import ProjectionRunner
+from projections.runner import PagedSource, ProjectionRunner
 from projections.user_view import UserView
 from projections.vm_view import VmView
 
 
+class ServiceStore(EventStore, PagedSource, Protocol):
+    """The event log as the service uses it: the port, pages for rebuilds, the chain's head."""
+
+    @property
+    def head_hash(self) -> str: ...
+
+
 @dataclass(slots=True)
 class Deps:
-    store: SqliteEventStore
+    store: ServiceStore
     views: ProjectionRunner
     vm_view: VmView
     vms: Aggregates[Vm]

@@ -71,6 +71,10 @@ class Settings:
     tofu_timeout: float = 900.0
     # Where browsers reach the dashboard (behind a proxy): its Host only, Secure cookies if https.
     public_url: str = ""
+    # Where the event log lives (docs/scale-out.md): "sqlite" (DIR/events.db) or "jetstream" (a
+    # stream with `replicas` copies on the NATS cluster; DIR then holds views and keys only).
+    store: str = "sqlite"
+    replicas: int = 3
 
     @classmethod
     def load(
