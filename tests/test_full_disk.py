@@ -44,8 +44,9 @@ class PageLimits:
     """`PRAGMA max_page_count` on every writing connection of a database file, now and later.
 
     The limit is per connection, so it is set on each connection as it opens and on every one
-    open when it changes. A limit of 1 means "no page more than now": SQLite raises a limit
-    below the file's size to its size (vdbe.c, OP_MaxPgcnt).
+    open when it changes. A limit of 1 means "no page more than now": SQLite does "not let the
+    maximum page count fall below the current page count" (sqlite/sqlite, src/vdbe.c,
+    OP_MaxPgcnt).
     """
 
     def __init__(self) -> None:
