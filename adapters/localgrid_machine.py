@@ -29,7 +29,7 @@ from aiohttp import web
 WEB_PORT = 9988
 SETUP_SCRIPT_NAME = "setup-binaries.sh"
 SERVICES_TOML = "hero/cfg/cockpit/services.toml"
-USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")  # whole value: fullmatch
 LOGIN_USER = "root"
 SERVICE_USER = "driver"  # Hero's services run as driver and read its cockpit config
 # The image's accounts (/etc/passwd lines: name, no password, uid, gid, home, shell).
@@ -240,7 +240,7 @@ class VmMachine:
             user = (self.root / _WEB_MARKER).read_text().strip()
         except OSError:
             return None
-        return user if USERNAME_PATTERN.match(user) else None
+        return user if USERNAME_PATTERN.fullmatch(user) else None
 
     async def _start_web(self, user: str) -> None:
         self._web_user = user
