@@ -70,6 +70,7 @@ class _Pending:
     messages: list[Outgoing] = field(default_factory=list)
     recorded: list[RecordedEvent] = field(default_factory=list)
     chain: bytes = GENESIS
+    actor: str = ""
 
 
 class JetStreamEventStore:
@@ -144,6 +145,7 @@ class JetStreamEventStore:
         *,
         idempotency: IdempotencyRecord | None = None,
         request_id: str = "",
+        actor: str = "",
     ) -> list[RecordedEvent]:
         if self._closing:
             raise Unavailable("the event store is closing")
@@ -156,7 +158,7 @@ class JetStreamEventStore:
             return []
         reservation = await self.keys.reserve(idempotency) if idempotency else None
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(appends, request_id, reservation, future))
+        self._pending.append(_Pending(appends, request_id, reservation, future, actor=actor))
         self._wakeup.set()
         try:
             events = await future
@@ -280,6 +282,7 @@ class JetStreamEventStore:
                         data=new.data,
                         recorded_at=now,
                         request_id=pending.request_id,
+                        actor=pending.actor,
                     )
                     headers = event_headers(event, at, chain, expect)
                     expect = None

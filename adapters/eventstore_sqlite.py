@@ -68,6 +68,7 @@ _metadata_encoder = msgspec.json.Encoder()
 class _Metadata(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str = ""
     idempotency_key: str = ""
+    actor: str = ""  # outside the hash chain, like the rest of the metadata
 
 
 _metadata_decoder = msgspec.json.Decoder(_Metadata)
@@ -85,6 +86,7 @@ class _Pending:
     idempotency: IdempotencyRecord | None
     request_id: str
     future: asyncio.Future[list[RecordedEvent]]
+    actor: str = ""
     rows: list[_Row] = field(default_factory=list)
     recorded: list[RecordedEvent] = field(default_factory=list)
 
@@ -186,11 +188,12 @@ class SqliteEventStore:
         *,
         idempotency: IdempotencyRecord | None = None,
         request_id: str = "",
+        actor: str = "",
     ) -> list[RecordedEvent]:
         if self._closing:
             raise Unavailable("the event store is closing")
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(appends, idempotency, request_id, future))
+        self._pending.append(_Pending(appends, idempotency, request_id, future, actor))
         self._wakeup.set()
         return await future
 
@@ -262,6 +265,7 @@ class SqliteEventStore:
                 _Metadata(
                     request_id=pending.request_id,
                     idempotency_key=pending.idempotency.key if pending.idempotency else "",
+                    actor=pending.actor,
                 )
             )
             for stream_append in pending.appends:
@@ -292,6 +296,7 @@ class SqliteEventStore:
                             data=new.data,
                             recorded_at=now,
                             request_id=pending.request_id,
+                            actor=pending.actor,
                         )
                     )
                 versions[stream_append.stream] = version
@@ -622,6 +627,7 @@ def _recorded(row: sqlite3.Row | tuple[object, ...]) -> RecordedEvent:
         data=data,  # type: ignore[arg-type]
         recorded_at=datetime.fromisoformat(recorded_at),  # type: ignore[arg-type]
         request_id=meta.request_id,
+        actor=meta.actor,
     )
 
 

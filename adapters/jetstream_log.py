@@ -34,7 +34,7 @@ ALL = f"{ROOT}.>"
 MAX_BATCH = 1000  # streamDefaultMaxAtomicBatchSize, server/stream.go
 
 H_TYPE, H_VERSION, H_AT, H_REQUEST = "Hero-Type", "Hero-Version", "Hero-At", "Hero-Request"
-H_HASH, H_COMMIT = "Hero-Hash", "Hero-Commit"
+H_HASH, H_COMMIT, H_ACTOR = "Hero-Hash", "Hero-Commit", "Hero-Actor"
 EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID = "Nats-Msg-Id"
@@ -99,6 +99,8 @@ def event_headers(
     }
     if e.request_id:
         headers[H_REQUEST] = quote(e.request_id, safe="")
+    if e.actor:
+        headers[H_ACTOR] = quote(e.actor, safe="")
     if expected_subject is not None:
         headers[EXPECTED_SUBJECT_SEQ] = str(expected_subject)
     return headers
@@ -115,6 +117,7 @@ def recorded(msg: Msg) -> RecordedEvent:
         data=msg.data,
         recorded_at=datetime.fromisoformat(h[H_AT]),
         request_id=unquote(h.get(H_REQUEST, "")),
+        actor=unquote(h.get(H_ACTOR, "")),
     )
 
 

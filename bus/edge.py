@@ -23,7 +23,13 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from core.errors import DomainError, Internal, InvalidInput, Unauthorized
-from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN, Operation, RequestMeta
+from core.operations import (
+    ACTOR_PATTERN,
+    BEARER_PATTERN,
+    IDEMPOTENCY_KEY_PATTERN,
+    Operation,
+    RequestMeta,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +38,7 @@ QUEUE_GROUP = "hero-deployer"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+ACTOR_HEADER = "Hero-Actor"
 
 _OK_PREFIX = b'{"ok":true,"result":'
 _encoder = msgspec.json.Encoder()
@@ -63,6 +70,7 @@ def validation_message(error: msgspec.MsgspecError) -> str:
 
 _BEARER = re.compile(BEARER_PATTERN)
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+_ACTOR = re.compile(ACTOR_PATTERN)
 
 
 def _valid_idempotency_key(key: str) -> bool:
@@ -154,6 +162,9 @@ class ServiceEdge:
             key = headers.get(IDEMPOTENCY_HEADER)
             if key is not None and not _valid_idempotency_key(key):
                 raise InvalidInput("Idempotency-Key must be 1..128 printable ASCII characters")
+            actor = headers.get(ACTOR_HEADER, "")
+            if actor and _ACTOR.match(actor) is None:
+                raise InvalidInput("Hero-Actor must be 1..64 letters, digits, spaces or ._@:+/-")
             try:
                 command = decoder.decode(request.data or b"{}")
             except msgspec.MsgspecError as error:
@@ -162,6 +173,7 @@ class ServiceEdge:
                 operation=operation.name,
                 request_id=request_id,
                 idempotency_key=key if operation.mutates else None,
+                actor=actor,
             )
             result = await operation.handler(command, meta)
             await _send(request, _OK_PREFIX + result + b"}")

@@ -56,6 +56,7 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     data: bytes
     recorded_at: datetime
     request_id: str = ""
+    actor: str = ""
 
     def wire(self) -> EventOut:
         return EventOut(

@@ -11,6 +11,8 @@ import msgspec
 # Header rules, whole-value like every pattern (`\Z`: `$` would also match before a final newline)
 BEARER_PATTERN = r"^Bearer [^\x00-\x1f\x7f]+\Z"
 IDEMPOTENCY_KEY_PATTERN = r"^[ -~]{1,128}\Z"
+# Who sent a request ("dashboard op-3f2a", "cli alice@host", "sdk"): a short label, never a secret
+ACTOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._@:+/-]{0,63}\Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,7 @@ class RequestMeta:
     operation: str
     request_id: str
     idempotency_key: str | None = None
+    actor: str = ""
 
 
 Handler = Callable[[Any, RequestMeta], Awaitable[bytes]]

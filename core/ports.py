@@ -21,8 +21,11 @@ class EventStore(Protocol):
         *,
         idempotency: IdempotencyRecord | None = None,
         request_id: str = "",
+        actor: str = "",
     ) -> list[RecordedEvent]:
         """Records all appends in one transaction, or raises ConcurrencyError and records nothing.
+
+        `request_id` and `actor` (who sent the command) are kept with each event for the audit.
 
         Returns once the events are durable. Raises Conflict if the idempotency key is taken.
         """

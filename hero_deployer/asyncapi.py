@@ -26,11 +26,12 @@ from core.errors import (
     Unavailable,
 )
 from core.events import Event, EventOut
-from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
+from core.operations import ACTOR_PATTERN, BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
 from core.user import USER_EVENT_TYPES
 from core.usernames import USERNAME_PATTERN
 from core.vm import VM_EVENT_TYPES
 from hero_deployer.client import (
+    ACTOR_HEADER,
     AUTHORIZATION_HEADER,
     DEFAULT_PREFIX,
     IDEMPOTENCY_HEADER,
@@ -203,6 +204,14 @@ def _request_headers(op: OperationSpec) -> Json:
                 "and appends nothing; the same key with another body is a Conflict."
             ),
         }
+    properties[ACTOR_HEADER] = {
+        "type": "string",
+        "pattern": ecma_pattern(ACTOR_PATTERN),
+        "description": (
+            "Optional. Who sends the request (`dashboard op-3f2a`, `cli alice@host`, `sdk`): "
+            "kept with the events it records and shown by `audit_events`; never a secret."
+        ),
+    }
     schema: Json = {"type": "object", "properties": properties}
     if required:
         schema["required"] = required

@@ -41,6 +41,7 @@ from hero_deployer.aggregates import Aggregates
 from hero_deployer.backends import build_backend, gridproxy_url
 from hero_deployer.deps import Deps, ServiceStore
 from hero_deployer.operations import user_operations, vm_operations
+from hero_deployer.parts import setup_parts
 from hero_deployer.settings import VERSION, Settings, per_step
 from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
@@ -190,6 +191,9 @@ async def bootstrap(
             directory=(
                 await _directory(settings, stack) if directory is FROM_SETTINGS else directory
             ),
+        )
+        deps.parts = setup_parts(
+            settings, forge=ports.forge is not None, grid_proxy=ports.directory is not None
         )
         manager = UserManager(deps, ports, manager_config(settings))
         stack.push_async_callback(manager.close)

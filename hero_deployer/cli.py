@@ -274,7 +274,7 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
     """The CLI's one connection to the service that the settings point at."""
     import nats.errors
 
-    from hero_deployer.client import HeroDeployerClient
+    from hero_deployer.client import HeroDeployerClient, local_actor
 
     url = settings.nats_url
     token = _token(settings)
@@ -285,6 +285,7 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> Any:
             token=token,
             prefix=settings.prefix,
             timeout=args.timeout,
+            actor=local_actor("cli"),
             **client_credentials(settings),
         )
     except (OSError, TimeoutError, nats.errors.NoServersError):

@@ -9,6 +9,10 @@ state-changing call that its own retries reuse, and `subscribe`, which catches u
 from __future__ import annotations
 
 import asyncio
+import copy
+import getpass
+import re
+import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -68,11 +72,12 @@ from core.vm import (
     VmList,
     VmOut,
 )
-from hero_deployer.operations import EventsPage, EventsRequest, Health
+from hero_deployer.operations import AuditPage, EventsPage, EventsRequest, Health
 
 __all__ = [
     "MUTATING",
     "OPERATIONS",
+    "AuditPage",
     "Conflict",
     "DomainError",
     "EventOut",
@@ -101,6 +106,8 @@ T = TypeVar("T")
 DEFAULT_PREFIX: Final = "hero.v1"
 AUTHORIZATION_HEADER: Final = "Authorization"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+ACTOR_HEADER: Final = "Hero-Actor"
+DEFAULT_ACTOR: Final = "sdk"
 
 
 class RequestTimeout(Unavailable):
@@ -108,6 +115,16 @@ class RequestTimeout(Unavailable):
 
     Repeat it with the same Idempotency-Key (the SDK's own retries do) to learn its outcome.
     """
+
+
+def local_actor(kind: str) -> str:
+    """`kind user@host` for this process, within the Hero-Actor rule (other characters as "_")."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    label = f"{kind} {user}@{socket.gethostname()}"
+    return re.sub(r"[^A-Za-z0-9 ._@:+/-]", "_", label)[:64]
 
 
 # The operation table ------------------------------------------------------------------------
@@ -163,6 +180,13 @@ OPERATIONS: Final[tuple[OperationSpec, ...]] = (
         EventsPage,
         False,
         "Recorded events after a global position, in position order.",
+    ),
+    OperationSpec(
+        "audit_events",
+        EventsRequest,
+        AuditPage,
+        False,
+        "Like `events`, with the request id and the actor (Hero-Actor) that recorded each.",
     ),
     OperationSpec("health", Empty, Health, False, "Liveness, version and last position.", False),
 )
@@ -246,11 +270,13 @@ class HeroDeployerClient:
         timeout: float = 10.0,
         retries: int = 2,
         retry_delay: float = 0.1,
+        actor: str = DEFAULT_ACTOR,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self.nc = nc
         self.prefix = prefix
+        self.actor = actor
         self._token = token
         self._timeout = timeout
         self._retries = retries
@@ -278,6 +304,13 @@ class HeroDeployerClient:
         client = cls(nc, **kwargs)
         client._owns_connection = True
         return client
+
+    def with_actor(self, actor: str) -> HeroDeployerClient:
+        """This client on the same connection, sending `actor` as its Hero-Actor header."""
+        twin = copy.copy(self)
+        twin.actor = actor
+        twin._owns_connection = False
+        return twin
 
     async def close(self) -> None:
         """Drains the connection if `connect` made it; an injected one stays its owner's."""
@@ -309,6 +342,8 @@ class HeroDeployerClient:
     ) -> bytes:
         """Sends one request (with retries) and returns its `result` as JSON bytes."""
         headers = {AUTHORIZATION_HEADER: f"Bearer {self._token}"}
+        if self.actor:
+            headers[ACTOR_HEADER] = self.actor
         if idempotency_key is not None or operation in MUTATING:
             headers[IDEMPOTENCY_HEADER] = idempotency_key or uuid.uuid4().hex
         payload = msgspec.json.encode(body if body is not None else {})
@@ -453,6 +488,13 @@ class HeroDeployerClient:
         """One page of events with position > `after`; `page.last` is where the next starts."""
         body = EventsRequest(stream=stream, after=after, limit=limit)
         return await self._request("events", body, EventsPage)
+
+    async def audit_events(
+        self, *, stream: str | None = None, after: int = 0, limit: int = 100
+    ) -> AuditPage:
+        """Like `events`, each event with the request id and actor of the command behind it."""
+        body = EventsRequest(stream=stream, after=after, limit=limit)
+        return await self._request("audit_events", body, AuditPage)
 
     async def health(self) -> Health:
         return await self._request("health", Empty(), Health)

@@ -98,7 +98,9 @@ async def execute(
             if not appends and record is None:
                 return result
             try:
-                await deps.store.append(appends, idempotency=record, request_id=meta.request_id)
+                await deps.store.append(
+                    appends, idempotency=record, request_id=meta.request_id, actor=meta.actor
+                )
             except ConcurrencyError:
                 for s in streams:
                     aggregates.forget(s)

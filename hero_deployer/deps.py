@@ -13,6 +13,7 @@ from core.secrets import Fingerprinter
 from core.user import User
 from core.vm import Vm
 from hero_deployer.aggregates import Aggregates, KeyedLocks
+from hero_deployer.parts import Part
 from projections.runner import PagedSource, ProjectionRunner
 from projections.user_view import UserView
 from projections.vm_view import VmView
@@ -41,3 +42,4 @@ class Deps:
     max_retries: int = 8
     idempotency_locks: KeyedLocks = field(default_factory=KeyedLocks)
     set_aside: SetAside = field(default_factory=SetAside)  # events the publisher could not publish
+    parts: tuple[Part, ...] = ()  # the setup's parts as found at start, for `health`

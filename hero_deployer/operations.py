@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -13,6 +14,7 @@ from core.vm import DeleteVm, DeployVm, GetVm, ListVms, MigrateSecret, RestartVm
 from hero_deployer import user_handlers, vm_handlers
 from hero_deployer.commands import consistent_views
 from hero_deployer.deps import Deps
+from hero_deployer.parts import Part
 from hero_deployer.settings import VERSION
 
 STREAM_PATTERN = r"^(vm|user):[A-Za-z0-9._-]{1,64}\Z"
@@ -34,13 +36,35 @@ class EventsPage(msgspec.Struct, frozen=True):
     last: int
 
 
+class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event with the request that recorded it: its id and its sender's `Hero-Actor` label.
+
+    `actor` is empty for what the service records itself (a side effect's outcome).
+    """
+
+    position: int
+    stream: str
+    version: int
+    type: str
+    data: msgspec.Raw
+    recorded_at: datetime
+    request_id: str
+    actor: str
+
+
+class AuditPage(msgspec.Struct, frozen=True):
+    events: list[AuditEvent]
+    last: int
+
+
 class Health(msgspec.Struct, frozen=True):
     """Liveness, version, last position, and the events the status stream had to set aside.
 
     `events_set_aside` counts the events no retry could publish since this process started (a
     subject NATS refuses, a payload over its max_payload); `last_set_aside_position` is the last
     one's position, null when none. The log keeps them: `events` returns them. `head_hash` is
-    the hash chain's head, the hash of the event at `position` (hex; see docs/api.md).
+    the hash chain's head, the hash of the event at `position` (hex; see docs/api.md). `parts`
+    says which parts of the setup (backend, Forge, grid proxy) the service found at start.
     """
 
     status: str
@@ -49,9 +73,10 @@ class Health(msgspec.Struct, frozen=True):
     events_set_aside: int = 0
     last_set_aside_position: int | None = None
     head_hash: str = ""
+    parts: list[Part] = msgspec.field(default_factory=list)
 
 
-async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
+async def _page(request: EventsRequest, deps: Deps) -> tuple[list[RecordedEvent], int]:
     """Events the views already reflect, so a reader can query what it has just seen."""
     await consistent_views(deps)
     ceiling = deps.views.position
@@ -61,8 +86,32 @@ async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes
             after=request.after, limit=request.limit, stream=request.stream
         )
         recorded = [r for r in recorded if r.position <= ceiling]
-    last = recorded[-1].position if recorded else request.after
+    return recorded, recorded[-1].position if recorded else request.after
+
+
+async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
+    """A page of the contract's events."""
+    recorded, last = await _page(request, deps)
     return _encoder.encode(EventsPage(events=[r.wire() for r in recorded], last=last))
+
+
+async def audit_events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
+    """A page of events with the request id and the actor of the command behind each."""
+    recorded, last = await _page(request, deps)
+    rows = [
+        AuditEvent(
+            position=r.position,
+            stream=r.stream,
+            version=r.version,
+            type=r.type,
+            data=msgspec.Raw(r.data),
+            recorded_at=r.recorded_at,
+            request_id=r.request_id,
+            actor=r.actor,
+        )
+        for r in recorded
+    ]
+    return _encoder.encode(AuditPage(events=rows, last=last))
 
 
 async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
@@ -75,6 +124,7 @@ async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
             head_hash=deps.store.head_hash,
             events_set_aside=deps.set_aside.count,
             last_set_aside_position=deps.set_aside.last_position,
+            parts=list(deps.parts),
         )
     )
 
@@ -103,6 +153,7 @@ def vm_operations(deps: Deps) -> list[Operation]:
         op("delete_vm", DeleteVm, vm_handlers.vm_action, True),
         op("migrate_secret", MigrateSecret, vm_handlers.migrate_secret, True),
         op("events", EventsRequest, events, False),
+        op("audit_events", EventsRequest, audit_events, False),
         op("health", Empty, health, False),
     ]
 

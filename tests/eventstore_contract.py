@@ -394,21 +394,26 @@ class EventStoreContract(abc.ABC):
 
     # Durability --------------------------------------------------------------------------
 
-    async def test_recorded_at_and_request_id_survive_close_and_reopen(self, path: Path) -> None:
+    async def test_recorded_at_request_id_and_actor_survive_close_and_reopen(
+        self, path: Path
+    ) -> None:
         store = await self.make_store(path)
         try:
             recorded = await store.append(
-                [to("vm:a", 0, payload(1)), to("vm:b", 0, payload(2))], request_id="r-1"
+                [to("vm:a", 0, payload(1)), to("vm:b", 0, payload(2))],
+                request_id="r-1",
+                actor="dashboard op-3f2a",
             )
             recorded += await store.append([to("vm:a", 1, payload(3))], request_id="r-2")
         finally:
             await store.close()
+        assert [e.actor for e in recorded] == ["dashboard op-3f2a", "dashboard op-3f2a", ""]
 
         reopened = await self.make_store(path)
         try:
             back = await reopened.read_all()
-            assert [(e.position, e.recorded_at, e.request_id) for e in back] == [
-                (e.position, e.recorded_at, e.request_id) for e in recorded
+            assert [(e.position, e.recorded_at, e.request_id, e.actor) for e in back] == [
+                (e.position, e.recorded_at, e.request_id, e.actor) for e in recorded
             ]
             assert all(e.recorded_at.tzinfo is not None for e in back)
         finally:

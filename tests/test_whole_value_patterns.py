@@ -31,6 +31,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "get_user": {"username": "alice"},
     "reveal_initial_password": {"username": "alice"},
     "events": {},
+    "audit_events": {},
 }
 VALUES: dict[str, str] = {
     "name": "web",
@@ -50,6 +51,7 @@ FIELDS: list[tuple[str, str]] = [
     ("get_user", "username"),
     ("reveal_initial_password", "username"),
     ("events", "stream"),
+    ("audit_events", "stream"),
 ]
 
 
