@@ -57,6 +57,8 @@ log = structlog.get_logger(__name__)
 
 RETRIES = 20
 """Attempts of one append that keeps losing the log's head to other writers."""
+HEAD_POLL = 2.0
+"""Seconds between reads of the log's head besides the watcher's news."""
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class JetStreamEventStore:
         self._wakeup = asyncio.Event()
         self._committed = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._watcher: object | None = None
         self._closing = False
         self._head = 0
@@ -119,8 +122,10 @@ class JetStreamEventStore:
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             config=api.ConsumerConfig(opt_start_seq=self._head + 1),
             cb=self._observe,
+            idle_heartbeat=1.0,  # a watcher lost with its server is noticed and made again
         )
         self._writer = asyncio.create_task(self._write_loop(), name="eventstore-jetstream-writer")
+        self._poller = asyncio.create_task(self._poll_head(), name="eventstore-jetstream-head")
 
     async def close(self) -> None:
         """Sends what is waiting, then stops; later appends raise Unavailable."""
@@ -129,6 +134,10 @@ class JetStreamEventStore:
             self._wakeup.set()
             await self._writer
             self._writer = None
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
         watcher = self._watcher
         self._watcher = None
         if watcher is not None:
@@ -383,6 +392,15 @@ class JetStreamEventStore:
             msg = await self._get({"seq": last})
             chain = bytes.fromhex((msg.headers or {}).get(H_HASH, "")) if msg else GENESIS
             self._advance(last, chain)
+
+    async def _poll_head(self) -> None:
+        """Reads the head now and then as well, in case the watcher is being made again."""
+        while True:
+            await asyncio.sleep(HEAD_POLL)
+            try:
+                await self._refresh_head()
+            except Unavailable:
+                log.info("eventstore.head_unreadable")
 
     async def _get(self, request: dict[str, object]) -> Msg | None:
         try:

@@ -6,24 +6,31 @@ real. The cluster configurations are generated (tests/jetstream_cluster.py).
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
 from adapters.eventstore_jetstream import JetStreamEventStore
-from adapters.jetstream_log import verify_chain
+from adapters.jetstream_log import STREAM, verify_chain
 from adapters.localgrid import LocalGrid
 from hero_deployer.bootstrap import SHARED_KEYS, SharedKeyMissing, bootstrap
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.client import Conflict, HeroDeployerClient, Unavailable
 from hero_deployer.natsserver import NatsServer
 from hero_deployer.settings import Settings
 from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 from tests.helpers import deploy_running
-from tests.jetstream_cluster import connect, jetstream_ready, jetstream_server
+from tests.jetstream_cluster import cluster, connect, jetstream_ready, jetstream_server, started
 
 SECRET = "a-tenant-secret-long-enough"
 
@@ -112,3 +119,162 @@ async def test_a_replica_with_the_copied_keys_answers_from_the_log(
             listed = await client.call("list_vms", {"secret": SECRET})
     assert after == before
     assert [vm["sid"] for vm in listed["vms"]] == [sid]
+
+
+# A cluster of three, two service replicas ---------------------------------------------------
+
+PREFIX = "hero.v1"
+DEPLOYS = 40
+IN_FLIGHT = 8
+KILL_AFTER = 12  # acknowledged deploys before the stream leader's node is killed
+
+
+def serve(data_dir: Path, urls: list[str]) -> subprocess.Popen[bytes]:
+    """`hero-deployer serve --store jetstream --replicas 3` on the cluster, as its own process."""
+    env = {
+        **os.environ,
+        "HERO_DEPLOYER_TOKEN": TOKEN,
+        "HERO_DEPLOYER_PREFIX": PREFIX,
+        "HERO_DEPLOYER_LOCAL_DEPLOY_DELAY": "0",
+        "HERO_DEPLOYER_LOCAL_ACTION_DELAY": "0",
+        "HERO_DEPLOYER_LOCAL_SSH": "false",
+        "HERO_DEPLOYER_LOG_LEVEL": "warning",
+    }
+    command = [sys.executable, "-m", "hero_deployer", "serve", "--nats", ",".join(urls)]
+    command += ["--store", "jetstream", "--replicas", "3", "--data-dir", str(data_dir)]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=data_dir.with_suffix(".log").open("wb")
+    )
+
+
+async def ready(process: subprocess.Popen[bytes], deadline: float = 60.0) -> None:
+    """Waits for serve's ready line (or its exit) on its stdout."""
+    assert process.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), deadline)
+    assert line.startswith(b"hero-deployer ready"), (line, process.poll())
+
+
+async def stream_created(urls: list[str], deadline: float = 60.0) -> None:
+    """Creates the R3 log once the cluster has its three JetStream peers."""
+    nc = await connect(urls)
+    try:
+        await jetstream_ready(nc)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while True:
+            try:
+                async with JetStreamEventStore(nc, replicas=3):
+                    return
+            except nats.js.errors.Error:
+                if loop.time() > end:
+                    raise
+                # peers join the meta group one by one, and tell no one
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_killing_a_node_under_load_loses_and_doubles_no_deploy(tmp_path: Path) -> None:
+    nodes = cluster(tmp_path / "cluster")
+    async with started(nodes):
+        urls = [n.url for n in nodes]
+        await stream_created(urls)
+        first, second = tmp_path / "replica1", tmp_path / "replica2"
+        replicas = [serve(first, urls)]
+        try:
+            await ready(replicas[0])
+            second.mkdir(mode=0o700)
+            for name in ("fingerprint.key", "master.key"):
+                shutil.copy2(first / name, second / name)
+            replicas.append(serve(second, urls))
+            await ready(replicas[1])
+            acknowledged, killed = await deploy_under_a_node_kill(urls, nodes)
+        finally:
+            for process in replicas:
+                process.terminate()
+            for process in replicas:
+                await asyncio.to_thread(process.wait, 30)
+        survivors = [n.url for n in nodes if n is not killed]
+        found, doubled, positions = await audit(survivors, acknowledged)
+
+    print(
+        f"\nacknowledged {len(acknowledged)}/{DEPLOYS}, found {found}, doubled {doubled},"
+        f" log positions 1..{positions}"
+    )
+    assert len(acknowledged) == DEPLOYS, "every request is answered"
+    assert found == len(acknowledged)
+    assert doubled == 0
+
+
+async def deploy_under_a_node_kill(
+    urls: list[str], nodes: list[NatsServer]
+) -> tuple[dict[str, str], NatsServer]:
+    """Deploys DEPLOYS VMs, IN_FLIGHT at a time, and kills the stream leader's node midway.
+
+    A request that fails as Unavailable or times out is sent again with its Idempotency-Key,
+    as a client of the contract does; returns each name's sid as acknowledged.
+    """
+    nc = await connect(urls)
+    client = HeroDeployerClient(nc, token=TOKEN, prefix=PREFIX, timeout=5, retries=3)
+    acknowledged: dict[str, str] = {}
+    failed_attempts: list[str] = []
+    enough = asyncio.Event()
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def deploy(n: int) -> None:
+        key = f"deploy-{n}"
+        async with gate:
+            async with asyncio.timeout(90):
+                while True:
+                    try:
+                        vm = await client.call(
+                            "deploy_vm", {"name": f"w{n}", "secret": SECRET}, idempotency_key=key
+                        )
+                        break
+                    except (Unavailable, Conflict) as error:
+                        failed_attempts.append(type(error).__name__)
+                        await asyncio.sleep(0.2)  # a client's back-off before its next attempt
+        acknowledged[f"w{n}"] = vm["sid"]
+        if len(acknowledged) >= KILL_AFTER:
+            enough.set()
+
+    async def kill_the_leader() -> NatsServer:
+        await enough.wait()
+        info = await nc.jetstream().stream_info(STREAM)
+        leader = next(n for n in nodes if n._name == info.cluster.leader)
+        assert leader.pid is not None
+        os.kill(leader.pid, signal.SIGKILL)
+        print(f"\nkilled the stream leader's node with {len(acknowledged)} deploys acknowledged")
+        return leader
+
+    try:
+        killer = asyncio.create_task(kill_the_leader())
+        await asyncio.gather(*(deploy(n) for n in range(DEPLOYS)))
+        print(f"\nattempts answered with an error and sent again: {len(failed_attempts)}")
+        return acknowledged, await killer
+    finally:
+        await nc.close()
+
+
+async def audit(urls: list[str], acknowledged: dict[str, str]) -> tuple[int, int, int]:
+    """Reads the log from the surviving nodes: found, doubled, and its last gap-free position."""
+    nc = await connect(urls)
+    try:
+        async with JetStreamEventStore(nc, replicas=3) as log:
+            events = []
+            while page := await log.read_all(after=events[-1].position if events else 0):
+                events.extend(page)
+            last = await log.last_position()
+            assert [e.position for e in events] == list(range(1, last + 1)), "a gap in the log"
+            report = await verify_chain(nc, 5)
+            assert report.ok, report
+            requested = [e for e in events if e.type == "VmDeployRequested"]
+            streams = [e.stream for e in requested]
+            found = sum(f"vm:{sid}" in streams for sid in acknowledged.values())
+            doubled = len(streams) - len(set(streams))
+            names = [msgspec.json.decode(e.data)["name"] for e in requested]
+            doubled += len(names) - len(set(names))
+            return found, doubled, last
+    finally:
+        await nc.close()
