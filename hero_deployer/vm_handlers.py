@@ -150,11 +150,27 @@ async def vm_action(request: VmCommand, meta: RequestMeta, deps: Deps) -> bytes:
     """start_vm, stop_vm, restart_vm, delete_vm: the secret first, then the state."""
     assert not isinstance(request, DeployVm | OutcomeCommand | RekeyVm)
     ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret))
+    if await surely_absent(deps, request.sid):
+        deps.vms.remember(vm_stream(request.sid), None, 0)  # then loaded as a cached VM is
 
     async def run(idempotency: IdempotencyRecord | None) -> bytes:
         return await run_vm_command(deps, request.sid, request, ctx, meta, idempotency)
 
     return await idempotent(deps, meta, request, run)
+
+
+async def surely_absent(deps: Deps, sid: str) -> bool:
+    """Whether no VM has `sid`: the views say so, and they hold every event committed so far.
+
+    Asked for every sid+secret command, so NotFound takes as long for a missing sid as for a
+    wrong secret (the contract): one indexed lookup either way, then a cached state (None for
+    a missing sid), where a missing sid would otherwise cost a read of the log. A VM is only
+    ever created under a fresh sid, so a sid absent now stays absent for the command. The
+    log's last position is asked of the store: beside other writers (JetStream), this
+    replica's views may lag a VM another one just recorded, and then the log is read.
+    """
+    caught_up = deps.views.position >= await deps.store.last_position()
+    return await deps.vm_view.get_json(sid) is None and caught_up
 
 
 async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -> None:

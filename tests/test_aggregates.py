@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+
 from adapters.eventstore_sqlite import SqliteEventStore
 from core.events import EventRegistry, NewEvent, StreamAppend
 from core.vm import VM_EVENT_TYPES, Vm, VmDeployed, VmDeployRequested, evolve
 from hero_deployer.aggregates import Aggregates
+from tests.conftest import TOKEN, Service
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 SID = "vm_0123456789abcdef"
@@ -70,3 +73,25 @@ async def test_an_absent_stream_is_remembered_until_a_commit_creates_it(tmp_path
         await store.append([StreamAppend(STREAM, 0, (NewEvent.of(requested),))])
         vm, version = await vms.load(STREAM)  # the remembered absence does not hide the commit
         assert vm is not None and vm.status == "deploying" and version == 1
+
+
+async def test_a_missing_sid_costs_no_read_of_the_log(service: Service) -> None:
+    """NotFound for a missing sid does the work of a wrong secret: no read of the log."""
+    sid = (await service.client.call("deploy_vm", {"name": "web", "secret": "owner"}))["sid"]
+    await service.client.call("get_vm", {"sid": sid, "secret": "owner"})  # views caught up
+    reads: list[str] = []
+    reader = service.app.store._point_reader
+    assert reader is not None
+    reader.set_trace_callback(reads.append)
+    body = b'{"sid": "vm_000000000000ffffffff", "secret": "owner"}'
+    missing = await service.request("stop_vm", body, {"Authorization": f"Bearer {TOKEN}"})
+    wrong = await service.request(
+        "stop_vm", msgspec.json.encode({"sid": sid, "secret": "not-the-owner"}),
+        {"Authorization": f"Bearer {TOKEN}"},
+    )  # fmt: skip
+    reader.set_trace_callback(None)
+    assert missing == wrong and missing[0]["error"] == {
+        "code": "NotFound",
+        "message": "vm not found",
+    }
+    assert reads == []
