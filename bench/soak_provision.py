@@ -61,10 +61,12 @@ async def _vm_requests(client: HeroDeployerClient, name: str) -> int:
     return sum(1 for e in page["events"] if e["type"] == "UserVmDeployRequested")
 
 
-async def run(kills: int, max_pause: float, seed: int, deadline: float) -> None:
+async def run(kills: int, max_pause: float, seed: int, deadline: float, keep: bool) -> None:
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        root = Path(tempfile.mkdtemp(prefix="soak-kept-")) if keep else Path(tmp)
+        if keep:
+            print(f"data dir and service.log kept in {root}")
         data = root / "data"
         env = {
             **os.environ,
@@ -143,13 +145,14 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--max-pause", type=float, default=3.0, help="longest run before a kill")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the data dir and service.log")
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds to reach ready")
     args = parser.parse_args()
     print(
         f"bench/soak_provision.py on {os.cpu_count()} cores, python {sys.version.split()[0]},"
         f" seed {args.seed}"
     )
-    asyncio.run(run(args.kills, args.max_pause, args.seed, args.deadline))
+    asyncio.run(run(args.kills, args.max_pause, args.seed, args.deadline, args.keep))
 
 
 if __name__ == "__main__":
