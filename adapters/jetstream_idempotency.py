@@ -42,7 +42,9 @@ FindCommit = Callable[[str, float], Awaitable[int | None]]
 """The position of the event carrying a reservation token, searching from a Unix time."""
 
 
-class _Stored(msgspec.Struct, frozen=True, kw_only=True):
+class Stored(msgspec.Struct, frozen=True, kw_only=True):
+    """An idempotency record as the bucket holds it; a reservation has a token."""
+
     key: str
     operation: str
     body_hash: str
@@ -55,8 +57,8 @@ class _Stored(msgspec.Struct, frozen=True, kw_only=True):
         return IdempotencyRecord(self.key, self.operation, self.body_hash, self.reply)
 
 
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(_Stored).decode
+encode_stored = msgspec.json.Encoder().encode
+decode_stored = msgspec.json.Decoder(Stored).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,7 @@ class Reservation:
     hashed: str
     token: str
     revision: int
-    stored: _Stored
+    stored: Stored
 
 
 def hashed(key: str) -> str:
@@ -103,7 +105,7 @@ class IdempotencyKeys:
         """Holds the key for one append; Conflict if it is taken or held."""
         name = hashed(record.key)
         token = uuid.uuid4().hex
-        stored = _Stored(
+        stored = Stored(
             key=record.key,
             operation=record.operation,
             body_hash=record.body_hash,
@@ -113,7 +115,7 @@ class IdempotencyKeys:
         )
         for _ in range(3):
             try:
-                revision = await self._call(self.kv.create(name, _encode(stored)))
+                revision = await self._call(self.kv.create(name, encode_stored(stored)))
             except KeyWrongLastSequenceError:
                 found = await self._get(name)
                 if found is None:
@@ -133,7 +135,7 @@ class IdempotencyKeys:
         self._mine.discard(held.token)
         final = msgspec.structs.replace(held.stored, position=position, token="")
         try:
-            await self.kv.update(held.hashed, _encode(final), last=held.revision)
+            await self.kv.update(held.hashed, encode_stored(final), last=held.revision)
         except (nats.errors.Error, nats.js.errors.Error):
             log.warning("idempotency.confirm_deferred", position=position)
 
@@ -147,7 +149,7 @@ class IdempotencyKeys:
 
     async def record(self, record: IdempotencyRecord, position: int) -> None:
         """Stores the record of a keyed request that appended nothing; Conflict if taken."""
-        stored = _Stored(
+        stored = Stored(
             key=record.key,
             operation=record.operation,
             body_hash=record.body_hash,
@@ -157,7 +159,7 @@ class IdempotencyKeys:
         )
         name = hashed(record.key)
         try:
-            await self._call(self.kv.create(name, _encode(stored)))
+            await self._call(self.kv.create(name, encode_stored(stored)))
         except KeyWrongLastSequenceError:
             found = await self._get(name)
             if found is not None and found[0].token and await self._settle(name, *found):
@@ -178,7 +180,7 @@ class IdempotencyKeys:
             return again[0].record() if again is not None and not again[0].token else None
         return stored.record()
 
-    async def _settle(self, name: str, stored: _Stored, revision: int) -> bool:
+    async def _settle(self, name: str, stored: Stored, revision: int) -> bool:
         """Confirms or frees a reservation whose writer is gone; False while it may be alive."""
         if stored.token in self._mine or time.time() - stored.created < self.stale_after:
             return False
@@ -188,20 +190,20 @@ class IdempotencyKeys:
                 await self.kv.delete(name, last=revision)
             else:
                 final = msgspec.structs.replace(stored, position=position, token="")
-                await self.kv.update(name, _encode(final), last=revision)
+                await self.kv.update(name, encode_stored(final), last=revision)
         except KeyWrongLastSequenceError:
             pass  # another writer settled it first
         log.info("idempotency.settled", committed=position is not None)
         return True
 
-    async def _get(self, name: str) -> tuple[_Stored, int] | None:
+    async def _get(self, name: str) -> tuple[Stored, int] | None:
         try:
             entry = await self._call(self.kv.get(name))
         except (KeyNotFoundError, KeyDeletedError):
             return None
         if entry.value is None:
             return None
-        return _decode(entry.value), int(entry.revision or 0)
+        return decode_stored(entry.value), int(entry.revision or 0)
 
     async def _call(self, call: Awaitable[T]) -> T:
         try:

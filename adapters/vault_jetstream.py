@@ -18,14 +18,35 @@ from core.ports import Sealer
 BUCKET = "HERO_VAULT"
 
 
-def _key(owner: str, kind: str) -> str:
+def vault_key(owner: str, kind: str) -> str:
     """A KV key (letters, digits and `-/_=.` only) for `owner/kind`, one-to-one."""
     sealing_context(owner, kind)  # refuses what the SQLite vault refuses
+    return f"s.{_b32(owner)}.{_b32(kind)}"
 
-    def b32(text: str) -> str:
-        return base64.b32encode(text.encode()).decode().rstrip("=")
 
-    return f"s.{b32(owner)}.{b32(kind)}"
+def owner_kind(key: str) -> tuple[str, str]:
+    """The `owner, kind` a `vault_key` was made from."""
+    _, owner, kind = key.split(".")
+    return _unb32(owner), _unb32(kind)
+
+
+def _b32(text: str) -> str:
+    return base64.b32encode(text.encode()).decode().rstrip("=")
+
+
+def _unb32(text: str) -> str:
+    return base64.b32decode(text + "=" * (-len(text) % 8)).decode()
+
+
+async def vault_bucket(js: JetStreamContext, *, replicas: int) -> KeyValue:
+    """The HERO_VAULT bucket, made if missing: one revision per secret, on file."""
+    try:
+        return await js.key_value(BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        config = api.KeyValueConfig(
+            bucket=BUCKET, history=1, replicas=replicas, storage=api.StorageType.FILE
+        )
+        return await js.create_key_value(config)
 
 
 class JetStreamSecretVault:
@@ -39,27 +60,20 @@ class JetStreamSecretVault:
     async def open(
         cls, js: JetStreamContext, sealer: Sealer, *, replicas: int
     ) -> JetStreamSecretVault:
-        try:
-            kv = await js.key_value(BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            config = api.KeyValueConfig(
-                bucket=BUCKET, history=1, replicas=replicas, storage=api.StorageType.FILE
-            )
-            kv = await js.create_key_value(config)
-        return cls(kv, sealer)
+        return cls(await vault_bucket(js, replicas=replicas), sealer)
 
     async def put(self, owner: str, kind: str, plaintext: bytes) -> None:
         """Seals and stores the secret, replacing any earlier one."""
         sealed = self._sealer.seal(plaintext, context=sealing_context(owner, kind))
         try:
-            await self._kv.put(_key(owner, kind), sealed)
+            await self._kv.put(vault_key(owner, kind), sealed)
         except (nats.errors.Error, nats.js.errors.Error) as error:
             raise Unavailable("the vault cannot be reached") from error
 
     async def get(self, owner: str, kind: str) -> bytes | None:
         """The opened secret, or None; raises if the stored value does not open."""
         try:
-            entry = await self._kv.get(_key(owner, kind))
+            entry = await self._kv.get(vault_key(owner, kind))
         except (KeyNotFoundError, KeyDeletedError):
             return None
         except (nats.errors.Error, nats.js.errors.Error) as error:
@@ -70,7 +84,7 @@ class JetStreamSecretVault:
 
     async def delete(self, owner: str, kind: str) -> bool:
         """Purges every stored revision of the secret; True if there was one."""
-        key = _key(owner, kind)
+        key = vault_key(owner, kind)
         try:
             try:
                 existed = bool((await self._kv.get(key)).value)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiosqlite
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import api
 
+from adapters.event_chain import verify
 from adapters.eventstore_jetstream import JetStreamEventStore, _Pending
+from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.jetstream_log import (
     EXPECTED_LAST_SEQ,
     EXPECTED_SUBJECT_SEQ,
@@ -23,6 +27,10 @@ from adapters.jetstream_log import (
     subject_of,
     verify_chain,
 )
+from adapters.log_transfer import ChainBroken, JetStreamSide, SqliteSide, transfer
+from adapters.sealing import AesGcmSealer
+from adapters.vault_jetstream import JetStreamSecretVault
+from adapters.vault_sqlite import SqliteSecretVault
 from core.errors import ConcurrencyError, Conflict
 from core.events import RecordedEvent
 from hero_deployer.natsserver import NatsServer
@@ -259,3 +267,81 @@ async def test_the_server_refuses_a_whole_batch_when_one_expectation_fails(
     assert refused.value.code in WRONG_LAST_SEQUENCE
     assert await store.last_position() == 1
     assert await store.read_stream("vm:new") == []
+
+
+# Moving a log ------------------------------------------------------------------------------
+
+MASTER = b"m" * 32
+
+
+async def a_sqlite_log(data_dir: Path) -> tuple[list[RecordedEvent], str]:
+    """A SQLite log with several streams, a keyed request, request ids, actors and a secret."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    async with SqliteEventStore(data_dir / "events.db") as store:
+        await store.append([to("vm:a", 0, payload(1), payload(2))], request_id="r1", actor="cli")
+        await store.append(
+            [to("vm:b", 0, payload(3)), to("user:ann", 0, payload(4, stream="user:ann"))],
+            idempotency=key("k-1", b'{"ok":true}'),
+            request_id="r2",
+        )
+        await store.append([to("vm:a", 2, payload(5))], actor="sdk")
+        events, head = await store.read_all(), store.head_hash
+    async with aiosqlite.connect(data_dir / "vault.db") as conn:
+        await SqliteSecretVault(conn, AesGcmSealer(MASTER)).put("ann", "ssh_private_key", b"PRIV")
+    return events, head
+
+
+def full(events: list[RecordedEvent]) -> list[tuple[object, ...]]:
+    return [(*essence([e])[0], e.recorded_at, e.request_id, e.actor) for e in events]
+
+
+async def test_a_sqlite_log_moves_to_jetstream_and_back_intact(
+    tmp_path: Path, connections: Callable[[], Awaitable[Client]]
+) -> None:
+    events, head = await a_sqlite_log(tmp_path / "sqlite")
+    nc = await connections()
+
+    moved = await transfer(SqliteSide(tmp_path / "sqlite"), JetStreamSide(nc, replicas=1))
+
+    assert (moved.events, moved.head, moved.records, moved.secrets) == (5, head, 1, 1)
+    async with JetStreamEventStore(nc, replicas=1) as store:
+        assert full(await store.read_all()) == full(events)
+        assert store.head_hash == head
+        assert await store.idempotent_reply("k-1") == key("k-1", b'{"ok":true}')
+        vault = await JetStreamSecretVault.open(nc.jetstream(), AesGcmSealer(MASTER), replicas=1)
+        assert await vault.get("ann", "ssh_private_key") == b"PRIV"
+        more = await store.append([to("vm:a", 3, payload(6))])
+        assert [(e.position, e.version) for e in more] == [(6, 4)]
+    report = await verify_chain(nc, 5)
+    assert (report.ok, report.events) == (True, 6)
+
+    back = tmp_path / "back"
+    moved = await transfer(JetStreamSide(nc, replicas=1), SqliteSide(back))
+
+    assert (moved.events, moved.records, moved.secrets) == (6, 1, 1)
+    async with SqliteEventStore(back / "events.db") as store:
+        assert full((await store.read_all())[:5]) == full(events)
+        assert store.head_hash == report.head.hex()
+        assert await store.idempotent_reply("k-1") == key("k-1", b'{"ok":true}')
+    with sqlite3.connect(back / "events.db") as db:
+        assert verify(db).ok
+    async with aiosqlite.connect(back / "vault.db") as conn:
+        vault_back = SqliteSecretVault(conn, AesGcmSealer(MASTER))
+        assert await vault_back.get("ann", "ssh_private_key") == b"PRIV"
+
+
+async def test_a_move_refuses_a_target_with_events_and_a_broken_source(
+    tmp_path: Path, connections: Callable[[], Awaitable[Client]]
+) -> None:
+    await a_sqlite_log(tmp_path / "sqlite")
+    with sqlite3.connect(tmp_path / "sqlite" / "events.db") as db:  # an edit by hand
+        db.execute('UPDATE events SET data = \'{"sid":"edited"}\' WHERE position = 4')
+    nc = await connections()
+    with pytest.raises(ChainBroken, match="position 4"):
+        await transfer(SqliteSide(tmp_path / "sqlite"), JetStreamSide(nc, replicas=1))
+    assert await JetStreamSide(nc, replicas=1).is_empty()
+
+    await a_sqlite_log(tmp_path / "good")
+    await transfer(SqliteSide(tmp_path / "good"), JetStreamSide(nc, replicas=1))
+    with pytest.raises(ValueError, match="already holds events"):
+        await transfer(SqliteSide(tmp_path / "good"), JetStreamSide(nc, replicas=1))
