@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from hero_deployer import context
+from hero_deployer.cli import EXIT_UNAUTHORIZED, EXIT_UNAVAILABLE
 from hero_deployer.context import Context
 from hero_deployer.natsserver import free_port
 from hero_deployer.settings import Settings
@@ -160,12 +161,12 @@ def test_up_records_an_absolute_data_dir_and_forgets_it_on_exit(tmp_path: Path) 
         assert stop(service) == 0
     assert list((service.state / "hero-deployer").iterdir()) == []
     _, stderr = follow.communicate(timeout=30)
-    assert follow.returncode == 1
+    assert follow.returncode == EXIT_UNAVAILABLE
     assert stderr.splitlines() == [f"error: lost the connection to nats://127.0.0.1:{service.port}"]
 
     url = f"nats://127.0.0.1:{service.port}"
     after = service.cli("health", "--nats", url, cwd=tmp_path)
-    assert after.returncode == 1
+    assert after.returncode == EXIT_UNAVAILABLE
     assert after.stderr.splitlines() == [
         f'error: no hero-deployer at {url} (is "hero-deployer up" running?)'
     ]
@@ -176,7 +177,7 @@ def test_flags_and_variables_point_the_cli_elsewhere(up: Up, elsewhere: Path) ->
     for how in (["--nats", f"nats://127.0.0.1:{port}"], []):
         env = {} if how else {"HERO_DEPLOYER_NATS_URL": f"nats://127.0.0.1:{port}"}
         result = up.cli("health", *how, cwd=elsewhere, env=env)
-        assert result.returncode == 1
+        assert result.returncode == EXIT_UNAVAILABLE
         assert result.stderr.splitlines() == [
             f'error: no hero-deployer at nats://127.0.0.1:{port} (is "hero-deployer up" running?)'
         ]
@@ -199,7 +200,7 @@ def test_with_no_service_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f'error: no hero-deployer at nats://127.0.0.1:{port} (is "hero-deployer up" running?)'
@@ -219,7 +220,7 @@ def test_a_nats_without_the_service_is_one_line(nats_url: str, tmp_path: Path) -
         timeout=60,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE
     assert result.stderr.splitlines() == [
         "error: Unavailable: no hero-deployer is answering on NATS"
     ]
@@ -239,7 +240,7 @@ async def test_a_request_that_times_out_is_one_line(nats_url: str, nc: Any, tmp_
     )
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
     await silent.unsubscribe()
-    assert process.returncode == 1
+    assert process.returncode == EXIT_UNAVAILABLE
     assert stderr.decode().splitlines() == ["error: Unavailable: health timed out after 0.2s"]
 
 
@@ -254,7 +255,7 @@ def test_without_a_token_one_line_and_no_file_made(nats_url: str, tmp_path: Path
         timeout=60,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAUTHORIZED
     assert result.stderr.splitlines() == [
         f"error: no token at {tmp_path / 'var' / 'token'}: set HERO_DEPLOYER_TOKEN or --data-dir"
     ]

@@ -190,7 +190,9 @@ class ShellRunner:
                 continue
             wanted = line.removeprefix("→").strip()
             if wanted in ERRORS_BY_CODE:
-                assert status == cli.EXIT_ERROR, f"{where}: exit {status}"
+                assert status == cli.EXIT_BY_CODE.get(wanted, cli.EXIT_ERROR), (
+                    f"{where}: exit {status}"
+                )
                 assert f"error: {wanted}:" in err.getvalue(), f"{where}: {err.getvalue()}"
                 return
             assert wanted in out.getvalue(), f"{where}: {wanted!r} not in {out.getvalue()!r}"

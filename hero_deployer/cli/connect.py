@@ -1,0 +1,85 @@
+"""The CLI's connection to a running service: found fast, or one line saying why not."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from hero_deployer.cli.errors import NoService, NoToken
+from hero_deployer.cli.run import client_credentials
+from hero_deployer.settings import Settings
+
+
+async def _quiet(error: Exception) -> None:
+    """Swallows nats-py's asynchronous error reports: the CLI reports one line itself."""
+
+
+# The CLI fails fast. nats-py's `connect` tries a server until it has failed more than
+# `max_reconnect_attempts` times (0 means forever), `reconnect_time_wait` apart, each try bounded
+# by `connect_timeout`: so two tries 0.1 s apart, at most ~2.1 s with nothing listening. No
+# reconnect once connected (a lost connection ends the command with one line), and nats-py's
+# default error callback, which logs a traceback per try, is replaced by `_quiet`.
+CLI_NATS_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 1.0,
+    "max_reconnect_attempts": 1,
+    "reconnect_time_wait": 0.1,
+    "allow_reconnect": False,
+    "error_cb": _quiet,
+}
+
+
+async def connect(args: argparse.Namespace, settings: Settings) -> Any:
+    """The CLI's one connection to the service that the settings point at."""
+    import nats.errors
+
+    from hero_deployer.client import HeroDeployerClient, local_actor
+
+    url = settings.nats_url
+    token = _token(settings)
+    try:
+        client = await HeroDeployerClient.connect(
+            url,
+            nats_options=CLI_NATS_OPTIONS,
+            token=token,
+            prefix=settings.prefix,
+            timeout=args.timeout,
+            actor=local_actor("cli"),
+            **client_credentials(settings),
+        )
+    except (OSError, TimeoutError, nats.errors.NoServersError):
+        raise NoService(f'no hero-deployer at {url} (is "hero-deployer up" running?)') from None
+    except nats.errors.Error as error:
+        raise NoService(f"cannot connect to {url}: {error}") from None
+    if not token:
+        await client.close()
+        where = settings.data_dir / "token"
+        raise NoToken(f"no token at {where}: set HERO_DEPLOYER_TOKEN or --data-dir")
+    return client
+
+
+@contextlib.asynccontextmanager
+async def connected(args: argparse.Namespace, settings: Settings) -> AsyncIterator[Any]:
+    """A connection for the length of the block, closed after it."""
+    client = await connect(args, settings)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _token(settings: Settings) -> str:
+    """The bearer token: configured, else `DIR/token` when it exists (the CLI creates no file)."""
+    if settings.token:
+        return settings.token
+    try:
+        return (settings.data_dir / "token").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+async def call(args: argparse.Namespace, settings: Settings, operation: str, body: Any) -> Any:
+    """One request on a connection of its own; its result as plain JSON values."""
+    async with connected(args, settings) as client:
+        return await client.call(operation, body)

@@ -1,0 +1,138 @@
+"""Live progress of a command that waits: a resource's events, one line each, as they happen.
+
+`users provision`, `users decommission --wait` and `vms deploy --wait` follow the resource's
+stream from the position before their request until the event that ends the wait; each line
+says what finished and how long it took. Under `--json` the events are JSON lines instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from hero_deployer.cli.output import colour_on, paint, print_json
+
+# A line about an event, given the seconds since the clock last restarted, and whether this
+# event restarts it (it began or finished something); None: nothing to say about it.
+Describe = Callable[[dict[str, Any], float], tuple[str, bool] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """What to follow: a stream, from a position, until `until` (done) or `failed` (raised)."""
+
+    stream: str
+    after: int
+    since: datetime
+    until: str
+    failed: str
+    describe: Describe
+
+
+async def follow(args: argparse.Namespace, client: Any, wait: Wait) -> dict[str, Any] | None:
+    """Shows the stream's events until `wait.until`; returns the `wait.failed` event, if any."""
+    import sys
+
+    on = colour_on(sys.stdout)
+    clock = wait.since
+    async with asyncio.timeout(args.wait_timeout):
+        async for event in client.follow(after=wait.after, stream=wait.stream):
+            at = event_time(event)
+            said = None if args.json else wait.describe(event, (at - clock).total_seconds())
+            if args.json:
+                print_json(event)
+            elif said is not None:
+                text, restarts = said
+                clock = at if restarts else clock
+                print(paint(text, "red", on=on) if " FAILED " in text else text, flush=True)
+            if event["type"] == wait.failed:
+                return dict(event)
+            if event["type"] == wait.until:
+                return None
+    return None
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    """When the event happened: its data's `at`, else when it was recorded."""
+    return datetime.fromisoformat(str(event["data"].get("at") or event["recorded_at"]))
+
+
+# Users -------------------------------------------------------------------------------------
+
+# The event that finishes each provisioning step, and the step's name.
+STEP_EVENTS: Final[dict[str, str]] = {
+    "ForgeUserEnsured": "forge_user",
+    "SshKeyGenerated": "ssh_key",
+    "NodeSelected": "select_node",
+    "UserVmDeployed": "deploy_vm",
+    "GatewayDeployed": "deploy_gateway",
+    "SshReachable": "wait_ssh",
+    "ManifestUploaded": "upload_manifest",
+    "SetupCompleted": "run_setup",
+    "HealthVerified": "verify_health",
+}
+BEGIN_EVENTS: Final = ("ProvisioningRequested", "ProvisioningResumed", "DecommissionRequested")
+DECOMMISSION_EVENTS: Final = ("GatewayDeleted", "UserVmDeleted", "DecommissionActionFailed")
+
+
+def describe_user_event(event: dict[str, Any], elapsed: float) -> tuple[str, bool] | None:
+    """A line about one of a user's events: a step done, retried, failed, or a part removed."""
+    kind, data = event["type"], event["data"]
+    if kind in BEGIN_EVENTS:
+        return kind, True
+    if kind in STEP_EVENTS:
+        return f"  {STEP_EVENTS[kind]:<16} done   {elapsed:6.1f}s  {step_detail(event)}", True
+    if kind == "UserVmDeployRequested":
+        return f"  {'deploy_vm':<16} ...            vm {data['vm_sid']} requested", False
+    if kind == "StepRetried":
+        return f"  {data['step']:<16} retry  #{data['attempt']:<5}  {data['reason']}", False
+    if kind == "StepFailed":
+        return f"  {data['step']:<16} FAILED {elapsed:6.1f}s  {data['reason']}", True
+    if kind in DECOMMISSION_EVENTS:
+        what = data.get("name") or data.get("vm_sid") or data.get("reason", "")
+        return f"  {kind:<24} {what}", False
+    return None
+
+
+def step_detail(event: dict[str, Any]) -> str:
+    """What a finished step produced, in a few words."""
+    data = event["data"]
+    match event["type"]:
+        case "ForgeUserEnsured":
+            if data.get("skipped_reason"):
+                return f"skipped: {data['skipped_reason']}"
+            return "account created" if data.get("created") else "account exists"
+        case "NodeSelected":
+            return f"node {data['node_id']} ({data['gateway_domain']})"
+        case "UserVmDeployed":
+            return f"{data['vm_sid']} at {data['mycelium_ip']}"
+        case "GatewayDeployed":
+            return str(data["url"])
+        case "ManifestUploaded":
+            return f"{data['path']} sha256 {str(data['sha256'])[:12]}"
+        case "SetupCompleted":
+            return f"exit status {data['exit_status']}"
+        case "HealthVerified":
+            return f"answered {data['status_code']}"
+    return ""
+
+
+# VMs ---------------------------------------------------------------------------------------
+
+
+def describe_vm_event(event: dict[str, Any], elapsed: float) -> tuple[str, bool] | None:
+    """A line about one of a VM's deploy events: requested, deployed, or failed."""
+    kind, data = event["type"], event["data"]
+    if kind == "VmDeployRequested":
+        size = f"{data['cpu_count']} CPU, {data['memory_gb']} GB memory, {data['disk_gb']} GB disk"
+        return f"deploying {data['name']} ({data['sid']}: {size})", True
+    if kind == "VmDeployed":
+        where = f"node {data['node_id']}, mycelium {data['mycelium_ip']}"
+        return f"  {'deploy':<16} done   {elapsed:6.1f}s  {where}", True
+    if kind == "VmDeployFailed":
+        return f"  {'deploy':<16} FAILED {elapsed:6.1f}s  {data['error']}", True
+    return None

@@ -1,0 +1,155 @@
+"""`hero-deployer users …`: provision and decommission users, with live progress (operator)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from typing import Any
+
+from core.user import ProvisionUser
+from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
+from hero_deployer.cli.connect import connected
+from hero_deployer.cli.errors import CommandFailed
+from hero_deployer.cli.output import print_json, print_users
+from hero_deployer.cli.parsing import Options, command, field_option, group
+from hero_deployer.cli.progress import Wait, describe_user_event, follow
+from hero_deployer.cli.validation import field_type, rule_of
+from hero_deployer.settings import Settings
+
+USERS_EPILOG = """\
+examples:
+  hero-deployer users provision alice --email alice@example.org   # live, until ready or failed
+  hero-deployer users provision alice --no-wait --json
+  hero-deployer users list
+  hero-deployer users get alice --json
+  hero-deployer users reveal-password alice                       # once; then it is destroyed
+  hero-deployer users decommission alice --wait                   # asks first on a terminal
+  hero-deployer users decommission alice --yes                    # in a script"""
+
+
+def add_commands(sub: Any, opts: Options) -> None:
+    """Adds `users provision|list|get|decommission|reveal-password`."""
+    from hero_deployer.client import OPERATIONS_BY_NAME
+
+    def summary(operation: str) -> str:
+        return OPERATIONS_BY_NAME[operation].summary.rstrip(".")
+
+    users = group(
+        sub,
+        "users",
+        "provision and decommission users (operator)",
+        dest="user_action",
+        epilog=USERS_EPILOG,
+    )
+    provision = command(
+        users,
+        "provision",
+        summary("provision_user") + ", showing each step live",
+        parents=opts.client,
+    )
+    rule = rule_of(field_type(ProvisionUser, "username")[0])
+    provision.add_argument("username", help=f"the user's name, which {rule}")
+    field_option(provision, "--display-name", ProvisionUser, "display_name", "the full name")
+    field_option(provision, "--email", ProvisionUser, "forge_email", "the Forge account's e-mail")
+    field_option(provision, "--profile", ProvisionUser, "profile", "what the VM is set up with")
+    provision.add_argument("--no-wait", action="store_true", help="do not follow the progress")
+    _wait_timeout(provision)
+    command(users, "list", summary("list_users"), parents=opts.client)
+    get = command(users, "get", summary("get_user"), parents=opts.client)
+    get.add_argument("username")
+    decommission = command(
+        users,
+        "decommission",
+        summary("decommission_user") + ": its VM, gateway and account",
+        parents=opts.client,
+    )
+    decommission.add_argument("username")
+    decommission.add_argument("--wait", action="store_true", help="follow until decommissioned")
+    _wait_timeout(decommission)
+    add_yes_argument(decommission)
+    reveal = command(
+        users, "reveal-password", summary("reveal_initial_password"), parents=opts.client
+    )
+    reveal.add_argument("username")
+    for parser in users.choices.values():
+        parser.set_defaults(handler=_users)
+
+
+def _wait_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait-timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after"
+    )
+
+
+async def _users(args: argparse.Namespace, settings: Settings) -> None:
+    action = args.user_action
+    if action == "decommission":
+        require_answer(args, "users decommission")
+    async with connected(args, settings) as client:
+        if action == "list":
+            result = await client.call("list_users", {})
+            print_users(args, result["users"], many=True)
+        elif action == "get":
+            user = await client.call("get_user", {"username": args.username})
+            print_users(args, [user], many=False)
+        elif action == "reveal-password":
+            body = {"username": args.username}
+            result = await client.call("reveal_initial_password", body)
+            if args.json:
+                print_json(result)
+            else:
+                print(result["initial_password"])
+        elif action == "decommission":
+            await _decommission(args, client)
+        else:
+            await _provision(args, client)
+
+
+async def _provision(args: argparse.Namespace, client: Any) -> None:
+    name = args.username
+    body: dict[str, Any] = {"username": name}
+    for field in ("display_name", "forge_email", "profile"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    before = (await client.call("health", {}))["position"]
+    user = await client.call("provision_user", body)
+    if args.no_wait or user["status"] != "provisioning":
+        print_users(args, [user], many=False)
+        return
+    if not args.json:
+        print(f"provisioning {name} (step {user['step']}), following its events", flush=True)
+    began = datetime.fromisoformat(user["updated_at"])
+    wait = Wait(
+        f"user:{name}", before, began, "ProvisioningCompleted", "StepFailed", describe_user_event
+    )
+    failure = await follow(args, client, wait)
+    user = await client.call("get_user", {"username": name})
+    if args.json:
+        print_json(user)
+    elif failure is None:
+        total = (datetime.fromisoformat(user["updated_at"]) - began).total_seconds()
+        print(f"{name} is ready after {total:.1f}s: {user['gateway_url']}")
+    if failure is not None:
+        data = failure["data"]
+        raise CommandFailed(f"{name} failed at {data['step']}: {data['reason']}")
+
+
+async def _decommission(args: argparse.Namespace, client: Any) -> None:
+    name = args.username
+    current = await client.call("get_user", {"username": name})
+    await confirm(args, f"Decommission {name} ({current['status']}): delete its VM and gateway?")
+    before = (await client.call("health", {}))["position"]
+    user = await client.call("decommission_user", {"username": name})
+    if not args.wait or user["status"] != "decommissioning":
+        print_users(args, [user], many=False)
+        return
+    if not args.json:
+        print(f"decommissioning {name}, following its events", flush=True)
+    began = datetime.fromisoformat(user["updated_at"])
+    wait = Wait(f"user:{name}", before, began, "UserDecommissioned", "", describe_user_event)
+    await follow(args, client, wait)
+    user = await client.call("get_user", {"username": name})
+    if args.json:
+        print_json(user)
+    else:
+        print(f"{name} is {user['status']}")

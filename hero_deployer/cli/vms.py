@@ -1,0 +1,133 @@
+"""`hero-deployer vms …` and `migrate-secret`: a tenant's VMs, reached with the tenant's secret."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from typing import Any
+
+from core.vm import DeployVm
+from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
+from hero_deployer.cli.connect import connected
+from hero_deployer.cli.errors import CommandFailed
+from hero_deployer.cli.output import print_json, print_vms
+from hero_deployer.cli.parsing import Options, command, field_option, group
+from hero_deployer.cli.progress import Wait, describe_vm_event, follow
+from hero_deployer.cli.validation import field_type, rule_of
+from hero_deployer.secret_input import (
+    NEW_SECRET,
+    OLD_SECRET,
+    SECRET,
+    add_secret_arguments,
+    resolve_secret,
+)
+from hero_deployer.settings import Settings
+
+VMS_EPILOG = """\
+The secret comes from --secret-file FILE, $HERO_DEPLOYER_SECRET, or a prompt on a terminal.
+
+examples:
+  hero-deployer vms deploy web-1                      # asks for the secret
+  hero-deployer vms deploy web-1 --cpu 4 --memory 8 --wait --secret-file ~/.hero-secret
+  HERO_DEPLOYER_SECRET=… hero-deployer vms list --json
+  hero-deployer vms stop vm_3f2a…
+  hero-deployer vms delete vm_3f2a… --yes             # no question asked"""
+
+SIZE_FLAGS = (
+    ("--image", "image", "the VM's image", str),
+    ("--cpu", "cpu_count", "CPU cores", int),
+    ("--memory", "memory_gb", "memory in GB", int),
+    ("--disk", "disk_gb", "data disk in GB", int),
+    ("--rootfs", "rootfs_gb", "root filesystem in GB", int),
+    ("--node", "node_id", "the grid node to deploy on (default: the backend picks one)", int),
+)
+
+
+def add_commands(sub: Any, opts: Options) -> None:
+    """Adds `vms deploy|list|get|start|stop|restart|delete` and `migrate-secret`."""
+    from hero_deployer.client import OPERATIONS_BY_NAME
+
+    def summary(operation: str) -> str:
+        return OPERATIONS_BY_NAME[operation].summary.rstrip(".").replace("`secret`", "the secret")
+
+    vms = group(sub, "vms", "a tenant's VMs, by secret", dest="vm_action", epilog=VMS_EPILOG)
+    deploy = command(vms, "deploy", summary("deploy_vm"), parents=opts.client)
+    deploy.add_argument("name", help=f"the VM's name: {rule_of(field_type(DeployVm, 'name')[0])}")
+    add_secret_arguments(deploy, SECRET)
+    for flag, field, text, kind in SIZE_FLAGS:
+        field_option(deploy, flag, DeployVm, field, text, type=kind)
+    _wait_arguments(deploy, "follow the deploy until the VM runs or fails")
+    add_secret_arguments(command(vms, "list", summary("list_vms"), parents=opts.client), SECRET)
+    for action in ("get", "start", "stop", "restart", "delete"):
+        parser = command(vms, action, summary(f"{action}_vm"), parents=opts.client)
+        parser.add_argument("sid", help="the VM's sid (vm_…), as deploy and list show it")
+        add_secret_arguments(parser, SECRET)
+        if action == "delete":
+            add_yes_argument(parser)
+    for parser in vms.choices.values():
+        parser.set_defaults(handler=_vms)
+
+    migrate = command(
+        sub,
+        "migrate-secret",
+        "re-key all of your VMs to a new secret, in one transaction",
+        parents=opts.client,
+    )
+    add_secret_arguments(migrate, OLD_SECRET)
+    add_secret_arguments(migrate, NEW_SECRET)
+    migrate.set_defaults(handler=_migrate)
+
+
+def _wait_arguments(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=text)
+    parser.add_argument(
+        "--wait-timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after"
+    )
+
+
+async def _vms(args: argparse.Namespace, settings: Settings) -> None:
+    action = args.vm_action
+    secret = resolve_secret(args, SECRET, what=f"vms {action}")
+    if action == "delete":
+        require_answer(args, "vms delete")
+    async with connected(args, settings) as client:
+        if action == "deploy":
+            await _deploy(args, client, secret)
+        elif action == "list":
+            result = await client.call("list_vms", {"secret": secret})
+            print_vms(args, result["vms"], many=True)
+        else:
+            body = {"sid": args.sid, "secret": secret}
+            if action == "delete":
+                vm = await client.call("get_vm", body)
+                await confirm(args, f"Delete VM {vm['name']} ({vm['sid']}, {vm['status']})?")
+            operation = "get_vm" if action == "get" else f"{action}_vm"
+            print_vms(args, [await client.call(operation, body)], many=False)
+
+
+async def _deploy(args: argparse.Namespace, client: Any, secret: str) -> None:
+    body: dict[str, Any] = {"name": args.name, "secret": secret}
+    body.update({f: getattr(args, f) for _, f, _, _ in SIZE_FLAGS if getattr(args, f) is not None})
+    before = (await client.call("health", {}))["position"] if args.wait else 0
+    vm = await client.call("deploy_vm", body)
+    if not args.wait or vm["status"] != "deploying":
+        print_vms(args, [vm], many=False)
+        return
+    began = datetime.fromisoformat(vm["updated_at"])
+    wait = Wait(f"vm:{vm['sid']}", before, began, "VmDeployed", "VmDeployFailed", describe_vm_event)
+    failure = await follow(args, client, wait)
+    vm = await client.call("get_vm", {"sid": vm["sid"], "secret": secret})
+    print_vms(args, [vm], many=False)
+    if failure is not None:
+        raise CommandFailed(f"{vm['name']} failed to deploy: {failure['data']['error']}")
+
+
+async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
+    old = resolve_secret(args, OLD_SECRET, what="migrate-secret")
+    new = resolve_secret(args, NEW_SECRET, what="migrate-secret")
+    async with connected(args, settings) as client:
+        result = await client.call("migrate_secret", {"old_secret": old, "new_secret": new})
+    if args.json:
+        print_json(result)
+    else:
+        print(f"migrated {result['migrated_count']} vms")
