@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Final, get_args
 
 import msgspec
+import msgspec.inspect
 
 from hero_deployer.asyncapi import ecma_pattern
 
@@ -38,3 +40,29 @@ def html_pattern(kind: Any) -> str:
 def max_length(kind: Any) -> int:
     """The `maxlength` attribute for `kind`."""
     return _meta(kind).max_length or 0
+
+
+@dataclass(frozen=True, slots=True)
+class NumberField:
+    """A number input of a form, its bounds and default read from a core request type."""
+
+    name: str
+    label: str
+    minimum: int
+    maximum: int
+    default: int
+
+
+def number_fields(request: type[msgspec.Struct], labels: dict[str, str]) -> list[NumberField]:
+    """The fields of `request` named in `labels`, with the bounds and defaults core gives them."""
+    info = msgspec.inspect.type_info(request)
+    assert isinstance(info, msgspec.inspect.StructType)
+    found = {}
+    for field in info.fields:
+        kind = field.type
+        if field.name in labels and isinstance(kind, msgspec.inspect.IntType):
+            assert kind.ge is not None and kind.le is not None and isinstance(field.default, int)
+            found[field.name] = NumberField(
+                field.name, labels[field.name], kind.ge, kind.le, field.default
+            )
+    return [found[name] for name in labels]

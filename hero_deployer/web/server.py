@@ -52,10 +52,12 @@ async def run_web(
     public_url: str = "",
     nkey: str | Path | None = None,
     creds: str | Path | None = None,
+    state_dir: Path | None = None,
 ) -> None:
     """Runs the dashboard alone against the service on `nats_url` until SIGINT or SIGTERM.
 
-    It connects as the client identity of `nkey` (a seed file) or `creds`, when given.
+    It connects as the client identity of `nkey` (a seed file) or `creds`, when given;
+    `state_dir` keeps the operators' session key and revocations.
     """
     from hero_deployer.cli import _wait_for_signal
 
@@ -70,7 +72,7 @@ async def run_web(
     )
     try:
         async with web_server(
-            client, token=token, host=host, port=port, public_url=public_url
+            client, token=token, host=host, port=port, public_url=public_url, state_dir=state_dir
         ) as url:
             print(f"hero-deployer web ready: {url} (nats {nats_url}, prefix {prefix})", flush=True)
             await _wait_for_signal()

@@ -67,7 +67,7 @@ class Entry:
 class StepState:
     step: str
     label: str
-    state: str  # "done", "current", "failed", "pending"
+    state: str  # "done", "current", "failed", "pending", "decommissioning", "decommissioned"
 
 
 def _at(event: EventOut, data: dict[str, Any]) -> datetime:
@@ -145,9 +145,15 @@ def timeline(events: list[EventOut], user: UserOut, now: datetime) -> list[Entry
 
 
 def step_states(user: UserOut) -> list[StepState]:
-    """Each provisioning step as done, current, failed or pending, for the progress strip."""
+    """Each provisioning step as done, current, failed or pending, for the progress strip.
+
+    While and after a decommission every step shows that state instead: what they built is
+    being deleted or gone.
+    """
     steps = [s for s in STEPS if s != "done"]
-    if user.status in ("ready", "decommissioning", "decommissioned") and user.step == "done":
+    if user.status in ("decommissioning", "decommissioned"):
+        return [StepState(s, STEP_LABELS[s], user.status) for s in steps]
+    if user.status == "ready" and user.step == "done":
         return [StepState(s, STEP_LABELS[s], "done") for s in steps]
     index = STEPS.index(user.step)
     states = []

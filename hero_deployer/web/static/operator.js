@@ -20,6 +20,7 @@
           if (!response.ok) return;
           el.innerHTML = await response.text();  // server-rendered, escaped by Jinja
           HD.formatTimes(el);
+          if (page === "audit") markFresh();
           updates += 1;
           document.body.dataset.liveUpdates = String(updates);
         } while (again);
@@ -29,51 +30,32 @@
     };
   }
 
+  // The audit page's live tail: new events matching the filters reload the newest page's rows
+  // from the server (which knows each command's actor), and the new ones are marked.
   let newest = 0;
-  function auditRow(event) {
-    if (event.position <= newest) return;  // already shown
-    newest = event.position;
+  function markFresh() {
+    let top = newest;
+    for (const row of document.querySelectorAll("#audit-rows tr[data-position]")) {
+      const position = Number(row.dataset.position);
+      if (newest && position > newest) row.classList.add("fresh");
+      top = Math.max(top, position);
+    }
+    newest = top;
+  }
+
+  function auditEvent(event, refresh) {
     const table = document.querySelector("table.audit");
     const tail = document.getElementById("live-tail");
-    if (!table || !tail || !tail.checked) return;
+    if (!table || !tail || !tail.checked || !refresh) return;
     if (table.dataset.stream && table.dataset.stream !== event.stream) return;
     if (table.dataset.type && table.dataset.type !== event.type) return;
-    const body = document.getElementById("audit-rows");
-    const empty = body.querySelector("tr.empty");
-    if (empty) empty.remove();
-    const row = document.createElement("tr");
-    row.className = "fresh";
-    const cells = [String(event.position), null, event.stream, event.type, JSON.stringify(event.data)];
-    cells.forEach((text, index) => {
-      const cell = document.createElement("td");
-      if (index === 1) {
-        const time = document.createElement("time");
-        time.setAttribute("datetime", event.recorded_at);
-        time.dataset.local = "";
-        time.textContent = event.recorded_at;
-        cell.appendChild(time);
-      } else if (index === 4) {
-        const code = document.createElement("code");
-        code.className = "data";
-        code.textContent = text;
-        cell.appendChild(code);
-      } else {
-        cell.textContent = text;
-      }
-      row.appendChild(cell);
-    });
-    body.prepend(row);
-    HD.formatTimes(row);
-    updates += 1;
-    document.body.dataset.liveUpdates = String(updates);
+    refresh();
   }
 
   document.addEventListener("DOMContentLoaded", () => {
     const target = document.querySelector("[data-refresh]");
     const refresh = target ? refresher(target) : null;
-    for (const cell of document.querySelectorAll("#audit-rows td:first-child")) {
-      newest = Math.max(newest, Number(cell.textContent) || 0);
-    }
+    if (page === "audit") markFresh();
     const detail = document.getElementById("user-detail");
     const wanted = detail ? "user:" + detail.dataset.user : null;
     const after = document.body.dataset.liveAfter;
@@ -87,7 +69,7 @@
     source.onerror = () => HD.liveState(false);
     source.onmessage = (message) => {
       const event = JSON.parse(message.data);
-      if (page === "audit") auditRow(event);
+      if (page === "audit") auditEvent(event, refresh);
       else if (page === "users" && event.stream.startsWith("user:")) refresh();
       else if (page === "user" && event.stream === wanted) refresh();
     };

@@ -1,4 +1,5 @@
-// The tenant's "My VMs": the secret lives in localStorage and travels only in POST bodies.
+// The tenant's "My VMs" and one VM's page: the secret lives in localStorage and travels only in
+// POST bodies.
 "use strict";
 
 (() => {
@@ -46,10 +47,33 @@
     el.hidden = !message;
   }
 
-  function cell(text) {
+  function cell(text, label) {
     const td = document.createElement("td");
     td.textContent = text;
+    td.dataset.label = label;
     return td;
+  }
+
+  const size = (vm) => `${vm.cpu_count} CPU · ${vm.memory_gb} GB · ${vm.disk_gb} GB disk · ${vm.rootfs_gb} GB root`;
+
+  function badge(status) {
+    const el = document.createElement("span");
+    el.className = "badge " + status;
+    el.textContent = status;
+    return el;
+  }
+
+  function actionButtons(vm, container, after) {
+    container.replaceChildren();
+    for (const action of ACTIONS[vm.status] || []) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = LABELS[action];
+      button.dataset.action = action;
+      if (action === "delete") button.className = "danger";
+      button.addEventListener("click", () => act(vm, action, after));
+      container.appendChild(button);
+    }
   }
 
   function render(vms) {
@@ -58,7 +82,7 @@
     if (vms.length === 0) {
       const row = document.createElement("tr");
       row.className = "empty";
-      const td = cell("No VMs for this secret yet. Deploy one below.");
+      const td = cell("No VMs for this secret yet. Deploy one below.", "");
       td.colSpan = 6;
       row.appendChild(td);
       body.appendChild(row);
@@ -68,17 +92,20 @@
       const row = document.createElement("tr");
       row.dataset.sid = vm.sid;
       row.dataset.status = vm.status;
-      const name = cell(vm.name);
+      const name = document.createElement("td");
+      name.dataset.label = "Name";
+      const link = document.createElement("a");
+      link.href = "/tenant/vms/" + encodeURIComponent(vm.sid);
+      link.textContent = vm.name;
+      name.appendChild(link);
       const sid = document.createElement("div");
       sid.className = "muted small";
       sid.textContent = vm.sid;
       name.appendChild(sid);
       row.appendChild(name);
       const status = document.createElement("td");
-      const badge = document.createElement("span");
-      badge.className = "badge " + vm.status;
-      badge.textContent = vm.status;
-      status.appendChild(badge);
+      status.dataset.label = "Status";
+      status.appendChild(badge(vm.status));
       if (vm.error) {
         const error = document.createElement("div");
         error.className = "error small";
@@ -86,33 +113,49 @@
         status.appendChild(error);
       }
       row.appendChild(status);
-      row.appendChild(cell(vm.node_id === null ? "—" : String(vm.node_id)));
-      row.appendChild(cell(`${vm.cpu_count} CPU · ${vm.memory_gb} GB · ${vm.disk_gb} GB disk`));
+      const address = cell(vm.mycelium_ip || "—", "Address");
+      address.className = "url";
+      row.appendChild(address);
+      row.appendChild(cell(size(vm), "Size"));
       const created = document.createElement("td");
+      created.dataset.label = "Created";
       const time = document.createElement("time");
       time.setAttribute("datetime", vm.created_at);
       time.dataset.local = "";
       created.appendChild(time);
       row.appendChild(created);
       const actionsCell = document.createElement("td");
+      actionsCell.dataset.label = "Actions";
       const actions = document.createElement("div");
       actions.className = "buttons";
       actionsCell.appendChild(actions);
-      for (const action of ACTIONS[vm.status] || []) {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.textContent = LABELS[action];
-        button.dataset.action = action;
-        if (action === "delete") button.className = "danger";
-        button.addEventListener("click", () => act(vm, action));
-        actions.appendChild(button);
-      }
+      actionButtons(vm, actions, load);
       row.appendChild(actionsCell);
       body.appendChild(row);
     }
     HD.formatTimes(body);
   }
 
+  // One VM's page: how to reach it, its details, its actions.
+  function renderVm(vm) {
+    $("vm-title").textContent = vm.name;
+    const status = $("vm-status");
+    status.className = "badge " + vm.status;
+    status.textContent = vm.status;
+    $("vm-address").textContent = vm.mycelium_ip && vm.ssh_command ? vm.mycelium_ip : "—";
+    $("vm-ssh").textContent = vm.ssh_command || (vm.status === "deleted" ? "— (deleted)" : "— (no address yet)");
+    $("vm-image").textContent = vm.image;
+    $("vm-size").textContent = size(vm);
+    $("vm-node").textContent = vm.node_id === null ? "—" : String(vm.node_id);
+    const created = $("vm-created");
+    created.setAttribute("datetime", vm.created_at);
+    HD.formatTimes(document);
+    if (vm.error) showError(vm.error);
+    document.body.dataset.vmStatus = vm.status;
+    actionButtons(vm, $("vm-actions"), load);
+  }
+
+  // Loads what the page shows; calls asked for meanwhile are coalesced into one more.
   let loading = false;
   let again = false;
   async function load() {
@@ -123,21 +166,25 @@
     try {
       do {
         again = false;
-        const result = await api("/tenant/api/vms", { secret: getSecret() });
+        const page = $("vm-page");
+        const result = page
+          ? await api("/tenant/api/vm", { secret: getSecret(), sid: page.dataset.sid })
+          : await api("/tenant/api/vms", { secret: getSecret() });
         if (!result.ok) { showError(result.error.message); return; }
         showError("");
-        render(result.data.vms);
+        if (page) renderVm(result.data);
+        else render(result.data.vms);
       } while (again);
     } finally {
       loading = false;
     }
   }
 
-  async function act(vm, action) {
+  async function act(vm, action, after) {
     if (action === "delete" && !(await HD.confirmDialog(`Delete ${vm.name}? This cannot be undone.`, "Yes, delete"))) return;
     const result = await api("/tenant/api/action", { secret: getSecret(), sid: vm.sid, action });
     if (!result.ok) showError(result.error.message);
-    await load();
+    await after();
   }
 
   function openSetSecret() {
@@ -166,6 +213,7 @@
     const dialog = $("change-secret-dialog");
     const error = $("change-secret-error");
     const fail = (message) => { error.textContent = message; error.hidden = false; };
+    if (!$("change-secret-open")) return;  // only the list page changes the secret
     $("change-secret-open").addEventListener("click", () => {
       for (const id of ["current-secret", "new-secret", "confirm-secret"]) {
         $(id).value = "";
@@ -212,15 +260,21 @@
   document.addEventListener("DOMContentLoaded", () => {
     setupSetSecret();
     setupChangeSecret();
-    $("forget-secret").addEventListener("click", () => {
-      localStorage.removeItem(KEY);
-      render([]);
-      openSetSecret();
-    });
-    $("deploy-form").addEventListener("submit", async (event) => {
+    if ($("forget-secret")) {
+      $("forget-secret").addEventListener("click", () => {
+        localStorage.removeItem(KEY);
+        render([]);
+        openSetSecret();
+      });
+    }
+    if ($("deploy-form")) $("deploy-form").addEventListener("submit", async (event) => {
       event.preventDefault();
       const name = $("vm-name").value.trim();
-      const result = await api("/tenant/api/deploy", { secret: getSecret(), name });
+      const body = { secret: getSecret(), name };
+      for (const input of document.querySelectorAll("#deploy-form input[data-size]")) {
+        body[input.name] = Number(input.value);
+      }
+      const result = await api("/tenant/api/deploy", body);
       if (!result.ok) { showError(result.error.message); return; }
       $("vm-name").value = "";
       HD.toast(`Deploying ${name}…`);

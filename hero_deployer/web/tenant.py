@@ -1,0 +1,193 @@
+"""The tenant side: My VMs, one VM's page, and their JSON API (the secret only in POST bodies)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal
+
+import msgspec
+from aiohttp import web
+
+from core.vm import DeployVm, Sid
+from hero_deployer.client import DomainError, NotFound, VmOut
+from hero_deployer.web.forms import conforms, number_fields
+from hero_deployer.web.middleware import CONFIG_KEY, error_json
+from hero_deployer.web.render import (
+    HTTP_STATUS,
+    acting,
+    client_key,
+    json_response,
+    render,
+    session_of,
+    words,
+)
+
+SIZE_LABELS: Final = {
+    "cpu_count": "CPUs",
+    "memory_gb": "Memory (GB)",
+    "disk_gb": "Disk (GB)",
+    "rootfs_gb": "Root disk (GB)",
+}
+SIZES: Final = number_fields(DeployVm, SIZE_LABELS)
+
+
+class TenantRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    secret: str
+
+
+class VmRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    secret: str
+    sid: str
+
+
+class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A deploy from the form: the sizes are checked by the service against core's bounds."""
+
+    secret: str
+    name: str
+    cpu_count: int | None = None
+    memory_gb: int | None = None
+    disk_gb: int | None = None
+    rootfs_gb: int | None = None
+
+
+class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    secret: str
+    sid: str
+    action: Literal["start", "stop", "restart", "delete"]
+
+
+class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    old_secret: str
+    new_secret: str
+
+    @property
+    def secret(self) -> str:
+        """The secret this request tries: the one it proves ownership with."""
+        return self.old_secret
+
+
+def vm_json(vm: VmOut) -> Any:
+    """A VM as the tenant page shows it, with how to reach it once it has an address."""
+    body: dict[str, Any] = msgspec.to_builtins(vm)
+    live = vm.status not in ("deleting", "deleted") and bool(vm.mycelium_ip)
+    body["ssh_command"] = f"ssh root@{vm.mycelium_ip}" if live else ""
+    return body
+
+
+async def tenant_page(request: web.Request) -> web.StreamResponse:
+    return render(request, "tenant.html", {"sizes": SIZES})
+
+
+async def tenant_vm_page(request: web.Request) -> web.StreamResponse:
+    """One VM's page; its data comes by POST with the secret from this browser's storage."""
+    sid = request.match_info["sid"]
+    if not conforms(sid, Sid):
+        return render(request, "not_found.html", {"what": "There is no such VM."}, status=404)
+    return render(request, "tenant_vm.html", {"sid": sid})
+
+
+async def _tenant_call(
+    request: web.Request,
+    kind: type[msgspec.Struct],
+    call: Callable[[Any], Awaitable[web.Response]],
+) -> web.Response:
+    """Decodes the body, applies the tenant limiter, maps errors to JSON answers."""
+    limiter = request.app[CONFIG_KEY].tenant_limiter
+    try:
+        body = msgspec.json.decode(await request.read(), type=kind)
+    except msgspec.ValidationError as error:
+        return error_json("InvalidInput", str(error), 400)
+    except msgspec.DecodeError:
+        return error_json("InvalidInput", "the body is not JSON", 400)
+    address, secret = client_key(request), str(getattr(body, "secret", ""))
+    wait = limiter.retry_after(address, secret)
+    if wait > 0:
+        return error_json(
+            "TooManyRequests",
+            f"Too many failed attempts; try again in {wait:.0f} s.",
+            429,
+            **{"Retry-After": str(max(1, round(wait)))},
+        )
+    try:
+        return await call(body)
+    except NotFound as error:
+        limiter.failed(address, secret)
+        return error_json(error.code, words(error), 404)
+    except DomainError as error:
+        return error_json(error.code, words(error), HTTP_STATUS.get(error.code, 500))
+
+
+async def tenant_vms(request: web.Request) -> web.StreamResponse:
+    client = acting(request)
+    browser, watches = session_of(request).id, request.app[CONFIG_KEY].watches
+
+    async def call(body: TenantRequest) -> web.Response:
+        vms = await client.list_vms(body.secret)
+        watches.show(browser, (vm.sid for vm in vms))
+        return json_response({"vms": [vm_json(vm) for vm in vms]})
+
+    return await _tenant_call(request, TenantRequest, call)
+
+
+async def tenant_vm(request: web.Request) -> web.StreamResponse:
+    client = acting(request)
+    browser, watches = session_of(request).id, request.app[CONFIG_KEY].watches
+
+    async def call(body: VmRequest) -> web.Response:
+        vm = await client.get_vm(body.sid, body.secret)
+        watches.show(browser, [vm.sid])
+        return json_response(vm_json(vm))
+
+    return await _tenant_call(request, VmRequest, call)
+
+
+async def tenant_deploy(request: web.Request) -> web.StreamResponse:
+    client = acting(request)
+    browser, watches = session_of(request).id, request.app[CONFIG_KEY].watches
+
+    async def call(body: DeployRequest) -> web.Response:
+        sizes = {f.name: getattr(body, f.name) for f in SIZES}
+        given = {name: value for name, value in sizes.items() if value is not None}
+        vm = await client.deploy_vm(name=body.name, secret=body.secret, **given)
+        watches.add(browser, vm.sid)
+        return json_response(vm_json(vm))
+
+    return await _tenant_call(request, DeployRequest, call)
+
+
+async def tenant_action(request: web.Request) -> web.StreamResponse:
+    client = acting(request)
+    actions = {
+        "start": client.start_vm,
+        "stop": client.stop_vm,
+        "restart": client.restart_vm,
+        "delete": client.delete_vm,
+    }
+
+    async def call(body: ActionRequest) -> web.Response:
+        vm = await actions[body.action](body.sid, body.secret)
+        return json_response(vm_json(vm))
+
+    return await _tenant_call(request, ActionRequest, call)
+
+
+async def tenant_migrate(request: web.Request) -> web.StreamResponse:
+    client = acting(request)
+
+    async def call(body: MigrateRequest) -> web.Response:
+        result = await client.migrate_secret(body.old_secret, body.new_secret)
+        return json_response(msgspec.to_builtins(result))
+
+    return await _tenant_call(request, MigrateRequest, call)
+
+
+def add_routes(app: web.Application) -> None:
+    """The tenant pages and API."""
+    app.router.add_get("/tenant", tenant_page)
+    app.router.add_get("/tenant/vms/{sid}", tenant_vm_page)
+    app.router.add_post("/tenant/api/vms", tenant_vms)
+    app.router.add_post("/tenant/api/vm", tenant_vm)
+    app.router.add_post("/tenant/api/deploy", tenant_deploy)
+    app.router.add_post("/tenant/api/action", tenant_action)
+    app.router.add_post("/tenant/api/migrate", tenant_migrate)
