@@ -255,7 +255,11 @@ async def _dashboard(settings: Settings, port: int) -> AsyncIterator[str]:
     )
     try:
         async with web_server(
-            client, token=settings.token, port=port, public_url=settings.public_url
+            client,
+            token=settings.token,
+            port=port,
+            public_url=settings.public_url,
+            state_dir=settings.data_dir,  # the operators' session key: logins survive restarts
         ) as url:
             yield url
     finally:
@@ -285,6 +289,7 @@ async def _web(args: argparse.Namespace, settings: Settings) -> None:
         port=args.web_port,
         timeout=args.timeout,
         public_url=settings.public_url,
+        state_dir=settings.data_dir,
         **client_credentials(settings),
     )
 
