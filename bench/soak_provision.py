@@ -2,12 +2,13 @@
 
 One data dir, one nats-server of its own, the local grid with real SSH VMs. Each round starts
 `hero-deployer serve`, asks it to provision one more user (the ones before it may still be on
-their way), lets it run for a random time and kills it with SIGKILL. After the last round the
+their way), waits for a random one of that user's provisioning events (from the status
+stream) and a few random milliseconds more, and kills it with SIGKILL. After the last round the
 service starts once more and every user must reach `ready`, with one VM each: provisioning
 continues from the last recorded step rather than starting over. Prints the rounds, the time
 they took, and each user that did not make it.
 
-    .venv/bin/python -m bench.soak_provision [--kills 200] [--max-pause 3] [--seed 1]
+    .venv/bin/python -m bench.soak_provision [--kills 200] [--max-wait 5] [--seed 1]
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from hero_deployer.natsserver import NatsServer, free_port
 
 TOKEN = "bench-token-" + "s" * 32
 ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "hero.v1"
+STEP_EVENTS = (  # a user's events while provisioning, in order
+    "ProvisioningRequested", "ForgeUserEnsured", "SshKeyGenerated", "NodeSelected",
+    "UserVmDeployRequested", "UserVmDeployed", "GatewayDeployed", "SshReachable",
+    "ManifestUploaded", "SetupCompleted", "HealthVerified", "ProvisioningCompleted",
+)  # fmt: skip
 
 
 async def _serve(url: str, data: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -51,6 +58,27 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
+async def _random_point(
+    client: HeroDeployerClient, name: str, rng: random.Random, max_wait: float
+) -> str:
+    """Provisions `name` and returns after a random one of its events: the kill point."""
+    events = await client.nc.subscribe(f"{PREFIX}.events.user.{name}.>")
+    target, seen, last = rng.randrange(1, len(STEP_EVENTS) + 1), 0, "ProvisioningRequested?"
+    try:
+        await client.call("provision_user", {"username": name})
+        async with asyncio.timeout(max_wait):
+            async for msg in events.messages:
+                seen, last = seen + 1, msg.subject.rsplit(".", 1)[1]
+                if seen >= target or last in ("ProvisioningCompleted", "StepFailed"):
+                    break
+    except TimeoutError:
+        pass  # a step that takes longer: killed inside it
+    finally:
+        await events.unsubscribe()
+    await asyncio.sleep(rng.uniform(0, 0.05))  # a random moment inside the step that follows
+    return f"after {last}"
+
+
 async def _users(client: HeroDeployerClient) -> dict[str, Any]:
     return {u["username"]: u for u in (await client.call("list_users"))["users"]}
 
@@ -61,7 +89,7 @@ async def _vm_requests(client: HeroDeployerClient, name: str) -> int:
     return sum(1 for e in page["events"] if e["type"] == "UserVmDeployRequested")
 
 
-async def run(kills: int, max_pause: float, seed: int, deadline: float, keep: bool) -> None:
+async def run(kills: int, max_wait: float, seed: int, deadline: float, keep: bool) -> None:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         root = Path(tempfile.mkdtemp(prefix="soak-kept-")) if keep else Path(tmp)
@@ -86,11 +114,8 @@ async def run(kills: int, max_pause: float, seed: int, deadline: float, keep: bo
             try:
                 for round_ in range(kills):
                     service = await _serve(nats_server.url, data, env)
-                    await client.call("provision_user", {"username": f"soak{round_:03d}"})
-                    await asyncio.sleep(rng.uniform(0, max_pause))  # a random point, not a wait
-                    for user in (await _users(client)).values():
-                        if user["status"] == "provisioning":
-                            steps_at_kill[user["step"]] += 1
+                    name = f"soak{round_:03d}"
+                    steps_at_kill[await _random_point(client, name, rng, max_wait)] += 1
                     await _kill(service)
                     if (round_ + 1) % 10 == 0:
                         print(f"  {round_ + 1} kills, {time.perf_counter() - started:.0f} s",
@@ -129,7 +154,7 @@ def _report(
 ) -> None:
     ready = [n for n, u in users.items() if u["status"] == "ready"]
     print(f"{kills} kill -9 of serve in {soak:.0f} s ({soak / kills:.2f} s a round)")
-    print("steps in progress at the kills:", dict(sorted(steps_at_kill.items())))
+    print("kill points (the last event seen of the new user):", dict(sorted(steps_at_kill.items())))
     print(f"users ready after the last restart: {len(ready)}/{kills} (want all)")
     print(f"users whose VM was asked for more than once: "
           f"{sum(1 for n in ready if vm_counts[n] > 1)} (want 0)")  # fmt: skip
@@ -143,7 +168,9 @@ def _report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=200)
-    parser.add_argument("--max-pause", type=float, default=3.0, help="longest run before a kill")
+    parser.add_argument(
+        "--max-wait", type=float, default=5.0, help="longest wait for the chosen event"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the data dir and service.log")
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds to reach ready")
@@ -152,7 +179,7 @@ def main() -> None:
         f"bench/soak_provision.py on {os.cpu_count()} cores, python {sys.version.split()[0]},"
         f" seed {args.seed}"
     )
-    asyncio.run(run(args.kills, args.max_pause, args.seed, args.deadline, args.keep))
+    asyncio.run(run(args.kills, args.max_wait, args.seed, args.deadline, args.keep))
 
 
 if __name__ == "__main__":
