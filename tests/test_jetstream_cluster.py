@@ -22,6 +22,7 @@ from nats.aio.client import Client
 
 from adapters.eventstore_jetstream import JetStreamEventStore
 from adapters.jetstream_log import STREAM, verify_chain
+from adapters.keyfiles import load_or_create_nkey
 from adapters.localgrid import LocalGrid
 from hero_deployer.bootstrap import SHARED_KEYS, SharedKeyMissing, bootstrap
 from hero_deployer.client import Conflict, HeroDeployerClient, Unavailable
@@ -30,7 +31,14 @@ from hero_deployer.settings import Settings
 from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 from tests.helpers import deploy_running
-from tests.jetstream_cluster import cluster, connect, jetstream_ready, jetstream_server, started
+from tests.jetstream_cluster import (
+    cluster,
+    connect,
+    jetstream_ready,
+    jetstream_server,
+    node_config,
+    started,
+)
 
 SECRET = "a-tenant-secret-long-enough"
 
@@ -278,3 +286,108 @@ async def audit(urls: list[str], acknowledged: dict[str, str]) -> tuple[int, int
             return found, doubled, last
     finally:
         await nc.close()
+
+
+# Moving a log with the CLI, and the documented permissions ----------------------------------
+
+
+def hero_deployer(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HERO_DEPLOYER_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "hero_deployer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**clean, **(env or {})},
+    )
+
+
+async def test_migrate_store_moves_a_served_log_into_jetstream(
+    tmp_path: Path, log_server: NatsServer, nc: Client
+) -> None:
+    """A log written by `serve` on SQLite, moved by the CLI, then served from JetStream."""
+    data_dir = tmp_path / "data"
+    settings = make_settings(data_dir, prefix="mv.v1")
+    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
+    async with grid:
+        async with bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app:
+            client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+            sid = await deploy_running(client, SECRET)
+            head, count = app.store.head_hash, app.store.position
+
+        process = hero_deployer(
+            "migrate-store", "--from", f"sqlite:{data_dir}", "--to", f"jetstream:{log_server.url}",
+            "--replicas", "1",
+        )  # fmt: skip
+        stdout, stderr = await asyncio.to_thread(process.communicate, None, 60)
+        assert process.returncode == 0, stderr
+        assert stdout.startswith(f"moved {count} events (head {head}), 1 idempotency records")
+
+        moved = replica(data_dir, settings.prefix)  # the same keys, the log now in JetStream
+        async with bootstrap(moved, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app:
+            assert (app.store.position, app.store.head_hash) == (count, head)
+            vm = await client.call("get_vm", {"sid": sid, "secret": SECRET})
+            assert vm["sid"] == sid
+
+    again = hero_deployer(
+        "migrate-store", "--from", f"sqlite:{data_dir}", "--to", f"jetstream:{log_server.url}"
+    )
+    _, stderr = await asyncio.to_thread(again.communicate, None, 60)
+    assert again.returncode != 0
+    assert "already holds events" in stderr
+
+
+def documented_authorization(service: str, client: str) -> str:
+    """The authorization block docs/scale-out.md gives, for these two public keys."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text()
+    block = next(b for b in docs.split("```conf\n")[1:] if b.startswith("authorization"))
+    block = block.split("```")[0]
+    return block.replace("USERVICE_PUBLIC_NKEY", service).replace("UCLIENT_PUBLIC_NKEY", client)
+
+
+async def test_the_documented_permissions_serve_a_jetstream_log_and_keep_clients_out(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    service = load_or_create_nkey(keys / "service.nk")
+    client_key = load_or_create_nkey(keys / "client.nk")
+    text = node_config(tmp_path / "nats" / "js") + documented_authorization(service, client_key)
+    async with jetstream_server(tmp_path / "nats", text) as server:
+        process = hero_deployer(
+            "serve", "--nats", server.url, "--store", "jetstream", "--replicas", "1",
+            "--nkey", str(keys / "service.nk"), "--data-dir", str(tmp_path / "serve"),
+            env={"HERO_DEPLOYER_TOKEN": TOKEN, "HERO_DEPLOYER_LOCAL_SSH": "0",
+                 "HERO_DEPLOYER_LOCAL_DEPLOY_DELAY": "0"},
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
+            assert "ready" in line, process.stderr.read() if process.stderr else ""
+            errors: asyncio.Queue[str] = asyncio.Queue()
+
+            async def on_error(error: Exception) -> None:
+                errors.put_nowait(str(error))
+
+            client = await HeroDeployerClient.connect(
+                server.url,
+                nkey=keys / "client.nk",
+                token=TOKEN,
+                prefix="hero.v1",
+                nats_options={"error_cb": on_error},
+            )
+            try:
+                sid = await deploy_running(client, SECRET)
+                assert (await client.get_vm(sid, SECRET)).sid == sid
+                await client.nc.subscribe("hero.log.>")  # the log itself
+                await client.nc.subscribe("_INBOX_hero_service.>")  # the service's replies
+                inbox = client.nc.new_inbox()
+                await client.nc.publish("$JS.API.DIRECT.GET.HERO_EVENTS", b'{"seq":1}', reply=inbox)
+                for _ in range(3):
+                    error = await asyncio.wait_for(errors.get(), 10)
+                    assert "permissions violation" in error.lower(), error
+            finally:
+                await client.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 30) == 0

@@ -11,7 +11,7 @@ from typing import Any
 
 from adapters.sqlite_runtime import disable_memory_statistics
 from hero_deployer import audit, context
-from hero_deployer.cli import run, service, users, vms
+from hero_deployer.cli import run, service, store, users, vms
 from hero_deployer.cli.errors import EXIT_STATUS_HELP, failure_of, report
 from hero_deployer.cli.parsing import HelpFormatter, Parser, command, options
 from hero_deployer.cli.run import NatsRefused
@@ -33,7 +33,7 @@ HERO_DEPLOYER_* variables point it elsewhere. Colour only on a terminal, never w
 {EXIT_STATUS_HELP}"""
 
 # Each module adds its commands; a new command is one `add_commands` here (or a line in one).
-COMMAND_MODULES = (run, service, vms, users)
+COMMAND_MODULES = (run, service, vms, users, store)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from hero_deployer.client import NatsIdentity
 
 BACKENDS = ["local", "hero-compute", "opentofu"]
+SERVICE_INBOX = "_INBOX_hero_service"
+"""The service's reply subjects beside a JetStream log (docs/scale-out.md, permissions)."""
 
 UP_EPILOG = """\
 examples:
@@ -222,6 +224,8 @@ async def _service_connection(settings: Settings, guard: _StartGuard, embedded: 
             nkey=settings.nats_nkey or None, creds=settings.nats_creds or None
         )
     urls = [url.strip() for url in settings.nats_url.split(",") if url.strip()]  # a cluster's
+    if settings.store == "jetstream":  # JetStream's replies carry the log: not in clients' _INBOX
+        credentials["inbox_prefix"] = SERVICE_INBOX
     return await nats.connect(
         urls, max_reconnect_attempts=-1, error_cb=guard.on_error, **credentials
     )
