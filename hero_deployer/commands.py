@@ -56,8 +56,12 @@ class Decision(msgspec.Struct, frozen=True):
 
 
 async def consistent_views(deps: Deps) -> None:
-    """Waits until the views reflect every event committed before this call: read-your-writes."""
-    await deps.views.wait_for(deps.store.position)
+    """Waits until the views reflect every event committed before this call: read-your-writes.
+
+    The log's last position, not this process's: another replica's writes count too (on
+    JetStream that is one request to the stream; SQLite knows it in memory).
+    """
+    await deps.views.wait_for(await deps.store.last_position())
 
 
 async def execute(

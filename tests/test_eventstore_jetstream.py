@@ -186,6 +186,7 @@ async def test_a_writer_sees_the_other_writers_events(
 ) -> None:
     first, second = two_writers
     await first.append([to("vm:a", 0, payload(1), payload(2))])
+    assert await second.last_position() == 2  # asked of the stream: no waiting for news
     await asyncio.wait_for(second.wait_for_events_after(1), 5)
     assert second.position == 2
     assert second.head_hash == first.head_hash

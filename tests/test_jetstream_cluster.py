@@ -391,3 +391,26 @@ async def test_the_documented_permissions_serve_a_jetstream_log_and_keep_clients
         finally:
             process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+async def test_a_replica_answers_with_what_another_replica_just_wrote(
+    tmp_path: Path, nc: Client
+) -> None:
+    """Read your writes across replicas: each query waits for its views to reach the log's head."""
+    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
+    first = replica(tmp_path / "first", "ryw-a.v1")
+    async with grid, bootstrap(first, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
+        second_dir = tmp_path / "second"
+        second_dir.mkdir(mode=0o700)
+        for name in ("fingerprint.key", "master.key"):
+            shutil.copy2(tmp_path / "first" / name, second_dir / name)
+        second = replica(second_dir, "ryw-b.v1")  # its own subjects: it alone answers them
+        async with bootstrap(second, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
+            writer = HeroDeployerClient(nc, token=TOKEN, prefix=first.prefix)
+            reader = HeroDeployerClient(nc, token=TOKEN, prefix=second.prefix)
+            for n in range(30):
+                vm = await writer.call("deploy_vm", {"name": f"r{n}", "secret": SECRET})
+                seen = await reader.call("get_vm", {"sid": vm["sid"], "secret": SECRET})
+                assert seen["sid"] == vm["sid"]
+                listed = await reader.call("list_vms", {"secret": SECRET})
+                assert len(listed["vms"]) == n + 1
