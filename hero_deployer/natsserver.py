@@ -113,7 +113,12 @@ def render_config(data_dir: Path, prefix: str, base: Path | None = REPO_CONFIG) 
 
 
 def ensure_port_free(port: int) -> None:
-    """Raises NatsServerError when something already listens on 127.0.0.1:`port`."""
+    """Raises NatsServerError unless `port` is a TCP port no one listens on at 127.0.0.1."""
+    if not 1 <= port <= 65535:
+        # 0 would bind an ephemeral port here while nats-server took its configured default
+        raise NatsServerError(
+            f"NATS port {port} is not a TCP port (1..65535): choose another with --nats-port"
+        )
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # as nats-server binds (Go sets SO_REUSEADDR): a port in TIME_WAIT is free, one in use not
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
