@@ -27,9 +27,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     take = sub.add_parser(
         "backup", parents=[common], help="copy the log, the vault and the keys into FILE (0600)"
     )
-    take.add_argument("file", type=Path)
+    take.add_argument("file", type=Path, help="the backup file to write")
     put = sub.add_parser("restore", parents=[common], help="restore FILE into a new --data-dir")
-    put.add_argument("file", type=Path)
+    put.add_argument("file", type=Path, help="a backup file that `backup` wrote")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,6 +15,7 @@ from hero_deployer.cli import run, service, store, users, vms
 from hero_deployer.cli.errors import EXIT_STATUS_HELP, failure_of, report
 from hero_deployer.cli.parsing import HelpFormatter, Parser, command, options
 from hero_deployer.cli.run import NatsRefused
+from hero_deployer.cli.validation import LABELS
 from hero_deployer.settings import VERSION, Settings, explicit_values
 
 DESCRIPTION = "Run hero-deployer, the owner of the Hero OS demo fleet's VMs, and talk to it."
@@ -54,8 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(parser: argparse.ArgumentParser) -> None:
-    """Gives every subcommand added elsewhere (audit's) its summary as its description too."""
+    """Gives every subcommand added elsewhere (audit's) its summary as its description too.
+
+    It also tells the validation messages each field's flag (`cpu_count` → `--cpu`).
+    """
     for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            LABELS.setdefault(action.dest, max(action.option_strings, key=len))
         if not isinstance(action, argparse._SubParsersAction):
             continue
         summaries = {a.dest: a.help for a in action._choices_actions}

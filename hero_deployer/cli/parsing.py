@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hero_deployer.cli.validation import LABELS, bounds, field_type
+from hero_deployer.cli.validation import bounds, field_type
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -112,12 +112,11 @@ def field_option(
     """A flag for `struct.field` whose help gives the field's bounds and default, from the type.
 
     The flag's own default stays None: the service applies the type's default, so the CLI sends
-    only what was given. `LABELS` learns the flag, so a refused value names it.
+    only what was given.
     """
     kind, default = field_type(struct, field)
     span = bounds(kind) if "default:" not in text else ""
     extra = ", ".join(part for part in (span, _default(default)) if part)
-    LABELS[field] = flag
     kwargs.setdefault("metavar", "N" if kwargs.get("type") is int else flag.strip("-").upper())
     parser.add_argument(
         flag, dest=field, help=f"{text} ({extra})" if extra else text, default=None, **kwargs

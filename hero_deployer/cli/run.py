@@ -25,6 +25,10 @@ UP_EPILOG = """\
 examples:
   hero-deployer up                              # nats on 127.0.0.1:4222, data in ./var
   hero-deployer up --data-dir /srv/hero --nats-port 4333 --web-port 0
+  hero-deployer up --backend opentofu           # see docs/backends.md"""
+
+SERVE_EPILOG = """\
+examples:
   hero-deployer serve --nats nats://nats-1:4222 --nkey service.nk --data-dir /srv/hero
   hero-deployer serve --nats nats://a:4222,nats://b:4222 --store jetstream --replicas 3"""
 
@@ -49,7 +53,7 @@ def add_commands(sub: Any, opts: Options) -> None:
         "serve",
         "run the service alone on an existing NATS",
         parents=[opts.data_dir, opts.nats],
-        epilog=UP_EPILOG,
+        epilog=SERVE_EPILOG,
     )
     serve_p.add_argument("--backend", choices=BACKENDS, help="compute backend (default: local)")
     serve_p.add_argument("--nkey", dest="nats_nkey", metavar="FILE", help="the service's NKey seed")

@@ -170,11 +170,13 @@ def _print_status(result: dict[str, Any]) -> None:
         ("status", status(str(result["status"]), on=on)),
         ("version", result["version"]),
         ("position", f"{result['position']}  head {result['head_hash'] or '-'}"),
-        ("backend", result["backend"]),
     ]
-    for part in result["parts"]:
-        mark = status(part["state"], on=on)
-        rows.append((part["name"], f"{mark}  {part['message']}"))
+    parts = {part["name"]: part for part in result["parts"]}
+    backend = parts.pop("backend", None)
+    said = f"  {status(backend['state'], on=on)}  {backend['message']}" if backend else ""
+    rows.append(("backend", f"{result['backend']}{said}"))
+    for part in parts.values():
+        rows.append((part["name"], f"{status(part['state'], on=on)}  {part['message']}"))
     where = "the service" if result["checked_by"] == "service" else "here (backend check)"
     rows.append(("checked", where))
     for key, value in rows:

@@ -56,21 +56,21 @@ def add_commands(sub: Any, opts: Options) -> None:
     _wait_timeout(provision)
     command(users, "list", summary("list_users"), parents=opts.client)
     get = command(users, "get", summary("get_user"), parents=opts.client)
-    get.add_argument("username")
+    get.add_argument("username", help="the user's name")
     decommission = command(
         users,
         "decommission",
         summary("decommission_user") + ": its VM, gateway and account",
         parents=opts.client,
     )
-    decommission.add_argument("username")
+    decommission.add_argument("username", help="the user's name")
     decommission.add_argument("--wait", action="store_true", help="follow until decommissioned")
     _wait_timeout(decommission)
     add_yes_argument(decommission)
     reveal = command(
         users, "reveal-password", summary("reveal_initial_password"), parents=opts.client
     )
-    reveal.add_argument("username")
+    reveal.add_argument("username", help="the user's name")
     for parser in users.choices.values():
         parser.set_defaults(handler=_users)
 

@@ -17,7 +17,7 @@ import msgspec.inspect as mi
 # field → how the CLI spells it (`--cpu` for cpu_count); filled as the parser adds the flags
 LABELS: Final[dict[str, str]] = {}
 
-_AT = re.compile(r"^Expected .* - at `\$\.(?P<field>\w+)`\Z", re.S)
+_AT = re.compile(r"^(?P<text>.*) - at `\$\.(?P<field>\w+)`\Z", re.S)
 _CLASS_RUN = re.compile(r"\[(?P<chars>[^\]^][^\]]*)\](?P<count>[+*]?)")
 _RANGES: Final = {"A-Z": "upper-case letter", "a-z": "lower-case letter", "0-9": "digit"}
 
@@ -28,6 +28,8 @@ def readable(message: str) -> str:
     if match is None:
         return message
     field = match["field"]
+    if not match["text"].startswith("Expected `"):  # the service's own sentence: it names it
+        return str(match["text"])
     kind = request_fields().get(field)
     if kind is None:
         return message
