@@ -1,8 +1,9 @@
 """The dashboard in a real browser: Playwright driving Debian's Chromium against a real service.
 
 Journeys of an operator (log in, provision and watch the steps live, reveal the password once,
-decommission, the audit log's live tail) and of a tenant (deploy, stop, start, change the secret).
-Screenshots of each main page go to test-output/screenshots/.
+decommission and see it so, the audit log's live tail and actors) and of a tenant (deploy with a
+size, stop, start, the VM's page, change the secret); every page at 1280 and 390 px wide without
+sideways scrolling. Screenshots of every page at both widths go to test-output/screenshots/.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nats.aio.client import Client
 from hero_deployer.web import web_server
 from tests.conftest import TOKEN
 from tests.fakes.forgejo import FakeForgejo
+from tests.helpers import wait_for_event
 from tests.test_users_e2e import Users, forge_settings, users_service
 
 expect = playwright_api.expect
@@ -58,25 +60,43 @@ async def dashboard(tmp_path: Path, nc: Client) -> AsyncIterator[Dashboard]:
         yield Dashboard(svc, url, forge)
 
 
-@pytest_asyncio.fixture
-async def page(tmp_path: Path) -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
-        )
-        context = await browser.new_context(viewport={"width": 1200, "height": 860})
+class Browser:
+    """A Chromium whose pages report script errors and CSP violations into `errors`."""
+
+    def __init__(self, browser: Any) -> None:
+        self.browser = browser
+        self.errors: list[str] = []
+
+    async def page(self, width: int = 1200, height: int = 860) -> Any:
+        context = await self.browser.new_context(viewport={"width": width, "height": height})
         page = await context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on(
             "console",
-            lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None,
+            lambda msg: (
+                self.errors.append(msg.text) if "Content Security Policy" in msg.text else None
+            ),
         )
+        return page
+
+
+@pytest_asyncio.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    async with playwright_api.async_playwright() as p:
+        launched = await p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        browser = Browser(launched)
         try:
-            yield page
+            yield browser
         finally:
-            await browser.close()
-        assert errors == [], f"script errors or CSP violations in the page: {errors}"
+            await launched.close()
+        assert browser.errors == [], f"script errors or CSP violations: {browser.errors}"
+
+
+@pytest_asyncio.fixture
+async def page(chromium: Browser) -> Any:
+    return await chromium.page()
 
 
 async def shot(page: Any, name: str) -> None:
@@ -147,15 +167,21 @@ async def test_operator_provisions_watches_live_reveals_once_and_decommissions(
     await expect(page.locator("#public-key")).to_contain_text("ssh-ed25519 ")
     await shot(page, "user")
 
-    # The initial password is shown once; the second attempt says so in words.
+    # The initial password is shown once, after a redirect; then the button is gone, and a
+    # reload neither shows it nor asks the service again.
     await page.click("button:has-text('Reveal initial password')")
     await page.click("#confirm-ok")
     password = dashboard.forge.users["alice"].password
     await expect(page.locator("#initial-password")).to_have_text(password)
-    await page.click("button:has-text('Reveal initial password')")
-    await page.click("#confirm-ok")
-    await expect(page.locator("#password-error")).to_contain_text("already revealed")
+    await expect(page).to_have_url(url + "/users/alice")
+    await expect(page.locator("button:has-text('Reveal initial password')")).to_have_count(0)
+    await expect(page.locator("#password-state")).to_have_text("revealed and destroyed")
+    await page.reload()
+    await expect(page.locator("#user-status")).to_have_text("ready")
     await expect(page.locator("#initial-password")).to_have_count(0)
+    assert password not in await page.content()
+    revealed = await dashboard.svc.client.events(stream="user:alice", limit=1000)
+    assert [e.type for e in revealed.events].count("InitialPasswordRevealed") == 1
 
     # The users table: escaped display name, status, gateway link.
     await page.goto(url + "/users")
@@ -172,6 +198,14 @@ async def test_operator_provisions_watches_live_reveals_once_and_decommissions(
     await page.click("#confirm-ok")
     await expect(page.locator("#user-status")).to_have_text("decommissioned", timeout=LIVE)
     await expect(page.locator("#timeline")).to_contain_text("Decommissioned")
+    # Stale state shown as it is: no VM or gateway link, every step chip decommissioned.
+    await expect(page.locator("#gateway a")).to_have_count(0)
+    await expect(page.locator("#gateway")).to_have_text("deleted")
+    await expect(page.locator("#vm-sid")).to_have_text("deleted")
+    await expect(page.locator("ol.steps li[data-state=decommissioned]")).to_have_count(9)
+    await expect(page.locator("ol.steps li[data-state=done]")).to_have_count(0)
+    await page.goto(url + "/users")
+    await expect(page.locator("tr[data-user=alice] a[target=_blank]")).to_have_count(0)
 
     # The audit log follows new events live.
     await page.goto(url + "/audit")
@@ -179,6 +213,11 @@ async def test_operator_provisions_watches_live_reveals_once_and_decommissions(
     await expect(page.locator("#live-dot")).to_be_visible()
     await dashboard.svc.client.deploy_vm(name="audit-probe", secret="probe")
     await expect(page.locator("#audit-rows tr.fresh").first).to_contain_text("vm:vm_")
+    probe = page.locator("#audit-rows tr.fresh", has_text="VmDeployRequested")
+    await expect(probe.locator(".who")).to_have_text("sdk")
+    # The operator's own commands carry this session's label.
+    decommissioned = page.locator("#audit-rows tr", has_text="DecommissionRequested")
+    await expect(decommissioned.locator(".who")).to_have_text(re.compile(r"^dashboard op-"))
     await shot(page, "audit")
     await page.goto(url + "/audit?stream=user:alice&type=ProvisioningCompleted")
     await expect(page.locator("#audit-rows tr")).to_have_count(1)
@@ -204,10 +243,30 @@ async def test_tenant_deploys_stops_starts_and_changes_the_secret(
 
     assert await pattern_mismatches(page, "#vm-name", ["web 1", "web/1", "wéb"])
     assert not await pattern_mismatches(page, "#vm-name", ["web-1", "a.b_c"])
+    # The size inputs carry core's bounds, so the browser refuses what the service would.
+    assert await page.eval_on_selector("#vm-cpu_count", "el => [el.min, el.max]") == ["1", "64"]
+    await page.fill("#vm-cpu_count", "65")
+    assert await page.eval_on_selector("#vm-cpu_count", "el => el.validity.rangeOverflow")
     await page.fill("#vm-name", "web-1")
+    await page.fill("#vm-cpu_count", "2")
+    await page.fill("#vm-memory_gb", "4")
     await page.click("#deploy-form button[type=submit]")
     row = page.locator("#vm-rows tr", has_text="web-1")
     await expect(row.locator(".badge")).to_have_text("running", timeout=LIVE)
+    await expect(row).to_contain_text("2 CPU · 4 GB")
+    vm = (await dashboard.svc.client.list_vms("tenant-secret-1"))[0]
+    assert (vm.cpu_count, vm.memory_gb) == (2, 4)
+
+    # The VM's page says how to reach it.
+    await row.locator("a", has_text="web-1").click()
+    await expect(page).to_have_url(f"{url}/tenant/vms/{vm.sid}")
+    await expect(page.locator("#vm-status")).to_have_text("running")
+    await expect(page.locator("#vm-ssh")).to_have_text(f"ssh root@{vm.mycelium_ip}")
+    await expect(page.locator("#vm-address")).to_have_text(vm.mycelium_ip)
+    await expect(page.locator("#vm-gateway")).to_contain_text("no public gateway")
+    await page.go_back()
+    row = page.locator("#vm-rows tr", has_text="web-1")
+    await expect(row.locator(".badge")).to_have_text("running")
     await row.locator("button[data-action=stop]").click()
     await expect(row.locator(".badge")).to_have_text("stopped", timeout=LIVE)
     await row.locator("button[data-action=start]").click()
@@ -252,3 +311,77 @@ async def test_a_post_without_the_csrf_token_is_refused(dashboard: Dashboard) ->
         users = await http.get("/users")
         assert users.status_code == 302 and users.headers["location"].startswith("/login")
     assert await dashboard.svc.client.list_vms("s") == []
+
+
+# Layout at a laptop's and a phone's width ------------------------------------------------------
+
+WIDTHS = (1280, 390)
+
+
+async def sideways(page: Any) -> int:
+    """How far the page scrolls sideways: 0 when nothing is wider than the window."""
+    return int(await page.evaluate("document.documentElement.scrollWidth - window.innerWidth"))
+
+
+async def fleet(svc: Users) -> str:
+    """A ready user with long texts, a decommissioned one, and a tenant VM; returns its sid."""
+    client = svc.client
+    await client.provision_user(
+        "alice",
+        display_name="Alice " + "Averyveryverylongfamilyname" * 2,
+        forge_email="alice.with.a.rather.long.address@example.org",
+    )
+    await client.provision_user("bob")
+    await wait_for_event(client, "user:alice", "ProvisioningCompleted", timeout=60)
+    await wait_for_event(client, "user:bob", "ProvisioningCompleted", timeout=60)
+    await client.decommission_user("bob")
+    await wait_for_event(client, "user:bob", "UserDecommissioned", timeout=60)
+    vm = await client.deploy_vm(name="tenant-vm-" + "x" * 50, secret="tenant-secret")
+    await wait_for_event(client, f"vm:{vm.sid}", "VmDeployed")
+    return vm.sid
+
+
+async def test_no_page_scrolls_sideways_at_1280_or_390_px(
+    dashboard: Dashboard, chromium: Browser
+) -> None:
+    url = dashboard.url
+    sid = await fleet(dashboard.svc)
+    for width in WIDTHS:
+        page = await chromium.page(width=width)
+        seen: list[tuple[str, int]] = []
+
+        async def check(name: str, path: str, ready: str) -> None:
+            await page.goto(url + path)
+            await expect(page.locator(ready).first).to_be_visible()
+            seen.append((name, await sideways(page)))
+            await shot(page, f"{name}-{width}")
+
+        await check("login", "/login", "#token")
+        await page.goto(url + "/tenant")
+        await page.fill("#set-secret-input", "tenant-secret")
+        await page.click("#set-secret-save")
+        await check("tenant", "/tenant", "#vm-rows tr[data-sid] .badge.running")
+        await check("tenant-vm", f"/tenant/vms/{sid}", "#vm-status.running")
+        await check("not-found", "/no-such-page", "h1:has-text('Not found')")
+        await log_in(page, url)
+        await check("users", "/users", "tr[data-user=alice]")
+        await check("users-search", "/users?q=alice&status=ready", "#users-count")
+        await check("user", "/users/alice", "#user-status:has-text('ready')")
+        await check("user-decommissioned", "/users/bob", "#gone-note")
+        await check("audit", "/audit", "#audit-rows tr[data-position]")
+        await check("audit-stream", "/audit?stream=user:alice&limit=50", "#audit-rows tr")
+        await check("logout", "/logout", "button:has-text('Log out')")
+        assert [name for name, over in seen if over > 0] == [], f"{width} px: {seen}"
+        cards = await page.goto(url + "/users")
+        assert cards is not None
+        thead = page.locator("table.users thead")
+        if width == 390:  # a phone: each row is a card, each cell labelled
+            await expect(thead).to_be_hidden()
+            label = await page.eval_on_selector(
+                "tr[data-user=alice] td[data-label=Status]",
+                "el => getComputedStyle(el, '::before').content",
+            )
+            assert label == '"Status"'
+        else:
+            await expect(thead).to_be_visible()
+        await page.context.close()

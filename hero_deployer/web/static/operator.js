@@ -31,16 +31,13 @@
   }
 
   // The audit page's live tail: new events matching the filters reload the newest page's rows
-  // from the server (which knows each command's actor), and the new ones are marked.
-  let newest = 0;
+  // from the server (which knows each command's actor); rows newer than the page are marked.
+  let baseline = null;  // the newest position the page showed when it loaded
   function markFresh() {
-    let top = newest;
-    for (const row of document.querySelectorAll("#audit-rows tr[data-position]")) {
-      const position = Number(row.dataset.position);
-      if (newest && position > newest) row.classList.add("fresh");
-      top = Math.max(top, position);
-    }
-    newest = top;
+    const rows = document.querySelectorAll("#audit-rows tr[data-position]");
+    const positions = Array.from(rows, (row) => Number(row.dataset.position));
+    if (baseline === null) baseline = Math.max(0, ...positions);
+    rows.forEach((row, index) => row.classList.toggle("fresh", positions[index] > baseline));
   }
 
   function auditEvent(event, refresh) {
