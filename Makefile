@@ -1,18 +1,26 @@
 # Two commands on a fresh machine: `make up` runs the service, `make test` checks everything.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# `make up` installs only what the service needs; the test targets add the `test` extras.
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
+STAMP   := $(VENV)/.installed
 
 .PHONY: up test lint typecheck unit bench clean chromium
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(STAMP): pyproject.toml $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-up: $(STAMP)
+up: $(RUNTIME)
 	$(BIN)/hero-deployer up
 
 lint: $(STAMP)

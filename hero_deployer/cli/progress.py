@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,8 +36,6 @@ class Wait:
 
 async def follow(args: argparse.Namespace, client: Any, wait: Wait) -> dict[str, Any] | None:
     """Shows the stream's events until `wait.until`; returns the `wait.failed` event, if any."""
-    import sys
-
     on = colour_on(sys.stdout)
     clock = wait.since
     async with asyncio.timeout(args.wait_timeout):

@@ -20,6 +20,13 @@ examples:
   hero-deployer events --stream user:alice --json   # one user's, as JSON lines
   hero-deployer events --after 1200 --follow        # then live, until Ctrl-C"""
 
+CHECK_EPILOG = """\
+Exit status 1 when something makes the setup unusable; notes do not.
+
+examples:
+  hero-deployer backend check
+  HERO_DEPLOYER_TOFU_NETWORK=test hero-deployer backend check --backend opentofu --json"""
+
 STATUS_EPILOG = """\
 The parts (backend, Forge, grid proxy) are the service's own view when it reports them in
 `health`; otherwise `backend check` runs here, with this CLI's settings.
@@ -62,6 +69,7 @@ def add_commands(sub: Any, opts: Options) -> None:
         "check",
         "say whether the backend and the Forge are reachable and usable",
         parents=[opts.data_dir, opts.json],
+        epilog=CHECK_EPILOG,
     )
     check.add_argument("--backend", choices=BACKENDS, help="the backend to check (default: local)")
     check.set_defaults(handler=_backend_check)

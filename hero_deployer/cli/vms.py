@@ -33,6 +33,11 @@ examples:
   hero-deployer vms stop vm_3f2a…
   hero-deployer vms delete vm_3f2a… --yes             # no question asked"""
 
+MIGRATE_EPILOG = """\
+examples:
+  hero-deployer migrate-secret                        # asks for both, the new one twice
+  HERO_DEPLOYER_SECRET=… hero-deployer migrate-secret --new-secret-file ~/.hero-new-secret"""
+
 SIZE_FLAGS = (
     ("--image", "image", "the VM's image", str),
     ("--cpu", "cpu_count", "CPU cores", int),
@@ -72,6 +77,7 @@ def add_commands(sub: Any, opts: Options) -> None:
         "migrate-secret",
         "re-key all of your VMs to a new secret, in one transaction",
         parents=opts.client,
+        epilog=MIGRATE_EPILOG,
     )
     add_secret_arguments(migrate, OLD_SECRET)
     add_secret_arguments(migrate, NEW_SECRET)
