@@ -25,7 +25,7 @@ USERNAME_PATTERN: Final = r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*\Z"
 # reachable (get_user, decommission_user) though no new one is provisioned under that name.
 USER_REF_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9_-]*\Z"
 
-# forgejo/forgejo models/user/user.go `reservedUsernames` (Forgejo 11/12), lower case.
+# forgejo/forgejo models/user/user.go `reservedUsernames` (Forgejo 11/12, then older), lower case.
 RESERVED_USERNAMES: Final = frozenset(
     {
         ".",
@@ -61,6 +61,16 @@ RESERVED_USERNAMES: Final = frozenset(
         "ghost",
         "gitea-actions",
         "forgejo-actions",
+        # Reserved by the same file before the list was cut (the forgejo snapshot 6a0d81d of the
+        # DennisRasey/forgejo mirror: `gitea-actions` but no `forgejo-actions` yet); refused too,
+        # so a user does not fail for good at `forge_user` on a Forgejo of that age.
+        "commits",
+        "debug",
+        "error",
+        "new",
+        "raw",
+        "search",
+        "serviceworker.js",
     }
 )
 # forgejo/forgejo models/user/user.go `reservedUserPatterns`: `*` is a prefix or suffix wildcard.
