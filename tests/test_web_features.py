@@ -236,6 +236,7 @@ async def test_a_tenant_chooses_the_size_within_the_core_limits(web: Web, servic
     assert deployed.status == 200
     vm = (await service.client.list_vms("s"))[0]
     assert (vm.cpu_count, vm.memory_gb, vm.disk_gb, vm.rootfs_gb) == (2, 4, 50, 8)
+    await wait_for_event(service.client, f"vm:{vm.sid}", "VmDeployed")  # nothing else follows
     before = (await service.client.health()).position
     too_big = await tenant(web, "/tenant/api/deploy", {**body, "cpu_count": 65})
     assert too_big.status == 400

@@ -8,22 +8,19 @@ live updates are server-sent events fed by one subscription to the status stream
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, get_args
 from urllib.parse import quote
 
-import msgspec
 import structlog
 from aiohttp import web
 
 from core.user import UserStatus
 from core.usernames import UserRefName
 from hero_deployer.client import DomainError, EventOut, HeroDeployerClient, NotFound, UserOut
-from hero_deployer.web import audit, tenant
+from hero_deployer.web import audit, streams, tenant
 from hero_deployer.web.forms import conforms
 from hero_deployer.web.live import EventHub
 from hero_deployer.web.middleware import (
@@ -32,7 +29,6 @@ from hero_deployer.web.middleware import (
     HUB_KEY,
     JINJA_KEY,
     MIDDLEWARES,
-    SECURITY_HEADERS,
     SESSION_KEY,
     WebConfig,
 )
@@ -57,7 +53,6 @@ from hero_deployer.web.timeline import step_states, timeline
 
 log = structlog.get_logger("hero_deployer.web")
 
-CATCH_UP_PAGES: Final = 10
 USER_STATUSES: Final[tuple[str, ...]] = get_args(UserStatus)
 GONE: Final = frozenset({"decommissioning", "decommissioned"})  # VM and gateway going or gone
 
@@ -271,85 +266,6 @@ async def reveal_password(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/users/{quote(name)}")
 
 
-# Live updates -------------------------------------------------------------------------------
-
-
-async def _sse(
-    request: web.Request, select: Callable[[EventOut], bytes | None]
-) -> web.StreamResponse:
-    """Streams the selected events as server-sent events until the client or the app goes.
-
-    With `?after=P` it first sends the recorded events after P, so a page rendered at P misses
-    nothing that happened before its stream opened.
-    """
-    config = request.app[CONFIG_KEY]
-    client = request.app[CLIENT_KEY]
-    raw_after = request.headers.get("Last-Event-ID") or request.query.get("after", "")
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-store",
-            "X-Accel-Buffering": "no",
-            **SECURITY_HEADERS,
-        }
-    )
-    await response.prepare(request)
-
-    async def send(event: EventOut) -> None:
-        payload = select(event)
-        if payload is not None:
-            await response.write(b"id: %d\ndata: %s\n\n" % (event.position, payload))
-
-    try:
-        async with request.app[HUB_KEY].listen() as listener:
-            await response.write(b"retry: 2000\n: connected\n\n")
-            last = 0
-            if raw_after.isdigit():
-                last = int(raw_after)
-                for _ in range(CATCH_UP_PAGES):
-                    page = await client.events(after=last, limit=1000)
-                    for event in page.events:
-                        await send(event)
-                    last = page.last
-                    if len(page.events) < 1000:
-                        break
-            while True:
-                try:
-                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
-                    async with asyncio.timeout(config.sse_heartbeat):
-                        item = await listener.queue.get()
-                except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                if item is None:
-                    break
-                if item.position > last:
-                    await send(item)
-    except (ConnectionResetError, DomainError):
-        pass  # the browser went away, or the service did: EventSource reconnects
-    return response
-
-
-async def operator_live(request: web.Request) -> web.StreamResponse:
-    if not session_of(request).operator:
-        raise web.HTTPUnauthorized()
-    return await _sse(request, msgspec.json.encode)
-
-
-async def tenant_live(request: web.Request) -> web.StreamResponse:
-    """Only events of the VMs this browser's tenant page listed, and only their sid and type."""
-    with request.app[CONFIG_KEY].watches.watch(session_of(request).id) as watched:
-
-        def select(event: EventOut) -> bytes | None:
-            kind, _, sid = event.stream.partition(":")
-            if kind != "vm" or sid not in watched:
-                return None
-            body = {"sid": sid, "type": event.type, "position": event.position}
-            return msgspec.json.encode(body)
-
-        return await _sse(request, select)
-
-
 # The app ------------------------------------------------------------------------------------
 
 
@@ -419,8 +335,8 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_post("/users/{name}/{action:provision|decommission}", user_action)
     app.router.add_get("/audit", audit.audit_page)
     app.router.add_get("/audit/_rows", audit.audit_rows)
-    app.router.add_get("/live", operator_live)
-    app.router.add_get("/tenant/live", tenant_live)
+    app.router.add_get("/live", streams.operator_live)
+    app.router.add_get("/tenant/live", streams.tenant_live)
     tenant.add_routes(app)
     app.router.add_static("/static/", HERE / "static", name="static")
     app.router.add_route("*", "/{tail:.*}", _not_found)
