@@ -5,7 +5,11 @@ A real service on a real nats-server (the `service` fixture).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
+from pathlib import Path
 
 from core.operations import ACTOR_PATTERN
 from hero_deployer.client import HeroDeployerClient, local_actor
@@ -85,10 +89,8 @@ async def test_health_parts_are_an_optional_addition(service: Service) -> None:
     assert (await client.health()).status == "ok"
 
 
-def test_setup_parts_name_what_is_missing_without_urls_or_credentials(tmp_path: object) -> None:
-    from pathlib import Path
-
-    base = Path(str(tmp_path))
+def test_setup_parts_name_what_is_missing_without_urls_or_credentials(tmp_path: Path) -> None:
+    base = tmp_path
     grid = make_settings(
         base,
         backend="hero-compute",
@@ -106,3 +108,29 @@ def test_setup_parts_name_what_is_missing_without_urls_or_credentials(tmp_path: 
     assert forge == Part("forge", "missing", forge.message) and "admin" in forge.message
     text = " ".join(p.message for p in parts)
     assert "forge.example" not in text and "hunter2" not in text
+
+
+async def test_the_cli_names_itself_and_its_user_in_the_audit(
+    service: Service, nats_url: str, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "HERO_DEPLOYER_TOKEN": TOKEN,
+        "HERO_DEPLOYER_PREFIX": service.settings.prefix,
+        "HERO_DEPLOYER_SECRET": "s",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "hero_deployer", "vms", "deploy", "from-cli", "--nats", nats_url, "--json"),
+        *("--data-dir", str(tmp_path / "cli")),
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    sid = json.loads(out.decode().splitlines()[-1])["sid"]
+    page = await service.client.audit_events(stream=f"vm:{sid}", limit=1)
+    assert [e.actor for e in page.events] == [local_actor("cli")]
