@@ -283,6 +283,12 @@ def test_plain_text_when_piped_or_no_color_and_colour_on_a_terminal(up: Up) -> N
         assert code == 0 and "SID" in screen and "colour-1" in screen
         assert ANSI not in screen
 
+    narrow = Terminal(up, "vms", "list", "--secret", "c", env={"COLUMNS": "100", "NO_COLOR": "1"})
+    code, screen = narrow.finish()
+    assert code == 0 and "…" in screen  # cut to the terminal's width
+    assert max(len(line) for line in screen.splitlines()) <= 100
+    assert max(len(line) for line in piped.stdout.splitlines()) > 100  # piped: never cut
+
     terminal = Terminal(up, "vms", "get", "vm_nope", "--secret", "c")
     code, screen = terminal.finish()
     assert code == cli.EXIT_NOT_FOUND

@@ -64,7 +64,8 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, tty: bool =
         widths = _fit(widths, shutil.get_terminal_size().columns)
     on = tty and colour_on(sys.stdout)
     header = "  ".join(
-        paint(c.upper().ljust(w), "bold", on=on) for c, w in zip(columns, widths, strict=True)
+        paint(_cut(c.upper(), w).ljust(w), "bold", on=on)
+        for c, w in zip(columns, widths, strict=True)
     )
     lines = [header]
     for row in cells:

@@ -56,7 +56,10 @@ def options() -> Options:
     """The shared flags."""
     data_dir = argparse.ArgumentParser(add_help=False)
     data_dir.add_argument(
-        "--data-dir", type=Path, metavar="DIR", help="where the token, keys and database live"
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the token, keys and databases live (default: the running up's, else ./var)",
     )
     nats = argparse.ArgumentParser(add_help=False)
     nats.add_argument(

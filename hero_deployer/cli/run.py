@@ -42,33 +42,11 @@ def add_commands(sub: Any, opts: Options) -> None:
         parents=[opts.data_dir],
         epilog=UP_EPILOG,
     )
-    nats_port = "port of its nats-server on 127.0.0.1 (default: 4222)"
-    up.add_argument("--nats-port", type=int, metavar="PORT", help=nats_port)
-    up.add_argument("--backend", choices=BACKENDS, help="compute backend (default: local)")
+    up.add_argument("--nats-port", type=int, metavar="PORT", help=_of("nats_port", "its NATS port"))
+    _backend(up)
     _web_port(up, "dashboard port on 127.0.0.1, 0 for none")
     up.set_defaults(handler=_up)
-
-    serve_p = command(
-        sub,
-        "serve",
-        "run the service alone on an existing NATS",
-        parents=[opts.data_dir, opts.nats],
-        epilog=SERVE_EPILOG,
-    )
-    serve_p.add_argument("--backend", choices=BACKENDS, help="compute backend (default: local)")
-    serve_p.add_argument("--nkey", dest="nats_nkey", metavar="FILE", help="the service's NKey seed")
-    serve_p.add_argument(
-        "--creds", dest="nats_creds", metavar="FILE", help="the service's NATS creds file"
-    )
-    serve_p.add_argument(
-        "--store",
-        choices=["sqlite", "jetstream"],
-        help="where the event log lives (default: sqlite)",
-    )
-    replicas = "copies of a jetstream log (default: 3)"
-    serve_p.add_argument("--replicas", type=int, metavar="N", help=replicas)
-    serve_p.set_defaults(handler=_serve)
-
+    _add_serve(sub, opts)
     web = command(
         sub,
         "web",
@@ -90,6 +68,37 @@ def add_commands(sub: Any, opts: Options) -> None:
         parents=[opts.data_dir],
     )
     rebuild.set_defaults(handler=_rebuild)
+
+
+def _add_serve(sub: Any, opts: Options) -> None:
+    serve_p = command(
+        sub,
+        "serve",
+        "run the service alone on an existing NATS",
+        parents=[opts.data_dir],
+        epilog=SERVE_EPILOG,
+    )
+    urls = _of("nats_url", "the NATS server's URL, or a cluster's URLs with commas between")
+    serve_p.add_argument("--nats", metavar="URL", help=urls)
+    _backend(serve_p)
+    serve_p.add_argument("--nkey", dest="nats_nkey", metavar="FILE", help="the service's NKey seed")
+    serve_p.add_argument(
+        "--creds", dest="nats_creds", metavar="FILE", help="the service's NATS creds file"
+    )
+    store = _of("store", "where the event log lives")
+    serve_p.add_argument("--store", choices=["sqlite", "jetstream"], help=store)
+    replicas = _of("replicas", "copies of a jetstream log")
+    serve_p.add_argument("--replicas", type=int, metavar="N", help=replicas)
+    serve_p.set_defaults(handler=_serve)
+
+
+def _of(setting: str, text: str) -> str:
+    """A flag's help ending with the setting's default (flags default to None: not given)."""
+    return f"{text} (default: {getattr(Settings(), setting)})"
+
+
+def _backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, help=_of("backend", "compute backend"))
 
 
 def _web_port(parser: argparse.ArgumentParser, text: str) -> None:
