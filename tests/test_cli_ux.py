@@ -27,7 +27,7 @@ from hero_deployer.cli.main import build_parser
 from hero_deployer.cli.validation import readable
 from hero_deployer.natsserver import free_port
 from hero_deployer.settings import VERSION
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, Service
 
 ANSI = "\x1b["
 
@@ -418,3 +418,22 @@ def _running(up: Up, name: str, secret: str) -> str:
     sid = deployed.stdout.split()[2].rstrip(":").lstrip("(")  # "deploying NAME (SID: …)"
     assert up.json("vms", "get", sid, "--secret", secret)["status"] == "running"
     return sid
+
+
+async def test_deploy_wait_ends_with_the_backends_failure(
+    service: Service, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    service.grid.fail_next("deploy_vm", "node 13 has no capacity left")
+    monkeypatch.setenv("HERO_DEPLOYER_TOKEN", TOKEN)
+    monkeypatch.setenv("HERO_DEPLOYER_PREFIX", service.settings.prefix)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # no `up` of this machine is found
+    args = ["vms", "deploy", "unlucky", "--secret", "u", "--wait", "--nats", nats_url]
+    status = await asyncio.to_thread(cli.main, args)
+    out, err = capsys.readouterr()
+    assert status == cli.EXIT_ERROR
+    lines = out.splitlines()
+    assert lines[0].startswith("deploying unlucky (vm_")
+    assert lines[1].split()[:2] == ["deploy", "FAILED"]
+    assert lines[1].endswith("node 13 has no capacity left")
+    assert " failed " in lines[3] and "node 13 has no capacity left" in lines[3]
+    assert err == "error: unlucky failed to deploy: node 13 has no capacity left\n"
