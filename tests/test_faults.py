@@ -100,7 +100,7 @@ async def test_a_nats_restart_under_load_loses_and_doubles_no_deploy(
         killed = asyncio.Event()
 
         async def on_request(msg: Msg) -> None:
-            """Kills the server as a third of the way through a request reaches it, in flight."""
+            """Kills the server when the request a third of the way through reaches it."""
             nonlocal seen
             seen += 1
             if seen == DEPLOYS // 3:
