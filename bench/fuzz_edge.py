@@ -71,6 +71,7 @@ class Fuzzer:
             "provision_user": {"username": r.choice(USERNAMES)},
             "list_users": {},
             "events": {"after": r.randrange(0, 50), "limit": r.randrange(1, 50)},
+            "audit_events": {"after": r.randrange(0, 50), "limit": r.randrange(1, 50)},
             "health": {},
         }
         if op in ("get_vm", "start_vm", "stop_vm", "restart_vm", "delete_vm"):
