@@ -104,6 +104,14 @@ def group(sub: Any, name: str, summary: str, *, dest: str, epilog: str) -> Any:
     return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
 
 
+def operation_summary(operation: str) -> str:
+    """The contract's one description of an operation, as a subcommand's summary."""
+    from hero_deployer.client import OPERATIONS_BY_NAME
+
+    text = OPERATIONS_BY_NAME[operation].summary.rstrip(".").replace("`secret`", "the secret")
+    return text[0].lower() + text[1:]
+
+
 def field_option(
     parser: argparse.ArgumentParser,
     flag: str,

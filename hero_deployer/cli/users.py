@@ -11,7 +11,7 @@ from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
 from hero_deployer.cli.connect import connected
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_users
-from hero_deployer.cli.parsing import Options, command, field_option, group
+from hero_deployer.cli.parsing import Options, command, field_option, group, operation_summary
 from hero_deployer.cli.progress import Wait, describe_user_event, follow
 from hero_deployer.cli.validation import field_type, rule_of
 from hero_deployer.settings import Settings
@@ -29,11 +29,6 @@ examples:
 
 def add_commands(sub: Any, opts: Options) -> None:
     """Adds `users provision|list|get|decommission|reveal-password`."""
-    from hero_deployer.client import OPERATIONS_BY_NAME
-
-    def summary(operation: str) -> str:
-        return OPERATIONS_BY_NAME[operation].summary.rstrip(".")
-
     users = group(
         sub,
         "users",
@@ -44,23 +39,39 @@ def add_commands(sub: Any, opts: Options) -> None:
     provision = command(
         users,
         "provision",
-        summary("provision_user") + ", showing each step live",
+        operation_summary("provision_user") + ", showing each step live",
         parents=opts.client,
     )
     rule = rule_of(field_type(ProvisionUser, "username")[0])
     provision.add_argument("username", help=f"the user's name, which {rule}")
-    field_option(provision, "--display-name", ProvisionUser, "display_name", "the full name")
-    field_option(provision, "--email", ProvisionUser, "forge_email", "the Forge account's e-mail")
-    field_option(provision, "--profile", ProvisionUser, "profile", "what the VM is set up with")
+    field_option(
+        provision, "--display-name", ProvisionUser, "display_name", "the full name", metavar="TEXT"
+    )
+    field_option(
+        provision,
+        "--email",
+        ProvisionUser,
+        "forge_email",
+        "the Forge account's e-mail",
+        metavar="ADDRESS",
+    )
+    field_option(
+        provision,
+        "--profile",
+        ProvisionUser,
+        "profile",
+        "what the VM is set up with",
+        metavar="NAME",
+    )
     provision.add_argument("--no-wait", action="store_true", help="do not follow the progress")
     _wait_timeout(provision)
-    command(users, "list", summary("list_users"), parents=opts.client)
-    get = command(users, "get", summary("get_user"), parents=opts.client)
+    command(users, "list", operation_summary("list_users"), parents=opts.client)
+    get = command(users, "get", operation_summary("get_user"), parents=opts.client)
     get.add_argument("username", help="the user's name")
     decommission = command(
         users,
         "decommission",
-        summary("decommission_user") + ": its VM, gateway and account",
+        operation_summary("decommission_user") + ": its VM, gateway and account",
         parents=opts.client,
     )
     decommission.add_argument("username", help="the user's name")
@@ -68,7 +79,7 @@ def add_commands(sub: Any, opts: Options) -> None:
     _wait_timeout(decommission)
     add_yes_argument(decommission)
     reveal = command(
-        users, "reveal-password", summary("reveal_initial_password"), parents=opts.client
+        users, "reveal-password", operation_summary("reveal_initial_password"), parents=opts.client
     )
     reveal.add_argument("username", help="the user's name")
     for parser in users.choices.values():

@@ -11,7 +11,7 @@ from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
 from hero_deployer.cli.connect import connected
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_vms
-from hero_deployer.cli.parsing import Options, command, field_option, group
+from hero_deployer.cli.parsing import Options, command, field_option, group, operation_summary
 from hero_deployer.cli.progress import Wait, describe_vm_event, follow
 from hero_deployer.cli.validation import field_type, rule_of
 from hero_deployer.secret_input import (
@@ -50,21 +50,18 @@ SIZE_FLAGS = (
 
 def add_commands(sub: Any, opts: Options) -> None:
     """Adds `vms deploy|list|get|start|stop|restart|delete` and `migrate-secret`."""
-    from hero_deployer.client import OPERATIONS_BY_NAME
-
-    def summary(operation: str) -> str:
-        return OPERATIONS_BY_NAME[operation].summary.rstrip(".").replace("`secret`", "the secret")
-
     vms = group(sub, "vms", "a tenant's VMs, by secret", dest="vm_action", epilog=VMS_EPILOG)
-    deploy = command(vms, "deploy", summary("deploy_vm"), parents=opts.client)
+    deploy = command(vms, "deploy", operation_summary("deploy_vm"), parents=opts.client)
     deploy.add_argument("name", help=f"the VM's name: {rule_of(field_type(DeployVm, 'name')[0])}")
     add_secret_arguments(deploy, SECRET)
     for flag, field, text, kind in SIZE_FLAGS:
         field_option(deploy, flag, DeployVm, field, text, type=kind)
     _wait_arguments(deploy, "follow the deploy until the VM runs or fails")
-    add_secret_arguments(command(vms, "list", summary("list_vms"), parents=opts.client), SECRET)
+    add_secret_arguments(
+        command(vms, "list", operation_summary("list_vms"), parents=opts.client), SECRET
+    )
     for action in ("get", "start", "stop", "restart", "delete"):
-        parser = command(vms, action, summary(f"{action}_vm"), parents=opts.client)
+        parser = command(vms, action, operation_summary(f"{action}_vm"), parents=opts.client)
         parser.add_argument("sid", help="the VM's sid (vm_…), as deploy and list show it")
         add_secret_arguments(parser, SECRET)
         if action == "delete":
