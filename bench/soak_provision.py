@@ -56,7 +56,8 @@ async def _serve(url: str, data: Path, env: dict[str, str]) -> asyncio.subproces
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
-    process.kill()  # SIGKILL: no shutdown, no flush, whatever was in flight is cut
+    if process.returncode is None:
+        process.kill()  # SIGKILL: no shutdown, no flush, whatever was in flight is cut
     await process.wait()
 
 
@@ -113,10 +114,12 @@ async def run(
             try:
                 for round_ in range(kills):
                     service = await _serve(nats_server.url, data, env)
-                    await _retire_oldest(client, round_ - live, retired)
-                    name = f"soak{round_:03d}"
-                    steps_at_kill[await _random_point(client, name, rng, max_wait)] += 1
-                    await _kill(service)
+                    try:
+                        await _retire_oldest(client, round_ - live, retired)
+                        name = f"soak{round_:03d}"
+                        steps_at_kill[await _random_point(client, name, rng, max_wait)] += 1
+                    finally:
+                        await _kill(service)  # on an error too: no serve outlives the soak
                     if (round_ + 1) % 10 == 0:
                         print(f"  {round_ + 1} kills, {time.perf_counter() - started:.0f} s",
                               flush=True)  # fmt: skip
