@@ -1,0 +1,151 @@
+"""Traces one `deploy_vm` from request to `VmDeployed` published and prints the files it crosses.
+
+A real nats-server (a child on a free loopback port), the service bootstrapped in this process on
+a fresh SQLite data dir with the local grid, and a plain nats-py client that sends the request and
+waits for the event on the status subject. `sys.setprofile` (and `threading.setprofile` for the
+database threads) records every Python function called meanwhile. The same is done for one
+`provision_user` up to its reply: a function that one calls too is shared machinery, and the
+files of the functions only `deploy_vm` calls are its operation-specific files (adapters aside:
+a backend speaks its own protocol).
+
+    .venv/bin/python -m bench.trace_path
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import msgspec
+import nats
+
+from adapters.localgrid import LocalGrid
+from adapters.sqlite_runtime import disable_memory_statistics
+from hero_deployer.bootstrap import bootstrap
+from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "trace-token-" + "t" * 32
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Trace:
+    """Counts the calls of project functions per file while it is on."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.functions: set[tuple[str, str]] = set()
+
+    def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call":
+            path = frame.f_code.co_filename
+            if path.startswith(str(ROOT)) and "/.venv/" not in path:
+                name = str(Path(path).relative_to(ROOT))
+                self.calls[name] += 1
+                self.functions.add((name, frame.f_code.co_qualname))
+
+    async def around(self, work: Callable[[], Awaitable[None]]) -> None:
+        threading.setprofile(self._profile)
+        sys.setprofile(self._profile)
+        try:
+            await work()
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)  # type: ignore[arg-type]
+
+
+async def _request(nc: Any, prefix: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+    reply = await nc.request(
+        f"{prefix}.{operation}", msgspec.json.encode(body), timeout=10, headers=HEADERS
+    )
+    decoded: dict[str, Any] = msgspec.json.decode(reply.data)
+    if "error" in decoded:
+        raise RuntimeError(f"{operation}: {decoded['error']}")
+    return decoded
+
+
+async def _deploy(nc: Any, prefix: str, name: str) -> None:
+    """Deploys one VM and returns once its VmDeployed is on the status subject."""
+    deployed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_event(msg: Any) -> None:
+        if not deployed.done():
+            deployed.set_result(None)
+
+    sub = await nc.subscribe(f"{prefix}.events.vm.*.VmDeployed", cb=on_event)
+    try:
+        await _request(nc, prefix, "deploy_vm", {"name": name, "secret": "trace"})
+        await asyncio.wait_for(deployed, 10)
+    finally:
+        await sub.unsubscribe()
+
+
+async def trace(data_dir: Path) -> tuple[Trace, Trace]:
+    """One warm-up of each, then one traced deploy_vm and one traced provision_user."""
+    async with NatsServer(port=free_port(), data_dir=data_dir / "nats") as server:
+        nc = await nats.connect(server.url)
+        settings = Settings(
+            data_dir=data_dir / "service",
+            token=TOKEN,
+            local_ssh=True,
+            local_deploy_delay=0.0,
+            local_action_delay=0.0,
+        )
+        prefix = settings.prefix
+        async with (
+            LocalGrid(data_dir=data_dir / "grid", deploy_delay=0, action_delay=0, ssh=True) as grid,
+            bootstrap(settings, nc, compute=grid, forge=None, directory=None) as app,
+        ):
+            deploy, provision = Trace(), Trace()
+            await _deploy(nc, prefix, "warm")
+            await deploy.around(lambda: _deploy(nc, prefix, "traced"))
+            # the warm-up user's provisioning runs to its end first, so none of it is traced
+            await _request(nc, prefix, "provision_user", {"username": "warmup"})
+            await asyncio.wait_for(app.manager.drain(), 60)
+            await provision.around(
+                lambda: _request(nc, prefix, "provision_user", {"username": "traced"})
+            )
+        await nc.close()
+    return deploy, provision
+
+
+def report(deploy: Trace, provision: Trace) -> None:
+    """Prints each file deploy_vm crosses, and the files of the functions only it calls."""
+    print(f"deploy_vm: {sum(deploy.calls.values())} calls of {len(deploy.functions)} functions")
+    print(f"in {len(deploy.calls)} project files:")
+    only = deploy.functions - provision.functions
+    specific: dict[str, list[str]] = {}
+    for name, function in sorted(only):
+        if not name.startswith(("adapters/", "bench/")):
+            specific.setdefault(name, []).append(function)
+    for name, calls in sorted(deploy.calls.items()):
+        mark = "operation-specific" if name in specific else ""
+        print(f"  {name:<42} {calls:>6} calls   {mark}")
+    print(
+        "operation-specific files (holding functions deploy_vm calls and provision_user does"
+        f" not; adapters aside): {len(specific)}"
+    )
+    for name, functions in specific.items():
+        print(f"  {name}: {', '.join(functions)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.parse_args()
+    disable_memory_statistics()
+    with tempfile.TemporaryDirectory() as tmp:
+        deploy, provision = asyncio.run(trace(Path(tmp)))
+    report(deploy, provision)
+
+
+if __name__ == "__main__":
+    main()
