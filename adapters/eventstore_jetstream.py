@@ -61,6 +61,10 @@ HEAD_POLL = 2.0
 """Seconds between reads of the log's head besides the watcher's news."""
 
 
+class OutcomeUnknown(Unavailable):
+    """The log did not say whether an append landed (a lost reply, a broken connection)."""
+
+
 @dataclass(slots=True)
 class _Pending:
     """One caller's append, waiting for the next batch."""
@@ -117,6 +121,7 @@ class JetStreamEventStore:
         await self._refresh_head()
         self._watcher = await self._js.subscribe(
             ALL,
+            stream=STREAM,
             ordered_consumer=True,
             headers_only=True,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -138,6 +143,7 @@ class JetStreamEventStore:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        await self.keys.close()
         watcher = self._watcher
         self._watcher = None
         if watcher is not None:
@@ -171,6 +177,10 @@ class JetStreamEventStore:
         self._wakeup.set()
         try:
             events = await future
+        except (OutcomeUnknown, asyncio.CancelledError):
+            if reservation is not None:  # the events may land: the log will tell, later
+                self.keys.settle_later(reservation)
+            raise
         except BaseException:
             if reservation is not None:
                 await self.keys.release(reservation)
@@ -197,42 +207,56 @@ class JetStreamEventStore:
                     log.exception("eventstore.commit_failed", error=type(error).__name__)
                     for pending in batch:
                         if not pending.future.done():
-                            pending.future.set_exception(Unavailable("the event log failed"))
+                            pending.future.set_exception(OutcomeUnknown("the event log failed"))
             if self._closing and not self._pending:
                 return
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        await self._load_versions(batch)
-        staged = self._stage(batch)
-        if not staged:
-            return
-        try:
-            await self._send(staged)
-        except Refused as refused:
-            log.info("eventstore.batch_refused", code=refused.code, appends=len(staged))
-            for pending in staged:
-                await self._commit_alone(pending)
-
-    async def _commit_alone(self, pending: _Pending) -> None:
-        """Tries one append until it commits, loses on a version, or runs out of attempts."""
+        """Sends the batch; after a refusal (mostly another writer at the head) reads the head
+        and the batch's versions again and sends what still holds. An append refused for
+        another reason is tried alone, so that only it fails."""
+        pending = batch
+        refused: Refused | None = None
         for _ in range(RETRIES):
-            await self._refresh_head()
-            for a in pending.appends:
-                self._versions.pop(a.stream, None)
-            await self._load_versions([pending])
-            if not self._stage([pending]):
+            if refused is not None:
+                await self._catch_up(refused)
+                for a in (a for p in pending for a in p.appends):
+                    self._versions.pop(a.stream, None)
+            await self._load_versions(pending)
+            pending = self._stage(pending)  # the losers are told here
+            if not pending:
                 return
             try:
-                await self._send([pending])
+                await self._send(pending)
                 return
-            except Refused as refused:
+            except Refused as error:
+                refused = error
+                log.debug("eventstore.batch_refused", code=refused.code, appends=len(pending))
+                if refused.code in WRONG_LAST_SEQUENCE:
+                    continue
+                if len(pending) > 1:
+                    for one in pending:
+                        await self._commit([one])
+                    return
+                failure: Exception = Unavailable(f"the event log refused: {refused}")
                 if refused.code in DUPLICATE:
-                    pending.future.set_exception(Conflict("idempotency key already used"))
-                    return
-                if refused.code not in WRONG_LAST_SEQUENCE:
-                    pending.future.set_exception(Unavailable(f"the event log refused: {refused}"))
-                    return
-        pending.future.set_exception(ConcurrencyError("the log kept changing; try again"))
+                    failure = Conflict("idempotency key already used")
+                pending[0].future.set_exception(failure)
+                return
+        for one in pending:
+            one.future.set_exception(ConcurrencyError("the log kept changing; try again"))
+
+    async def _catch_up(self, refused: Refused) -> None:
+        """Takes the head the refusal names from the watcher (it is on its way), or from the
+        stream when the watcher is slow or the refusal names none."""
+        if refused.last > self._head:
+            try:
+                await asyncio.wait_for(self.wait_for_events_after(refused.last - 1), 0.5)
+                return
+            except TimeoutError:
+                pass
+        if refused.last == 0 or refused.last > self._head:
+            await self._refresh_head()
 
     async def _send(self, staged: list[_Pending]) -> None:
         """Publishes the staged appends as one batch and resolves their callers."""
@@ -246,7 +270,7 @@ class JetStreamEventStore:
             seq = await publish_atomic(self._nc, messages, self._timeout)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
             if not await self._landed(last.position, staged[-1].chain):
-                raise Unavailable("the event log did not answer; the append may land") from error
+                raise OutcomeUnknown("the event log did not answer; the append may land") from error
             seq = last.position
         if seq != last.position:
             raise Unavailable(f"the log placed the batch at {seq}, not {last.position}")

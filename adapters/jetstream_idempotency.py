@@ -9,12 +9,13 @@ it once it is older than any append can take: confirmed if the log holds its tok
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -35,6 +36,9 @@ BUCKET = "HERO_IDEMPOTENCY"
 STALE_AFTER = 60.0
 """Seconds after which a reservation is settled by others: an append gives up well before
 (the server drops an unfinished batch after 10 s, nats-server server/stream.go)."""
+SETTLE_DELAY = 15.0
+"""Seconds after an append of unknown outcome when it can no longer land: the server drops an
+unfinished batch after 10 s, and a commit's reply is waited for 5 s."""
 SKEW = 60.0
 """Seconds of clock difference between writers and servers allowed when searching the log."""
 
@@ -85,6 +89,7 @@ class IdempotencyKeys:
         self._find = find
         self._kv: KeyValue | None = None
         self._mine: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.stale_after = STALE_AFTER
 
     async def open(self) -> None:
@@ -131,21 +136,80 @@ class IdempotencyKeys:
         raise Conflict("idempotency key is in use by a concurrent request")
 
     async def confirm(self, held: Reservation, position: int) -> None:
-        """Turns the reservation into the record; a failure leaves it for `_settle`."""
+        """Turns the reservation into the record; tries again in the background if the bucket
+        does not answer (its settlement from the log is the last resort)."""
         self._mine.discard(held.token)
         final = msgspec.structs.replace(held.stored, position=position, token="")
         try:
             await self.kv.update(held.hashed, encode_stored(final), last=held.revision)
         except (nats.errors.Error, nats.js.errors.Error):
-            log.warning("idempotency.confirm_deferred", position=position)
+            log.info("idempotency.confirm_deferred", position=position)
+            self._background(self._confirm_retrying(held, final), f"confirm-{held.token}")
+
+    async def _confirm_retrying(self, held: Reservation, final: Stored) -> None:
+        for attempt in range(8):
+            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+            try:
+                await self.kv.update(held.hashed, encode_stored(final), last=held.revision)
+                return
+            except KeyWrongLastSequenceError:
+                return  # settled from the log by another writer
+            except (nats.errors.Error, nats.js.errors.Error):
+                continue
+        log.warning("idempotency.confirm_deferred_to_settlement")
 
     async def release(self, held: Reservation) -> None:
-        """Frees the key of an append that failed; a failure leaves it for `_settle`."""
-        self._mine.discard(held.token)
+        """Frees the key of an append that failed; tries again in the background if the bucket
+        does not answer (during a leader election), so the key is not held until stale."""
         try:
             await self.kv.delete(held.hashed, last=held.revision)
+        except KeyWrongLastSequenceError:
+            pass  # settled by another writer meanwhile
         except (nats.errors.Error, nats.js.errors.Error):
-            log.warning("idempotency.release_deferred")
+            log.info("idempotency.release_deferred")
+            self._background(self._release_retrying(held), f"release-{held.token}")
+            return
+        self._mine.discard(held.token)
+
+    async def _release_retrying(self, held: Reservation) -> None:
+        for attempt in range(8):
+            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+            try:
+                await self.kv.delete(held.hashed, last=held.revision)
+                break
+            except KeyWrongLastSequenceError:
+                break
+            except (nats.errors.Error, nats.js.errors.Error):
+                continue
+        self._mine.discard(held.token)
+
+    def settle_later(self, held: Reservation) -> None:
+        """After an append whose outcome is unknown: once it can no longer land, confirms the
+        record if the log holds its token, else frees the key."""
+        self._background(self._settle_own(held), f"settle-{held.token}")
+
+    async def _settle_own(self, held: Reservation) -> None:
+        await asyncio.sleep(SETTLE_DELAY)
+        self._mine.discard(held.token)
+        for attempt in range(8):
+            try:
+                await self._settle(held.hashed, held.stored, held.revision, own=True)
+                return
+            except (Unavailable, nats.errors.Error, nats.js.errors.Error):
+                await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+        log.warning("idempotency.settle_deferred")  # others settle it once it is stale
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=f"idempotency-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stops the background releases and settlements (others settle what is left)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def record(self, record: IdempotencyRecord, position: int) -> None:
         """Stores the record of a keyed request that appended nothing; Conflict if taken."""
@@ -180,9 +244,10 @@ class IdempotencyKeys:
             return again[0].record() if again is not None and not again[0].token else None
         return stored.record()
 
-    async def _settle(self, name: str, stored: Stored, revision: int) -> bool:
+    async def _settle(self, name: str, stored: Stored, revision: int, *, own: bool = False) -> bool:
         """Confirms or frees a reservation whose writer is gone; False while it may be alive."""
-        if stored.token in self._mine or time.time() - stored.created < self.stale_after:
+        young = time.time() - stored.created < self.stale_after
+        if not own and (stored.token in self._mine or young):
             return False
         position = await self._find(stored.token, stored.created - SKEW)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import string
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -122,11 +123,14 @@ def recorded(msg: Msg) -> RecordedEvent:
 
 
 class Refused(Exception):
-    """The stream refused a publish: `code` is JetStream's err_code."""
+    """The stream refused a publish: `code` is JetStream's err_code; `last` the sequence a
+    "wrong last sequence: N" names (the stream's or the subject's last), else 0."""
 
     def __init__(self, code: int, description: str) -> None:
         super().__init__(f"{description} ({code})")
         self.code = code
+        named = re.search(r"wrong last sequence: (\d+)", description)
+        self.last = int(named.group(1)) if named else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
-from hero_deployer.natsserver import NatsServer, free_port
+from adapters.eventstore_jetstream import JetStreamEventStore
+from hero_deployer.natsserver import NatsServer, NatsServerError
 
 
 def node_config(
@@ -26,24 +29,41 @@ def node_config(
     return text
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: held open together, as one `free_port` after another may
+    be given the same port again."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def jetstream_server(data_dir: Path, text: str | None = None) -> NatsServer:
     """A nats-server with JetStream under `data_dir` (not started); `text` overrides the config."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats-server.conf"
     config.write_text(text if text is not None else node_config(data_dir / "js"))
-    return NatsServer(port=free_port(), data_dir=data_dir, config=config)
+    port, monitor = free_ports(2)
+    return NatsServer(port=port, data_dir=data_dir, config=config, monitor_port=monitor)
 
 
 def cluster(base: Path, size: int = 3) -> list[NatsServer]:
     """`size` nodes routed to each other on loopback (not started)."""
-    cluster_ports = [free_port() for _ in range(size)]
-    return [
-        jetstream_server(
-            base / f"node{i}",
-            node_config(base / f"node{i}" / "js", cluster_port=port, routes=cluster_ports),
+    ports = free_ports(3 * size)
+    routes = ports[2 * size :]
+    nodes = []
+    for i in range(size):
+        data_dir = base / f"node{i}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = data_dir / "nats-server.conf"
+        config.write_text(node_config(data_dir / "js", cluster_port=routes[i], routes=routes))
+        nodes.append(
+            NatsServer(
+                port=ports[i], data_dir=data_dir, config=config, monitor_port=ports[size + i]
+            )
         )
-        for i, port in enumerate(cluster_ports)
-    ]
+    return nodes
 
 
 async def jetstream_ready(nc: Client, *, deadline: float = 30.0) -> None:
@@ -61,17 +81,70 @@ async def jetstream_ready(nc: Client, *, deadline: float = 30.0) -> None:
         await asyncio.sleep(0.1)
 
 
+PORT_TAKEN = ("already in use", "address already in use")
+"""How a start fails when another process took a port `free_port` found free (they race)."""
+
+
+def _port_taken(error: NatsServerError) -> bool:
+    return any(words in str(error) for words in PORT_TAKEN)
+
+
 @contextlib.asynccontextmanager
-async def started(servers: Sequence[NatsServer]) -> AsyncIterator[list[NatsServer]]:
-    """Starts the servers together (cluster nodes wait for each other) and stops them after."""
+async def running_server(data_dir: Path, text: str | None = None) -> AsyncIterator[NatsServer]:
+    """A started `jetstream_server`, on other ports while another process takes its port."""
+    for attempt in range(5):
+        server = jetstream_server(data_dir, text)
+        try:
+            await server.start()
+            break
+        except NatsServerError as error:
+            if not _port_taken(error) or attempt == 4:
+                raise
     try:
-        await asyncio.gather(*(s.start() for s in servers))
-        yield list(servers)
+        yield server
     finally:
-        await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(base: Path, size: int = 3) -> AsyncIterator[list[NatsServer]]:
+    """`cluster` started (nodes start together and wait for each other), stopped after."""
+    for attempt in range(5):
+        nodes = cluster(base / f"try{attempt}", size)
+        try:
+            await asyncio.gather(*(n.start() for n in nodes))
+            break
+        except NatsServerError as error:
+            await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+            if not _port_taken(error) or attempt == 4:
+                raise
+    try:
+        yield nodes
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
 async def connect(urls: Sequence[str]) -> Client:
     return await nats.connect(
         servers=list(urls), max_reconnect_attempts=-1, reconnect_time_wait=0.1
     )
+
+
+async def stream_created(urls: list[str], deadline: float = 60.0) -> None:
+    """Creates the R3 log once the cluster has its three JetStream peers."""
+    nc = await connect(urls)
+    try:
+        await jetstream_ready(nc)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while True:
+            try:
+                async with JetStreamEventStore(nc, replicas=3):
+                    return
+            except nats.js.errors.Error:
+                if loop.time() > end:
+                    raise
+                # peers join the meta group one by one, and tell no one
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()

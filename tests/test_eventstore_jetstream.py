@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from core.errors import ConcurrencyError, Conflict
 from core.events import RecordedEvent
 from hero_deployer.natsserver import NatsServer
 from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
-from tests.jetstream_cluster import connect, jetstream_ready, jetstream_server
+from tests.jetstream_cluster import connect, jetstream_ready, jetstream_server, running_server
 
 
 class TestJetStreamEventStore(EventStoreContract):
@@ -45,19 +46,18 @@ class TestJetStreamEventStore(EventStoreContract):
     async def servers(self) -> AsyncIterator[None]:
         self.running: dict[Path, NatsServer] = {}
         self.connections: list[Client] = []
-        try:
-            yield
-        finally:
-            for nc in self.connections:
-                await nc.close()
-            for server in self.running.values():
-                await server.stop()
+        async with contextlib.AsyncExitStack() as self.stack:
+            try:
+                yield
+            finally:
+                for nc in self.connections:
+                    await nc.close()
 
     async def make_store(self, path: Path) -> JetStreamEventStore:
         server = self.running.get(path)
         if server is None:
-            server = self.running[path] = jetstream_server(path.parent)
-            await server.start()
+            server = await self.stack.enter_async_context(running_server(path.parent))
+            self.running[path] = server
         nc = await connect([server.url])
         self.connections.append(nc)
         await jetstream_ready(nc)
@@ -69,7 +69,7 @@ class TestJetStreamEventStore(EventStoreContract):
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    async with jetstream_server(tmp_path / "nats") as running:
+    async with running_server(tmp_path / "nats") as running:
         yield running
 
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
@@ -32,12 +31,12 @@ from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 from tests.helpers import deploy_running
 from tests.jetstream_cluster import (
-    cluster,
     connect,
     jetstream_ready,
-    jetstream_server,
     node_config,
-    started,
+    running_cluster,
+    running_server,
+    stream_created,
 )
 
 SECRET = "a-tenant-secret-long-enough"
@@ -45,7 +44,7 @@ SECRET = "a-tenant-secret-long-enough"
 
 @pytest.fixture
 async def log_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    async with jetstream_server(tmp_path / "nats") as server:
+    async with running_server(tmp_path / "nats") as server:
         yield server
 
 
@@ -162,30 +161,9 @@ async def ready(process: subprocess.Popen[bytes], deadline: float = 60.0) -> Non
     assert line.startswith(b"hero-deployer ready"), (line, process.poll())
 
 
-async def stream_created(urls: list[str], deadline: float = 60.0) -> None:
-    """Creates the R3 log once the cluster has its three JetStream peers."""
-    nc = await connect(urls)
-    try:
-        await jetstream_ready(nc)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
-        while True:
-            try:
-                async with JetStreamEventStore(nc, replicas=3):
-                    return
-            except nats.js.errors.Error:
-                if loop.time() > end:
-                    raise
-                # peers join the meta group one by one, and tell no one
-                await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
-
-
 @pytest.mark.slow
 async def test_killing_a_node_under_load_loses_and_doubles_no_deploy(tmp_path: Path) -> None:
-    nodes = cluster(tmp_path / "cluster")
-    async with started(nodes):
+    async with running_cluster(tmp_path / "cluster") as nodes:
         urls = [n.url for n in nodes]
         await stream_created(urls)
         first, second = tmp_path / "replica1", tmp_path / "replica2"
@@ -269,6 +247,7 @@ async def audit(urls: list[str], acknowledged: dict[str, str]) -> tuple[int, int
     """Reads the log from the surviving nodes: found, doubled, and its last gap-free position."""
     nc = await connect(urls)
     try:
+        await jetstream_ready(nc)  # the meta leader may have been on the killed node
         async with JetStreamEventStore(nc, replicas=3) as log:
             events = []
             while page := await log.read_all(after=events[-1].position if events else 0):
@@ -353,7 +332,7 @@ async def test_the_documented_permissions_serve_a_jetstream_log_and_keep_clients
     service = load_or_create_nkey(keys / "service.nk")
     client_key = load_or_create_nkey(keys / "client.nk")
     text = node_config(tmp_path / "nats" / "js") + documented_authorization(service, client_key)
-    async with jetstream_server(tmp_path / "nats", text) as server:
+    async with running_server(tmp_path / "nats", text) as server:
         process = hero_deployer(
             "serve", "--nats", server.url, "--store", "jetstream", "--replicas", "1",
             "--nkey", str(keys / "service.nk"), "--data-dir", str(tmp_path / "serve"),
