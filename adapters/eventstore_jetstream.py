@@ -11,9 +11,7 @@ append, confirmed after it, released when it fails (see `IdempotencyKeys`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
@@ -24,8 +22,9 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from adapters.event_chain import GENESIS, link
-from adapters.jetstream_idempotency import IdempotencyKeys, Reservation
+from adapters.event_chain import GENESIS
+from adapters.jetstream_batch import Pending, stage
+from adapters.jetstream_idempotency import IdempotencyKeys
 from adapters.jetstream_log import (
     ALL,
     DUPLICATE,
@@ -34,19 +33,17 @@ from adapters.jetstream_log import (
     H_HASH,
     H_VERSION,
     MAX_BATCH,
-    MSG_ID,
     STREAM,
     WRONG_LAST_SEQUENCE,
     Outgoing,
     Refused,
     direct_get,
-    event_headers,
     find_header,
-    json_page,
+    json_page_between,
     publish_atomic,
     read_events,
-    scan,
     stream_config,
+    stream_ends,
     stream_of,
     subject_of,
 )
@@ -65,20 +62,6 @@ class OutcomeUnknown(Unavailable):
     """The log did not say whether an append landed (a lost reply, a broken connection)."""
 
 
-@dataclass(slots=True)
-class _Pending:
-    """One caller's append, waiting for the next batch."""
-
-    appends: Sequence[StreamAppend]
-    request_id: str
-    reservation: Reservation | None
-    future: asyncio.Future[list[RecordedEvent]]
-    messages: list[Outgoing] = field(default_factory=list)
-    recorded: list[RecordedEvent] = field(default_factory=list)
-    chain: bytes = GENESIS
-    actor: str = ""
-
-
 class JetStreamEventStore:
     """Appends go through one writer task that sends whatever is waiting as one atomic batch."""
 
@@ -91,7 +74,7 @@ class JetStreamEventStore:
         self._timeout = timeout
         self._max_batch = min(max_batch, MAX_BATCH)
         self.keys = IdempotencyKeys(self._js, replicas=replicas, find=self._find_commit)
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._wakeup = asyncio.Event()
         self._committed = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -173,7 +156,7 @@ class JetStreamEventStore:
             return []
         reservation = await self.keys.reserve(idempotency) if idempotency else None
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(appends, request_id, reservation, future, actor=actor))
+        self._pending.append(Pending(appends, request_id, reservation, future, actor=actor))
         self._wakeup.set()
         try:
             events = await future
@@ -194,7 +177,7 @@ class JetStreamEventStore:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                batch: list[_Pending] = []
+                batch: list[Pending] = []
                 size = 0
                 while self._pending and (
                     not batch or size + _size(self._pending[0]) <= self._max_batch
@@ -211,7 +194,7 @@ class JetStreamEventStore:
             if self._closing and not self._pending:
                 return
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[Pending]) -> None:
         """Sends the batch; after a refusal (mostly another writer at the head) reads the head
         and the batch's versions again and sends what still holds. An append refused for
         another reason is tried alone, so that only it fails."""
@@ -258,7 +241,7 @@ class JetStreamEventStore:
         if refused.last == 0 or refused.last > self._head:
             await self._refresh_head()
 
-    async def _send(self, staged: list[_Pending]) -> None:
+    async def _send(self, staged: list[Pending]) -> None:
         """Publishes the staged appends as one batch and resolves their callers."""
         messages = [m for p in staged for m in p.messages]
         first = messages[0]
@@ -284,67 +267,10 @@ class JetStreamEventStore:
             return False
         return msg is not None and (msg.headers or {}).get(H_HASH) == chain.hex()
 
-    def _stage(self, batch: list[_Pending]) -> list[_Pending]:
-        """Checks versions in memory and numbers the events from the head; fails the losers."""
-        now = datetime.now(UTC)
-        at = now.isoformat()
-        overlay: dict[str, tuple[int, int]] = {}
-        keys: set[str] = set()
-        position, chain = self._head, self._head_hash
-        staged: list[_Pending] = []
-        for pending in batch:
-            pending.messages.clear()
-            pending.recorded.clear()
-            error = self._check(pending, overlay, keys)
-            if error is not None:
-                pending.future.set_exception(error)
-                continue
-            for a in pending.appends:
-                version, last = overlay.get(a.stream) or self._versions.get(a.stream, (0, 0))
-                expect: int | None = None if a.stream in overlay else last
-                subject = subject_of(a.stream)
-                for new in a.events:
-                    position += 1
-                    version += 1
-                    chain = link(chain, position, a.stream, version, new.type, new.data, at)
-                    event = RecordedEvent(
-                        position=position,
-                        stream=a.stream,
-                        version=version,
-                        type=new.type,
-                        data=new.data,
-                        recorded_at=now,
-                        request_id=pending.request_id,
-                        actor=pending.actor,
-                    )
-                    headers = event_headers(event, at, chain, expect)
-                    expect = None
-                    pending.recorded.append(event)
-                    pending.messages.append(Outgoing(subject, headers, new.data))
-                overlay[a.stream] = (version, position)
-            if pending.reservation is not None:
-                keys.add(pending.reservation.hashed)
-                tail = pending.messages[-1]
-                tail.headers[MSG_ID] = "idem-" + pending.reservation.hashed
-                tail.headers[H_COMMIT] = pending.reservation.token
-            pending.chain = chain
-            staged.append(pending)
-        return staged
+    def _stage(self, batch: list[Pending]) -> list[Pending]:
+        return stage(batch, self._head, self._head_hash, self._versions)
 
-    def _check(
-        self, pending: _Pending, overlay: dict[str, tuple[int, int]], keys: set[str]
-    ) -> Exception | None:
-        for a in pending.appends:
-            current = (overlay.get(a.stream) or self._versions.get(a.stream, (0, 0)))[0]
-            if current != a.expected_version:
-                return ConcurrencyError(
-                    f"{a.stream} is at version {current}, not {a.expected_version}"
-                )
-        if pending.reservation is not None and pending.reservation.hashed in keys:
-            return Conflict("idempotency key is in use by a concurrent request")
-        return None
-
-    def _accepted(self, staged: list[_Pending]) -> None:
+    def _accepted(self, staged: list[Pending]) -> None:
         for pending in staged:
             for event in pending.recorded:
                 self._advance(
@@ -385,7 +311,7 @@ class JetStreamEventStore:
         await self._load_versions_of({stream})
         return self._versions.get(stream, (0, 0))[0]
 
-    async def _load_versions(self, batch: list[_Pending]) -> None:
+    async def _load_versions(self, batch: list[Pending]) -> None:
         """Reads the last version of streams expected past zero that this store does not know."""
         await self._load_versions_of(
             {a.stream for p in batch for a in p.appends if a.expected_version != 0}
@@ -474,21 +400,11 @@ class JetStreamEventStore:
 
     async def read_json_page(self, after: int, upto: int, prefix: str, types: Sequence[str]) -> str:
         """A stretch of the log for bulk replay, as SqliteEventStore.read_json_page frames it."""
-        if not types or not prefix:
-            return "[]"
-        return json_page([e async for e in self._scan(prefix, after, upto)], set(types))
+        return await json_page_between(self._nc, after, upto, prefix, types, self._timeout)
 
     async def stream_ends(self, prefix: str, upto: int) -> list[tuple[int, str]]:
         """The last position up to `upto` of every stream starting with `prefix`, in order."""
-        if not prefix:
-            return []
-        ends: dict[str, int] = {}
-        async for event in self._scan(prefix, 0, upto):
-            ends[event.stream] = event.position
-        return sorted((position, stream) for stream, position in ends.items())
-
-    def _scan(self, prefix: str, after: int, upto: int) -> AsyncIterator[RecordedEvent]:
-        return scan(self._nc, prefix, after, upto, self._timeout)
+        return await stream_ends(self._nc, prefix, upto, self._timeout)
 
     async def idempotent_reply(self, key: str) -> IdempotencyRecord | None:
         return await self.keys.lookup(key)
@@ -498,5 +414,5 @@ class JetStreamEventStore:
         return await find_header(self._nc, H_COMMIT, token, since, self._timeout)
 
 
-def _size(pending: _Pending) -> int:
+def _size(pending: Pending) -> int:
     return sum(len(a.events) for a in pending.appends)

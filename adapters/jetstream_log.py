@@ -283,6 +283,26 @@ async def scan(
         after = events[-1].position
 
 
+async def json_page_between(
+    nc: Client, after: int, upto: int, prefix: str, types: Sequence[str], timeout: float
+) -> str:
+    """The events past `after` up to `upto` of streams starting with `prefix` and of `types`,
+    framed as SqliteEventStore.read_json_page frames them."""
+    if not types or not prefix:
+        return "[]"
+    return json_page([e async for e in scan(nc, prefix, after, upto, timeout)], set(types))
+
+
+async def stream_ends(nc: Client, prefix: str, upto: int, timeout: float) -> list[tuple[int, str]]:
+    """The last position up to `upto` of every stream starting with `prefix`, in order."""
+    if not prefix:
+        return []
+    ends: dict[str, int] = {}
+    async for event in scan(nc, prefix, 0, upto, timeout):
+        ends[event.stream] = event.position
+    return sorted((position, stream) for stream, position in ends.items())
+
+
 def json_page(events: Sequence[RecordedEvent], types: set[str]) -> str:
     """``[[position, stream, {"type": type, ...data}], ...]`` of the events of `types`."""
     parts: list[str] = []

@@ -15,8 +15,9 @@ from nats.aio.client import Client
 from nats.js import api
 
 from adapters.event_chain import verify
-from adapters.eventstore_jetstream import JetStreamEventStore, _Pending
+from adapters.eventstore_jetstream import JetStreamEventStore
 from adapters.eventstore_sqlite import SqliteEventStore
+from adapters.jetstream_batch import Pending
 from adapters.jetstream_log import (
     EXPECTED_LAST_SEQ,
     EXPECTED_SUBJECT_SEQ,
@@ -219,7 +220,7 @@ async def test_a_commit_its_writer_did_not_confirm_is_found_in_the_log(
     record = key("k-unconfirmed", b'{"ok":true,"result":"first"}')
     held = await dead.keys.reserve(record)
     future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-    dead._pending.append(_Pending([to("vm:a", 0, payload(1))], "r", held, future))
+    dead._pending.append(Pending([to("vm:a", 0, payload(1))], "r", held, future))
     dead._wakeup.set()
     (event,) = await future  # committed; the confirmation never happens
     alive.keys.stale_after = 0
