@@ -37,7 +37,3 @@ class Operation:
     request: type[msgspec.Struct]
     handler: Handler
     mutates: bool = False
-
-
-class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The body of an operation that takes no fields."""

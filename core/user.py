@@ -10,99 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Final, Literal, TypedDict
+from typing import Final, Literal, TypedDict
 
 import msgspec
 
+from core.contract import (
+    STEPS,
+    DecommissionUser,
+    ProvisionUser,
+    RevealInitialPassword,
+    Step,
+    UserOut,
+    UserStatus,
+)
 from core.errors import USER_NOT_FOUND, InvalidInput, InvalidState, NotFound
 from core.events import Event
 from core.gateway_names import gateway_name
 from core.manifest import PROFILES
-from core.usernames import Username, UserRefName, check_username
-
-PROFILE_PATTERN = r"^[a-z0-9][a-z0-9_-]*\Z"
-# empty, or one `@` between two runs without spaces or control characters (C0, DEL, C1)
-EMAIL_PATTERN = r"^(?:[^@\s\x00-\x1f\x7f-\x9f]+@[^@\s\x00-\x1f\x7f-\x9f]+)?\Z"
-
-DisplayName = Annotated[str, msgspec.Meta(max_length=128)]
-ForgeEmail = Annotated[str, msgspec.Meta(max_length=254, pattern=EMAIL_PATTERN)]
-Profile = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=PROFILE_PATTERN)]
-
-UserStatus = Literal["provisioning", "ready", "failed", "decommissioning", "decommissioned"]
-
-Step = Literal[
-    "forge_user",
-    "ssh_key",
-    "select_node",
-    "deploy_vm",
-    "deploy_gateway",
-    "wait_ssh",
-    "upload_manifest",
-    "run_setup",
-    "verify_health",
-    "done",
-]
-STEPS: Final[tuple[Step, ...]] = (
-    "forge_user",
-    "ssh_key",
-    "select_node",
-    "deploy_vm",
-    "deploy_gateway",
-    "wait_ssh",
-    "upload_manifest",
-    "run_setup",
-    "verify_health",
-    "done",
-)
 
 DecommissionPart = Literal["delete_gateway", "delete_vm", "finish"]
 
-DEFAULT_PROFILE: Final = "demo"
 WEB_PORT: Final = 9988
 REASON_MAX: Final = 1000
 OUTPUT_TAIL_MAX: Final = 4000
 PASSWORD_NOT_FOUND: Final = "initial password not found"  # noqa: S105  (a message)
-
-
-class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of every request body: unknown fields are rejected."""
-
-
-# Commands an operator sends -----------------------------------------------------------------
-
-
-class ProvisionUser(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    username: Username
-    display_name: DisplayName = ""
-    forge_email: ForgeEmail = ""
-    profile: Profile = DEFAULT_PROFILE
-
-    def __post_init__(self) -> None:
-        # Decoding checked the shape; Forgejo's reserved names need code, and so does a request
-        # built in Python (the SDK, the dashboard), which msgspec does not validate.
-        check_username(self.username)
-
-
-class UserRef(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A request that names one user (also one recorded before Forgejo's rule was enforced)."""
-
-    username: UserRefName
-
-
-class DecommissionUser(UserRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class GetUser(UserRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class RevealInitialPassword(UserRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class ListUsers(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
 
 
 # Commands the process manager sends when a side effect finishes ------------------------------
@@ -499,35 +430,6 @@ class User(msgspec.Struct, frozen=True, kw_only=True):
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
-
-
-class UserOut(msgspec.Struct, frozen=True, kw_only=True):
-    """The contract's User resource."""
-
-    username: str
-    display_name: str
-    forge_email: str
-    status: UserStatus
-    step: Step
-    vm_sid: str
-    node_id: int | None
-    gateway_url: str
-    ssh_public_key: str
-    forge_user_created: bool
-    error: str
-    created_at: datetime
-    updated_at: datetime
-
-
-class UserList(msgspec.Struct, frozen=True, kw_only=True):
-    users: list[UserOut]
-
-
-class InitialPassword(msgspec.Struct, frozen=True, kw_only=True):
-    """The reply of `reveal_initial_password`: the only place the password ever appears."""
-
-    username: str
-    initial_password: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,86 +6,14 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 from msgspec.structs import replace
 
+from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmOut, VmStatus
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
-
-# Patterns match the whole value: msgspec uses `re.search`, and `$` also matches before a final
-# newline, so every pattern ends with `\Z` (the AsyncAPI document turns it into ECMA-262 `$`).
-NAME_PATTERN = r"^[A-Za-z0-9._-]+\Z"
-
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
-Secret = Annotated[str, msgspec.Meta(max_length=256)]
-Sid = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Image = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
-CpuCount = Annotated[int, msgspec.Meta(ge=1, le=64)]
-MemoryGb = Annotated[int, msgspec.Meta(ge=1, le=1024)]
-DiskGb = Annotated[int, msgspec.Meta(ge=1, le=10240)]
-RootfsGb = Annotated[int, msgspec.Meta(ge=1, le=1024)]
-NodeId = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
-SliceSid = Annotated[str, msgspec.Meta(max_length=64)]
-
-VmStatus = Literal["deploying", "running", "failed", "stopped", "deleting", "deleted"]
-
-
-class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of every request body: unknown fields are rejected."""
-
-
-# Commands a tenant sends --------------------------------------------------------------------
-
-
-class DeployVm(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: Name
-    secret: Secret
-    image: Image = "ubuntu-24.04"
-    cpu_count: CpuCount = 16
-    memory_gb: MemoryGb = 8
-    disk_gb: DiskGb = 200
-    rootfs_gb: RootfsGb = 16
-    slice_sid: SliceSid = ""
-    node_id: NodeId | None = None
-
-
-class VmRef(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A request that names one VM and proves ownership with its secret."""
-
-    sid: Sid
-    secret: Secret
-
-
-class GetVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class StartVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class StopVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class RestartVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class DeleteVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class ListVms(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    secret: Secret
-
-
-class MigrateSecret(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    old_secret: Secret
-    new_secret: Secret
-
 
 # Commands the process manager sends when a side effect finishes ------------------------------
 
@@ -257,34 +185,6 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
-
-
-class VmOut(msgspec.Struct, frozen=True, kw_only=True):
-    """The contract's Vm resource: everything but the owner."""
-
-    sid: str
-    name: str
-    slice_sid: str
-    image: str
-    cpu_count: int
-    memory_gb: int
-    disk_gb: int
-    rootfs_gb: int
-    status: VmStatus
-    node_id: int | None
-    mycelium_ip: str
-    error: str
-    created_at: datetime
-    updated_at: datetime
-
-
-class VmList(msgspec.Struct, frozen=True, kw_only=True):
-    vms: list[VmOut]
-
-
-class MigrateResult(msgspec.Struct, frozen=True, kw_only=True):
-    migrated_count: int
-    failed_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,33 @@ from nats.errors import (
 )
 from nats.errors import TimeoutError as NatsTimeout
 
+from core.contract import (
+    DEFAULT_PROFILE,
+    AuditPage,
+    DecommissionUser,
+    DeleteVm,
+    DeployVm,
+    Empty,
+    EventsPage,
+    EventsRequest,
+    GetUser,
+    GetVm,
+    Health,
+    InitialPassword,
+    ListUsers,
+    ListVms,
+    MigrateResult,
+    MigrateSecret,
+    ProvisionUser,
+    RestartVm,
+    RevealInitialPassword,
+    StartVm,
+    StopVm,
+    UserList,
+    UserOut,
+    VmList,
+    VmOut,
+)
 from core.errors import (
     ERRORS_BY_CODE,
     Conflict,
@@ -45,34 +72,8 @@ from core.errors import (
     Unavailable,
 )
 from core.events import Event, EventOut, EventRegistry
-from core.operations import Empty
-from core.user import (
-    DEFAULT_PROFILE,
-    USER_EVENT_TYPES,
-    DecommissionUser,
-    GetUser,
-    InitialPassword,
-    ListUsers,
-    ProvisionUser,
-    RevealInitialPassword,
-    UserList,
-    UserOut,
-)
-from core.vm import (
-    VM_EVENT_TYPES,
-    DeleteVm,
-    DeployVm,
-    GetVm,
-    ListVms,
-    MigrateResult,
-    MigrateSecret,
-    RestartVm,
-    StartVm,
-    StopVm,
-    VmList,
-    VmOut,
-)
-from hero_deployer.operations import AuditPage, EventsPage, EventsRequest, Health
+from core.user import USER_EVENT_TYPES
+from core.vm import VM_EVENT_TYPES
 
 __all__ = [
     "MUTATING",

@@ -8,12 +8,12 @@ from datetime import datetime
 from typing import Protocol
 
 from bus.publisher import SetAside
+from core.contract import Part
 from core.ports import EventStore, SecretVault
 from core.secrets import Fingerprinter
 from core.user import User
 from core.vm import Vm
 from hero_deployer.aggregates import Aggregates, KeyedLocks
-from hero_deployer.parts import Part
 from projections.runner import PagedSource, ProjectionRunner
 from projections.user_view import UserView
 from projections.vm_view import VmView

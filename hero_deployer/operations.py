@@ -2,78 +2,39 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
-from core.events import EventOut, RecordedEvent
-from core.operations import Empty, Operation, RequestMeta
-from core.user import DecommissionUser, GetUser, ListUsers, ProvisionUser, RevealInitialPassword
-from core.vm import DeleteVm, DeployVm, GetVm, ListVms, MigrateSecret, RestartVm, StartVm, StopVm
+from core.contract import (
+    AuditEvent,
+    AuditPage,
+    DecommissionUser,
+    DeleteVm,
+    DeployVm,
+    Empty,
+    EventsPage,
+    EventsRequest,
+    GetUser,
+    GetVm,
+    Health,
+    ListUsers,
+    ListVms,
+    MigrateSecret,
+    ProvisionUser,
+    RestartVm,
+    RevealInitialPassword,
+    StartVm,
+    StopVm,
+)
+from core.events import RecordedEvent
+from core.operations import Operation, RequestMeta
 from hero_deployer import user_handlers, vm_handlers
 from hero_deployer.commands import consistent_views
 from hero_deployer.deps import Deps
-from hero_deployer.parts import Part
 from hero_deployer.settings import VERSION
 
-STREAM_PATTERN = r"^(vm|user):[A-Za-z0-9._-]{1,64}\Z"
-
 _encoder = msgspec.json.Encoder()
-
-
-StreamName = Annotated[str, msgspec.Meta(pattern=STREAM_PATTERN, max_length=70)]
-
-
-class EventsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    stream: StreamName | None = None
-    after: Annotated[int, msgspec.Meta(ge=0)] = 0
-    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
-
-
-class EventsPage(msgspec.Struct, frozen=True):
-    events: list[EventOut]
-    last: int
-
-
-class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event with the request that recorded it: its id and its sender's `Hero-Actor` label.
-
-    `actor` is empty for what the service records itself (a side effect's outcome).
-    """
-
-    position: int
-    stream: str
-    version: int
-    type: str
-    data: msgspec.Raw
-    recorded_at: datetime
-    request_id: str
-    actor: str
-
-
-class AuditPage(msgspec.Struct, frozen=True):
-    events: list[AuditEvent]
-    last: int
-
-
-class Health(msgspec.Struct, frozen=True):
-    """Liveness, version, last position, and the events the status stream had to set aside.
-
-    `events_set_aside` counts the events no retry could publish since this process started (a
-    subject NATS refuses, a payload over its max_payload); `last_set_aside_position` is the last
-    one's position, null when none. The log keeps them: `events` returns them. `head_hash` is
-    the hash chain's head, the hash of the event at `position` (hex; see docs/api.md). `parts`
-    says which parts of the setup (backend, Forge, grid proxy) the service found at start.
-    """
-
-    status: str
-    version: str
-    position: int
-    events_set_aside: int = 0
-    last_set_aside_position: int | None = None
-    head_hash: str = ""
-    parts: list[Part] = msgspec.field(default_factory=list)
 
 
 async def _page(request: EventsRequest, deps: Deps) -> tuple[list[RecordedEvent], int]:

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-import msgspec
-
+from core.contract import Part
 from hero_deployer.settings import Settings
-
-
-class Part(msgspec.Struct, frozen=True):
-    """One part of the setup as the service found it at start: configured or missing."""
-
-    name: str
-    state: Literal["ok", "missing"]
-    message: str
 
 
 def setup_parts(settings: Settings, *, forge: bool, grid_proxy: bool) -> tuple[Part, ...]:

@@ -6,25 +6,19 @@ from typing import Final
 
 import msgspec
 
-from core.errors import USER_NOT_FOUND, NotFound
-from core.events import IdempotencyRecord, user_stream
-from core.operations import RequestMeta
-from core.user import (
-    PASSWORD_NOT_FOUND,
-    Context,
+from core.contract import (
     DecommissionUser,
     GetUser,
     InitialPassword,
     ListUsers,
-    OutcomeCommand,
     ProvisionUser,
     RevealInitialPassword,
-    User,
-    UserCommand,
     UserList,
-    decide,
-    evolve,
 )
+from core.errors import USER_NOT_FOUND, NotFound
+from core.events import IdempotencyRecord, user_stream
+from core.operations import RequestMeta
+from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand, User, UserCommand, decide, evolve
 from hero_deployer.commands import consistent_views, execute_one, idempotent
 from hero_deployer.deps import Deps
 

@@ -28,7 +28,8 @@ import structlog
 
 from adapters.forge_http import generate_password
 from adapters.sshkeys import generate_ed25519
-from core.events import Event, EventRegistry, RecordedEvent, user_stream, vm_stream
+from core.contract import STEPS, DeleteVm, DeployVm
+from core.events import Event, RecordedEvent, user_stream, vm_stream
 from core.gateway_names import gateway_name
 from core.manifest import render_services_toml, sha256_hex
 from core.operations import RequestMeta
@@ -49,7 +50,6 @@ from core.ports import (
     VmSpec,
 )
 from core.user import (
-    STEPS,
     USER_EVENT_TYPES,
     DeleteGateway,
     DeleteUserVm,
@@ -90,7 +90,7 @@ from core.user import Context as UserContext
 from core.user import decide as decide_user
 from core.user import evolve as evolve_user
 from core.vm import Context as VmContext
-from core.vm import DeleteVm, DeployVm, RecordDeleted, Vm
+from core.vm import RecordDeleted, Vm
 from core.vm import decide as decide_vm
 from core.vm import evolve as evolve_vm
 from hero_deployer import user_handlers, vm_handlers
@@ -188,7 +188,7 @@ class UserAndVm(Aggregates[User | Vm]):
     """
 
     def __init__(self, users: Aggregates[User], vms: Aggregates[Vm], deps: Deps) -> None:
-        super().__init__(deps.store, _NO_EVENTS, evolve_either)
+        super().__init__(deps.store, users.decider)
         self._users = users
         self._vms = vms
         self.locks = users.locks
@@ -220,7 +220,6 @@ def evolve_either(state: User | Vm | None, event: Event) -> User | Vm | None:
     return evolve_vm(state if isinstance(state, Vm) else None, event)
 
 
-_NO_EVENTS: Final = EventRegistry(())  # loads go to the users' and the VMs' own registries
 
 
 # Looking up a user VM's key for the VM reactor -------------------------------------------

@@ -15,30 +15,18 @@ from typing import TypeVar
 import msgspec
 import structlog
 
+from core.contract import DeployVm, GetVm, ListVms, MigrateResult, MigrateSecret
+from core.domain import VMS
 from core.errors import VM_NOT_FOUND, Conflict, InvalidInput, NotFound, Unavailable
-from core.events import IdempotencyRecord, vm_stream
 from core.operations import RequestMeta
-from core.vm import (
-    Context,
-    DeployVm,
-    GetVm,
-    ListVms,
-    MigrateResult,
-    MigrateSecret,
-    OutcomeCommand,
-    RekeyVm,
-    Vm,
-    VmCommand,
-    decide,
-    evolve,
-    owns,
-)
+from core.vm import Context, OutcomeCommand, RekeyVm, Vm, VmCommand
 from hero_deployer.commands import (
-    Decision,
+    Command,
+    Decided,
+    Record,
     consistent_views,
-    execute,
-    execute_one,
     idempotent,
+    run,
 )
 from hero_deployer.deps import Deps
 
@@ -108,42 +96,21 @@ def owner_of(deps: Deps, secret: str, field: str = "secret") -> str:
     return deps.fingerprint(secret)
 
 
-def _result(vm: Vm | None) -> bytes:
-    assert vm is not None
+def vm_reply(decided: list[Decided]) -> bytes:
+    """The Vm resource after the command, as JSON."""
+    vm = decided[0].state
+    assert isinstance(vm, Vm)
     return _encoder.encode(vm.public())
-
-
-async def run_vm_command(
-    deps: Deps,
-    sid: str,
-    command: VmCommand,
-    ctx: Context,
-    meta: RequestMeta,
-    idempotency: IdempotencyRecord | None = None,
-    *,
-    reply: bool = True,
-) -> bytes:
-    """Decides one command on one VM and records its events; returns the Vm as JSON."""
-    return await execute_one(
-        deps,
-        deps.vms,
-        vm_stream(sid),
-        lambda vm: decide(vm, command, ctx),
-        evolve,
-        _result if reply else None,
-        meta,
-        idempotency,
-        new_stream=isinstance(command, DeployVm),
-    )
 
 
 async def deploy_vm(request: DeployVm, meta: RequestMeta, deps: Deps) -> bytes:
     ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret), new_sid=new_sid())
+    command = Command(deps.vms, ctx.new_sid, request, ctx, new=True)
 
-    async def run(idempotency: IdempotencyRecord | None) -> bytes:
-        return await run_vm_command(deps, ctx.new_sid, request, ctx, meta, idempotency)
+    async def once(record: Record | None) -> bytes:
+        return await run(deps, [command], meta, record, reply=vm_reply)
 
-    return await idempotent(deps, meta, request, run)
+    return await idempotent(deps, meta, request, once)
 
 
 async def vm_action(request: VmCommand, meta: RequestMeta, deps: Deps) -> bytes:
@@ -151,12 +118,13 @@ async def vm_action(request: VmCommand, meta: RequestMeta, deps: Deps) -> bytes:
     assert not isinstance(request, DeployVm | OutcomeCommand | RekeyVm)
     ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret))
     if await surely_absent(deps, request.sid):
-        deps.vms.remember(vm_stream(request.sid), None, 0)  # then loaded as a cached VM is
+        deps.vms.remember(VMS.stream(request.sid), None, 0)  # then loaded as a cached VM is
+    command = Command(deps.vms, request.sid, request, ctx)
 
-    async def run(idempotency: IdempotencyRecord | None) -> bytes:
-        return await run_vm_command(deps, request.sid, request, ctx, meta, idempotency)
+    async def once(record: Record | None) -> bytes:
+        return await run(deps, [command], meta, record, reply=vm_reply)
 
-    return await idempotent(deps, meta, request, run)
+    return await idempotent(deps, meta, request, once)
 
 
 async def surely_absent(deps: Deps, sid: str) -> bool:
@@ -176,7 +144,7 @@ async def surely_absent(deps: Deps, sid: str) -> bool:
 async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -> None:
     """Records what a side effect did to a VM; used by the VM reactor."""
     meta = RequestMeta(operation="record_outcome", request_id=request_id)
-    await run_vm_command(deps, command.sid, command, Context(now=deps.clock()), meta, reply=False)
+    await run(deps, [Command(deps.vms, command.sid, command, Context(now=deps.clock()))], meta)
 
 
 class OutcomeRecorder:
@@ -260,18 +228,10 @@ class OutcomeRecorder:
 
     async def _record_batch(self, commands: list[OutcomeCommand]) -> None:
         """One append over the streams of `commands`, which name each VM at most once."""
-        ctx = Context(now=self._deps.clock())
-        by_stream = {vm_stream(c.sid): c for c in commands}
-
-        def decide_all(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
-            decisions = []
-            for stream, (vm, version) in states.items():
-                events = decide(vm, by_stream[stream], ctx)
-                decisions.append(Decision(stream, version, events))
-            return decisions, b""
-
+        deps = self._deps
+        ctx = Context(now=deps.clock())
         meta = RequestMeta(operation="record_outcome", request_id="")
-        await execute(self._deps, self._deps.vms, list(by_stream), decide_all, evolve, meta, None)
+        await run(deps, [Command(deps.vms, c.sid, c, ctx) for c in commands], meta)
 
 
 async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
@@ -299,24 +259,20 @@ async def migrate_secret(request: MigrateSecret, meta: RequestMeta, deps: Deps) 
     new = deps.fingerprint(request.new_secret)
     ctx = Context(now=deps.clock(), owner=old)
 
-    async def run(idempotency: IdempotencyRecord | None) -> bytes:
+    def migrated(decided: list[Decided]) -> bytes:
+        if not decided:
+            raise NotFound("no vm has this secret")
+        return _encoder.encode(MigrateResult(migrated_count=len(decided)))
+
+    async def once(record: Record | None) -> bytes:
         await consistent_views(deps)
         candidates = await deps.vm_view.by_owner(old)
         if not candidates:
             raise NotFound("no vm has this secret")
-        streams = [vm_stream(vm.sid) for vm in candidates]
+        # a VM deleted or re-keyed meanwhile is refused by its aggregate and left out
+        commands = [
+            Command(deps.vms, vm.sid, RekeyVm(sid=vm.sid, new_owner=new), ctx) for vm in candidates
+        ]
+        return await run(deps, commands, meta, record, reply=migrated, skip_refused=True)
 
-        def decide_all(states: dict[str, tuple[Vm | None, int]]) -> tuple[list[Decision], bytes]:
-            decisions = []
-            for stream, (vm, version) in states.items():
-                if vm is None or vm.status == "deleted" or not owns(vm, old):
-                    continue
-                events = decide(vm, RekeyVm(sid=vm.sid, new_owner=new), ctx)
-                decisions.append(Decision(stream, version, events))
-            if not decisions:
-                raise NotFound("no vm has this secret")
-            return decisions, _encoder.encode(MigrateResult(migrated_count=len(decisions)))
-
-        return await execute(deps, deps.vms, streams, decide_all, evolve, meta, idempotency)
-
-    return await idempotent(deps, meta, request, run)
+    return await idempotent(deps, meta, request, once)

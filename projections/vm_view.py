@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable, Sequence
 import aiosqlite
 import msgspec
 
+from core.contract import VmOut
 from core.events import Event, RecordedEvent
-from core.vm import VM_EVENT_TYPES, Vm, VmOut, evolve
+from core.vm import VM_EVENT_TYPES, Vm, evolve
 from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """

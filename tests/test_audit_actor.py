@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from core.contract import Part
 from core.operations import ACTOR_PATTERN
 from hero_deployer.client import HeroDeployerClient, local_actor
-from hero_deployer.parts import Part, setup_parts
+from hero_deployer.parts import setup_parts
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import wait_for_event
 

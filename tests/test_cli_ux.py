@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from core.vm import DeployVm
+from core.contract import DeployVm
 from hero_deployer import cli
 from hero_deployer.cli.main import build_parser
 from hero_deployer.cli.validation import readable

@@ -16,21 +16,17 @@ from nats.aio.client import Client
 
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
+from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm
 from core.errors import DomainError
 from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend, vm_stream
 from core.vm import (
     VM_EVENT_TYPES,
     Context,
-    DeleteVm,
-    DeployVm,
     RecordDeleted,
     RecordDeployed,
     RecordDeployFailed,
     RecordOperationFailed,
     RekeyVm,
-    RestartVm,
-    StartVm,
-    StopVm,
     Vm,
     VmCommand,
     VmDeployFailed,

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from bus.edge import validation_message
 from core import user as users
 from core import vm as vms
+from core.contract import EventsRequest
 from core.errors import VM_NOT_FOUND, DomainError, NotFound
 from core.secrets import Fingerprinter
 from hero_deployer.client import OPERATIONS
-from hero_deployer.operations import EventsRequest
 
 FAST = settings(max_examples=150, deadline=None, database=None)  # no .hypothesis/ in the tree
 FINGERPRINT = Fingerprinter(b"k" * 32)

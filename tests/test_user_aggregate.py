@@ -8,17 +8,24 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
+from core.contract import (
+    STEPS,
+    DecommissionUser,
+    GetUser,
+    ListUsers,
+    ProvisionUser,
+    RevealInitialPassword,
+    UserOut,
+)
 from core.errors import USER_NOT_FOUND, InvalidInput, InvalidState, NotFound
 from core.events import Event
 from core.gateway_names import gateway_name
 from core.user import (
     PASSWORD_NOT_FOUND,
-    STEPS,
     USER_EVENT_TYPES,
     Context,
     DecommissionActionFailed,
     DecommissionRequested,
-    DecommissionUser,
     DeleteGateway,
     DeleteUserVm,
     DeployGateway,
@@ -29,16 +36,13 @@ from core.user import (
     GatewayDeleted,
     GatewayDeployed,
     GenerateSshKey,
-    GetUser,
     HealthVerified,
     InitialPasswordRevealed,
-    ListUsers,
     ManifestUploaded,
     NodeSelected,
     ProvisioningCompleted,
     ProvisioningRequested,
     ProvisioningResumed,
-    ProvisionUser,
     RecordDecommissioned,
     RecordDecommissionFailed,
     RecordForgeUserEnsured,
@@ -55,7 +59,6 @@ from core.user import (
     RecordUserVmDeleted,
     RecordUserVmDeployed,
     RecordUserVmDeployRequested,
-    RevealInitialPassword,
     RunSetup,
     SelectNode,
     SetupCompleted,
@@ -69,7 +72,6 @@ from core.user import (
     UserAction,
     UserCommand,
     UserDecommissioned,
-    UserOut,
     UserVmDeleted,
     UserVmDeployed,
     UserVmDeployRequested,

@@ -8,9 +8,9 @@ import sqlite3
 import msgspec
 import pytest
 
+from core.contract import GetUser, ProvisionUser
 from core.errors import InvalidInput
 from core.manifest import render_services_toml
-from core.user import GetUser, ProvisionUser
 from core.usernames import RESERVED_USERNAMES, reserved_username, username_problem
 from hero_deployer.asyncapi import build_spec
 from tests.conftest import TOKEN, Service

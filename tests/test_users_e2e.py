@@ -25,12 +25,12 @@ from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from adapters.ssh_asyncssh import AsyncsshShell
+from core.contract import RevealInitialPassword
 from core.errors import NotFound
 from core.manifest import PROFILES
 from core.operations import RequestMeta
 from core.ports import SshTarget
 from core.user import Context as UserContext
-from core.user import RevealInitialPassword
 from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App, bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.logs import configure

@@ -7,21 +7,17 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
+from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmStatus
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 from core.vm import (
     VM_EVENT_TYPES,
     Context,
-    DeleteVm,
-    DeployVm,
     RecordDeleted,
     RecordDeployed,
     RecordDeployFailed,
     RecordOperationFailed,
     RekeyVm,
-    RestartVm,
-    StartVm,
-    StopVm,
     Vm,
     VmCommand,
     VmDeleted,
@@ -33,7 +29,6 @@ from core.vm import (
     VmRestarted,
     VmSecretMigrated,
     VmStarted,
-    VmStatus,
     VmStopped,
     decide,
     evolve,

@@ -20,8 +20,8 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from core.contract import StreamName
 from core.usernames import UserRefName
-from hero_deployer.operations import StreamName
 from hero_deployer.web import create_app
 from hero_deployer.web.forms import conforms
 from hero_deployer.web.middleware import CONFIG_KEY

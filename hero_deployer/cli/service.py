@@ -77,7 +77,7 @@ def add_commands(sub: Any, opts: Options) -> None:
 
 def limit_help() -> str:
     """`--limit`'s help, with the bounds of the request type's field."""
-    from hero_deployer.operations import EventsRequest
+    from core.contract import EventsRequest
 
     return f"at most N events, {bounds(field_type(EventsRequest, 'limit')[0])}"
 

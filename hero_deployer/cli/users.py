@@ -6,7 +6,7 @@ import argparse
 from datetime import datetime
 from typing import Any
 
-from core.user import ProvisionUser
+from core.contract import ProvisionUser
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
 from hero_deployer.cli.connect import connected
 from hero_deployer.cli.errors import CommandFailed

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import structlog
 from aiohttp import web
 
-from core.user import UserStatus
+from core.contract import UserStatus
 from core.usernames import UserRefName
 from hero_deployer.client import DomainError, EventOut, HeroDeployerClient, NotFound, UserOut
 from hero_deployer.web import audit, streams, tenant

@@ -10,8 +10,8 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
+from core.contract import AuditEvent, StreamName
 from hero_deployer.client import AuditPage, DomainError
-from hero_deployer.operations import AuditEvent, StreamName
 from hero_deployer.web.forms import conforms
 from hero_deployer.web.render import (
     acting,

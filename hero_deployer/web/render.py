@@ -13,10 +13,9 @@ import jinja2
 import msgspec
 from aiohttp import web
 
+from core.contract import Name, Part
 from core.usernames import Username
-from core.vm import Name
 from hero_deployer.client import DomainError, HeroDeployerClient
-from hero_deployer.parts import Part
 from hero_deployer.web.forms import html_pattern, max_length
 from hero_deployer.web.middleware import (
     CLIENT_KEY,

@@ -8,7 +8,7 @@ from typing import Any, Final, Literal
 import msgspec
 from aiohttp import web
 
-from core.vm import DeployVm, Sid
+from core.contract import DeployVm, Sid
 from hero_deployer.client import DomainError, NotFound, VmOut
 from hero_deployer.web.forms import conforms, number_fields
 from hero_deployer.web.middleware import CONFIG_KEY, error_json

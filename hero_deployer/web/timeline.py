@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import msgspec
 
-from core.user import STEPS
+from core.contract import STEPS
 from hero_deployer.client import EventOut, UserOut
 
 # The event that finishes each provisioning step.
