@@ -89,7 +89,9 @@ def resolve_secret(
     if value is None and sys.stdin.isatty():
         value = _prompt(source, ask)
     if value is None:
-        raise UsageError(f"{what} needs a {_noun(source)}: {source.ways()}")
+        noun = _noun(source)
+        article = "an" if noun[0] in "aeiou" else "a"
+        raise UsageError(f"{what} needs {article} {noun}: {source.ways()}")
     if not value:
         ways = f"; {source.none_flag} means none" if source.none_flag else ""
         raise UsageError(f"{what}: the {_noun(source)} is empty{ways}")

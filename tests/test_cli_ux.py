@@ -26,6 +26,14 @@ from hero_deployer import cli
 from hero_deployer.cli.main import build_parser
 from hero_deployer.cli.validation import readable
 from hero_deployer.natsserver import free_port
+from hero_deployer.secret_input import (
+    NEW_SECRET,
+    NEW_SECRET_ENV,
+    OLD_SECRET,
+    SECRET_ENV,
+    UsageError,
+    resolve_secret,
+)
 from hero_deployer.settings import VERSION
 from tests.conftest import TOKEN, Service
 
@@ -260,6 +268,17 @@ def test_messages_the_cli_cannot_read_stay_as_they_are() -> None:
     assert readable("Expected `int` >= 1 - at `$.unknown_field`").endswith("$.unknown_field`")
     reserved = "username is one of the names Forgejo reserves - at `$.username`"
     assert readable(reserved) == "username is one of the names Forgejo reserves"
+
+
+def test_a_missing_secret_is_named_with_its_article(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.delenv(NEW_SECRET_ENV, raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    nothing = argparse.Namespace()
+    with pytest.raises(UsageError, match=r"^migrate-secret needs an old secret: --old-secret-file"):
+        resolve_secret(nothing, OLD_SECRET, what="migrate-secret")
+    with pytest.raises(UsageError, match=r"^migrate-secret needs a new secret: --new-secret-file"):
+        resolve_secret(nothing, NEW_SECRET, what="migrate-secret")
 
 
 # Terminal or pipe ---------------------------------------------------------------------------
