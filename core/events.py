@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -10,8 +10,27 @@ from typing import Any
 import msgspec
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """Base of every domain event: named in the past tense, never renamed, fields only added."""
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Base of every domain event: named in the past tense, never renamed, fields only added.
+
+    Tagged by its class name under `type`, so a union of events is one msgspec tagged union.
+    The log keeps the tag in its own column and the data without it (`event_data`), as it
+    always has; a decoder is given the tag from that column.
+    """
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def event_data(event: Event) -> bytes:
+    """The event's JSON as the log stores it: every field, the tag left out.
+
+    msgspec writes the tag first, so `{"type":"Name",` (or the whole `{"type":"Name"}` of an
+    event without fields) is cut from the front.
+    """
+    tagged = _encoder.encode(event)
+    cut = len(type(event).__name__) + 10  # len('{"type":"Name"'): a comma or the brace follows
+    return b"{" + tagged[cut + 1 :] if len(tagged) > cut + 1 else b"{}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +43,7 @@ class NewEvent:
 
     @classmethod
     def of(cls, event: Event) -> NewEvent:
-        return cls(type=type(event).__name__, data=msgspec.json.encode(event), event=event)
+        return cls(type=type(event).__name__, data=event_data(event), event=event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,24 +100,40 @@ class EventOut(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class EventRegistry:
-    """Maps event type names to their Structs and decodes recorded data back into them."""
+    """The one decoder of recorded events: the tag from the log's `type` column, the data JSON.
+
+    Each member of the tagged union decodes its own untagged data (msgspec takes a tagged
+    Struct's tag as optional when the Struct is decoded by itself).
+    """
 
     def __init__(self, types: Iterable[type[Event]]) -> None:
-        self._decoders: dict[str, msgspec.json.Decoder[Any]] = {
-            t.__name__: msgspec.json.Decoder(t) for t in types
+        self.types = tuple(types)
+        self._decoders: dict[str, Callable[[bytes], Any]] = {
+            t.__name__: msgspec.json.Decoder(t).decode for t in self.types
         }
 
     def __contains__(self, name: str) -> bool:
         return name in self._decoders
 
     def decode(self, type_name: str, data: bytes) -> Event:
-        event: Event = self._decoders[type_name].decode(data)
+        event: Event = self._decoders[type_name](data)
         return event
 
 
+def stream_name(kind: str, id: str) -> str:
+    """The stream id of aggregate `id` of `kind`: `<kind>:<id>` (the contract's form)."""
+    return f"{kind}:{id}"
+
+
+def stream_parts(stream: str) -> tuple[str, str]:
+    """The kind and the aggregate id of a stream id (`vm:vm_0123` → `vm`, `vm_0123`)."""
+    kind, _, id = stream.partition(":")
+    return kind, id
+
+
 def vm_stream(sid: str) -> str:
-    return f"vm:{sid}"
+    return stream_name("vm", sid)
 
 
 def user_stream(username: str) -> str:
-    return f"user:{username}"
+    return stream_name("user", username)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-from core.events import Event, EventRegistry
+from core.decider import Decider
 from core.ports import EventStore
 
 S = TypeVar("S")
@@ -69,22 +69,25 @@ class KeyedLocks:
 
 
 class Aggregates(Generic[S]):
-    """The current state and version of each stream: from the cache, else folded from the log."""
+    """The current state and version of each stream of one Decider: cached, else folded.
+
+    `locks` serialise commands per stream; aggregates that share one let a command hold
+    streams of both.
+    """
 
     def __init__(
         self,
         store: EventStore,
-        registry: EventRegistry,
-        evolve: Callable[[S | None, Event], S | None],
+        decider: Decider[S],
         *,
         cache_size: int = 200_000,
+        locks: KeyedLocks | None = None,
     ) -> None:
         self._store = store
-        self._registry = registry
-        self._evolve = evolve
+        self.decider = decider
         self._cache: OrderedDict[str, tuple[S | None, int]] = OrderedDict()
         self._cache_size = cache_size
-        self.locks = KeyedLocks()
+        self.locks = locks if locks is not None else KeyedLocks()
 
     async def load(
         self, stream: str, *, fresh: bool = False, new: bool = False
@@ -105,8 +108,9 @@ class Aggregates(Generic[S]):
                     return cached
         state: S | None = None
         version = 0
+        decode, evolve = self.decider.registry.decode, self.decider.evolve
         for recorded in await self._store.read_stream(stream):
-            state = self._evolve(state, self._registry.decode(recorded.type, recorded.data))
+            state = evolve(state, decode(recorded.type, recorded.data))
             version = recorded.version
         # an absent stream is remembered too: naming a missing sid again costs what naming an
         # existing one does (NotFound is the same in timing); a commit makes `known` pass it

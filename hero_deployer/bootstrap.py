@@ -20,7 +20,8 @@ from adapters.sealing import AesGcmSealer
 from adapters.vault_sqlite import SqliteSecretVault
 from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
-from core.events import EventRegistry, vm_stream
+from core.domain import USERS, VMS
+from core.events import vm_stream
 from core.gateway_names import check_prefix
 from core.operations import Operation
 from core.ports import (
@@ -33,11 +34,9 @@ from core.ports import (
     SecretVault,
 )
 from core.secrets import Fingerprinter
-from core.user import USER_EVENT_TYPES, User
-from core.user import evolve as evolve_user
-from core.vm import VM_EVENT_TYPES, Vm, evolve
+from core.vm import Vm
 from hero_deployer import vm_handlers
-from hero_deployer.aggregates import Aggregates
+from hero_deployer.aggregates import Aggregates, KeyedLocks
 from hero_deployer.backends import build_backend, gridproxy_url
 from hero_deployer.deps import Deps, ServiceStore
 from hero_deployer.operations import user_operations, vm_operations
@@ -155,12 +154,13 @@ async def bootstrap(
             data_dir / "fingerprint.key", os.environ.get("HERO_DEPLOYER_FINGERPRINT_KEY")
         )
         vault = await _vault(settings, stack, nc)
+        locks = KeyedLocks()  # one per stream, whichever aggregate's
         deps = Deps(
             store=store,
             views=runner,
             vm_view=VmView(reader),
-            vms=Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve),
-            users=Aggregates[User](store, EventRegistry(USER_EVENT_TYPES), evolve_user),
+            vms=Aggregates(store, VMS, locks=locks),
+            users=Aggregates(store, USERS, locks=locks),
             user_view=UserView(query_conn),
             vault=vault,
             fingerprint=Fingerprinter(key),

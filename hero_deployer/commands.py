@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from core.errors import ConcurrencyError, Conflict
+from core.errors import ConcurrencyError, Conflict, DomainError
 from core.events import Event, IdempotencyRecord, NewEvent, StreamAppend
 from core.operations import RequestMeta
 from hero_deployer.aggregates import Aggregates
@@ -17,6 +19,9 @@ from hero_deployer.deps import Deps
 S = TypeVar("S")
 
 _encoder = msgspec.json.Encoder()
+
+Record = Callable[[bytes], IdempotencyRecord]
+"""Makes a keyed request's idempotency record from its reply, once the reply is known."""
 
 
 def body_hash(deps: Deps, request: msgspec.Struct) -> str:
@@ -28,7 +33,7 @@ async def idempotent(
     deps: Deps,
     meta: RequestMeta,
     request: msgspec.Struct,
-    run: Callable[[IdempotencyRecord | None], Awaitable[bytes]],
+    run: Callable[[Record | None], Awaitable[bytes]],
 ) -> bytes:
     """Runs a state-changing request once per Idempotency-Key; repeats get the first reply."""
     key = meta.idempotency_key
@@ -44,15 +49,40 @@ async def idempotent(
             if not same:
                 raise Conflict("idempotency key was already used with another request")
             return stored.reply
-        return await run(IdempotencyRecord(key, meta.operation, digest, b""))
+        return await run(partial(IdempotencyRecord, key, meta.operation, digest))
 
 
-class Decision(msgspec.Struct, frozen=True):
-    """What one stream's command decided: its new events and the state after them."""
+@dataclass(frozen=True, slots=True)
+class Command(Generic[S]):
+    """One command for one stream of an aggregate, with what its decision needs from outside.
+
+    `new` says the stream was just named (a fresh sid): its state is not read first.
+    """
+
+    aggregate: Aggregates[S]
+    id: str
+    command: object
+    context: object
+    new: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What a command decided on its stream: its events and the state after them."""
 
     stream: str
-    expected_version: int
+    version: int
     events: Sequence[Event]
+    state: object
+    aggregate: Aggregates[Any]
+
+
+Reply = Callable[[list[Decided]], bytes]
+
+
+def no_reply(decided: list[Decided]) -> bytes:
+    """The reply of a command nobody waits on (a side effect's outcome)."""
+    return b""
 
 
 async def consistent_views(deps: Deps) -> None:
@@ -64,85 +94,68 @@ async def consistent_views(deps: Deps) -> None:
     await deps.views.wait_for(await deps.store.last_position())
 
 
-async def execute(
+async def run(
     deps: Deps,
-    aggregates: Aggregates[S],
-    streams: Sequence[str],
-    decide: Callable[[dict[str, tuple[S | None, int]]], tuple[list[Decision], bytes]],
-    evolve: Callable[[S | None, Event], S | None],
+    commands: Sequence[Command[Any]],
     meta: RequestMeta,
-    idempotency: IdempotencyRecord | None,
+    record: Record | None = None,
     *,
-    new_streams: bool = False,
+    reply: Reply = no_reply,
+    together: bool = False,
+    skip_refused: bool = False,
 ) -> bytes:
-    """Loads the streams, decides, appends with expected versions; retries when it loses a race.
+    """Loads, decides, appends with the expected versions, folds once; the one command runner.
 
     Commands on the same stream run one at a time in this process; across processes the
-    store's expected-version check catches the race and the command is decided again.
-    The reply goes out once the events are durable; queries wait for the views instead.
+    store's expected-version check catches the race and the commands are decided again.
+    `together`: when one command decides nothing, nothing is appended. `skip_refused`: a
+    command its aggregate refuses (a DomainError) is left out. The reply goes out once the
+    events are durable; queries wait for the views instead.
     """
-    async with aggregates.locks.hold(streams):
+    streams = [c.aggregate.decider.stream(c.id) for c in commands]
+    async with commands[0].aggregate.locks.hold(streams):
         for attempt in range(deps.max_retries):
-            states = {
-                s: await aggregates.load(s, fresh=attempt > 0, new=new_streams) for s in streams
-            }
-            decisions, result = decide(states)
+            decided = await _decide(commands, streams, fresh=attempt > 0, skip=skip_refused)
+            if together and not all(d.events for d in decided):
+                decided = []
+            result = reply(decided)
+            idempotency = record(result) if record is not None else None
             appends = [
-                StreamAppend(d.stream, d.expected_version, tuple(NewEvent.of(e) for e in d.events))
-                for d in decisions
+                StreamAppend(d.stream, d.version, tuple(NewEvent.of(e) for e in d.events))
+                for d in decided
                 if d.events
             ]
-            record = (
-                IdempotencyRecord(
-                    idempotency.key, idempotency.operation, idempotency.body_hash, result
-                )
-                if idempotency is not None
-                else None
-            )
-            if not appends and record is None:
+            if not appends and idempotency is None:
                 return result
             try:
                 await deps.store.append(
-                    appends, idempotency=record, request_id=meta.request_id, actor=meta.actor
+                    appends, idempotency=idempotency, request_id=meta.request_id, actor=meta.actor
                 )
             except ConcurrencyError:
-                for s in streams:
-                    aggregates.forget(s)
+                for c, stream in zip(commands, streams, strict=True):
+                    c.aggregate.forget(stream)
                 continue
-            for d in decisions:
+            for d in decided:
                 if d.events:
-                    state = states[d.stream][0]
-                    for event in d.events:
-                        state = evolve(state, event)
-                    aggregates.remember(d.stream, state, d.expected_version + len(d.events))
+                    d.aggregate.remember(d.stream, d.state, d.version + len(d.events))
             return result
     raise Conflict("the resource changed concurrently; try again")
 
 
-async def execute_one(
-    deps: Deps,
-    aggregates: Aggregates[S],
-    stream: str,
-    decide: Callable[[S | None], Sequence[Event]],
-    evolve: Callable[[S | None, Event], S | None],
-    encode: Callable[[S | None], bytes] | None,
-    meta: RequestMeta,
-    idempotency: IdempotencyRecord | None = None,
-    *,
-    new_stream: bool = False,
-) -> bytes:
-    """Decides one command on one stream; returns `encode` of the state after it (or b"")."""
-
-    def decide_one(states: dict[str, tuple[S | None, int]]) -> tuple[list[Decision], bytes]:
-        state, version = states[stream]
-        events = decide(state)
-        decisions = [Decision(stream, version, events)]
-        if encode is None:
-            return decisions, b""
-        for event in events:
-            state = evolve(state, event)
-        return decisions, encode(state)
-
-    return await execute(
-        deps, aggregates, [stream], decide_one, evolve, meta, idempotency, new_streams=new_stream
-    )
+async def _decide(
+    commands: Sequence[Command[Any]], streams: list[str], *, fresh: bool, skip: bool
+) -> list[Decided]:
+    """Each command decided against its stream's state, with the state folded after it."""
+    decided = []
+    for c, stream in zip(commands, streams, strict=True):
+        aggregate = c.aggregate
+        state, version = await aggregate.load(stream, fresh=fresh, new=c.new)
+        try:
+            events = aggregate.decider.decide(state, c.command, c.context)
+        except DomainError:
+            if skip:
+                continue
+            raise
+        after = aggregate.decider.fold(events, state)
+        decided.append(Decided(stream, version, events, after, aggregate))
+    return decided

@@ -16,10 +16,10 @@ from core.contract import (
     UserList,
 )
 from core.errors import USER_NOT_FOUND, NotFound
-from core.events import IdempotencyRecord, user_stream
+from core.events import user_stream
 from core.operations import RequestMeta
-from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand, User, UserCommand, decide, evolve
-from hero_deployer.commands import consistent_views, execute_one, idempotent
+from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand, User
+from hero_deployer.commands import Command, Decided, Record, consistent_views, idempotent, run
 from hero_deployer.deps import Deps
 
 # What the vault holds per user (owner = username), sealed; never in an event, a log or a reply.
@@ -31,50 +31,26 @@ VM_SECRET: Final = "vm_secret"  # noqa: S105
 _encoder = msgspec.json.Encoder()
 
 
-def _result(user: User | None) -> bytes:
-    return _encoder.encode(user.public()) if user is not None else b"null"
+def user_reply(decided: list[Decided]) -> bytes:
+    """The User resource after the command, as JSON."""
+    user = decided[0].state
+    return _encoder.encode(user.public()) if isinstance(user, User) else b"null"
 
 
-async def run_user_command(
-    deps: Deps,
-    username: str,
-    command: UserCommand,
-    ctx: Context,
-    meta: RequestMeta,
-    idempotency: IdempotencyRecord | None = None,
-    *,
-    reply: bool = True,
+async def user_command(
+    request: ProvisionUser | DecommissionUser, meta: RequestMeta, deps: Deps
 ) -> bytes:
-    """Decides one command on one user and records its events; returns the User as JSON."""
-    return await execute_one(
-        deps,
-        deps.users,
-        user_stream(username),
-        lambda user: decide(user, command, ctx),
-        evolve,
-        _result if reply else None,
-        meta,
-        idempotency,
-    )
+    """provision_user (starts, or resumes a failed user; one provisioning is left alone) and
+    decommission_user."""
+    command = Command(deps.users, request.username, request, Context(now=deps.clock()))
+
+    async def once(record: Record | None) -> bytes:
+        return await run(deps, [command], meta, record, reply=user_reply)
+
+    return await idempotent(deps, meta, request, once)
 
 
-async def provision_user(request: ProvisionUser, meta: RequestMeta, deps: Deps) -> bytes:
-    """Starts provisioning; resumes a failed user; a user already provisioning is left alone."""
-    ctx = Context(now=deps.clock())
-
-    async def run(idempotency: IdempotencyRecord | None) -> bytes:
-        return await run_user_command(deps, request.username, request, ctx, meta, idempotency)
-
-    return await idempotent(deps, meta, request, run)
-
-
-async def decommission_user(request: DecommissionUser, meta: RequestMeta, deps: Deps) -> bytes:
-    ctx = Context(now=deps.clock())
-
-    async def run(idempotency: IdempotencyRecord | None) -> bytes:
-        return await run_user_command(deps, request.username, request, ctx, meta, idempotency)
-
-    return await idempotent(deps, meta, request, run)
+provision_user = decommission_user = user_command
 
 
 async def record_user_outcome(
@@ -82,7 +58,7 @@ async def record_user_outcome(
 ) -> None:
     """Records what a side effect did for a user; used by the process manager."""
     meta = RequestMeta(operation="record_outcome", request_id=request_id)
-    await run_user_command(deps, username, command, Context(now=deps.clock()), meta, reply=False)
+    await run(deps, [Command(deps.users, username, command, Context(now=deps.clock()))], meta)
 
 
 async def get_user(request: GetUser, meta: RequestMeta, deps: Deps) -> bytes:
@@ -117,6 +93,6 @@ async def reveal_initial_password(
     sealed = await deps.vault.get(username, FORGE_PASSWORD)
     if sealed is None:
         raise NotFound(PASSWORD_NOT_FOUND)
-    await run_user_command(deps, username, request, Context(now=deps.clock()), meta, reply=False)
+    await run(deps, [Command(deps.users, username, request, Context(now=deps.clock()))], meta)
     await deps.vault.delete(username, FORGE_PASSWORD)
     return _encoder.encode(InitialPassword(username=username, initial_password=sealed.decode()))

@@ -22,14 +22,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
 from adapters.forge_http import generate_password
 from adapters.sshkeys import generate_ed25519
 from core.contract import STEPS, DeleteVm, DeployVm
-from core.events import Event, RecordedEvent, user_stream, vm_stream
+from core.events import RecordedEvent, user_stream, vm_stream
 from core.gateway_names import gateway_name
 from core.manifest import render_services_toml, sha256_hex
 from core.operations import RequestMeta
@@ -49,8 +49,8 @@ from core.ports import (
     SshTarget,
     VmSpec,
 )
+from core.user import Context as UserContext
 from core.user import (
-    USER_EVENT_TYPES,
     DeleteGateway,
     DeleteUserVm,
     DeployGateway,
@@ -86,16 +86,10 @@ from core.user import (
     backend_url_for,
     next_action,
 )
-from core.user import Context as UserContext
-from core.user import decide as decide_user
-from core.user import evolve as evolve_user
 from core.vm import Context as VmContext
-from core.vm import RecordDeleted, Vm
-from core.vm import decide as decide_vm
-from core.vm import evolve as evolve_vm
+from core.vm import RecordDeleted
 from hero_deployer import user_handlers, vm_handlers
-from hero_deployer.aggregates import Aggregates
-from hero_deployer.commands import Decision, consistent_views, execute
+from hero_deployer.commands import Command, consistent_views, run
 from hero_deployer.deps import Deps
 from hero_deployer.user_handlers import FORGE_PASSWORD, FORGE_TOKEN, SSH_PRIVATE_KEY, VM_SECRET
 
@@ -111,7 +105,6 @@ MANIFEST_PATH: Final = "hero/cfg/cockpit/services.toml"
 FORGE_TOKEN_SCOPES: Final = ("write:repository", "write:user")
 NO_FORGE_REASON: Final = "no Forge URL is configured"
 
-_USER_TYPES = frozenset(t.__name__ for t in USER_EVENT_TYPES)
 _VM_WAKERS = frozenset({"VmDeployed", "VmDeployFailed", "VmDeleted", "VmOperationFailed"})
 _CRASH_BACKOFF = 1.0
 
@@ -176,52 +169,6 @@ class StepError(Exception):
         self.outcome = outcome
 
 
-# One append over a user stream and a VM stream ---------------------------------------------
-
-
-class UserAndVm(Aggregates[User | Vm]):
-    """Users and VMs behind one `Aggregates`, so `execute` can append to both in one transaction.
-
-    Loads and the cache are those of `deps.users` and `deps.vms`, so every other command on
-    either stream sees what was appended here. The locks are the users': the only VM stream
-    appended through here is one with a sid just made, which nobody else can name yet.
-    """
-
-    def __init__(self, users: Aggregates[User], vms: Aggregates[Vm], deps: Deps) -> None:
-        super().__init__(deps.store, users.decider)
-        self._users = users
-        self._vms = vms
-        self.locks = users.locks
-
-    async def load(
-        self, stream: str, *, fresh: bool = False, new: bool = False
-    ) -> tuple[User | Vm | None, int]:
-        if stream.startswith("user:"):
-            return await self._users.load(stream, fresh=fresh, new=new)
-        return await self._vms.load(stream, fresh=fresh, new=new)
-
-    def remember(self, stream: str, state: User | Vm | None, version: int) -> None:
-        if stream.startswith("user:"):
-            assert state is None or isinstance(state, User)
-            self._users.remember(stream, state, version)
-        else:
-            assert state is None or isinstance(state, Vm)
-            self._vms.remember(stream, state, version)
-
-    def forget(self, stream: str) -> None:
-        self._users.forget(stream)
-        self._vms.forget(stream)
-
-
-def evolve_either(state: User | Vm | None, event: Event) -> User | Vm | None:
-    """Folds a user event into a user and a VM event into a VM."""
-    if type(event).__name__ in _USER_TYPES:
-        return evolve_user(state if isinstance(state, User) else None, event)
-    return evolve_vm(state if isinstance(state, Vm) else None, event)
-
-
-
-
 # Looking up a user VM's key for the VM reactor -------------------------------------------
 
 
@@ -257,7 +204,6 @@ class UserManager:
         self._ports = ports
         self._config = config or ManagerConfig()
         self._policy = self._config.policy
-        self._joint = UserAndVm(deps.users, deps.vms, deps)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -580,29 +526,14 @@ class UserManager:
             node_id=action.node_id or None,
         )
         vm_ctx = VmContext(now=now, owner=self._deps.fingerprint(secret), new_sid=sid)
-        ustream, vstream = user_stream(name), vm_stream(sid)
-
-        def decide(
-            states: dict[str, tuple[User | Vm | None, int]],
-        ) -> tuple[list[Decision], bytes]:
-            current, uversion = states[ustream]
-            vm, vversion = states[vstream]
-            assert current is None or isinstance(current, User)
-            assert vm is None or isinstance(vm, Vm)
-            requested = RecordUserVmDeployRequested(vm_sid=sid)
-            user_events = decide_user(current, requested, UserContext(now=now))
-            if not user_events:
-                return [], b""  # the step moved on meanwhile
-            vm_events = decide_vm(vm, deploy, vm_ctx)
-            return [
-                Decision(ustream, uversion, user_events),
-                Decision(vstream, vversion, vm_events),
-            ], b""
-
+        requested = RecordUserVmDeployRequested(vm_sid=sid)
+        commands: list[Command[Any]] = [
+            Command(self._deps.users, name, requested, UserContext(now=now)),
+            Command(self._deps.vms, sid, deploy, vm_ctx),
+        ]
         meta = RequestMeta(operation="record_outcome", request_id=f"user-manager-{sid}")
-        await execute(
-            self._deps, self._joint, [ustream, vstream], decide, evolve_either, meta, None
-        )
+        # both or neither: when the step moved on meanwhile, no VM is requested
+        await run(self._deps, commands, meta, together=True)
 
     async def _vm_secret(self, username: str) -> str:
         """The user's VM secret from the vault, made and sealed on first use."""
@@ -777,13 +708,9 @@ class UserManager:
             sealed = await self._ports.vault.get(name, VM_SECRET)
             owner = self._deps.fingerprint(sealed.decode()) if sealed is not None else vm.owner
             meta = RequestMeta(operation="record_outcome", request_id=f"user-manager-{sid}")
-            await vm_handlers.run_vm_command(
-                self._deps,
-                sid,
-                DeleteVm(sid=sid, secret=""),
-                VmContext(now=self._deps.clock(), owner=owner),
-                meta,
-                reply=False,
+            ctx = VmContext(now=self._deps.clock(), owner=owner)
+            await run(
+                self._deps, [Command(self._deps.vms, sid, DeleteVm(sid=sid, secret=""), ctx)], meta
             )
         baseline = vm.updated_at if vm is not None else None
         loop = asyncio.get_running_loop()

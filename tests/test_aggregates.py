@@ -8,8 +8,9 @@ from pathlib import Path
 import msgspec
 
 from adapters.eventstore_sqlite import SqliteEventStore
-from core.events import EventRegistry, NewEvent, StreamAppend
-from core.vm import VM_EVENT_TYPES, Vm, VmDeployed, VmDeployRequested, evolve
+from core.domain import VMS
+from core.events import NewEvent, StreamAppend
+from core.vm import VmDeployed, VmDeployRequested
 from hero_deployer.aggregates import Aggregates
 from tests.conftest import TOKEN, Service
 
@@ -20,7 +21,7 @@ STREAM = f"vm:{SID}"
 
 async def test_a_commit_made_behind_the_cache_is_read_back(tmp_path: Path) -> None:
     async with SqliteEventStore(tmp_path / "events.db") as store:
-        vms = Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve)
+        vms = Aggregates(store, VMS)
         requested = VmDeployRequested(
             sid=SID,
             name="a",
@@ -51,7 +52,7 @@ async def test_a_commit_made_behind_the_cache_is_read_back(tmp_path: Path) -> No
 
 async def test_an_absent_stream_is_remembered_until_a_commit_creates_it(tmp_path: Path) -> None:
     async with SqliteEventStore(tmp_path / "events.db") as store:
-        vms = Aggregates[Vm](store, EventRegistry(VM_EVENT_TYPES), evolve)
+        vms = Aggregates(store, VMS)
         reads: list[str] = []
         assert store._point_reader is not None
         store._point_reader.set_trace_callback(reads.append)

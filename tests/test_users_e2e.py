@@ -33,15 +33,11 @@ from core.ports import SshTarget
 from core.user import Context as UserContext
 from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App, bootstrap
 from hero_deployer.client import HeroDeployerClient
+from hero_deployer.commands import Command, run
 from hero_deployer.logs import configure
 from hero_deployer.natsserver import free_port
 from hero_deployer.settings import Settings
-from hero_deployer.user_handlers import (
-    FORGE_PASSWORD,
-    SSH_PRIVATE_KEY,
-    VM_SECRET,
-    run_user_command,
-)
+from hero_deployer.user_handlers import FORGE_PASSWORD, SSH_PRIVATE_KEY, VM_SECRET
 from hero_deployer.user_manager import ssh_keys_for
 from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import connect_views, rebuild
@@ -320,14 +316,9 @@ async def test_a_reveal_recorded_but_not_yet_destroyed_is_destroyed_by_its_repla
         assert await vault.get("ella", FORGE_PASSWORD) is not None
         # what the request does before it destroys the password, and no more
         meta = RequestMeta(operation="reveal_initial_password", request_id="crashed")
-        await run_user_command(
-            svc.app.deps,
-            "ella",
-            RevealInitialPassword(username="ella"),
-            UserContext(now=svc.app.deps.clock()),
-            meta,
-            reply=False,
-        )
+        deps = svc.app.deps
+        reveal = RevealInitialPassword(username="ella")
+        await run(deps, [Command(deps.users, "ella", reveal, UserContext(now=deps.clock()))], meta)
         revealed = (await svc.app.store.read_stream("user:ella"))[-1]
         assert revealed.type == "InitialPasswordRevealed"
 

@@ -1,0 +1,63 @@
+"""Events are tagged end to end, and the log keeps the bytes it always has."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from core.domain import EVENTS, USERS, VMS
+from core.events import Event, NewEvent, event_data, stream_name, stream_parts
+from core.user import UserEvent
+from core.vm import VmEvent, VmStarted
+from tests.test_user_aggregate import SAMPLES as USER_SAMPLES
+from tests.test_vm_aggregate import SAMPLES as VM_SAMPLES
+
+SAMPLES = [*VM_SAMPLES, *USER_SAMPLES]
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_stored_data_is_the_untagged_json_of_every_field(event: Event) -> None:
+    untagged = msgspec.json.encode(msgspec.structs.asdict(event))
+    assert event_data(event) == untagged
+    assert NewEvent.of(event).data == untagged
+    assert NewEvent.of(event).type == type(event).__name__
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_the_one_decoder_reads_stored_data_back(event: Event) -> None:
+    decoded = EVENTS.decode(type(event).__name__, event_data(event))
+    assert decoded == event
+    assert type(decoded) is type(event)
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_each_union_is_a_tagged_union(event: Event) -> None:
+    union = VmEvent if type(event) in VMS.types else UserEvent
+    tagged = msgspec.json.encode(event)
+    assert tagged.startswith(b'{"type":"' + type(event).__name__.encode() + b'"')
+    assert msgspec.json.decode(tagged, type=union) == event
+
+
+def test_an_old_log_row_decodes_unchanged() -> None:
+    stored = b'{"sid":"vm_1","at":"2025-01-01T00:00:00Z"}'  # a row as written before tags
+    event = EVENTS.decode("VmStarted", stored)
+    assert event == VmStarted(sid="vm_1", at=datetime(2025, 1, 1, tzinfo=UTC))
+    assert event_data(event) == stored
+
+
+def test_an_event_without_fields_is_stored_as_an_empty_object() -> None:
+    class Nothing(Event, frozen=True, kw_only=True):
+        pass
+
+    assert event_data(Nothing()) == b"{}"
+
+
+def test_stream_ids_are_built_and_parsed_by_one_pair() -> None:
+    assert stream_name("vm", "vm_1") == VMS.stream("vm_1") == "vm:vm_1"
+    assert stream_parts("user:alice") == ("user", "alice")
+    assert stream_parts("user:a:b") == ("user", "a:b")
+    assert USERS.id_of("user:alice") == "alice"
+    assert VMS.id_of("user:alice") is None
+    assert {t.__name__ for t in EVENTS.types} == {t.__name__ for t in (*VMS.types, *USERS.types)}
