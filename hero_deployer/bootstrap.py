@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,14 @@ from nats.aio.client import Client
 
 from adapters.eventstore_sqlite import SqliteEventStore, Synchronous
 from adapters.keyfiles import load_or_create_key
+from adapters.lease_jetstream import (
+    CHECKPOINTS,
+    LEASES,
+    KvCheckpoints,
+    KvLease,
+    LeasedSource,
+    bucket,
+)
 from adapters.sealing import AesGcmSealer
 from adapters.vault_sqlite import SqliteSecretVault
 from bus.edge import ServiceEdge
@@ -44,9 +53,10 @@ from hero_deployer.parts import setup_parts
 from hero_deployer.settings import VERSION, Settings, per_step
 from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
-from projections.follow import Checkpoints, Follower
+from projections.follow import Checkpoints, Follower, Handler, stop_tasks
 from projections.runner import (
     ConnectionHook,
+    EventSource,
     ProjectedEvents,
     ProjectionRunner,
     Replayable,
@@ -180,7 +190,8 @@ async def bootstrap(
         )
         checkpoints = Checkpoints(checkpoint_conn)
         stack.push_async_callback(reactor.close)
-        await stack.enter_async_context(Follower(store, checkpoints, reactor))
+        lease = await _lease(settings, nc, stack)  # jetstream: one replica runs side effects
+        await stack.enter_async_context(_side_effects(store, checkpoints, lease, reactor))
 
         ports = Ports(
             backend=backend,
@@ -197,16 +208,21 @@ async def bootstrap(
         )
         manager = UserManager(deps, ports, manager_config(settings))
         stack.push_async_callback(manager.close)
-        await stack.enter_async_context(Follower(store, checkpoints, manager))
-        manager.start()
+        await stack.enter_async_context(_side_effects(store, checkpoints, lease, manager))
+        if lease is None:
+            manager.start()
+        else:
+            waiting = asyncio.create_task(_when_held(lease[0], manager.start))
+            stack.push_async_callback(stop_tasks, [waiting])
 
         operations = vm_operations(deps) + user_operations(deps)
         edge: ServiceEdge | None = None
         if nc is not None:
             await stack.enter_async_context(
-                Follower(
+                _side_effects(
                     ProjectedEvents(store, runner),
                     checkpoints,
+                    lease,
                     StatusPublisher(nc, settings.prefix, deps.set_aside),
                 )
             )
@@ -282,6 +298,39 @@ def require_shared_keys(settings: Settings) -> None:
             f"the event log already has events, and this replica has no {files}: copy them"
             f" from the first replica's data directory (or set {variables})"
         )
+
+
+async def _lease(
+    settings: Settings, nc: Client | None, stack: AsyncExitStack
+) -> tuple[KvLease, KvCheckpoints] | None:
+    """Beside a jetstream log: the lease that makes one replica at a time run side effects, and
+    the checkpoints all replicas share (docs/scale-out.md)."""
+    if settings.store != "jetstream" or nc is None:
+        return None
+    js = nc.jetstream()
+    leases = await bucket(js, LEASES, replicas=settings.replicas, ttl=settings.lease_ttl)
+    lease = await stack.enter_async_context(KvLease(leases, "side-effects", ttl=settings.lease_ttl))
+    shared = await bucket(js, CHECKPOINTS, replicas=settings.replicas)
+    return lease, KvCheckpoints(shared, lease)
+
+
+def _side_effects(
+    store: EventSource,
+    checkpoints: Checkpoints,
+    lease: tuple[KvLease, KvCheckpoints] | None,
+    handler: Handler,
+) -> Follower:
+    """The follower of a handler with side effects (the reactor, the process manager, the status
+    publisher): beside a jetstream log, on the lease's holder only."""
+    if lease is None:
+        return Follower(store, checkpoints, handler)
+    held, shared = lease
+    return Follower(LeasedSource(store, held, shared, handler.name), shared, handler)
+
+
+async def _when_held(lease: KvLease, start: Callable[[], None]) -> None:
+    await lease.until_held()
+    start()
 
 
 def manager_config(settings: Settings) -> ManagerConfig:

@@ -75,6 +75,7 @@ class Settings:
     # stream with `replicas` copies on the NATS cluster; DIR then holds views and keys only).
     store: str = "sqlite"
     replicas: int = 3
+    lease_ttl: float = 10.0  # seconds a dead replica holds the side effects' lease (jetstream)
 
     @classmethod
     def load(

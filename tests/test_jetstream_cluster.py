@@ -7,6 +7,7 @@ real. The cluster configurations are generated (tests/jetstream_cluster.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -393,3 +395,41 @@ async def test_a_replica_answers_with_what_another_replica_just_wrote(
                 assert seen["sid"] == vm["sid"]
                 listed = await reader.call("list_vms", {"secret": SECRET})
                 assert len(listed["vms"]) == n + 1
+
+
+async def test_side_effects_run_on_one_replica_and_move_with_the_lease(
+    tmp_path: Path, nc: Client
+) -> None:
+    """Two replicas, each with a grid of its own: the lease's holder alone deploys and publishes;
+    when it stops, the other takes over from the checkpoint it left, redoing nothing."""
+    grids = [
+        LocalGrid(data_dir=tmp_path / f"grid{i}", deploy_delay=0, action_delay=0, ssh=False)
+        for i in range(2)
+    ]
+    first = replica(tmp_path / "first", "lease.v1", lease_ttl=1.0)
+    published: list[tuple[str, int]] = []
+
+    async def record(msg: Any) -> None:
+        event = msgspec.json.decode(msg.data)
+        published.append((event["stream"], event["position"]))
+
+    await nc.subscribe("lease.v1.events.>", cb=record)
+    client = HeroDeployerClient(nc, token=TOKEN, prefix="lease.v1")
+    async with grids[0], grids[1], contextlib.AsyncExitStack() as stack:
+        retry = RetryPolicy(base_delay=0.01)
+        await stack.enter_async_context(bootstrap(first, nc, compute=grids[0], retry=retry))
+        second_dir = tmp_path / "second"
+        second_dir.mkdir(mode=0o700)
+        for name in ("fingerprint.key", "master.key"):
+            shutil.copy2(tmp_path / "first" / name, second_dir / name)
+        second = replica(second_dir, "lease.v1", lease_ttl=1.0)
+        async with bootstrap(second, nc, compute=grids[1], retry=retry):
+            before = [await deploy_running(client, SECRET, f"a{n}") for n in range(8)]
+            await stack.aclose()  # the first replica, holding the lease, stops
+            after = [await deploy_running(client, SECRET, f"b{n}") for n in range(4)]
+            await nc.flush()
+
+    deployed = [[name for op, name in grid.calls if op == "deploy_vm"] for grid in grids]
+    assert sorted(deployed[0]) == sorted(before), "the holder deployed each VM once, the other none"
+    assert sorted(deployed[1]) == sorted(after), "the new holder deployed only what came after"
+    assert len(published) == len(set(published)), "an event was published twice"
