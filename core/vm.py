@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 import msgspec
 from msgspec.structs import replace
@@ -302,13 +303,11 @@ def _existing(vm: Vm | None) -> Vm:
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
     """Folds one event into the state. Pure, total, never raises.
 
-    Dispatched on the event's class through a table rather than `match`: every class pattern
-    is an `isinstance` check, and this is the inner loop of a rebuild (a million events).
+    Dispatched on the event's name (its tag, the log's `type`) through a read-only table
+    rather than `match`: every class pattern is an `isinstance` check, and this is the inner
+    loop of a rebuild (a million events). Events of other kinds change nothing.
     """
-    step = _STEPS.get(type(event))
-    if step is None:
-        step = _inherited_step(type(event))
-    return step(vm, event)
+    return _STEPS.get(type(event).__name__, _unchanged)(vm, event)
 
 
 def _deploy_requested(vm: Vm | None, event: VmDeployRequested) -> Vm | None:
@@ -394,28 +393,21 @@ def _unchanged(vm: Vm | None, event: Event) -> Vm | None:
 
 _Step = Callable[[Vm | None, Any], Vm | None]
 
-_STEPS: dict[type, _Step] = {
-    VmDeployRequested: _deploy_requested,
-    VmDeployed: _deployed,
-    VmDeployFailed: _deploy_failed,
-    VmStarted: _running,
-    VmRestarted: _running,
-    VmStopped: _stopped,
-    VmDeleteRequested: _delete_requested,
-    VmDeleted: _deleted,
-    VmOperationFailed: _operation_failed,
-    VmSecretMigrated: _secret_migrated,
-}
-
-
-def _inherited_step(cls: type) -> _Step:
-    """The step of the nearest class `cls` derives from, remembered in the table for `cls`.
-
-    Events of other kinds change nothing.
-    """
-    step = next((_STEPS[base] for base in cls.__mro__[1:] if base in _STEPS), _unchanged)
-    _STEPS[cls] = step
-    return step
+_STEPS: Final[Mapping[str, _Step]] = MappingProxyType(
+    {
+        VmDeployRequested.__name__: _deploy_requested,
+        VmDeployed.__name__: _deployed,
+        VmDeployFailed.__name__: _deploy_failed,
+        VmStarted.__name__: _running,
+        VmRestarted.__name__: _running,
+        VmStopped.__name__: _stopped,
+        VmDeleteRequested.__name__: _delete_requested,
+        VmDeleted.__name__: _deleted,
+        VmOperationFailed.__name__: _operation_failed,
+        VmSecretMigrated.__name__: _secret_migrated,
+    }
+)
+"""Event name → its step; read only (`evolve` writes nothing)."""
 
 
 def fold(events: list[Event]) -> Vm | None:

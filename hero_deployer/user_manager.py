@@ -29,7 +29,8 @@ import structlog
 from adapters.forge_http import generate_password
 from adapters.sshkeys import generate_ed25519
 from core.contract import STEPS, DeleteVm, DeployVm
-from core.events import RecordedEvent, user_stream, vm_stream
+from core.domain import USERS, VMS
+from core.events import RecordedEvent, stream_parts, user_stream, vm_stream
 from core.gateway_names import gateway_name
 from core.manifest import render_services_toml, sha256_hex
 from core.operations import RequestMeta
@@ -215,15 +216,15 @@ class UserManager:
 
     async def handle(self, events: Sequence[RecordedEvent]) -> None:
         for recorded in events:
-            stream = recorded.stream
-            if stream.startswith("user:"):
+            kind, id = stream_parts(recorded.stream)
+            if kind == USERS.kind:
                 if recorded.type == "InitialPasswordRevealed":
                     # The request destroys the password after recording the reveal; if the
                     # process died in between, this event (replayed after the checkpoint) does.
-                    await self._ports.vault.delete(stream[5:], FORGE_PASSWORD)
-                self.kick(stream[5:])
-            elif recorded.type in _VM_WAKERS and stream.startswith("vm:"):
-                owner = self._vm_owner.get(stream[3:])
+                    await self._ports.vault.delete(id, FORGE_PASSWORD)
+                self.kick(id)
+            elif recorded.type in _VM_WAKERS and kind == VMS.kind:
+                owner = self._vm_owner.get(id)
                 if owner is not None:
                     self.kick(owner)
 

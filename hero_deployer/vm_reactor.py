@@ -10,10 +10,10 @@ from typing import TypeVar
 
 import structlog
 
-from core.events import EventRegistry, RecordedEvent
+from core.domain import VMS
+from core.events import RecordedEvent
 from core.ports import BackendError, ComputeBackend, VmSpec
 from core.vm import (
-    VM_EVENT_TYPES,
     OutcomeCommand,
     RecordDeleted,
     RecordDeployed,
@@ -31,8 +31,6 @@ from hero_deployer.vm_handlers import until_taken
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-_registry = EventRegistry(VM_EVENT_TYPES)
 
 TRIGGERS = {
     "VmDeployRequested": "deploying",
@@ -82,7 +80,7 @@ class VmReactor:
 
     async def handle(self, events: Sequence[RecordedEvent]) -> None:
         for recorded in events:
-            if recorded.type in TRIGGERS and recorded.stream.startswith("vm:"):
+            if recorded.type in TRIGGERS and VMS.id_of(recorded.stream) is not None:
                 self._schedule(recorded)
 
     def safe_position(self, read_position: int) -> int:
@@ -101,16 +99,16 @@ class VmReactor:
         await asyncio.gather(*list(self._chains.values()), return_exceptions=True)
 
     def _schedule(self, recorded: RecordedEvent) -> None:
-        sid = recorded.stream[3:]
-        previous = self._chains.get(sid)
+        stream = recorded.stream  # one chain of effects per VM
+        previous = self._chains.get(stream)
         self._in_flight[recorded.position] = None
         task = asyncio.create_task(self._after(previous, recorded))
-        self._chains[sid] = task
+        self._chains[stream] = task
 
         def done(t: asyncio.Task[None]) -> None:
             self._in_flight.pop(recorded.position, None)
-            if self._chains.get(sid) is t:
-                del self._chains[sid]
+            if self._chains.get(stream) is t:
+                del self._chains[stream]
 
         task.add_done_callback(done)
 
@@ -127,11 +125,11 @@ class VmReactor:
             log.exception("vm_reactor.failed", stream=recorded.stream, event_type=recorded.type)
 
     async def _perform(self, recorded: RecordedEvent) -> None:
-        sid = recorded.stream[3:]
+        sid = VMS.id_of(recorded.stream) or ""
         vm = await self._load(sid)
         if vm is None or vm.status != TRIGGERS[recorded.type]:
             return  # a later event superseded this intent
-        event = _registry.decode(recorded.type, recorded.data)
+        event = VMS.registry.decode(recorded.type, recorded.data)
         request_id = recorded.request_id
         match event:
             case VmDeployRequested():

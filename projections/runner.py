@@ -405,14 +405,10 @@ class Replayable(Projection, Protocol):
 def page_decoder(types: tuple[type[Event], ...]) -> Callable[[str], list[Change]]:
     """Decodes a `read_json_page` page of `types` in one msgspec call (one decoder per types).
 
-    Each type gets a subclass tagged with its own name, so the page is one typed document of a
-    tagged union; the subclasses fold exactly like their bases (`evolve` looks through them).
+    The events are a tagged union (tag `type`, the class name) and the page gives each event's
+    `type` column as its tag, so the page is one typed document of that union.
     """
-    tagged = [
-        msgspec.defstruct(t.__name__, [], bases=(t,), tag_field="type", tag=t.__name__)
-        for t in types
-    ]
-    union = functools.reduce(operator.or_, tagged)
+    union = functools.reduce(operator.or_, types)
     decode = msgspec.json.Decoder(list[tuple[int, str, union]]).decode  # type: ignore[valid-type]
 
     def decode_page(page: str) -> list[Change]:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import aiosqlite
 import msgspec
 
-from core.events import Event, EventRegistry, RecordedEvent
-from core.user import USER_EVENT_TYPES, User, evolve
+from core.domain import USERS
+from core.events import Event, RecordedEvent, stream_parts
+from core.user import User, evolve
 from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """
@@ -32,7 +33,6 @@ SELECT_STATE = "SELECT state FROM users"
 
 Row = tuple[str, str, str, str, int | None, str, str, str, bytes]
 
-_registry = EventRegistry(USER_EVENT_TYPES)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(User)
 
@@ -48,7 +48,7 @@ class UserProjection:
     name = "users"
     version = 1
     stream_prefix = "user:"
-    event_types = USER_EVENT_TYPES
+    event_types = USERS.types
 
     def __init__(self, cache_size: int = 100_000) -> None:
         self._cache: dict[str, User] = {}
@@ -68,15 +68,17 @@ class UserProjection:
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
         changes = [
-            (e.stream[5:], e.version, _registry.decode(e.type, e.data))
+            (name, e.version, USERS.registry.decode(e.type, e.data))
             for e in events
-            if e.stream.startswith("user:") and e.type in _registry
+            if (name := USERS.id_of(e.stream)) is not None and e.type in USERS.registry
         ]
         await self._fold(conn, changes)
 
     async def replay(self, conn: aiosqlite.Connection, changes: Sequence[Change]) -> None:
         """Folds a page of a rebuild; users are few, so rows are written at once."""
-        await self._fold(conn, [(stream[5:], 0, event) for _, stream, event in changes])
+        await self._fold(
+            conn, [(stream_parts(stream)[1], 0, event) for _, stream, event in changes]
+        )
 
     async def complete(self, conn: aiosqlite.Connection, streams: Sequence[str]) -> None:
         """Nothing is deferred."""

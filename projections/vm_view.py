@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import aiosqlite
 import msgspec
 
 from core.contract import VmOut
-from core.events import Event, RecordedEvent
-from core.vm import VM_EVENT_TYPES, Vm, evolve
+from core.domain import VMS
+from core.events import Event, RecordedEvent, stream_parts
+from core.vm import Vm, evolve
 from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """
@@ -52,10 +53,6 @@ Row = tuple[str, str, str, str, bytes]
 _encoder = msgspec.json.Encoder()
 _vm_out = msgspec.json.Decoder(VmOut)
 
-_decoders: dict[str, Callable[[bytes], Event]] = {
-    t.__name__: msgspec.json.Decoder(t).decode for t in VM_EVENT_TYPES
-}
-"""Event type name → its decoder, looked up once per event."""
 
 REBUILD_CHUNK = 5000
 """Rows a rebuild hands SQLite at a time."""
@@ -74,7 +71,7 @@ class VmProjection:
     name = "vms"
     version = VERSION
     stream_prefix = "vm:"
-    event_types = VM_EVENT_TYPES
+    event_types = VMS.types
 
     def __init__(self, cache_size: int = 200_000, chunk: int = REBUILD_CHUNK) -> None:
         self._cache: dict[str, Vm] = {}
@@ -102,10 +99,11 @@ class VmProjection:
         await conn.execute("DROP TABLE IF EXISTS vms")
 
     async def apply(self, conn: aiosqlite.Connection, events: Sequence[RecordedEvent]) -> None:
+        id_of, decode, known = VMS.id_of, VMS.registry.decode, VMS.registry
         changes = [
-            (e.stream[3:], e.version, decode(e.data))
+            (sid, e.version, decode(e.type, e.data))
             for e in events
-            if e.stream.startswith("vm:") and (decode := _decoders.get(e.type)) is not None
+            if (sid := id_of(e.stream)) is not None and e.type in known
         ]
         await self._write(conn, await self._fold(conn, changes))
 
@@ -119,12 +117,12 @@ class VmProjection:
         if self._spilled or len(states) + len(changes) > self._cache_size:
             await self.flush(conn)
             self._spilled = True
-            folded = [(stream[3:], 0, event) for _, stream, event in changes]
+            folded = [(_sid(stream), 0, event) for _, stream, event in changes]
             self._unwritten = await self._fold(conn, folded)
             return
         get = states.get
         for _, stream, event in changes:
-            sid = stream[3:]
+            sid = _sid(stream)
             states[sid] = evolve(get(sid), event)
 
     async def complete(self, conn: aiosqlite.Connection, streams: Sequence[str]) -> None:
@@ -132,7 +130,7 @@ class VmProjection:
         pop = self._unwritten.pop
         ready = self._ready
         for stream in streams:
-            vm = pop(stream[3:], None)
+            vm = pop(_sid(stream), None)
             if vm is not None:
                 ready.append(_json_row(vm))
         if len(ready) >= self._chunk:
@@ -195,6 +193,11 @@ class VmProjection:
                     vm = _vm(owner, json)
                     states[vm.sid] = vm
         return states
+
+
+def _sid(stream: str) -> str:
+    """The sid of a stream a rebuild hands this projection (all of them VM streams)."""
+    return stream_parts(stream)[1]
 
 
 def _retrieve(inserting: asyncio.Future[aiosqlite.Cursor]) -> None:
