@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -50,6 +49,7 @@ from core.ports import (
     SshTarget,
     VmSpec,
 )
+from core.retry import RetryPolicy
 from core.user import Context as UserContext
 from core.user import (
     DeleteGateway,
@@ -111,29 +111,6 @@ _CRASH_BACKOFF = 1.0
 
 
 @dataclass(frozen=True, slots=True)
-class StepPolicy:
-    """Deadline and tries of each step; backoff doubles per try, with jitter, up to a ceiling."""
-
-    deadline: float = 600.0
-    retries: int = 4
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-    deadlines: Mapping[str, float] = field(default_factory=dict)
-    retries_by_step: Mapping[str, int] = field(default_factory=dict)
-
-    def deadline_of(self, step: str) -> float:
-        return self.deadlines.get(step, self.deadline)
-
-    def tries_of(self, step: str) -> int:
-        """How many tries a step gets in all: the first plus its retries."""
-        return 1 + max(0, int(self.retries_by_step.get(step, self.retries)))
-
-    def delay(self, tries: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, tries - 1))
-        return random.uniform(ceiling / 2, ceiling)
-
-
-@dataclass(frozen=True, slots=True)
 class ManagerConfig:
     """What the process manager needs from the settings."""
 
@@ -143,7 +120,7 @@ class ManagerConfig:
     gateway_prefix: str = ""  # namespaces gateway names, unique across the whole grid
     setup_command: str = "./setup-binaries.sh"
     forge_email_domain: str = "users.noreply.hero.local"
-    policy: StepPolicy = field(default_factory=StepPolicy)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -765,13 +742,13 @@ def step_policy(
     max_delay: float,
     deadlines: Mapping[str, float],
     retries_by_step: Mapping[str, float],
-) -> StepPolicy:
-    """A StepPolicy whose per-step overrides name real steps (ValueError otherwise)."""
+) -> RetryPolicy:
+    """A RetryPolicy whose per-step overrides name real steps (ValueError otherwise)."""
     known: set[str] = {*STEPS, "delete_gateway", "delete_vm", "finish"}
     for name in (*deadlines, *retries_by_step):
         if name not in known:
             raise ValueError(f"unknown step {name!r} in the step settings")
-    return StepPolicy(
+    return RetryPolicy(
         deadline=deadline,
         retries=retries,
         base_delay=base_delay,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from core.contract import DeployVm, GetVm, ListVms, MigrateResult, MigrateSecret
 from core.domain import VMS
 from core.errors import VM_NOT_FOUND, Conflict, InvalidInput, NotFound, Unavailable
 from core.operations import RequestMeta
+from core.retry import RetryPolicy
 from core.vm import Context, OutcomeCommand, RekeyVm, Vm, VmCommand
 from hero_deployer.commands import (
     Command,
@@ -40,10 +40,8 @@ REFUSALS = (Unavailable, Conflict, sqlite3.Error)
 """What a store that cannot take a write right now raises: a full disk, a lost race, I/O."""
 
 
-def backoff(failures: int, base: float = 0.1, ceiling: float = 2.0) -> float:
-    """The pause after `failures` refusals in a row: doubling from `base`, jittered, capped."""
-    top = min(ceiling, base * 2 ** max(0, failures - 1))
-    return random.uniform(top / 2, top)
+STORE_RETRY = RetryPolicy(base_delay=0.1, max_delay=2.0)
+"""The pauses between tries of a write the store refused: from 0.1 s, doubling, up to 2 s."""
 
 
 async def until_taken(call: Callable[[], Awaitable[T]], what: str) -> T:
@@ -58,7 +56,7 @@ async def until_taken(call: Callable[[], Awaitable[T]], what: str) -> T:
         except REFUSALS as error:
             failures += 1
             log.warning("store.refused", what=what, failures=failures, error=str(error))
-            await asyncio.sleep(backoff(failures))
+            await asyncio.sleep(STORE_RETRY.delay(failures))
 
 
 class _RandomPool:
@@ -191,7 +189,7 @@ class OutcomeRecorder:
                 except REFUSALS as error:  # kept waiting, in order, for the next try
                     refused += 1
                     log.warning("outcomes.refused", outcomes=len(batch), error=str(error))
-                    await asyncio.sleep(backoff(refused))
+                    await asyncio.sleep(STORE_RETRY.delay(refused))
                     continue
                 except Exception:  # one bad outcome must not fail the others
                     refused = 0

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
@@ -13,6 +11,7 @@ import structlog
 from core.domain import VMS
 from core.events import RecordedEvent
 from core.ports import BackendError, ComputeBackend, VmSpec
+from core.retry import RetryPolicy as RetryPolicy  # the one policy, where the tests take it
 from core.vm import (
     OutcomeCommand,
     RecordDeleted,
@@ -42,18 +41,8 @@ TRIGGERS = {
 """Event type → the status the VM must still have for the side effect to be worth doing."""
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff and jitter, within a deadline."""
-
-    attempts: int = 5
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-    deadline: float = 900.0
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2**attempt)
-        return random.uniform(ceiling / 2, ceiling)
+REACTOR_RETRY = RetryPolicy(deadline=900.0)
+"""A backend call's tries: 5 in all, backoff from 0.5 s up to 30 s, 15 minutes at most."""
 
 
 class VmReactor:
@@ -73,7 +62,7 @@ class VmReactor:
         self._backend = backend
         self._load = load
         self._record = record
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or REACTOR_RETRY
         self._ssh_keys = ssh_keys
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._in_flight: dict[int, None] = {}
@@ -202,9 +191,9 @@ class VmReactor:
                 return await call()
             except BackendError as error:
                 attempt += 1
-                if not error.retryable or attempt >= policy.attempts:
+                if not error.retryable or attempt >= policy.tries_of():
                     raise
-                delay = policy.delay(attempt)
+                delay = policy.delay(attempt + 1)  # from twice the base: a backend needs time
                 if loop.time() + delay >= deadline:
                     raise
                 log.warning("vm_reactor.retry", attempt=attempt, error=error.message)

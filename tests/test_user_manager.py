@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from core.ports import NodeInfo
+from core.retry import RetryPolicy
 from hero_deployer.bootstrap import manager_config
 from hero_deployer.settings import Settings, per_step
-from hero_deployer.user_manager import StepPolicy, pick_node
+from hero_deployer.user_manager import pick_node
 
 
 def node(node_id: int, memory: float, disk: float, domain: str = "gw.example", up: bool = True):
@@ -32,7 +33,7 @@ def test_pick_node_prefers_memory_then_disk_among_usable_nodes() -> None:
 
 
 def test_step_policy_backoff_doubles_with_jitter_up_to_its_ceiling() -> None:
-    policy = StepPolicy(base_delay=1.0, max_delay=5.0, retries=3, retries_by_step={"run_setup": 0})
+    policy = RetryPolicy(base_delay=1.0, max_delay=5.0, retries=3, retries_by_step={"run_setup": 0})
     for tries, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)):
         for _ in range(50):
             assert ceiling / 2 <= policy.delay(tries) <= ceiling
