@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 import msgspec
 
@@ -99,6 +99,10 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     ssh_keys: tuple[str, ...] = ()
     mycelium: bool = True
     public_ip: bool = False
+
+
+DEFAULT_VM: Final = VmSpec(name="")
+"""The VM's defaults, said once: a tenant's deploy_vm without sizes and every user's VM."""
 
 
 BackendVmStatus = Literal["deploying", "running", "stopped", "failed"]

@@ -34,6 +34,7 @@ from core.gateway_names import gateway_name
 from core.manifest import render_services_toml, sha256_hex
 from core.operations import RequestMeta
 from core.ports import (
+    DEFAULT_VM,
     BackendError,
     BackendNotFound,
     BackendVm,
@@ -96,12 +97,7 @@ from hero_deployer.user_handlers import FORGE_PASSWORD, FORGE_TOKEN, SSH_PRIVATE
 
 log = structlog.get_logger(__name__)
 
-# The user's VM, as the issue fixes it.
-VM_IMAGE: Final = "ubuntu-24.04"
-VM_CPU: Final = 16
-VM_MEMORY_GB: Final = 8
-VM_DISK_GB: Final = 200
-VM_ROOTFS_GB: Final = 16
+VM: Final = DEFAULT_VM  # the user's VM, as the issue fixes it
 MANIFEST_PATH: Final = "hero/cfg/cockpit/services.toml"
 FORGE_TOKEN_SCOPES: Final = ("write:repository", "write:user")
 NO_FORGE_REASON: Final = "no Forge URL is configured"
@@ -423,7 +419,7 @@ class UserManager:
             ids = ", ".join(str(n) for n in candidates)
             raise StepError(
                 f"none of the candidate nodes ({ids}) is up, gateway-capable and has room for"
-                f" {VM_MEMORY_GB} GB memory and {VM_DISK_GB + VM_ROOTFS_GB} GB disk",
+                f" {VM.memory_gb} GB memory and {VM.disk_gb + VM.rootfs_gb} GB disk",
                 retryable=True,
             )
         return RecordNodeSelected(node_id=best.node_id, gateway_domain=best.gateway_domain)
@@ -496,11 +492,11 @@ class UserManager:
         deploy = DeployVm(
             name=action.vm_name,
             secret=secret,
-            image=VM_IMAGE,
-            cpu_count=VM_CPU,
-            memory_gb=VM_MEMORY_GB,
-            disk_gb=VM_DISK_GB,
-            rootfs_gb=VM_ROOTFS_GB,
+            image=VM.image,
+            cpu_count=VM.cpu_count,
+            memory_gb=VM.memory_gb,
+            disk_gb=VM.disk_gb,
+            rootfs_gb=VM.rootfs_gb,
             node_id=action.node_id or None,
         )
         vm_ctx = VmContext(now=now, owner=self._deps.fingerprint(secret), new_sid=sid)
@@ -726,8 +722,8 @@ def pick_node(nodes: Iterable[NodeInfo]) -> NodeInfo | None:
         for n in nodes
         if n.up
         and n.gateway_domain
-        and n.free_memory_gb >= VM_MEMORY_GB
-        and n.free_disk_gb >= VM_DISK_GB + VM_ROOTFS_GB
+        and n.free_memory_gb >= VM.memory_gb
+        and n.free_disk_gb >= VM.disk_gb + VM.rootfs_gb
     ]
     if not fitting:
         return None
