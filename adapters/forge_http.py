@@ -5,13 +5,13 @@ from __future__ import annotations
 import secrets
 import string
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import httpx
 import msgspec
 
+from adapters.httpx_owner import HttpxOwner
 from core.ports import ExternalError, ForgeUser
 
 # Specials of Forgejo's `spec` class without quotes, `$`, `#`, `!`, `\` or spaces, so the password
@@ -52,7 +52,7 @@ def generate_password(length: int = 24) -> str:
     return "".join(chars)
 
 
-class ForgejoClient:
+class ForgejoClient(HttpxOwner):
     """A Forgejo server reached over HTTP; admin calls use a token if given, else basic auth."""
 
     def __init__(
@@ -81,21 +81,6 @@ class ForgejoClient:
             headers={"Accept": "application/json"},
             follow_redirects=False,
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Closes the connection pool."""
-        await self._client.aclose()
 
     async def find_user(self, username: str) -> ForgeUser | None:
         """The account named `username`, or None when Forgejo has none."""

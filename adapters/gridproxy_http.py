@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import httpx
 import msgspec
 
+from adapters.httpx_owner import HttpxOwner
 from core.ports import ExternalError, NameHolder, NodeInfo
 
 _GIB = 1024**3
@@ -75,7 +75,7 @@ class _ErrorBody(msgspec.Struct):
     error: str = ""
 
 
-class GridProxyDirectory:
+class GridProxyDirectory(HttpxOwner):
     """Candidate nodes that are up, healthy, shared and have a gateway domain, with their
     headroom; and who holds a gateway name."""
 
@@ -92,21 +92,6 @@ class GridProxyDirectory:
             transport=transport,
             headers={"Accept": "application/json"},
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Closes the connection pool."""
-        await self._client.aclose()
 
     async def candidate_nodes(self, node_ids: Sequence[int]) -> list[NodeInfo]:
         """The nodes among `node_ids` the grid proxy lists as up, healthy, gateway-capable and

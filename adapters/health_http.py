@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Self
-
 import httpx
 
+from adapters.httpx_owner import HttpxOwner
 from core.ports import ExternalError
 
 
-class HttpxHealthProbe:
+class HttpxHealthProbe(HttpxOwner):
     """GETs a URL with httpx, without following redirects, and reports the status."""
 
     def __init__(
@@ -23,21 +21,6 @@ class HttpxHealthProbe:
         self._client = httpx.AsyncClient(
             timeout=timeout, verify=verify, transport=transport, follow_redirects=False
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Closes the connection pool."""
-        await self._client.aclose()
 
     async def status(self, url: str) -> int:
         """The status of GET `url`; ExternalError(retryable=True) when no answer comes."""

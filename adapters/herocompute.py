@@ -6,11 +6,11 @@ import asyncio
 import itertools
 import json
 import os
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import httpx
 
+from adapters.httpx_owner import HttpxOwner
 from adapters.openrpc import DISCOVER, ClientMethod, interface_mismatches
 from core.ports import (
     BackendError,
@@ -82,7 +82,7 @@ NO_DISCOVERY: Final = (
 )
 
 
-class HeroComputeBackend:
+class HeroComputeBackend(HttpxOwner):
     """A ComputeBackend on hero_compute, owning its VMs with the deployer's own owner secret."""
 
     def __init__(
@@ -112,21 +112,6 @@ class HeroComputeBackend:
     def endpoint(self) -> str:
         """Where requests go, for messages: the socket path, else the URL."""
         return f"unix:{self._socket_path}" if self._socket_path else self._url
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Closes the HTTP connection pool."""
-        await self._client.aclose()
 
     # ComputeBackend ---------------------------------------------------------------------------
 

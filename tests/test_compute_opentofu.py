@@ -9,14 +9,8 @@ import msgspec
 import pytest
 
 from adapters.gridproxy_http import GridProxyDirectory
-from adapters.opentofu import (
-    PROVIDER_VERSION,
-    OpenTofuBackend,
-    grid_name,
-    parse_outputs,
-    render_gateway,
-    render_vm,
-)
+from adapters.opentofu import OpenTofuBackend, parse_outputs
+from adapters.opentofu_hcl import PROVIDER_VERSION, grid_name, render_gateway, render_vm
 from core.ports import BackendError, GatewaySpec, VmSpec
 from tests.compute_contract import ComputeBackendContract, small_vm
 from tests.fakes.gridproxy import FakeGridProxy, NameRegistry
