@@ -14,11 +14,8 @@ class HealthServer(LoopbackServer):
         self.status = 200
         self.paths: list[str] = []
 
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/moved", self._moved)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/health", self._health), web.get("/moved", self._moved)]
 
     async def _health(self, request: web.Request) -> web.Response:
         self.paths.append(request.path)

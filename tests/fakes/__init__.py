@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
 from typing import Literal, Self
 
 from aiohttp import web
@@ -22,9 +21,15 @@ class LoopbackServer:
         self._resume = asyncio.Event()
         self.down: DownMode | None = None
 
-    def build_app(self) -> web.Application:
-        """The application to serve; subclasses add their routes."""
+    def routes(self) -> list[web.RouteDef]:
+        """The routes to serve; each fake lists its own."""
         raise NotImplementedError
+
+    def build_app(self) -> web.Application:
+        """The application serving `routes()`."""
+        app = web.Application()
+        app.add_routes(self.routes())
+        return app
 
     @property
     def url(self) -> str:
@@ -42,12 +47,7 @@ class LoopbackServer:
         await self._listen()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._resume.set()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -141,13 +141,13 @@ class FakeForgejo(LoopbackServer):
         self.users[login.lower()] = user
         return user
 
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/api/v1/user", self._get_me)
-        app.router.add_get("/api/v1/users/{name}", self._get_user)
-        app.router.add_post("/api/v1/admin/users", self._create_user)
-        app.router.add_post("/api/v1/users/{name}/tokens", self._create_token)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/user", self._get_me),
+            web.get("/api/v1/users/{name}", self._get_user),
+            web.post("/api/v1/admin/users", self._create_user),
+            web.post("/api/v1/users/{name}/tokens", self._create_token),
+        ]
 
     # Auth ----------------------------------------------------------------------------------
 
@@ -175,15 +175,18 @@ class FakeForgejo(LoopbackServer):
         return None, None, None
 
     async def _record(
-        self, request: web.Request, scope: str
+        self, request: web.Request, scope: str, *, anonymous: str = ""
     ) -> tuple[FakeUser | None, str | None, Any, web.Response | None]:
-        """Records the request; the caller, the auth scheme, the body and a scope refusal."""
+        """Records the request; the caller, the auth scheme, the body and a refusal: of the
+        token's scopes, or with `anonymous` (a 401's message) of a request without a caller."""
         user, claimed, scheme = self._authenticate(request)
         body = await request.json() if request.can_read_body else None
         self.requests.append(RecordedRequest(request.method, request.path, body, claimed, scheme))
         refusal = None
         if user is not None and scheme == "token":
             refusal = self._scope_refusal(request, scope)
+        elif user is None and anonymous:
+            refusal = _error(401, anonymous)
         return user, scheme, body, refusal
 
     def _scope_refusal(self, request: web.Request, category: str) -> web.Response | None:
@@ -201,11 +204,10 @@ class FakeForgejo(LoopbackServer):
     async def _get_me(self, request: web.Request) -> web.Response:
         # forgejo/forgejo routers/api/v1/api.go: the `/user` group is
         # `tokenRequiresScopes(AccessTokenScopeCategoryUser), reqToken`.
-        caller, _, _, refusal = await self._record(request, "user")
+        caller, _, _, refusal = await self._record(request, "user", anonymous="token is required")
         if refusal is not None:
             return refusal
-        if caller is None:
-            return _error(401, "token is required")
+        assert caller is not None
         return web.json_response(caller.as_json())
 
     async def _get_user(self, request: web.Request) -> web.Response:
@@ -222,11 +224,12 @@ class FakeForgejo(LoopbackServer):
         # forgejo/forgejo routers/api/v1/api.go: the `/admin` group is
         # `tokenRequiresScopes(AccessTokenScopeCategoryAdmin), reqToken, reqSiteAdmin()`; the
         # body is bound (422 on a binding error) only after those.
-        caller, _, body, refusal = await self._record(request, "admin")
+        caller, _, body, refusal = await self._record(
+            request, "admin", anonymous="token is required"
+        )
         if refusal is not None:
             return refusal
-        if caller is None:
-            return _error(401, "token is required")
+        assert caller is not None
         if not caller.is_admin:
             return _error(403, "user should be the site admin")
         if not isinstance(body, dict):
@@ -253,11 +256,12 @@ class FakeForgejo(LoopbackServer):
         # forgejo/forgejo routers/api/v1/api.go: `/users/{username}/tokens` is in the `/users`
         # group (user scope) under `reqSelfOrAdmin()`; its POST adds `reqBasicOrRevProxyAuth()`,
         # which refuses any login but a password with 401 "auth method not allowed".
-        caller, scheme, body, refusal = await self._record(request, "user")
+        caller, scheme, body, refusal = await self._record(
+            request, "user", anonymous="auth required"
+        )
         if refusal is not None:
             return refusal
-        if caller is None:
-            return _error(401, "auth required")
+        assert caller is not None
         owner = self.users.get(request.match_info["name"].lower())
         if owner is None or (owner.login != caller.login and not caller.is_admin):
             return _error(403, "doer should be the site admin or be same as the contextUser")

@@ -7,6 +7,7 @@ import fcntl
 import json
 import re
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,18 +179,22 @@ class FakeGridProxy(LoopbackServer):
         self.names = names
         self.requests: list[RecordedQuery] = []
 
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/nodes", self._nodes)
-        app.router.add_get("/contracts", self._contracts)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/nodes", self._nodes), web.get("/contracts", self._contracts)]
 
-    async def _contracts(self, request: web.Request) -> web.Response:
+    def _query(
+        self, request: web.Request, known: AbstractSet[str]
+    ) -> tuple[dict[str, str], web.Response | None]:
+        """Records the request; its query, and the refusal of a parameter not in `known`."""
         query = dict(request.query)
         self.requests.append(RecordedQuery(request.method, request.path, query))
-        unknown = set(query) - _CONTRACT_PARAMS
-        if unknown:
-            return _error(f"unknown query parameter {sorted(unknown)[0]}")
+        unknown = set(query) - known
+        return query, _error(f"unknown query parameter {sorted(unknown)[0]}") if unknown else None
+
+    async def _contracts(self, request: web.Request) -> web.Response:
+        query, refusal = self._query(request, _CONTRACT_PARAMS)
+        if refusal is not None:
+            return refusal
         states = set(request.query.getall("state", []))
         try:
             twin = int(query["twin_id"]) if "twin_id" in query else None
@@ -207,11 +212,9 @@ class FakeGridProxy(LoopbackServer):
         return web.json_response(selected)
 
     async def _nodes(self, request: web.Request) -> web.Response:
-        query = dict(request.query)
-        self.requests.append(RecordedQuery(request.method, request.path, query))
-        unknown = set(query) - _KNOWN_PARAMS
-        if unknown:
-            return _error(f"unknown query parameter {sorted(unknown)[0]}")
+        query, refusal = self._query(request, _KNOWN_PARAMS)
+        if refusal is not None:
+            return refusal
         try:
             ids = {int(i) for i in query["node_ids"].split(",")} if "node_ids" in query else None
             size = int(query.get("size", "50"))

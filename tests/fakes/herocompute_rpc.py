@@ -9,7 +9,6 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -142,20 +141,12 @@ class HeroComputeRpc(LoopbackServer):
         self._released = asyncio.Event()
         self._sids = itertools.count(1)
 
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/", self._handle)
-        app.router.add_post("/rpc", self._handle)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/", self._handle), web.post("/rpc", self._handle)]
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._released.set()  # hung calls end, so the server can stop at once
-        await super().__aexit__(exc_type, exc, tb)
+        await super().__aexit__(*exc_info)
 
     @asynccontextmanager
     async def unix_socket(self, path: str) -> AsyncIterator[str]:
