@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Final
 
-from core import user, vm
+from core import user, user_events, user_state, vm
 from core.decider import Decider
 from core.events import EventRegistry
 
 VMS: Final[Decider[vm.Vm]] = Decider(
     kind="vm", decide=vm.decide, evolve=vm.evolve, events=vm.VmEvent, types=vm.VM_EVENT_TYPES
 )
-USERS: Final[Decider[user.User]] = Decider(
+USERS: Final[Decider[user_state.User]] = Decider(
     kind="user",
     decide=user.decide,
-    evolve=user.evolve,
-    events=user.UserEvent,
-    types=user.USER_EVENT_TYPES,
+    evolve=user_state.evolve,
+    events=user_events.UserEvent,
+    types=user_events.USER_EVENT_TYPES,
 )
 EVENTS: Final = EventRegistry((*VMS.types, *USERS.types))
 """Decodes any recorded event: the store's readers, the views, the rebuild and the SDK."""

@@ -11,7 +11,7 @@ from bus.publisher import SetAside
 from core.contract import Part
 from core.ports import EventStore, SecretVault
 from core.secrets import Fingerprinter
-from core.user import User
+from core.user_state import User
 from core.vm import Vm
 from hero_deployer.aggregates import Aggregates, KeyedLocks
 from projections.runner import PagedSource, ProjectionRunner

@@ -18,7 +18,8 @@ from core.contract import (
 from core.errors import USER_NOT_FOUND, NotFound
 from core.events import user_stream
 from core.operations import RequestMeta
-from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand, User
+from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand
+from core.user_state import User
 from hero_deployer.commands import Command, Decided, Record, consistent_views, idempotent, run
 from hero_deployer.deps import Deps
 

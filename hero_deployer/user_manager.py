@@ -20,8 +20,8 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, Final
+from datetime import datetime, timedelta
+from typing import Any, Final, TypedDict
 
 import structlog
 
@@ -52,7 +52,8 @@ from core.ports import (
 )
 from core.retry import RetryPolicy
 from core.user import Context as UserContext
-from core.user import (
+from core.user import OutcomeCommand, RecordDecommissionFailed, RecordStepFailed, RecordStepRetried
+from core.user_actions import (
     DeleteGateway,
     DeleteUserVm,
     DeployGateway,
@@ -60,34 +61,31 @@ from core.user import (
     EnsureForgeUser,
     FinishDecommission,
     GenerateSshKey,
-    OutcomeCommand,
-    RecordDecommissioned,
-    RecordDecommissionFailed,
-    RecordForgeUserEnsured,
-    RecordGatewayDeleted,
-    RecordGatewayDeployed,
-    RecordHealthVerified,
-    RecordManifestUploaded,
-    RecordNodeSelected,
-    RecordSetupCompleted,
-    RecordSshKeyGenerated,
-    RecordSshReachable,
-    RecordStepFailed,
-    RecordStepRetried,
-    RecordUserVmDeleted,
-    RecordUserVmDeployed,
-    RecordUserVmDeployRequested,
     RunSetup,
     SelectNode,
     StepAction,
     UploadManifest,
-    User,
     UserAction,
     VerifyHealth,
     WaitSsh,
-    backend_url_for,
     next_action,
 )
+from core.user_events import (
+    ForgeUserEnsured,
+    GatewayDeleted,
+    GatewayDeployed,
+    HealthVerified,
+    ManifestUploaded,
+    NodeSelected,
+    SetupCompleted,
+    SshKeyGenerated,
+    SshReachable,
+    UserDecommissioned,
+    UserVmDeleted,
+    UserVmDeployed,
+    UserVmDeployRequested,
+)
+from core.user_state import User, backend_url_for
 from core.vm import Context as VmContext
 from core.vm import RecordDeleted
 from hero_deployer import user_handlers, vm_handlers
@@ -129,6 +127,11 @@ class Ports:
     vault: SecretVault
     forge: Forge | None = None
     directory: NodeDirectory | None = None
+
+
+class _Stamp(TypedDict):
+    username: str
+    at: datetime
 
 
 class StepError(Exception):
@@ -282,7 +285,7 @@ class UserManager:
             case GenerateSshKey():
                 await self._attempts(action, lambda _: self._ssh_key(action))
             case SelectNode():
-                await self._attempts(action, lambda _: self._select_node())
+                await self._attempts(action, lambda _: self._select_node(action))
             case DeployUserVm():
                 await self._deploy_vm(user, action)
             case DeployGateway():
@@ -303,6 +306,10 @@ class UserManager:
                 await self._decommission(action, self._finish(action))
 
     # Recording -------------------------------------------------------------------------------
+
+    def _of(self, username: str) -> _Stamp:
+        """Whose outcome and when: the fields every outcome event starts with."""
+        return _Stamp(username=username, at=self._deps.clock())
 
     async def _record(self, username: str, command: OutcomeCommand) -> None:
         """Records a step's outcome, waiting out a store that refuses it rather than redo it."""
@@ -374,8 +381,11 @@ class UserManager:
     async def _forge_user(self, user: User, action: EnsureForgeUser) -> OutcomeCommand:
         forge, vault = self._ports.forge, self._ports.vault
         if forge is None:
-            return RecordForgeUserEnsured(
-                created=False, forge_user_id=None, skipped_reason=NO_FORGE_REASON
+            return ForgeUserEnsured(
+                **self._of(action.username),
+                created=False,
+                forge_user_id=None,
+                skipped_reason=NO_FORGE_REASON,
             )
         name = action.username
         found = await forge.find_user(name)
@@ -391,7 +401,7 @@ class UserManager:
             sealed = await vault.get(name, FORGE_PASSWORD)
             if sealed is None or user.forge_user_created:
                 # An account this run did not create: it is used as it is.
-                return RecordForgeUserEnsured(created=False, forge_user_id=found.id)
+                return ForgeUserEnsured(**self._of(name), created=False, forge_user_id=found.id)
             # An earlier try created it and stopped before recording that.
             password = sealed.decode()
         # Forgejo refuses a token name used before, so every try names its own.
@@ -400,14 +410,16 @@ class UserManager:
             name, password=password, token_name=token_name, scopes=FORGE_TOKEN_SCOPES
         )
         await vault.put(name, FORGE_TOKEN, token.encode())
-        return RecordForgeUserEnsured(created=True, forge_user_id=found.id, token_name=token_name)
+        return ForgeUserEnsured(
+            **self._of(name), created=True, forge_user_id=found.id, token_name=token_name
+        )
 
     async def _ssh_key(self, action: GenerateSshKey) -> OutcomeCommand:
         pair = generate_ed25519(comment=f"hero-deployer-{action.username}")
         await self._ports.vault.put(action.username, SSH_PRIVATE_KEY, pair.private_openssh.encode())
-        return RecordSshKeyGenerated(public_key=pair.public_openssh)
+        return SshKeyGenerated(**self._of(action.username), public_key=pair.public_openssh)
 
-    async def _select_node(self) -> OutcomeCommand:
+    async def _select_node(self, action: SelectNode) -> OutcomeCommand:
         candidates = self._config.candidate_nodes
         if self._ports.directory is not None:
             nodes = await self._ports.directory.candidate_nodes(candidates)
@@ -422,7 +434,9 @@ class UserManager:
                 f" {VM.memory_gb} GB memory and {VM.disk_gb + VM.rootfs_gb} GB disk",
                 retryable=True,
             )
-        return RecordNodeSelected(node_id=best.node_id, gateway_domain=best.gateway_domain)
+        return NodeSelected(
+            **self._of(action.username), node_id=best.node_id, gateway_domain=best.gateway_domain
+        )
 
     async def _deploy_vm(self, user: User, action: DeployUserVm) -> None:
         """Requests the user's VM, or waits until the requested one runs (or fails).
@@ -446,7 +460,8 @@ class UserManager:
                 except (ExternalError, BackendError, StepError) as exc:
                     problem, replace = getattr(exc, "message", str(exc)), False
                 else:
-                    deployed = RecordUserVmDeployed(
+                    deployed = UserVmDeployed(
+                        **self._of(name),
                         vm_sid=sid,
                         mycelium_ip=live.mycelium_ip or vm.mycelium_ip,
                         ssh_host=live.ssh_host,
@@ -500,7 +515,7 @@ class UserManager:
             node_id=action.node_id or None,
         )
         vm_ctx = VmContext(now=now, owner=self._deps.fingerprint(secret), new_sid=sid)
-        requested = RecordUserVmDeployRequested(vm_sid=sid)
+        requested = UserVmDeployRequested(username=name, vm_sid=sid, at=now)
         commands: list[Command[Any]] = [
             Command(self._deps.users, name, requested, UserContext(now=now)),
             Command(self._deps.vms, sid, deploy, vm_ctx),
@@ -564,7 +579,9 @@ class UserManager:
                 vm_name=action.vm_sid,
             )
         )
-        return RecordGatewayDeployed(name=gateway.name, fqdn=gateway.fqdn, url=gateway.url)
+        return GatewayDeployed(
+            **self._of(action.username), name=gateway.name, fqdn=gateway.fqdn, url=gateway.url
+        )
 
     async def _target(self, user: User) -> SshTarget:
         """Where and how to log in: the VM's live SSH address, as the user, with the user's key."""
@@ -583,7 +600,7 @@ class UserManager:
         target = await self._target(user)
         # A little under the step's time, so the shell reports why before the deadline cuts in.
         await self._ports.shell.wait_ready(target, timeout=max(0.1, remaining * 0.95 - 0.05))
-        return RecordSshReachable()
+        return SshReachable(**self._of(user.username))
 
     async def _upload_manifest(self, user: User, action: UploadManifest) -> OutcomeCommand:
         manifest = render_services_toml(action.username, action.profile)
@@ -591,15 +608,17 @@ class UserManager:
         owner = self._config.manifest_owner
         await self._ports.shell.upload(target, MANIFEST_PATH, manifest.encode(), owner=owner)
         path = f"/home/{owner}/{MANIFEST_PATH}"
-        return RecordManifestUploaded(path=path, sha256=sha256_hex(manifest))
+        return ManifestUploaded(**self._of(user.username), path=path, sha256=sha256_hex(manifest))
 
     async def _run_setup(self, user: User, remaining: float) -> OutcomeCommand:
         target = await self._target(user)
         result = await self._ports.shell.run(
             target, self._config.setup_command, timeout=max(0.1, remaining * 0.95 - 0.05)
         )
-        outcome = RecordSetupCompleted(
-            exit_status=result.exit_status, output_tail=result.output_tail
+        outcome = SetupCompleted(
+            **self._of(user.username),
+            exit_status=result.exit_status,
+            output_tail=result.output_tail,
         )
         if result.exit_status != 0:
             tail = result.output_tail.strip().splitlines()[-1:] or [""]
@@ -636,9 +655,9 @@ class UserManager:
                 raise StepError(
                     f"health check answered {status}",
                     retryable=True,
-                    outcome=RecordHealthVerified(status_code=status),
+                    outcome=HealthVerified(**self._of(user.username), status_code=status),
                 )
-            return RecordHealthVerified(status_code=status)
+            return HealthVerified(**self._of(user.username), status_code=status)
 
         await self._attempts(action, attempt)
 
@@ -665,7 +684,7 @@ class UserManager:
         name = user.gateway_name or self._gateway_name(action.username)
         with contextlib.suppress(BackendNotFound):
             await self._ports.backend.delete_gateway(name)
-        await self._record(action.username, RecordGatewayDeleted(name=name))
+        await self._record(action.username, GatewayDeleted(**self._of(action.username), name=name))
 
     def _gateway_name(self, username: str) -> str:
         """The user's gateway name in the operator's namespace (core.gateway_names)."""
@@ -693,7 +712,7 @@ class UserManager:
             changed.clear()
             vm, _ = await self._deps.vms.load(vm_stream(sid))
             if vm is None or vm.status == "deleted":
-                await self._record(name, RecordUserVmDeleted(vm_sid=sid))
+                await self._record(name, UserVmDeleted(**self._of(name), vm_sid=sid))
                 return
             failed = bool(vm.error) and (baseline is None or vm.updated_at > baseline)
             remaining = closes - loop.time()
@@ -706,13 +725,13 @@ class UserManager:
         with contextlib.suppress(BackendNotFound):
             await self._ports.backend.delete_vm(sid)
         await vm_handlers.record_outcome(self._deps, RecordDeleted(sid=sid), f"user-manager-{sid}")
-        await self._record(name, RecordUserVmDeleted(vm_sid=sid))
+        await self._record(name, UserVmDeleted(**self._of(name), vm_sid=sid))
 
     async def _finish(self, action: FinishDecommission) -> None:
         vault = self._ports.vault
         await vault.delete(action.username, SSH_PRIVATE_KEY)
         await vault.delete(action.username, VM_SECRET)
-        await self._record(action.username, RecordDecommissioned())
+        await self._record(action.username, UserDecommissioned(**self._of(action.username)))
 
 
 def pick_node(nodes: Iterable[NodeInfo]) -> NodeInfo | None:

@@ -9,7 +9,7 @@ import msgspec
 
 from core.domain import USERS
 from core.events import Event, RecordedEvent, stream_parts
-from core.user import User, evolve
+from core.user_state import User, evolve
 from projections.runner import Change, fold_cached, timestamp_text
 
 TABLE = """

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from core.user import USER_EVENT_TYPES
+from core.user_events import USER_EVENT_TYPES
 from core.vm import VM_EVENT_TYPES
 from hero_deployer.asyncapi import build_spec, render_spec
 from hero_deployer.client import OPERATIONS

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from bus.edge import validation_message
 from core import user as users
+from core import user_events, user_state
 from core import vm as vms
-from core.contract import EventsRequest
+from core.contract import EventsRequest, UserStatus
 from core.errors import VM_NOT_FOUND, DomainError, NotFound
 from core.secrets import Fingerprinter
 from hero_deployer.client import OPERATIONS
@@ -221,24 +222,24 @@ any_user_command = st.one_of(
     *(st.builds(cls) for cls in USER_COMMANDS),
 )
 STEP_OUTCOMES: dict[str, st.SearchStrategy[Any]] = {
-    "forge_user": st.builds(users.RecordForgeUserEnsured),
-    "ssh_key": st.builds(users.RecordSshKeyGenerated),
-    "select_node": st.builds(users.RecordNodeSelected),
-    "deploy_gateway": st.builds(users.RecordGatewayDeployed),
-    "wait_ssh": st.just(users.RecordSshReachable()),
-    "upload_manifest": st.builds(users.RecordManifestUploaded),
-    "run_setup": st.builds(users.RecordSetupCompleted, exit_status=st.sampled_from([0, 0, 0, 2])),
-    "verify_health": st.builds(users.RecordHealthVerified, status_code=st.sampled_from([200, 503])),
+    "forge_user": st.builds(user_events.ForgeUserEnsured),
+    "ssh_key": st.builds(user_events.SshKeyGenerated),
+    "select_node": st.builds(user_events.NodeSelected),
+    "deploy_gateway": st.builds(user_events.GatewayDeployed),
+    "wait_ssh": st.builds(user_events.SshReachable),
+    "upload_manifest": st.builds(user_events.ManifestUploaded),
+    "run_setup": st.builds(user_events.SetupCompleted, exit_status=st.sampled_from([0, 0, 0, 2])),
+    "verify_health": st.builds(user_events.HealthVerified, status_code=st.sampled_from([200, 503])),
 }
 DECOMMISSION_OUTCOMES = st.one_of(
-    st.builds(users.RecordGatewayDeleted),
-    st.builds(users.RecordUserVmDeleted, vm_sid=st.just("vm_u")),
+    st.builds(user_events.GatewayDeleted),
+    st.builds(user_events.UserVmDeleted, vm_sid=st.just("vm_u")),
     st.builds(users.RecordDecommissionFailed),
-    st.just(users.RecordDecommissioned()),
+    st.builds(user_events.UserDecommissioned),
 )
 
 
-def _plausible(user: users.User | None) -> st.SearchStrategy[Any]:
+def _plausible(user: user_state.User | None) -> st.SearchStrategy[Any]:
     """What the process manager would report next, so sequences get past the first step."""
     if user is None or user.status in ("ready", "failed", "decommissioned"):
         return st.sampled_from(
@@ -248,15 +249,15 @@ def _plausible(user: users.User | None) -> st.SearchStrategy[Any]:
         return DECOMMISSION_OUTCOMES
     if user.step == "deploy_vm":
         if not user.vm_sid:
-            return st.just(users.RecordUserVmDeployRequested(vm_sid="vm_u"))
-        return st.builds(users.RecordUserVmDeployed, vm_sid=st.just(user.vm_sid))
+            return st.builds(user_events.UserVmDeployRequested, vm_sid=st.just("vm_u"))
+        return st.builds(user_events.UserVmDeployed, vm_sid=st.just(user.vm_sid))
     return STEP_OUTCOMES.get(user.step, any_user_command)
 
 
 @FAST
 @given(data=st.data())
 def test_user_decide_raises_only_domain_errors_and_evolve_is_total(data: st.DataObject) -> None:
-    user: users.User | None = None
+    user: user_state.User | None = None
     history: list[Any] = []
     for index in range(data.draw(st.integers(0, 40))):
         random_one = data.draw(st.integers(0, 3)) == 0
@@ -266,11 +267,11 @@ def test_user_decide_raises_only_domain_errors_and_evolve_is_total(data: st.Data
         except DomainError:  # any other exception fails the test
             continue
         for event in decided:
-            after = users.evolve(user, event)
-            assert after == users.evolve(user, event)  # pure
+            after = user_state.evolve(user, event)
+            assert after == user_state.evolve(user, event)  # pure
             user = after
         history.extend(decided)
         if user is not None:
-            assert user.status in users.UserStatus.__args__  # type: ignore[attr-defined]
+            assert user.status in UserStatus.__args__  # type: ignore[attr-defined]
             assert user.status != "ready" or user.step == "done"
-    assert users.fold(history) == user
+    assert user_state.fold(history) == user

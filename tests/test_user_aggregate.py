@@ -22,20 +22,37 @@ from core.events import Event
 from core.gateway_names import gateway_name
 from core.user import (
     PASSWORD_NOT_FOUND,
-    USER_EVENT_TYPES,
     Context,
-    DecommissionActionFailed,
-    DecommissionRequested,
+    RecordDecommissionFailed,
+    RecordStepFailed,
+    RecordStepRetried,
+    UserCommand,
+    decide,
+)
+from core.user_actions import (
     DeleteGateway,
     DeleteUserVm,
     DeployGateway,
     DeployUserVm,
     EnsureForgeUser,
     FinishDecommission,
+    GenerateSshKey,
+    RunSetup,
+    SelectNode,
+    StepAction,
+    UploadManifest,
+    UserAction,
+    VerifyHealth,
+    WaitSsh,
+    next_action,
+)
+from core.user_events import (
+    USER_EVENT_TYPES,
+    DecommissionActionFailed,
+    DecommissionRequested,
     ForgeUserEnsured,
     GatewayDeleted,
     GatewayDeployed,
-    GenerateSshKey,
     HealthVerified,
     InitialPasswordRevealed,
     ManifestUploaded,
@@ -43,45 +60,17 @@ from core.user import (
     ProvisioningCompleted,
     ProvisioningRequested,
     ProvisioningResumed,
-    RecordDecommissioned,
-    RecordDecommissionFailed,
-    RecordForgeUserEnsured,
-    RecordGatewayDeleted,
-    RecordGatewayDeployed,
-    RecordHealthVerified,
-    RecordManifestUploaded,
-    RecordNodeSelected,
-    RecordSetupCompleted,
-    RecordSshKeyGenerated,
-    RecordSshReachable,
-    RecordStepFailed,
-    RecordStepRetried,
-    RecordUserVmDeleted,
-    RecordUserVmDeployed,
-    RecordUserVmDeployRequested,
-    RunSetup,
-    SelectNode,
     SetupCompleted,
     SshKeyGenerated,
     SshReachable,
-    StepAction,
     StepFailed,
     StepRetried,
-    UploadManifest,
-    User,
-    UserAction,
-    UserCommand,
     UserDecommissioned,
     UserVmDeleted,
     UserVmDeployed,
     UserVmDeployRequested,
-    VerifyHealth,
-    WaitSsh,
-    decide,
-    evolve,
-    fold,
-    next_action,
 )
+from core.user_state import User, evolve, fold
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 NAME = "alice"
@@ -368,34 +357,45 @@ def outcome_for(action: UserAction) -> UserCommand:
     """What a successful side effect reports for each action."""
     match action:
         case EnsureForgeUser():
-            return RecordForgeUserEnsured(created=True, forge_user_id=7, token_name="hero")
+            return ForgeUserEnsured(
+                username=NAME, at=NOW, created=True, forge_user_id=7, token_name="hero"
+            )
         case GenerateSshKey():
-            return RecordSshKeyGenerated(public_key=PUBLIC_KEY)
+            return SshKeyGenerated(username=NAME, at=NOW, public_key=PUBLIC_KEY)
         case SelectNode():
-            return RecordNodeSelected(node_id=13, gateway_domain="gw13.grid.test")
+            return NodeSelected(username=NAME, at=NOW, node_id=13, gateway_domain="gw13.grid.test")
         case DeployUserVm() if not action.vm_sid:
-            return RecordUserVmDeployRequested(vm_sid="vm_1")
+            return UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")
         case DeployUserVm():
-            return RecordUserVmDeployed(
-                vm_sid=action.vm_sid, mycelium_ip="5a1:2::1", ssh_host="127.0.0.1", ssh_port=2201
+            return UserVmDeployed(
+                username=NAME,
+                at=NOW,
+                vm_sid=action.vm_sid,
+                mycelium_ip="5a1:2::1",
+                ssh_host="127.0.0.1",
+                ssh_port=2201,
             )
         case DeployGateway():
             fqdn = f"{action.name}.{action.gateway_domain}"
-            return RecordGatewayDeployed(name=action.name, fqdn=fqdn, url=f"https://{fqdn}")
+            return GatewayDeployed(
+                username=NAME, at=NOW, name=action.name, fqdn=fqdn, url=f"https://{fqdn}"
+            )
         case WaitSsh():
-            return RecordSshReachable()
+            return SshReachable(username=NAME, at=NOW)
         case UploadManifest():
-            return RecordManifestUploaded(path="hero/cfg/cockpit/services.toml", sha256="ab")
+            return ManifestUploaded(
+                username=NAME, at=NOW, path="hero/cfg/cockpit/services.toml", sha256="ab"
+            )
         case RunSetup():
-            return RecordSetupCompleted(exit_status=0, output_tail="ok")
+            return SetupCompleted(username=NAME, at=NOW, exit_status=0, output_tail="ok")
         case VerifyHealth():
-            return RecordHealthVerified(status_code=200)
+            return HealthVerified(username=NAME, at=NOW, status_code=200)
         case DeleteGateway():
-            return RecordGatewayDeleted(name=action.name)
+            return GatewayDeleted(username=NAME, at=NOW, name=action.name)
         case DeleteUserVm():
-            return RecordUserVmDeleted(vm_sid=action.vm_sid)
+            return UserVmDeleted(username=NAME, at=NOW, vm_sid=action.vm_sid)
         case FinishDecommission():
-            return RecordDecommissioned()
+            return UserDecommissioned(username=NAME, at=NOW)
     raise AssertionError(action)
 
 
@@ -551,47 +551,51 @@ def test_elapsed_time_per_step_is_in_the_state() -> None:
 
 
 def test_redelivered_outcome_is_ignored() -> None:
-    command = RecordForgeUserEnsured(created=True, forge_user_id=7)
+    command = ForgeUserEnsured(username=NAME, at=NOW, created=True, forge_user_id=7)
     given: list[Event] = [REQUESTED, *when([REQUESTED], command)]
     assert state(given).step == "ssh_key"
     assert when(given, command) == []
 
 
 def test_outcome_for_a_later_step_is_ignored() -> None:
-    assert when([REQUESTED], RecordSshReachable()) == []
-    assert when([REQUESTED], RecordHealthVerified(status_code=200)) == []
+    assert when([REQUESTED], SshReachable(username=NAME, at=NOW)) == []
+    assert when([REQUESTED], HealthVerified(username=NAME, at=NOW, status_code=200)) == []
 
 
 def test_redelivered_vm_request_is_ignored() -> None:
     given = [*TO_DEPLOY_VM, UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4))]
-    assert when(given, RecordUserVmDeployRequested(vm_sid="vm_1")) == []
+    assert when(given, UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")) == []
 
 
 def test_vm_deployed_for_another_sid_is_ignored() -> None:
     given = [*TO_DEPLOY_VM, UserVmDeployRequested(username=NAME, vm_sid="vm_2", at=at(4))]
-    command = RecordUserVmDeployed(vm_sid="vm_1", mycelium_ip="::1", ssh_host="h", ssh_port=22)
+    command = UserVmDeployed(
+        username=NAME, at=NOW, vm_sid="vm_1", mycelium_ip="::1", ssh_host="h", ssh_port=22
+    )
     assert when(given, command) == []
 
 
 ALL_OUTCOMES: list[UserCommand] = [
-    RecordForgeUserEnsured(created=True, forge_user_id=1),
-    RecordSshKeyGenerated(public_key=PUBLIC_KEY),
-    RecordNodeSelected(node_id=1, gateway_domain="d"),
-    RecordUserVmDeployRequested(vm_sid="vm_9"),
-    RecordUserVmDeployed(vm_sid="vm_1", mycelium_ip="::1", ssh_host="h", ssh_port=22),
-    RecordGatewayDeployed(name="n", fqdn="n.d", url="https://n.d"),
-    RecordSshReachable(),
-    RecordManifestUploaded(path="p", sha256="s"),
-    RecordSetupCompleted(exit_status=0, output_tail=""),
-    RecordHealthVerified(status_code=200),
+    ForgeUserEnsured(username=NAME, at=NOW, created=True, forge_user_id=1),
+    SshKeyGenerated(username=NAME, at=NOW, public_key=PUBLIC_KEY),
+    NodeSelected(username=NAME, at=NOW, node_id=1, gateway_domain="d"),
+    UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_9"),
+    UserVmDeployed(
+        username=NAME, at=NOW, vm_sid="vm_1", mycelium_ip="::1", ssh_host="h", ssh_port=22
+    ),
+    GatewayDeployed(username=NAME, at=NOW, name="n", fqdn="n.d", url="https://n.d"),
+    SshReachable(username=NAME, at=NOW),
+    ManifestUploaded(username=NAME, at=NOW, path="p", sha256="s"),
+    SetupCompleted(username=NAME, at=NOW, exit_status=0, output_tail=""),
+    HealthVerified(username=NAME, at=NOW, status_code=200),
     RecordStepRetried(step="deploy_vm", reason="x"),
     RecordStepFailed(step="deploy_vm", reason="x"),
 ]
 DECOMMISSION_OUTCOMES: list[UserCommand] = [
-    RecordGatewayDeleted(name=GW_NAME),
-    RecordUserVmDeleted(vm_sid="vm_1"),
+    GatewayDeleted(username=NAME, at=NOW, name=GW_NAME),
+    UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_1"),
     RecordDecommissionFailed(part="delete_vm", reason="x"),
-    RecordDecommissioned(),
+    UserDecommissioned(username=NAME, at=NOW),
 ]
 
 
@@ -656,7 +660,10 @@ def test_long_reasons_are_clipped() -> None:
 def test_nonzero_setup_exit_records_the_output_and_fails() -> None:
     given = READY[:9]
     assert state(given).step == "run_setup"
-    events = when(given, RecordSetupCompleted(exit_status=2, output_tail="y" * 10000 + "boom"))
+    events = when(
+        given,
+        SetupCompleted(username=NAME, at=NOW, exit_status=2, output_tail="y" * 10000 + "boom"),
+    )
     assert [type(e) for e in events] == [SetupCompleted, StepFailed]
     completed, failed = events
     assert isinstance(completed, SetupCompleted) and completed.output_tail.endswith("boom")
@@ -668,7 +675,7 @@ def test_nonzero_setup_exit_records_the_output_and_fails() -> None:
 
 def test_unhealthy_answer_fails_verify_health() -> None:
     given = READY[:10]
-    [event] = when(given, RecordHealthVerified(status_code=502))
+    [event] = when(given, HealthVerified(username=NAME, at=NOW, status_code=502))
     assert isinstance(event, StepFailed) and event.step == "verify_health"
     assert "502" in event.reason
 
@@ -697,10 +704,12 @@ def test_a_failed_vm_can_be_replaced_and_both_are_deleted_on_decommission() -> N
         *FAILED_AT_DEPLOY_VM,
         ProvisioningResumed(username=NAME, from_step="deploy_vm", at=at(6)),
     ]
-    given += when(given, RecordUserVmDeployRequested(vm_sid="vm_2"))
+    given += when(given, UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_2"))
     user = state(given)
     assert (user.vm_sid, user.replaced_vm_sids) == ("vm_2", ("vm_1",))
-    assert when(given, RecordUserVmDeployRequested(vm_sid="vm_1")) == []  # a stale request
+    assert (
+        when(given, UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")) == []
+    )  # a stale request
 
     events, _ = drive(given)
     events += when(events, DECOMMISSION)
@@ -780,15 +789,15 @@ def test_decommission_failure_keeps_decommissioning_and_retries_the_part() -> No
 
 def test_redelivered_decommission_outcomes_are_ignored() -> None:
     given = [*DECOMMISSIONING, GatewayDeleted(username=NAME, name=GW_NAME, at=at(21))]
-    assert when(given, RecordGatewayDeleted(name=GW_NAME)) == []
+    assert when(given, GatewayDeleted(username=NAME, at=NOW, name=GW_NAME)) == []
     given.append(UserVmDeleted(username=NAME, vm_sid="vm_1", at=at(22)))
-    assert when(given, RecordUserVmDeleted(vm_sid="vm_1")) == []
-    assert when(given, RecordUserVmDeleted(vm_sid="vm_unknown")) == []
+    assert when(given, UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_1")) == []
+    assert when(given, UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_unknown")) == []
 
 
 def test_finishing_with_parts_pending_is_invalid_state() -> None:
     with pytest.raises(InvalidState, match="delete_gateway"):
-        when(DECOMMISSIONING, RecordDecommissioned())
+        when(DECOMMISSIONING, UserDecommissioned(username=NAME, at=NOW))
 
 
 def test_provision_anew_after_decommissioned_runs_the_whole_flow_again() -> None:

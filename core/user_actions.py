@@ -1,0 +1,224 @@
+"""What the provisioning process manager must do next for a user, derived from its state alone.
+
+After a restart `next_action` names exactly the work still to do: every finished step is an event.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TypedDict
+
+import msgspec
+
+from core.contract import Step
+from core.gateway_names import gateway_name
+from core.user_events import DecommissionPart
+from core.user_state import User, backend_url_for, pending_decommission, vm_name_for
+
+
+class Action(msgspec.Struct, frozen=True, kw_only=True):
+    """Work the process manager must do now for one user."""
+
+    username: str
+
+
+class StepAction(Action, frozen=True, kw_only=True):
+    """Run one provisioning step; `tries` failed already, the step began at `started_at`."""
+
+    step: Step
+    attempt: int
+    tries: int
+    started_at: datetime
+
+
+class EnsureForgeUser(StepAction, frozen=True, kw_only=True):
+    """Find or create the Forge account, then its access token; seal a new password first."""
+
+    display_name: str
+    forge_email: str
+
+
+class GenerateSshKey(StepAction, frozen=True, kw_only=True):
+    """Make an ED25519 key pair, seal the private key, record the public one."""
+
+
+class SelectNode(StepAction, frozen=True, kw_only=True):
+    """Pick the candidate node with the most headroom that is up and gateway-capable."""
+
+
+class DeployUserVm(StepAction, frozen=True, kw_only=True):
+    """Request the VM (`vm_sid` empty: pick a sid, record it with the VM's deploy) or await it."""
+
+    vm_sid: str
+    vm_name: str
+    node_id: int
+    ssh_public_key: str
+
+
+class DeployGateway(StepAction, frozen=True, kw_only=True):
+    """Deploy the gateway `name` on the node, forwarding to `backend_url`."""
+
+    name: str
+    node_id: int
+    gateway_domain: str
+    vm_sid: str
+    mycelium_ip: str
+    backend_url: str
+
+
+class WaitSsh(StepAction, frozen=True, kw_only=True):
+    """Poll until the VM accepts SSH with the user's key."""
+
+    ssh_host: str
+    ssh_port: int
+
+
+class UploadManifest(StepAction, frozen=True, kw_only=True):
+    """Render the profile's services.toml and upload it over SFTP."""
+
+    profile: str
+    gateway_url: str
+    ssh_host: str
+    ssh_port: int
+
+
+class RunSetup(StepAction, frozen=True, kw_only=True):
+    """Run the setup script over SSH."""
+
+    ssh_host: str
+    ssh_port: int
+
+
+class VerifyHealth(StepAction, frozen=True, kw_only=True):
+    """GET `<gateway_url>/health` until it answers 200."""
+
+    gateway_url: str
+
+
+class DecommissionAction(Action, frozen=True, kw_only=True):
+    """One part of taking the user down; `failures` counts failed decommission actions so far."""
+
+    part: DecommissionPart
+    failures: int
+
+
+class DeleteGateway(DecommissionAction, frozen=True, kw_only=True):
+    """Delete the gateway `name`; one already gone counts as deleted."""
+
+    name: str
+
+
+class DeleteUserVm(DecommissionAction, frozen=True, kw_only=True):
+    """Delete the VM `vm_sid` through the VM commands; one already gone counts as deleted."""
+
+    vm_sid: str
+
+
+class FinishDecommission(DecommissionAction, frozen=True, kw_only=True):
+    """Destroy the user's sealed key and VM secret, then record RecordDecommissioned."""
+
+
+ProvisioningAction = (
+    EnsureForgeUser
+    | GenerateSshKey
+    | SelectNode
+    | DeployUserVm
+    | DeployGateway
+    | WaitSsh
+    | UploadManifest
+    | RunSetup
+    | VerifyHealth
+)
+DecommissioningAction = DeleteGateway | DeleteUserVm | FinishDecommission
+UserAction = ProvisioningAction | DecommissioningAction
+
+
+def next_action(user: User | None) -> UserAction | None:
+    """What the process manager must do now, or None when nothing is pending."""
+    if user is None:
+        return None
+    match user.status:
+        case "provisioning":
+            return _step_action(user)
+        case "decommissioning":
+            return _decommission_action(user)
+        case _:
+            return None
+
+
+class _StepFields(TypedDict):
+    username: str
+    step: Step
+    attempt: int
+    tries: int
+    started_at: datetime
+
+
+class _SshFields(TypedDict):
+    ssh_host: str
+    ssh_port: int
+
+
+def _step_action(user: User) -> ProvisioningAction | None:
+    base = _StepFields(
+        username=user.username,
+        step=user.step,
+        attempt=user.attempt,
+        tries=user.step_tries,
+        started_at=user.step_started_at,
+    )
+    ssh = _SshFields(ssh_host=user.ssh_host, ssh_port=user.ssh_port)
+    match user.step:
+        case "forge_user":
+            return EnsureForgeUser(
+                **base, display_name=user.display_name, forge_email=user.forge_email
+            )
+        case "ssh_key":
+            return GenerateSshKey(**base)
+        case "select_node":
+            return SelectNode(**base)
+        case "deploy_vm":
+            return DeployUserVm(
+                **base,
+                vm_sid=user.vm_sid,
+                vm_name=vm_name_for(user.username),
+                node_id=user.node_id or 0,
+                ssh_public_key=user.ssh_public_key,
+            )
+        case "deploy_gateway":
+            return DeployGateway(
+                **base,
+                name=gateway_name(user.username),
+                node_id=user.node_id or 0,
+                gateway_domain=user.gateway_domain,
+                vm_sid=user.vm_sid,
+                mycelium_ip=user.mycelium_ip,
+                backend_url=backend_url_for(user.mycelium_ip),
+            )
+        case "wait_ssh":
+            return WaitSsh(**base, **ssh)
+        case "upload_manifest":
+            return UploadManifest(**base, **ssh, profile=user.profile, gateway_url=user.gateway_url)
+        case "run_setup":
+            return RunSetup(**base, **ssh)
+        case "verify_health":
+            return VerifyHealth(**base, gateway_url=user.gateway_url)
+        case "done":
+            return None
+
+
+def _decommission_action(user: User) -> DecommissioningAction:
+    name, failures = user.username, user.decommission_failures
+    match pending_decommission(user)[0]:
+        case "delete_gateway":
+            return DeleteGateway(
+                username=name,
+                part="delete_gateway",
+                failures=failures,
+                name=user.gateway_name or gateway_name(name),
+            )
+        case "delete_vm":
+            sid = next(s for s in user.all_vm_sids if s not in user.deleted_vm_sids)
+            return DeleteUserVm(username=name, part="delete_vm", failures=failures, vm_sid=sid)
+        case "finish":
+            return FinishDecommission(username=name, part="finish", failures=failures)
