@@ -12,15 +12,15 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 import structlog
 from nats.aio.client import Client
-from nats.micro import add_service
+from nats.aio.msg import Msg
 from nats.micro.request import Request
-from nats.micro.service import Service
+from nats.micro.service import Service, ServiceConfig
 
 from core.errors import DomainError, Internal, InvalidInput, Unauthorized
 from core.operations import (
@@ -39,6 +39,8 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 ACTOR_HEADER = "Hero-Actor"
+# nats-py micro's handlers of `$SRV.PING/INFO/STATS` (nats/micro/service.py, Service.start)
+_CONTROL_HANDLERS = ("_handle_ping_request", "_handle_info_request", "_handle_stats_request")
 
 _OK_PREFIX = b'{"ok":true,"result":'
 _encoder = msgspec.json.Encoder()
@@ -93,6 +95,7 @@ class ServiceEdge:
         self._nc = nc
         self._operations = operations
         self._prefix = prefix
+        self._own = prefix + "."
         self._expected = f"Bearer {token}".encode()
         self._exempt = exempt
         self._version = version
@@ -103,13 +106,16 @@ class ServiceEdge:
         self._id_prefix = os.urandom(4).hex()
 
     async def start(self) -> None:
-        self._service = await add_service(
-            self._nc,
+        config = ServiceConfig(
             name=SERVICE_NAME,
             version=self._version,
             description="Event-sourced owner of the Hero OS demo fleet's VMs",
             queue_group=QUEUE_GROUP,
         )
+        self._service = Service(self._nc, config)
+        for verb in _CONTROL_HANDLERS:  # `$SRV` PING/INFO/STATS answer through the same guard
+            setattr(self._service, verb, self._guarded(getattr(self._service, verb)))
+        await self._service.start()
         for operation in self._operations:
             await self._service.add_endpoint(
                 name=operation.name,
@@ -143,6 +149,8 @@ class ServiceEdge:
         in_flight = self._in_flight
 
         async def handle(request: Request) -> None:
+            if not self._may_reply(request._msg.reply, operation.name):
+                return
             task = asyncio.create_task(self._process(operation, decoder, request))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
@@ -203,6 +211,26 @@ class ServiceEdge:
         if error is not None:
             endpoint._num_errors += 1
             endpoint._last_error = f"{error.number}:{error.message}"
+
+    def _may_reply(self, reply: str, operation: str) -> bool:
+        """False, with a warning, when the reply subject is in our namespace or the system's.
+
+        The service's identity may publish status events under `<prefix>.events.>`, so a reply
+        there would let any caller forge one; `$` subjects belong to the server and JetStream.
+        """
+        if not (reply.startswith("$") or reply == self._prefix or reply.startswith(self._own)):
+            return True
+        log.warning("request.reply_subject_refused", operation=operation, reply=reply[:200])
+        return False
+
+    def _guarded(self, handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Any]:
+        """`handler` behind the reply-subject check, for micro's control subjects."""
+
+        async def guarded(msg: Msg) -> None:
+            if self._may_reply(msg.reply, msg.subject):
+                await handler(msg)
+
+        return guarded
 
     def _authenticate(self, header: str | None) -> None:
         if header is None:
