@@ -1,8 +1,12 @@
-"""Small helpers for end-to-end tests: wait for events on the real status stream."""
+"""Small helpers for end-to-end tests: wait for events on the real status stream, run the CLI."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hero_deployer.client import HeroDeployerClient
@@ -24,3 +28,44 @@ async def deploy_running(client: HeroDeployerClient, secret: str, name: str = "w
     vm = await client.call("deploy_vm", {"name": name, "secret": secret})
     await wait_for_event(client, f"vm:{vm['sid']}", "VmDeployed")
     return str(vm["sid"])
+
+
+HERO_DEPLOYER = (sys.executable, "-m", "hero_deployer")
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`hero-deployer ARGS` in its own process, stdin `input` (else no terminal), output as text."""
+    return subprocess.run(
+        [*HERO_DEPLOYER, *args],
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def arun_cli(
+    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """`hero-deployer ARGS` in its own process the loop awaits: exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *HERO_DEPLOYER,
+        *args,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

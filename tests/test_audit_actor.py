@@ -5,10 +5,8 @@ A real service on a real nats-server (the `service` fixture).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 
 from core.contract import Part
@@ -16,7 +14,7 @@ from core.operations import ACTOR_PATTERN
 from hero_deployer.client import HeroDeployerClient, local_actor
 from hero_deployer.parts import setup_parts
 from tests.conftest import TOKEN, Service, make_settings
-from tests.helpers import wait_for_event
+from tests.helpers import arun_cli, wait_for_event
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONTRACT_EVENT_FIELDS = {"position", "stream", "version", "type", "data", "recorded_at"}
@@ -121,17 +119,13 @@ async def test_the_cli_names_itself_and_its_user_in_the_audit(
         "HERO_DEPLOYER_PREFIX": service.settings.prefix,
         "HERO_DEPLOYER_SECRET": "s",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "hero_deployer", "vms", "deploy", "from-cli", "--nats", nats_url, "--json"),
+    code, out, err = await arun_cli(
+        *("vms", "deploy", "from-cli", "--nats", nats_url, "--json"),
         *("--data-dir", str(tmp_path / "cli")),
         env=env,
         cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    sid = json.loads(out.decode().splitlines()[-1])["sid"]
+    assert code == 0, err
+    sid = json.loads(out.splitlines()[-1])["sid"]
     page = await service.client.audit_events(stream=f"vm:{sid}", limit=1)
     assert [e.actor for e in page.events] == [local_actor("cli")]

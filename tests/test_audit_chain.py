@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from adapters.sqlite_backup import verify_file
 from hero_deployer.cli import main
 from tests.conftest import TOKEN, Service
 from tests.eventstore_contract import payload, to
+from tests.helpers import run_cli
 
 EVENTS = 12
 
@@ -162,13 +161,7 @@ def test_verify_names_the_first_broken_position(
 
 def test_the_command_exits_non_zero_on_a_broken_log(log: Path) -> None:
     edit_data(log)
-    ran = subprocess.run(
-        [sys.executable, "-m", "hero_deployer", "audit", "verify", "--data-dir", str(log)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = run_cli("audit", "verify", "--data-dir", str(log))
     assert ran.returncode == 1
     assert ran.stdout.startswith("broken at position 5: its hash does not match its contents")
 

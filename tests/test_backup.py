@@ -6,7 +6,6 @@ import asyncio
 import io
 import sqlite3
 import stat
-import sys
 import tarfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,24 +22,14 @@ from hero_deployer.bootstrap import bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, Service, make_settings
-from tests.helpers import wait_for_event
+from tests.helpers import arun_cli, wait_for_event
 
 EVENT_COLUMNS = "position, stream, version, type, data, metadata, recorded_at, hash"
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
     """Runs `hero-deployer` in its own process, as an operator would beside the service."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hero_deployer",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await arun_cli(*args, timeout=120)
 
 
 def saved_checkpoints(views: Path) -> dict[str, int]:

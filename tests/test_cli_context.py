@@ -3,7 +3,6 @@ secrets from a file, a variable or a terminal prompt instead of the command line
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pty
@@ -26,6 +25,7 @@ from hero_deployer.context import Context
 from hero_deployer.natsserver import free_port
 from hero_deployer.settings import Settings
 from tests.conftest import TOKEN
+from tests.helpers import arun_cli, run_cli
 
 SECRET_WAYS = ("--secret-file FILE", "HERO_DEPLOYER_SECRET", "a prompt on a terminal")
 
@@ -45,16 +45,7 @@ class Up:
         self, *args: str, cwd: Path, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Runs `hero-deployer ARGS` in `cwd` with no terminal on stdin."""
-        return subprocess.run(
-            [sys.executable, "-m", "hero_deployer", *args],
-            cwd=cwd,
-            env={**self.env, **(env or {})},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_cli(*args, cwd=cwd, env={**self.env, **(env or {})})
 
 
 def user_env(home: Path) -> dict[str, str]:
@@ -190,16 +181,7 @@ def test_with_no_service_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
     env = user_env(tmp_path)
     port = free_port()
     env.update(HERO_DEPLOYER_NATS_URL=f"nats://127.0.0.1:{port}", HERO_DEPLOYER_TOKEN=TOKEN)
-    result = subprocess.run(
-        [sys.executable, "-m", "hero_deployer", "health"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("health", cwd=tmp_path, env=env)
     assert result.returncode == EXIT_UNAVAILABLE
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
@@ -210,16 +192,7 @@ def test_with_no_service_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
 def test_a_nats_without_the_service_is_one_line(nats_url: str, tmp_path: Path) -> None:
     env = user_env(tmp_path)
     env.update(HERO_DEPLOYER_TOKEN=TOKEN, HERO_DEPLOYER_PREFIX="nobody-here.v1")
-    result = subprocess.run(
-        [sys.executable, "-m", "hero_deployer", "health", "--nats", nats_url, "--timeout", "0.5"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("health", "--nats", nats_url, "--timeout", "0.5", cwd=tmp_path, env=env)
     assert result.returncode == EXIT_UNAVAILABLE
     assert result.stderr.splitlines() == [
         "error: Unavailable: no hero-deployer is answering on NATS"
@@ -230,31 +203,16 @@ async def test_a_request_that_times_out_is_one_line(nats_url: str, nc: Any, tmp_
     silent = await nc.subscribe("hung.v1.health")  # takes the request, never answers
     await nc.flush()
     env = {**user_env(tmp_path), "HERO_DEPLOYER_TOKEN": TOKEN, "HERO_DEPLOYER_PREFIX": "hung.v1"}
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "hero_deployer", "health", "--nats", nats_url, "--timeout", "0.2"),
-        cwd=tmp_path,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, _, stderr = await arun_cli(
+        "health", "--nats", nats_url, "--timeout", "0.2", cwd=tmp_path, env=env
     )
-    _, stderr = await asyncio.wait_for(process.communicate(), 60)
     await silent.unsubscribe()
-    assert process.returncode == EXIT_UNAVAILABLE
-    assert stderr.decode().splitlines() == ["error: Unavailable: health timed out after 0.2s"]
+    assert code == EXIT_UNAVAILABLE
+    assert stderr.splitlines() == ["error: Unavailable: health timed out after 0.2s"]
 
 
 def test_without_a_token_one_line_and_no_file_made(nats_url: str, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "hero_deployer", "health", "--nats", nats_url],
-        cwd=tmp_path,
-        env=user_env(tmp_path),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("health", "--nats", nats_url, cwd=tmp_path, env=user_env(tmp_path))
     assert result.returncode == EXIT_UNAUTHORIZED
     assert result.stderr.splitlines() == [
         f"error: no token at {tmp_path / 'var' / 'token'}: set HERO_DEPLOYER_TOKEN or --data-dir"
@@ -295,15 +253,15 @@ def test_a_secret_file_may_be_stdin_and_an_unreadable_one_is_one_line(
 ) -> None:
     deployed = up.cli("vms", "deploy", "piped-1", "--secret", "from-a-pipe", cwd=elsewhere)
     assert deployed.returncode == 0, deployed.stderr
-    piped = subprocess.run(
-        [sys.executable, "-m", "hero_deployer", "vms", "list", "--json", "--secret-file", "-"],
+    piped = run_cli(
+        "vms",
+        "list",
+        "--json",
+        "--secret-file",
+        "-",
         cwd=elsewhere,
         env=up.env,
         input="from-a-pipe\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
     assert names(piped) == ["piped-1"]
 

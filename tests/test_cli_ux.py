@@ -36,6 +36,7 @@ from hero_deployer.secret_input import (
 )
 from hero_deployer.settings import VERSION
 from tests.conftest import TOKEN, Service
+from tests.helpers import arun_cli, run_cli
 
 ANSI = "\x1b["
 
@@ -51,16 +52,7 @@ class Up:
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """`hero-deployer ARGS` with pipes for stdin, stdout and stderr (no terminal)."""
-        return subprocess.run(
-            [sys.executable, "-m", "hero_deployer", *args],
-            cwd=self.cwd,
-            env={**self.env, **(env or {})},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_cli(*args, cwd=self.cwd, env={**self.env, **(env or {})})
 
     def json(self, *args: str) -> Any:
         done = self.cli(*args, "--json")
@@ -413,17 +405,11 @@ async def test_status_checks_here_when_the_service_reports_no_parts(
     sub = await nc.subscribe("older.v1.health", cb=answer)
     await nc.flush()
     env = {**_user_env(tmp_path), "HERO_DEPLOYER_TOKEN": TOKEN, "HERO_DEPLOYER_PREFIX": "older.v1"}
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "hero_deployer", "status", "--nats", nats_url, "--json"),
-        cwd=tmp_path,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, stdout, stderr = await arun_cli(
+        "status", "--nats", nats_url, "--json", cwd=tmp_path, env=env
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     await sub.unsubscribe()
-    assert process.returncode == 0, stderr
+    assert code == 0, stderr
     status = json.loads(stdout)
     assert (status["version"], status["position"], status["checked_by"]) == ("0.0.9", 7, "cli")
     parts = {p["name"]: p for p in status["parts"]}
