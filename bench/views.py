@@ -20,13 +20,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
-
 from adapters.event_chain import chained
 from adapters.eventstore_sqlite import INSERT_EVENT, SCHEMA, SqliteEventStore
 from adapters.keyfiles import load_or_create_key
 from adapters.sqlite_runtime import disable_memory_statistics
-from core.events import Event
+from core.events import Event, event_data
 from core.secrets import Fingerprinter
 from core.vm import (
     VmDeleted,
@@ -146,7 +144,7 @@ def generate(path: Path, events: int, vms: int, owners: list[str], *, seed: int 
         timeline.extend((t, i, e) for t, e in _history(rng, sid, length, owners, owner))
     timeline.sort(key=lambda item: item[0])
 
-    encode = msgspec.json.encode
+    encode = event_data  # the stored form: the tag lives in the type column
     versions = [0] * vms
     rows: list[Row] = []
     for position, (t, i, event) in enumerate(timeline, start=1):
