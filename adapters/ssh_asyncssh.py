@@ -7,6 +7,7 @@ import contextlib
 import posixpath
 import random
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import asyncssh
 
@@ -16,32 +17,25 @@ _TAIL_BYTES = 4096
 _READ_CHUNK = 65536
 
 
+@dataclass(kw_only=True, eq=False)
 class AsyncsshShell:
     """SSH into VMs with the user's key; every call opens and closes its own connection."""
 
-    def __init__(
-        self,
-        *,
-        connect_timeout: float = 10.0,
-        tail_bytes: int = _TAIL_BYTES,
-        initial_backoff: float = 0.5,
-        max_backoff: float = 5.0,
-    ) -> None:
-        self._connect_timeout = connect_timeout
-        self._tail_bytes = tail_bytes
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
+    connect_timeout: float = 10.0
+    tail_bytes: int = _TAIL_BYTES
+    initial_backoff: float = 0.5
+    max_backoff: float = 5.0
 
     async def wait_ready(self, target: SshTarget, *, timeout: float) -> None:
         """Polls connect and key auth with backoff until both succeed or `timeout` passes."""
         key = _import_key(target)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        delay = self._initial_backoff
+        delay = self.initial_backoff
         last_error = ""
         while (remaining := deadline - loop.time()) > 0:
             try:
-                async with asyncio.timeout(min(remaining, self._connect_timeout)):
+                async with asyncio.timeout(min(remaining, self.connect_timeout)):
                     conn = await self._connect(target, key)
                 conn.close()
                 await conn.wait_closed()
@@ -53,7 +47,7 @@ class AsyncsshShell:
             pause = min(random.uniform(delay / 2, delay), deadline - loop.time())
             if pause > 0:
                 await asyncio.sleep(pause)
-            delay = min(delay * 2, self._max_backoff)
+            delay = min(delay * 2, self.max_backoff)
         raise ExternalError(
             f"ssh {_where(target)} not ready within {timeout:g}s: {last_error}", retryable=True
         )
@@ -88,10 +82,7 @@ class AsyncsshShell:
                     f"sftp upload of {path} to {_where(target)} failed: {exc.reason}"
                 ) from None
             except (OSError, asyncssh.Error) as exc:
-                raise ExternalError(
-                    f"sftp upload of {path} to {_where(target)} failed: {_describe(exc)}",
-                    retryable=True,
-                ) from None
+                raise _retryable(f"sftp upload of {path} to {_where(target)} failed", exc) from None
 
     async def run(self, target: SshTarget, command: str, *, timeout: float) -> CommandResult:
         """Runs `command` with no input; returns its exit status and last output bytes.
@@ -106,15 +97,12 @@ class AsyncsshShell:
                     command, stdin=asyncssh.DEVNULL, stderr=asyncssh.STDOUT, encoding=None
                 )
             except (OSError, asyncssh.Error) as exc:
-                raise ExternalError(
-                    f"cannot start a command on {_where(target)}: {_describe(exc)}",
-                    retryable=True,
-                ) from None
+                raise _retryable(f"cannot start a command on {_where(target)}", exc) from None
             try:
                 async with asyncio.timeout(timeout):
                     while chunk := await process.stdout.read(_READ_CHUNK):
                         tail += chunk
-                        del tail[: -self._tail_bytes]
+                        del tail[: -self.tail_bytes]
                     completed = await process.wait()
             except TimeoutError:
                 with contextlib.suppress(OSError, asyncssh.Error):
@@ -125,10 +113,7 @@ class AsyncsshShell:
                     retryable=True,
                 ) from None
             except (OSError, asyncssh.Error) as exc:
-                raise ExternalError(
-                    f"command on {_where(target)} lost its connection: {_describe(exc)}",
-                    retryable=True,
-                ) from None
+                raise _retryable(f"command on {_where(target)} lost its connection", exc) from None
         return CommandResult(
             exit_status=_exit_status(completed.returncode),
             output_tail=bytes(tail).decode("utf-8", "replace"),
@@ -139,12 +124,10 @@ class AsyncsshShell:
         """One authenticated connection, closed on exit; failures to connect are retryable."""
         key = _import_key(target)
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self.connect_timeout):
                 conn = await self._connect(target, key)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
-            raise ExternalError(
-                f"ssh {_where(target)} failed: {_describe(exc)}", retryable=True
-            ) from None
+            raise _retryable(f"ssh {_where(target)} failed", exc) from None
         try:
             yield conn
         finally:
@@ -167,8 +150,8 @@ class AsyncsshShell:
             agent_path=None,
             config=None,
             preferred_auth="publickey",
-            connect_timeout=self._connect_timeout,
-            login_timeout=self._connect_timeout,
+            connect_timeout=self.connect_timeout,
+            login_timeout=self.connect_timeout,
         )
 
 
@@ -250,6 +233,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__
+
+
+def _retryable(what: str, exc: BaseException) -> ExternalError:
+    """A retryable ExternalError: `what` failed, and the short reason why."""
+    return ExternalError(f"{what}: {_describe(exc)}", retryable=True)
 
 
 def _exit_status(returncode: int | None) -> int:

@@ -175,19 +175,25 @@ class FakeForgejo(LoopbackServer):
         return None, None, None
 
     async def _record(
-        self, request: web.Request, scope: str, *, anonymous: str = ""
+        self, request: web.Request, scope: str
     ) -> tuple[FakeUser | None, str | None, Any, web.Response | None]:
-        """Records the request; the caller, the auth scheme, the body and a refusal: of the
-        token's scopes, or with `anonymous` (a 401's message) of a request without a caller."""
+        """Records the request; the caller, the auth scheme, the body and a scope refusal."""
         user, claimed, scheme = self._authenticate(request)
         body = await request.json() if request.can_read_body else None
         self.requests.append(RecordedRequest(request.method, request.path, body, claimed, scheme))
         refusal = None
         if user is not None and scheme == "token":
             refusal = self._scope_refusal(request, scope)
-        elif user is None and anonymous:
-            refusal = _error(401, anonymous)
         return user, scheme, body, refusal
+
+    async def _signed_in(
+        self, request: web.Request, scope: str, anonymous: str
+    ) -> tuple[FakeUser, str | None, Any] | web.Response:
+        """`_record` for a route that needs a caller: a 401 saying `anonymous` without one."""
+        caller, scheme, body, refusal = await self._record(request, scope)
+        if refusal is not None:
+            return refusal
+        return (caller, scheme, body) if caller is not None else _error(401, anonymous)
 
     def _scope_refusal(self, request: web.Request, category: str) -> web.Response | None:
         """forgejo/forgejo routers/api/v1/api.go `tokenRequiresScopes`: only a token has scopes;
@@ -204,11 +210,8 @@ class FakeForgejo(LoopbackServer):
     async def _get_me(self, request: web.Request) -> web.Response:
         # forgejo/forgejo routers/api/v1/api.go: the `/user` group is
         # `tokenRequiresScopes(AccessTokenScopeCategoryUser), reqToken`.
-        caller, _, _, refusal = await self._record(request, "user", anonymous="token is required")
-        if refusal is not None:
-            return refusal
-        assert caller is not None
-        return web.json_response(caller.as_json())
+        found = await self._signed_in(request, "user", "token is required")
+        return found if isinstance(found, web.Response) else web.json_response(found[0].as_json())
 
     async def _get_user(self, request: web.Request) -> web.Response:
         _, _, _, refusal = await self._record(request, "user")
@@ -224,12 +227,10 @@ class FakeForgejo(LoopbackServer):
         # forgejo/forgejo routers/api/v1/api.go: the `/admin` group is
         # `tokenRequiresScopes(AccessTokenScopeCategoryAdmin), reqToken, reqSiteAdmin()`; the
         # body is bound (422 on a binding error) only after those.
-        caller, _, body, refusal = await self._record(
-            request, "admin", anonymous="token is required"
-        )
-        if refusal is not None:
-            return refusal
-        assert caller is not None
+        found = await self._signed_in(request, "admin", "token is required")
+        if isinstance(found, web.Response):
+            return found
+        caller, _, body = found
         if not caller.is_admin:
             return _error(403, "user should be the site admin")
         if not isinstance(body, dict):
@@ -256,12 +257,10 @@ class FakeForgejo(LoopbackServer):
         # forgejo/forgejo routers/api/v1/api.go: `/users/{username}/tokens` is in the `/users`
         # group (user scope) under `reqSelfOrAdmin()`; its POST adds `reqBasicOrRevProxyAuth()`,
         # which refuses any login but a password with 401 "auth method not allowed".
-        caller, scheme, body, refusal = await self._record(
-            request, "user", anonymous="auth required"
-        )
-        if refusal is not None:
-            return refusal
-        assert caller is not None
+        found = await self._signed_in(request, "user", "auth required")
+        if isinstance(found, web.Response):
+            return found
+        caller, scheme, body = found
         owner = self.users.get(request.match_info["name"].lower())
         if owner is None or (owner.login != caller.login and not caller.is_admin):
             return _error(403, "doer should be the site admin or be same as the contextUser")
