@@ -18,7 +18,7 @@ from pathlib import Path
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.events import NewEvent, StreamAppend
-from core.vm import VmDeployRequested
+from core.vm_events import VmDeployRequested
 
 
 def deploy_event(i: int) -> NewEvent:

@@ -26,7 +26,7 @@ from adapters.keyfiles import load_or_create_key
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.events import Event, event_data
 from core.secrets import Fingerprinter
-from core.vm import (
+from core.vm_events import (
     VmDeleted,
     VmDeleteRequested,
     VmDeployed,

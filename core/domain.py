@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Final
 
-from core import user, user_events, user_state, vm
+from core import user, user_events, user_state, vm, vm_events
 from core.decider import Decider
 from core.events import EventRegistry
 
 VMS: Final[Decider[vm.Vm]] = Decider(
-    kind="vm", decide=vm.decide, evolve=vm.evolve, events=vm.VmEvent, types=vm.VM_EVENT_TYPES
+    kind="vm",
+    decide=vm.decide,
+    evolve=vm.evolve,
+    events=vm_events.VmEvent,
+    types=vm_events.VM_EVENT_TYPES,
 )
 USERS: Final[Decider[user_state.User]] = Decider(
     kind="user",

@@ -15,6 +15,22 @@ from msgspec.structs import replace
 from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmOut, VmStatus
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
+from core.vm_events import (
+    VM_EVENT_TYPES as VM_EVENT_TYPES,  # for hero_deployer/client.py and asyncapi.py
+)
+from core.vm_events import (
+    VmDeleted,
+    VmDeleteRequested,
+    VmDeployed,
+    VmDeployFailed,
+    VmDeployRequested,
+    VmEvent,
+    VmOperationFailed,
+    VmRestarted,
+    VmSecretMigrated,
+    VmStarted,
+    VmStopped,
+)
 
 # Commands the process manager sends when a side effect finishes ------------------------------
 
@@ -50,101 +66,6 @@ class RekeyVm(msgspec.Struct, frozen=True, kw_only=True):
 TenantCommand = DeployVm | StartVm | StopVm | RestartVm | DeleteVm
 OutcomeCommand = RecordDeployed | RecordDeployFailed | RecordDeleted | RecordOperationFailed
 VmCommand = TenantCommand | OutcomeCommand | RekeyVm
-
-
-# Events -------------------------------------------------------------------------------------
-
-
-class VmDeployRequested(Event, frozen=True, kw_only=True):
-    sid: str
-    name: str
-    owner: str
-    image: str
-    cpu_count: int
-    memory_gb: int
-    disk_gb: int
-    rootfs_gb: int
-    slice_sid: str = ""
-    node_id: int | None = None
-    at: datetime
-
-
-class VmDeployed(Event, frozen=True, kw_only=True):
-    sid: str
-    node_id: int
-    mycelium_ip: str
-    at: datetime
-
-
-class VmDeployFailed(Event, frozen=True, kw_only=True):
-    sid: str
-    error: str
-    at: datetime
-
-
-class VmStarted(Event, frozen=True, kw_only=True):
-    sid: str
-    at: datetime
-
-
-class VmStopped(Event, frozen=True, kw_only=True):
-    sid: str
-    at: datetime
-
-
-class VmRestarted(Event, frozen=True, kw_only=True):
-    sid: str
-    at: datetime
-
-
-class VmDeleteRequested(Event, frozen=True, kw_only=True):
-    sid: str
-    at: datetime
-
-
-class VmDeleted(Event, frozen=True, kw_only=True):
-    sid: str
-    at: datetime
-
-
-class VmOperationFailed(Event, frozen=True, kw_only=True):
-    sid: str
-    operation: str
-    error: str
-    at: datetime
-
-
-class VmSecretMigrated(Event, frozen=True, kw_only=True):
-    sid: str
-    owner: str
-    at: datetime
-
-
-VmEvent = (
-    VmDeployRequested
-    | VmDeployed
-    | VmDeployFailed
-    | VmStarted
-    | VmStopped
-    | VmRestarted
-    | VmDeleteRequested
-    | VmDeleted
-    | VmOperationFailed
-    | VmSecretMigrated
-)
-
-VM_EVENT_TYPES: tuple[type[Event], ...] = (
-    VmDeployRequested,
-    VmDeployed,
-    VmDeployFailed,
-    VmStarted,
-    VmStopped,
-    VmRestarted,
-    VmDeleteRequested,
-    VmDeleted,
-    VmOperationFailed,
-    VmSecretMigrated,
-)
 
 
 # State --------------------------------------------------------------------------------------

@@ -19,12 +19,8 @@ from core.vm import (
     RecordDeployFailed,
     RecordOperationFailed,
     Vm,
-    VmDeleteRequested,
-    VmDeployRequested,
-    VmRestarted,
-    VmStarted,
-    VmStopped,
 )
+from core.vm_events import VmDeleteRequested, VmDeployRequested, VmRestarted, VmStarted, VmStopped
 from hero_deployer.vm_handlers import until_taken
 
 log = structlog.get_logger(__name__)

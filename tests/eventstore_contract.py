@@ -14,7 +14,7 @@ import pytest
 from core.errors import ConcurrencyError, Conflict
 from core.events import IdempotencyRecord, NewEvent, RecordedEvent, StreamAppend
 from core.ports import EventStore
-from core.vm import VmStarted, VmStopped
+from core.vm_events import VmStarted, VmStopped
 
 
 class ClosableEventStore(EventStore, Protocol):

@@ -10,7 +10,7 @@ import msgspec
 from adapters.eventstore_sqlite import SqliteEventStore
 from core.domain import VMS
 from core.events import NewEvent, StreamAppend
-from core.vm import VmDeployed, VmDeployRequested
+from core.vm_events import VmDeployed, VmDeployRequested
 from hero_deployer.aggregates import Aggregates
 from tests.conftest import TOKEN, Service
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from core.user_events import USER_EVENT_TYPES
-from core.vm import VM_EVENT_TYPES
+from core.vm_events import VM_EVENT_TYPES
 from hero_deployer.asyncapi import build_spec, render_spec
 from hero_deployer.client import OPERATIONS
 from tests.conftest import TOKEN, Service

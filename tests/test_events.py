@@ -10,7 +10,7 @@ import pytest
 from core.domain import EVENTS, USERS, VMS
 from core.events import Event, NewEvent, event_data, stream_name, stream_parts
 from core.user import UserEvent
-from core.vm import VmEvent, VmStarted
+from core.vm_events import VmEvent, VmStarted
 from tests.test_user_aggregate import SAMPLES as USER_SAMPLES
 from tests.test_vm_aggregate import SAMPLES as VM_SAMPLES
 

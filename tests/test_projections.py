@@ -20,7 +20,6 @@ from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm
 from core.errors import DomainError
 from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend, vm_stream
 from core.vm import (
-    VM_EVENT_TYPES,
     Context,
     RecordDeleted,
     RecordDeployed,
@@ -29,12 +28,11 @@ from core.vm import (
     RekeyVm,
     Vm,
     VmCommand,
-    VmDeployFailed,
-    VmDeployRequested,
     decide,
     evolve,
     fold,
 )
+from core.vm_events import VM_EVENT_TYPES, VmDeployFailed, VmDeployRequested
 from hero_deployer.bootstrap import PROJECTIONS, bootstrap
 from hero_deployer.cli import main
 from hero_deployer.client import HeroDeployerClient

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bus.edge import validation_message
 from core import user as users
-from core import user_events, user_state
+from core import user_events, user_state, vm_events
 from core import vm as vms
 from core.contract import EventsRequest, UserStatus
 from core.errors import VM_NOT_FOUND, DomainError, NotFound
@@ -106,7 +106,7 @@ TRANSITIONS = (
     | {("deleting", "deleted")}
 )
 
-KEEP_STATUS = (vms.VmOperationFailed, vms.VmSecretMigrated)  # they change no status
+KEEP_STATUS = (vm_events.VmOperationFailed, vm_events.VmSecretMigrated)  # they change no status
 
 sid = st.sampled_from(SIDS)
 secret = st.sampled_from(SECRETS)
@@ -175,15 +175,15 @@ vm_events = st.one_of(
     *(
         st.builds(cls, sid=sid, at=st.just(START))
         for cls in (
-            vms.VmStarted,
-            vms.VmStopped,
-            vms.VmRestarted,
-            vms.VmDeleteRequested,
-            vms.VmDeleted,
+            vm_events.VmStarted,
+            vm_events.VmStopped,
+            vm_events.VmRestarted,
+            vm_events.VmDeleteRequested,
+            vm_events.VmDeleted,
         )
     ),
     st.builds(
-        vms.VmDeployRequested,
+        vm_events.VmDeployRequested,
         sid=sid,
         name=text,
         owner=text,
@@ -194,10 +194,12 @@ vm_events = st.one_of(
         rootfs_gb=st.integers(),
         at=st.just(START),
     ),
-    st.builds(vms.VmDeployed, sid=sid, node_id=st.integers(), mycelium_ip=text, at=st.just(START)),
-    st.builds(vms.VmDeployFailed, sid=sid, error=text, at=st.just(START)),
-    st.builds(vms.VmOperationFailed, sid=sid, operation=text, error=text, at=st.just(START)),
-    st.builds(vms.VmSecretMigrated, sid=sid, owner=text, at=st.just(START)),
+    st.builds(
+        vm_events.VmDeployed, sid=sid, node_id=st.integers(), mycelium_ip=text, at=st.just(START)
+    ),
+    st.builds(vm_events.VmDeployFailed, sid=sid, error=text, at=st.just(START)),
+    st.builds(vm_events.VmOperationFailed, sid=sid, operation=text, error=text, at=st.just(START)),
+    st.builds(vm_events.VmSecretMigrated, sid=sid, owner=text, at=st.just(START)),
 )
 
 

@@ -23,7 +23,7 @@ from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
 from bus.publisher import StatusPublisher
 from core.events import NewEvent, RecordedEvent, StreamAppend, vm_stream
-from core.vm import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
+from core.vm_events import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
 from hero_deployer.bootstrap import bootstrap
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.settings import Settings

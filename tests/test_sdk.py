@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
-from core.vm import VmDeployed, VmStopped
+from core.vm_events import VmDeployed, VmStopped
 from hero_deployer.client import (
     MUTATING,
     OPERATIONS_BY_NAME,

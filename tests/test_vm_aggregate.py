@@ -11,7 +11,6 @@ from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmStat
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 from core.vm import (
-    VM_EVENT_TYPES,
     Context,
     RecordDeleted,
     RecordDeployed,
@@ -20,6 +19,12 @@ from core.vm import (
     RekeyVm,
     Vm,
     VmCommand,
+    decide,
+    evolve,
+    fold,
+)
+from core.vm_events import (
+    VM_EVENT_TYPES,
     VmDeleted,
     VmDeleteRequested,
     VmDeployed,
@@ -30,9 +35,6 @@ from core.vm import (
     VmSecretMigrated,
     VmStarted,
     VmStopped,
-    decide,
-    evolve,
-    fold,
 )
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

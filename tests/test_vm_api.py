@@ -13,7 +13,8 @@ import pytest
 
 from core.errors import Conflict, InvalidInput, InvalidState, NotFound
 from core.events import EventRegistry
-from core.vm import VM_EVENT_TYPES, fold
+from core.vm import fold
+from core.vm_events import VM_EVENT_TYPES
 from tests.conftest import TOKEN, Service
 from tests.helpers import deploy_running, wait_for_event
 
