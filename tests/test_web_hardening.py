@@ -328,6 +328,57 @@ async def test_many_different_wrong_secrets_hit_the_address_ceiling(
     assert int(blocked.headers["Retry-After"]) >= 1
 
 
+async def test_a_secret_that_worked_passes_the_address_ceiling_a_new_one_waits(
+    web: Web, service: Service
+) -> None:
+    theirs = await service.client.deploy_vm(name="d-vm", secret="tenant-d")
+    newcomer = await service.client.deploy_vm(name="e-vm", secret="tenant-e")
+    assert (await tenant(web, "/tenant/api/vms", {"secret": "tenant-d"})).status == 200
+    for guess in range(9):  # another tenant behind the same address guesses, then waits
+        body = {"secret": f"guess-{guess}", "sid": theirs.sid}
+        assert (await tenant(web, "/tenant/api/vm", body)).status == 404
+    guessed = await tenant(web, "/tenant/api/vm", {"secret": "guess-new", "sid": theirs.sid})
+    assert guessed.status == 429
+
+    known = await tenant(web, "/tenant/api/vm", {"secret": "tenant-d", "sid": theirs.sid})
+    assert known.status == 200, "a secret that has worked from this address is not locked out"
+    assert (await known.json())["sid"] == theirs.sid
+    first = await tenant(web, "/tenant/api/vm", {"secret": "tenant-e", "sid": newcomer.sid})
+    assert first.status == 429, "a secret new to this address still waits past the ceiling"
+
+
+async def test_guessing_through_the_list_is_counted_reloading_is_not(web: Web) -> None:
+    for _ in range(12):  # a new tenant reloading its empty list is counted once per window
+        reloaded = await tenant(web, "/tenant/api/vms", {"secret": "new-tenant"})
+        assert reloaded.status == 200 and (await reloaded.json())["vms"] == []
+    for guess in range(8):  # with that one, the ninth empty listing reaches the ceiling
+        listed = await tenant(web, "/tenant/api/vms", {"secret": f"guess-{guess}"})
+        assert listed.status == 200 and (await listed.json())["vms"] == []
+    blocked = await tenant(web, "/tenant/api/vms", {"secret": "guess-next"})
+    assert blocked.status == 429, "guessing secrets through the listing is slowed down"
+
+
+def test_an_empty_listing_counts_again_after_the_window_and_good_pairs_are_bounded() -> None:
+    now = [0.0]
+    per_secret = FailureLimiter(allowance=1, base_delay=30.0, decay=1000.0, clock=lambda: now[0])
+    per_address = FailureLimiter(allowance=0, base_delay=30.0, clock=lambda: now[0])
+    limiter = TenantLimiter(
+        per_secret=per_secret, per_address=per_address, remember=2, clock=lambda: now[0]
+    )
+    limiter.found_nothing("a", "s")
+    now[0] = 30.0
+    limiter.found_nothing("a", "s")
+    assert per_secret.retry_after(limiter._pair("a", "s")) == 0, "counted once in the window"
+    now[0] = 61.0
+    limiter.found_nothing("a", "s")
+    assert limiter.retry_after("a", "s") > 0, "counted again once the window has passed"
+
+    for secret in ("x", "y", "z"):  # remembers the last two that worked
+        limiter.succeeded("a", secret)
+    assert limiter.retry_after("a", "y") == limiter.retry_after("a", "z") == 0
+    assert limiter.retry_after("a", "x") > 0, "the oldest good secret is forgotten"
+
+
 # Whole-value rules --------------------------------------------------------------------------
 
 

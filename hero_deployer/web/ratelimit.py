@@ -9,6 +9,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+V = TypeVar("V")
 
 
 @dataclass(slots=True)
@@ -71,7 +74,11 @@ class TenantLimiter:
 
     Tenants behind one proxy share an address: one tenant repeating a wrong secret blocks only
     that secret from that address, while many different wrong secrets (guessing) hit the
-    address's ceiling. Secrets are kept only as an HMAC under a key of this process.
+    address's ceiling. A secret that has succeeded from an address (the last `remember` such
+    pairs) passes the ceiling, so one tenant's guessing does not lock out another; a new secret
+    over the ceiling waits. A listing that finds nothing counts as a failure, once per `window`
+    seconds for the same pair, so guessing through the list is limited but reloading is not.
+    Secrets are kept only as an HMAC under a key of this process.
     """
 
     def __init__(
@@ -79,10 +86,18 @@ class TenantLimiter:
         *,
         per_secret: FailureLimiter | None = None,
         per_address: FailureLimiter | None = None,
+        remember: int = 10_000,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.per_secret = per_secret or FailureLimiter()
         self.per_address = per_address or FailureLimiter(allowance=50)
         self._key = secrets.token_bytes(32)
+        self._remember = remember
+        self._window = window
+        self._clock = clock
+        self._good: OrderedDict[str, None] = OrderedDict()
+        self._empty: OrderedDict[str, float] = OrderedDict()
 
     def _pair(self, address: str, secret: str) -> str:
         digest = hmac.new(self._key, secret.encode("utf-8", "replace"), hashlib.sha256)
@@ -90,12 +105,36 @@ class TenantLimiter:
 
     def retry_after(self, address: str, secret: str) -> float:
         """Seconds this address must wait before trying `secret` again, 0 when it may."""
-        return max(
-            self.per_address.retry_after(address),
-            self.per_secret.retry_after(self._pair(address, secret)),
-        )
+        pair = self._pair(address, secret)
+        own = self.per_secret.retry_after(pair)
+        if pair in self._good:
+            return own
+        return max(self.per_address.retry_after(address), own)
 
     def failed(self, address: str, secret: str) -> None:
         """Counts one failed attempt of `secret` from `address` against both limits."""
         self.per_address.failed(address)
         self.per_secret.failed(self._pair(address, secret))
+
+    def succeeded(self, address: str, secret: str) -> None:
+        """Remembers that `secret` proved itself from `address`: the ceiling no longer stops it."""
+        _keep(self._good, self._pair(address, secret), None, self._remember)
+
+    def found_nothing(self, address: str, secret: str) -> None:
+        """Counts a listing that found no VMs as a failure, once per window for the same pair."""
+        pair, now = self._pair(address, secret), self._clock()
+        if pair in self._good:
+            return
+        counted = self._empty.get(pair)
+        if counted is not None and now - counted < self._window:
+            return
+        _keep(self._empty, pair, now, self._remember)
+        self.failed(address, secret)
+
+
+def _keep(records: OrderedDict[str, V], key: str, value: V, capacity: int) -> None:
+    """Puts `key` last in `records`, dropping the least recently put past `capacity`."""
+    records.pop(key, None)
+    records[key] = value
+    while len(records) > capacity:
+        records.popitem(last=False)

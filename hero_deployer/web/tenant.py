@@ -91,8 +91,13 @@ async def _tenant_call(
     request: web.Request,
     kind: type[msgspec.Struct],
     call: Callable[[Any], Awaitable[web.Response]],
+    *,
+    proves: bool = True,
 ) -> web.Response:
-    """Decodes the body, applies the tenant limiter, maps errors to JSON answers."""
+    """Decodes the body, applies the tenant limiter, maps errors to JSON answers.
+
+    A call that `proves` the secret and succeeds lets it past the address's failure ceiling.
+    """
     limiter = request.app[CONFIG_KEY].tenant_limiter
     try:
         body = msgspec.json.decode(await request.read(), type=kind)
@@ -110,24 +115,32 @@ async def _tenant_call(
             **{"Retry-After": str(max(1, round(wait)))},
         )
     try:
-        return await call(body)
+        response = await call(body)
     except NotFound as error:
         limiter.failed(address, secret)
         return error_json(error.code, words(error), 404)
     except DomainError as error:
         return error_json(error.code, words(error), HTTP_STATUS.get(error.code, 500))
+    if proves:
+        limiter.succeeded(address, secret)
+    return response
 
 
 async def tenant_vms(request: web.Request) -> web.StreamResponse:
     client = acting(request)
     browser, watches = session_of(request).id, request.app[CONFIG_KEY].watches
+    limiter, address = request.app[CONFIG_KEY].tenant_limiter, client_key(request)
 
     async def call(body: TenantRequest) -> web.Response:
         vms = await client.list_vms(body.secret)
+        if vms:  # a wrong secret lists nothing: that is a failed guess, counted once per window
+            limiter.succeeded(address, body.secret)
+        else:
+            limiter.found_nothing(address, body.secret)
         watches.show(browser, (vm.sid for vm in vms))
         return json_response({"vms": [vm_json(vm) for vm in vms]})
 
-    return await _tenant_call(request, TenantRequest, call)
+    return await _tenant_call(request, TenantRequest, call, proves=False)
 
 
 async def tenant_vm(request: web.Request) -> web.StreamResponse:
@@ -179,7 +192,7 @@ async def tenant_migrate(request: web.Request) -> web.StreamResponse:
         result = await client.migrate_secret(body.old_secret, body.new_secret)
         return json_response(msgspec.to_builtins(result))
 
-    return await _tenant_call(request, MigrateRequest, call)
+    return await _tenant_call(request, MigrateRequest, call, proves=False)
 
 
 def add_routes(app: web.Application) -> None:
