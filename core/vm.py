@@ -155,27 +155,30 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
             if vm.status == "deleted":
                 raise InvalidState("cannot migrate a deleted vm")
             return [VmSecretMigrated(sid=vm.sid, owner=command.new_owner, at=now)]
+        case _:
+            return _decide_outcome(_existing(vm), command, now)
+
+
+def _decide_outcome(vm: Vm, command: OutcomeCommand, now: datetime) -> list[VmEvent]:
+    """What a side effect's outcome records; a late or repeated outcome changes nothing."""
+    match command:
         case RecordDeployed():
-            vm = _existing(vm)
             if vm.status != "deploying":
-                return []  # a late or repeated outcome changes nothing
+                return []
             return [
                 VmDeployed(
                     sid=vm.sid, node_id=command.node_id, mycelium_ip=command.mycelium_ip, at=now
                 )
             ]
         case RecordDeployFailed():
-            vm = _existing(vm)
             if vm.status != "deploying":
                 return []
             return [VmDeployFailed(sid=vm.sid, error=command.error, at=now)]
         case RecordDeleted():
-            vm = _existing(vm)
             if vm.status != "deleting":
                 return []
             return [VmDeleted(sid=vm.sid, at=now)]
         case RecordOperationFailed():
-            vm = _existing(vm)
             if vm.status == "deleted":
                 return []  # deleted is final
             return [
