@@ -20,23 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.serve import start_serve
+from hero_deployer.cli.progress import STEP_EVENTS
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.natsserver import NatsServer, free_port
 
 TOKEN = "bench-token-" + "p" * 32
-ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("ProvisioningCompleted", "StepFailed")
-STEP_EVENTS = {
-    "ForgeUserEnsured": "forge_user",
-    "SshKeyGenerated": "ssh_key",
-    "NodeSelected": "select_node",
-    "UserVmDeployed": "deploy_vm",
-    "GatewayDeployed": "deploy_gateway",
-    "SshReachable": "wait_ssh",
-    "ManifestUploaded": "upload_manifest",
-    "SetupCompleted": "run_setup",
-    "HealthVerified": "verify_health",
-}
 
 
 def _memory_kib(pid: int) -> dict[str, int]:
@@ -50,28 +40,6 @@ def _memory_kib(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return figures
-
-
-async def _serve(url: str, data: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hero_deployer",
-        "serve",
-        "--nats",
-        url,
-        "--data-dir",
-        str(data),
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=(data.parent / "service.log").open("ab"),
-    )
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        while b"ready" not in await process.stdout.readline():
-            pass
-    return process
 
 
 async def run(users: int, deploy_delay: float, forge: bool) -> None:
@@ -94,7 +62,7 @@ async def run(users: int, deploy_delay: float, forge: bool) -> None:
                 env["HERO_DEPLOYER_FORGE_URL"] = fake.url
                 env["HERO_DEPLOYER_FORGE_ADMIN_USER"] = fake.admin_user
                 env["HERO_DEPLOYER_FORGE_ADMIN_PASSWORD"] = fake.admin_password
-            service = await _serve(nats.url, root / "data", env)
+            service = await start_serve(nats.url, root / "data", env, timeout=30.0)
             client = await HeroDeployerClient.connect(nats.url, token=TOKEN, timeout=30)
             try:
                 await _measure(client, service.pid, users)

@@ -27,32 +27,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.serve import start_serve
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.natsserver import NatsServer, free_port
 
 TOKEN = "bench-token-" + "s" * 32
-ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "hero.v1"
 STEP_EVENTS = (  # a user's events while provisioning, in order
     "ProvisioningRequested", "ForgeUserEnsured", "SshKeyGenerated", "NodeSelected",
     "UserVmDeployRequested", "UserVmDeployed", "GatewayDeployed", "SshReachable",
     "ManifestUploaded", "SetupCompleted", "HealthVerified", "ProvisioningCompleted",
 )  # fmt: skip
-
-
-async def _serve(url: str, data: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
-    """`serve` in a process of its own; returns once it prints `ready`."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hero_deployer", "serve", "--nats", url, "--data-dir", str(data),
-        env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=(data.parent / "service.log").open("ab"),
-    )  # fmt: skip
-    assert process.stdout is not None
-    async with asyncio.timeout(60):
-        while b"ready" not in await process.stdout.readline():
-            if process.returncode is not None:
-                raise SystemExit(f"serve exited with {process.returncode}: see service.log")
-    return process
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
@@ -113,7 +98,7 @@ async def run(
             retired: list[str] = []
             try:
                 for round_ in range(kills):
-                    service = await _serve(nats_server.url, data, env)
+                    service = await start_serve(nats_server.url, data, env)
                     try:
                         await _retire_oldest(client, round_ - live, retired)
                         name = f"soak{round_:03d}"
@@ -124,7 +109,7 @@ async def run(
                         print(f"  {round_ + 1} kills, {time.perf_counter() - started:.0f} s",
                               flush=True)  # fmt: skip
                 soak = time.perf_counter() - started
-                service = await _serve(nats_server.url, data, env)
+                service = await start_serve(nats_server.url, data, env)
                 try:
                     users = await _settle(client, kills, set(retired), deadline)
                     history = {n: await _history(client, n) for n in users}
