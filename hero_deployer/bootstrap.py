@@ -267,7 +267,9 @@ async def _event_store(
         raise ValueError("the jetstream store needs a NATS connection")
     from adapters.eventstore_jetstream import JetStreamEventStore
 
-    return await stack.enter_async_context(JetStreamEventStore(nc, replicas=settings.replicas))
+    store = JetStreamEventStore(nc, replicas=settings.replicas)
+    store.keys.stale_after = settings.reservation_stale_after
+    return await stack.enter_async_context(store)
 
 
 SHARED_KEYS = (

@@ -76,6 +76,8 @@ class Settings:
     store: str = "sqlite"
     replicas: int = 3
     lease_ttl: float = 10.0  # seconds a dead replica holds the side effects' lease (jetstream)
+    # seconds after which a dead replica's idempotency reservation is settled by others (jetstream)
+    reservation_stale_after: float = 60.0
 
     @classmethod
     def load(

@@ -148,6 +148,8 @@ def serve(data_dir: Path, urls: list[str]) -> subprocess.Popen[bytes]:
         "HERO_DEPLOYER_LOCAL_ACTION_DELAY": "0",
         "HERO_DEPLOYER_LOCAL_SSH": "false",
         "HERO_DEPLOYER_LOG_LEVEL": "warning",
+        "HERO_DEPLOYER_LEASE_TTL": "2",  # a killed holder's side effects move within 2 s
+        "HERO_DEPLOYER_RESERVATION_STALE_AFTER": "5",  # and its keys are settled after 5 s
     }
     command = [sys.executable, "-m", "hero_deployer", "serve", "--nats", ",".join(urls)]
     command += ["--store", "jetstream", "--replicas", "3", "--data-dir", str(data_dir)]
@@ -177,7 +179,7 @@ async def test_killing_a_node_under_load_loses_and_doubles_no_deploy(tmp_path: P
                 shutil.copy2(first / name, second / name)
             replicas.append(serve(second, urls))
             await ready(replicas[1])
-            acknowledged, killed = await deploy_under_a_node_kill(urls, nodes)
+            acknowledged, killed = await deploy_under_a_node_kill(urls, nodes, replicas[0])
         finally:
             for process in replicas:
                 process.terminate()
@@ -196,9 +198,10 @@ async def test_killing_a_node_under_load_loses_and_doubles_no_deploy(tmp_path: P
 
 
 async def deploy_under_a_node_kill(
-    urls: list[str], nodes: list[NatsServer]
+    urls: list[str], nodes: list[NatsServer], replica: subprocess.Popen[bytes]
 ) -> tuple[dict[str, str], NatsServer]:
-    """Deploys DEPLOYS VMs, IN_FLIGHT at a time, and kills the stream leader's node midway.
+    """Deploys DEPLOYS VMs, IN_FLIGHT at a time, and midway kills (-9) the stream leader's node
+    and `replica` (the first one started, the side effects' lease holder).
 
     A request that fails as Unavailable or times out is sent again with its Idempotency-Key,
     as a client of the contract does; returns each name's sid as acknowledged.
@@ -233,7 +236,11 @@ async def deploy_under_a_node_kill(
         leader = next(n for n in nodes if n._name == info.cluster.leader)
         assert leader.pid is not None
         os.kill(leader.pid, signal.SIGKILL)
-        print(f"\nkilled the stream leader's node with {len(acknowledged)} deploys acknowledged")
+        replica.kill()
+        print(
+            f"\nkilled the stream leader's node and a replica with {len(acknowledged)} deploys"
+            " acknowledged"
+        )
         return leader
 
     try:
@@ -264,6 +271,8 @@ async def audit(urls: list[str], acknowledged: dict[str, str]) -> tuple[int, int
             doubled = len(streams) - len(set(streams))
             names = [msgspec.json.decode(e.data)["name"] for e in requested]
             doubled += len(names) - len(set(names))
+            outcomes = [e.stream for e in events if e.type == "VmDeployed"]
+            assert sorted(outcomes) == sorted(set(streams)), "each deploy's outcome recorded once"
             return found, doubled, last
     finally:
         await nc.close()
