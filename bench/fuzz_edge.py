@@ -19,21 +19,18 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError, TimeoutError
 
-from bench.run import TOKEN, ServiceProcess
+from bench.run import TOKEN
+from bench.serve import served
 from hero_deployer.client import OPERATIONS
-from hero_deployer.natsserver import NatsServer, free_port
 
 PREFIX = "hero.v1"
 SECRETS = ["", "alpha", "beta", "gamma"]
@@ -242,29 +239,20 @@ async def _call(nc: Client, op: str, body: dict[str, Any]) -> Any:
 
 
 async def run(requests: int, seed: int, in_flight: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        async with NatsServer(port=free_port(), data_dir=root, config=None) as server:
-            with ServiceProcess(server.url, root / "data", HERO_DEPLOYER_LOCAL_DEPLOY_DELAY="0"):
-                nc = await nats.connect(server.url)
-                try:
-                    sids = [
-                        (await _call(nc, "deploy_vm", {"name": f"seed{i}", "secret": s}))["sid"]
-                        for i, s in enumerate(SECRETS * 3)
-                    ]
-                    tally = Tally()
-                    tally.deployed.update(sids)
-                    fuzzers = [
-                        Fuzzer(random.Random(seed * 1000 + i), sids) for i in range(in_flight)
-                    ]
-                    started = time.perf_counter()
-                    share = requests // in_flight
-                    await asyncio.gather(*(send(nc, f, tally, share) for f in fuzzers))
-                    elapsed = time.perf_counter() - started
-                    health = await _call(nc, "health", {})
-                    wrong = await unexplained_events(nc, tally)
-                finally:
-                    await nc.drain()
+    async with served(HERO_DEPLOYER_LOCAL_DEPLOY_DELAY="0") as nc:
+        sids = [
+            (await _call(nc, "deploy_vm", {"name": f"seed{i}", "secret": s}))["sid"]
+            for i, s in enumerate(SECRETS * 3)
+        ]
+        tally = Tally()
+        tally.deployed.update(sids)
+        fuzzers = [Fuzzer(random.Random(seed * 1000 + i), sids) for i in range(in_flight)]
+        started = time.perf_counter()
+        share = requests // in_flight
+        await asyncio.gather(*(send(nc, f, tally, share) for f in fuzzers))
+        elapsed = time.perf_counter() - started
+        health = await _call(nc, "health", {})
+        wrong = await unexplained_events(nc, tally)
     sent = share * in_flight
     print(
         f"sent {sent:,} fuzzed requests in {elapsed:.0f} s ({sent / elapsed:,.0f}/s),"

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+
+from hero_deployer.natsserver import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +34,19 @@ async def start_serve(
             if process.returncode is not None:
                 raise SystemExit(f"serve exited with {process.returncode}: see service.log")
     return process
+
+
+@asynccontextmanager
+async def served(**env: str) -> AsyncIterator[Client]:
+    """A nats-server and `serve` (with `env`) in a temporary dir, and a client connected to it."""
+    from bench.run import ServiceProcess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        async with NatsServer(port=free_port(), data_dir=root, config=None) as server:
+            with ServiceProcess(server.url, root / "data", **env):
+                nc = await nats.connect(server.url)
+                try:
+                    yield nc
+                finally:
+                    await nc.drain()
