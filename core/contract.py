@@ -294,3 +294,15 @@ class Health(msgspec.Struct, frozen=True):
     last_set_aside_position: int | None = None
     head_hash: str = ""
     parts: list[Part] = msgspec.field(default_factory=list)
+
+
+class AuditEventsRequest(EventsRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of `audit_events`: the fields of `events`."""
+
+
+# Headers a request carries ------------------------------------------------------------------
+
+AUTHORIZATION_HEADER: Final = "Authorization"
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+ACTOR_HEADER: Final = "Hero-Actor"
+DEFAULT_PREFIX: Final = "hero.v1"

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
+import msgspec.inspect as mi
 
+from core.contract import ACTOR_HEADER, AUTHORIZATION_HEADER, DEFAULT_PREFIX, IDEMPOTENCY_HEADER
 from core.errors import (
     Conflict,
     DomainError,
@@ -27,17 +29,10 @@ from core.errors import (
 )
 from core.events import Event, EventOut
 from core.operations import ACTOR_PATTERN, BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
+from core.registry import OPERATIONS, Op
 from core.user import USER_EVENT_TYPES
 from core.usernames import USERNAME_PATTERN
 from core.vm import VM_EVENT_TYPES
-from hero_deployer.client import (
-    ACTOR_HEADER,
-    AUTHORIZATION_HEADER,
-    DEFAULT_PREFIX,
-    IDEMPOTENCY_HEADER,
-    OPERATIONS,
-    OperationSpec,
-)
 from hero_deployer.settings import VERSION
 
 Json = dict[str, Any]
@@ -72,45 +67,6 @@ ERRORS: Final[tuple[tuple[type[DomainError], str], ...]] = (
     (Unavailable, "a dependency is down; nothing was recorded"),
     (Internal, "a bug; the message carries no secret, key or stack trace"),
 )
-
-DESCRIPTIONS: Final[dict[str, str]] = {
-    "deploy_vm": (
-        "Answered once the request is recorded, with the VM `deploying`; the outcome follows as "
-        "`VmDeployed` (status `running`) or `VmDeployFailed` (status `failed`)."
-    ),
-    "list_vms": "Exactly the VMs whose secret equals `secret`, deleted ones left out.",
-    "get_vm": (
-        "A deleted VM is still returned, with status `deleted`. A VM that does not exist and a "
-        "secret that does not match are the same NotFound."
-    ),
-    "start_vm": "`stopped` → `running`; InvalidState otherwise (after the secret matched).",
-    "stop_vm": "`running` → `stopped`; InvalidState otherwise (after the secret matched).",
-    "restart_vm": "`running` → `running`; InvalidState otherwise (after the secret matched).",
-    "delete_vm": (
-        "Any status but `deleted` → `deleting`, then `VmDeleted` → `deleted`. Repeating it on a "
-        "`deleting` VM records nothing."
-    ),
-    "migrate_secret": (
-        "Empty `new_secret` or `old_secret == new_secret` is InvalidInput; no live VM with "
-        "`old_secret` is NotFound; otherwise every matching VM is re-keyed in one transaction."
-    ),
-    "provision_user": (
-        "On a `failed` user it resumes from the failed step; on one already `provisioning` it "
-        "returns the User and records nothing; on a `ready` one it is InvalidState; a "
-        "`decommissioned` one is provisioned anew."
-    ),
-    "decommission_user": "Works from `failed` too, and tolerates parts already gone.",
-    "reveal_initial_password": (
-        "Once, for a Forge account this service created; stored only encrypted until then and "
-        "destroyed after. A second call is NotFound."
-    ),
-    "events": (
-        "Events with position > `after`, in position order; `last` is the position of the last "
-        "one returned (`after` when none), so the next page starts there. Only events the views "
-        "already reflect are returned."
-    ),
-    "health": "Exempt from the bearer token by default.",
-}
 
 INFO_DESCRIPTION: Final = """\
 The request-reply API and the status stream of hero-deployer, over NATS core.
@@ -168,7 +124,7 @@ def _ecma_patterns(node: Any) -> Any:
     return node
 
 
-def _schemas(operations: Sequence[OperationSpec], events: Sequence[type[Event]]) -> Json:
+def _schemas(operations: Sequence[Op], events: Sequence[type[Event]]) -> Json:
     types: list[Any] = [EventOut]
     for op in operations:
         types += [op.request, op.result]
@@ -176,14 +132,24 @@ def _schemas(operations: Sequence[OperationSpec], events: Sequence[type[Event]])
     _, components = msgspec.json.schema_components(
         list(dict.fromkeys(types)), ref_template=SCHEMAS + "{name}"
     )
+    for event in events:
+        _untagged(components[event.__name__], mi.type_info(event))
     return dict(sorted(_ecma_patterns(components).items()))
+
+
+def _untagged(schema: Json, info: mi.Type) -> None:
+    """Drops the tag from an event's schema: `data` holds the fields, the envelope the type."""
+    if isinstance(info, mi.StructType) and info.tag_field is not None:
+        schema["properties"].pop(info.tag_field, None)
+        if "required" in schema:
+            schema["required"] = [n for n in schema["required"] if n != info.tag_field]
 
 
 def _schema_name(cls: type[Any]) -> str:
     return cls.__name__
 
 
-def _request_headers(op: OperationSpec) -> Json:
+def _request_headers(op: Op) -> Json:
     properties: Json = {}
     required: list[str] = []
     if op.authenticated:
@@ -255,7 +221,7 @@ def _error_headers() -> Json:
     }
 
 
-def _ok_reply_schema(op: OperationSpec) -> Json:
+def _ok_reply_schema(op: Op) -> Json:
     return {
         "type": "object",
         "title": f"{op.name} reply",
@@ -298,105 +264,96 @@ def _stream_types() -> tuple[tuple[str, str, str, str, tuple[type[Event], ...]],
     )
 
 
-def build_spec(prefix: str = DEFAULT_PREFIX) -> Json:
-    """The AsyncAPI 3.0.0 document for the service on `prefix`, as plain JSON values."""
-    streams = _stream_types()
-    event_types = [e for *_, types in streams for e in types]
-    schemas = _schemas(OPERATIONS, event_types)
-    schemas["ErrorReply"] = _error_reply_schema()
-
-    channels: Json = {}
-    operations: Json = {}
+def _operation(op: Op, prefix: str) -> tuple[Json, Json, Json]:
+    """The channels, the operation and the messages of one request-reply operation."""
+    request_id, reply_id = f"{op.name}.request", f"{op.name}.reply"
     messages: Json = {
-        "ErrorReply": {
-            "name": "ErrorReply",
-            "title": "Error reply",
-            "contentType": "application/json",
-            "headers": _error_headers(),
-            "payload": _ref(SCHEMAS + "ErrorReply"),
-        }
-    }
-
-    for op in OPERATIONS:
-        request_id, reply_id = f"{op.name}.request", f"{op.name}.reply"
-        schemas[f"{op.name}.reply"] = _ok_reply_schema(op)
-        messages[request_id] = {
+        request_id: {
             "name": request_id,
             "title": f"{op.name} request",
             "contentType": "application/json",
             "headers": _request_headers(op),
             "payload": _ref(SCHEMAS + _schema_name(op.request)),
-        }
-        messages[reply_id] = {
+        },
+        reply_id: {
             "name": reply_id,
             "title": f"{op.name} reply",
             "contentType": "application/json",
             "payload": _ref(SCHEMAS + reply_id),
-        }
-        channels[op.name] = {
+        },
+    }
+    channels: Json = {
+        op.name: {
             "address": f"{prefix}.{op.name}",
             "title": op.name,
             "messages": {"request": _ref(MESSAGES + request_id)},
-        }
-        channels[reply_id] = {
+        },
+        reply_id: {
             "address": None,
             "description": "The request's NATS reply inbox.",
             "messages": {"ok": _ref(MESSAGES + reply_id), "error": _ref(MESSAGES + "ErrorReply")},
-        }
-        operation: Json = {
-            "action": "receive",
-            "channel": _ref(f"#/channels/{op.name}"),
-            "title": op.name,
-            "summary": op.summary,
-            "messages": [_ref(f"#/channels/{op.name}/messages/request")],
-            "reply": {
-                "channel": _ref(f"#/channels/{reply_id}"),
-                "messages": [
-                    _ref(f"#/channels/{reply_id}/messages/ok"),
-                    _ref(f"#/channels/{reply_id}/messages/error"),
-                ],
-            },
-            "bindings": {"nats": {"queue": QUEUE_GROUP, "bindingVersion": "0.1.0"}},
-            "x-idempotency-key": op.mutates,
-        }
-        if op.name in DESCRIPTIONS:
-            operation["description"] = DESCRIPTIONS[op.name]
-        if op.authenticated:
-            operation["security"] = [_ref("#/components/securitySchemes/bearer")]
-        operations[op.name] = operation
+        },
+    }
+    operation: Json = {
+        "action": "receive",
+        "channel": _ref(f"#/channels/{op.name}"),
+        "title": op.name,
+        "summary": op.summary,
+        "messages": [_ref(f"#/channels/{op.name}/messages/request")],
+        "reply": {
+            "channel": _ref(f"#/channels/{reply_id}"),
+            "messages": [
+                _ref(f"#/channels/{reply_id}/messages/ok"),
+                _ref(f"#/channels/{reply_id}/messages/error"),
+            ],
+        },
+        "bindings": {"nats": {"queue": QUEUE_GROUP, "bindingVersion": "0.1.0"}},
+        "x-idempotency-key": op.mutates,
+    }
+    if op.description:
+        operation["description"] = op.description
+    if op.authenticated:
+        operation["security"] = [_ref("#/components/securitySchemes/bearer")]
+    return channels, operation, messages
 
-    for kind, parameter, parameter_description, pattern, types in streams:
+
+def _event_channel(kind: str, parameter: str, about: str, name: str, prefix: str) -> Json:
+    return {
+        "address": f"{prefix}.events.{kind}.{{{parameter}}}.{name}",
+        "title": f"{name} events",
+        "parameters": {parameter: {"description": about}},
+        "messages": {name: _ref(MESSAGES + name)},
+    }
+
+
+def _add_events(spec: Json, prefix: str) -> None:
+    """Adds each event type's channel, publish operation, message and envelope schema."""
+    components = spec["components"]
+    for kind, parameter, about, pattern, types in _stream_types():
         for event in types:
             name = event.__name__
             channel_id = f"events.{kind}.{name}"
-            envelope = f"{name}Envelope"
-            schemas[envelope] = _event_envelope(event, pattern)
-            messages[name] = {
+            components["schemas"][f"{name}Envelope"] = _event_envelope(event, pattern)
+            components["messages"][name] = {
                 "name": name,
                 "title": name,
                 "contentType": "application/json",
-                "payload": _ref(SCHEMAS + envelope),
+                "payload": _ref(SCHEMAS + f"{name}Envelope"),
             }
-            channels[channel_id] = {
-                "address": f"{prefix}.events.{kind}.{{{parameter}}}.{name}",
-                "title": f"{name} events",
-                "parameters": {parameter: {"description": parameter_description}},
-                "messages": {name: _ref(MESSAGES + name)},
-            }
-            operations[f"publish.{kind}.{name}"] = {
+            spec["channels"][channel_id] = _event_channel(kind, parameter, about, name, prefix)
+            spec["operations"][f"publish.{kind}.{name}"] = {
                 "action": "send",
                 "channel": _ref(f"#/channels/{channel_id}"),
                 "summary": f"Publishes every committed {name}, in position order.",
                 "messages": [_ref(f"#/channels/{channel_id}/messages/{name}")],
             }
 
+
+def _skeleton(schemas: Json) -> Json:
+    """The document without its operations and event channels."""
     return {
         "asyncapi": "3.0.0",
-        "info": {
-            "title": SERVICE_NAME,
-            "version": VERSION,
-            "description": INFO_DESCRIPTION,
-        },
+        "info": {"title": SERVICE_NAME, "version": VERSION, "description": INFO_DESCRIPTION},
         "defaultContentType": "application/json",
         "servers": {
             "local": {
@@ -405,11 +362,19 @@ def build_spec(prefix: str = DEFAULT_PREFIX) -> Json:
                 "description": "The NATS server `hero-deployer up` starts (`--nats-port`).",
             }
         },
-        "channels": channels,
-        "operations": operations,
+        "channels": {},
+        "operations": {},
         "components": {
             "schemas": schemas,
-            "messages": messages,
+            "messages": {
+                "ErrorReply": {
+                    "name": "ErrorReply",
+                    "title": "Error reply",
+                    "contentType": "application/json",
+                    "headers": _error_headers(),
+                    "payload": _ref(SCHEMAS + "ErrorReply"),
+                }
+            },
             "securitySchemes": {
                 "bearer": {
                     "type": "httpApiKey",
@@ -426,6 +391,22 @@ def build_spec(prefix: str = DEFAULT_PREFIX) -> Json:
             {"code": cls.code, "number": cls.number, "when": when} for cls, when in ERRORS
         ],
     }
+
+
+def build_spec(prefix: str = DEFAULT_PREFIX) -> Json:
+    """The AsyncAPI 3.0.0 document for the service on `prefix`, as plain JSON values."""
+    event_types = [e for *_, types in _stream_types() for e in types]
+    schemas = _schemas(list(OPERATIONS), event_types)
+    schemas["ErrorReply"] = _error_reply_schema()
+    spec = _skeleton(schemas)
+    for op in OPERATIONS:
+        schemas[f"{op.name}.reply"] = _ok_reply_schema(op)
+        channels, operation, messages = _operation(op, prefix)
+        spec["channels"].update(channels)
+        spec["operations"][op.name] = operation
+        spec["components"]["messages"].update(messages)
+    _add_events(spec, prefix)
+    return spec
 
 
 def render_spec(prefix: str = DEFAULT_PREFIX) -> str:

@@ -48,7 +48,7 @@ from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates, KeyedLocks
 from hero_deployer.backends import build_backend, gridproxy_url
 from hero_deployer.deps import Deps, ServiceStore
-from hero_deployer.operations import user_operations, vm_operations
+from hero_deployer.operations import operations as bound_operations
 from hero_deployer.parts import setup_parts
 from hero_deployer.settings import VERSION, Settings, per_step
 from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
@@ -215,7 +215,7 @@ async def bootstrap(
             waiting = asyncio.create_task(_when_held(lease[0], manager.start))
             stack.push_async_callback(stop_tasks, [waiting])
 
-        operations = vm_operations(deps) + user_operations(deps)
+        operations = bound_operations(deps)
         edge: ServiceEdge | None = None
         if nc is not None:
             await stack.enter_async_context(

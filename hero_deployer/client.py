@@ -16,7 +16,6 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypedDict, TypeVar
@@ -34,7 +33,12 @@ from nats.errors import (
 from nats.errors import TimeoutError as NatsTimeout
 
 from core.contract import (
+    ACTOR_HEADER,
+    AUTHORIZATION_HEADER,
+    DEFAULT_PREFIX,
     DEFAULT_PROFILE,
+    IDEMPOTENCY_HEADER,
+    AuditEventsRequest,
     AuditPage,
     DecommissionUser,
     DeleteVm,
@@ -72,6 +76,7 @@ from core.errors import (
     Unavailable,
 )
 from core.events import Event, EventOut, EventRegistry
+from core.registry import OPERATIONS, Op
 from core.user import USER_EVENT_TYPES
 from core.vm import VM_EVENT_TYPES
 
@@ -92,7 +97,7 @@ __all__ = [
     "InvalidState",
     "MigrateResult",
     "NotFound",
-    "OperationSpec",
+    "Op",
     "RequestTimeout",
     "Unauthorized",
     "Unavailable",
@@ -104,11 +109,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-DEFAULT_PREFIX: Final = "hero.v1"
-AUTHORIZATION_HEADER: Final = "Authorization"
-IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
-ACTOR_HEADER: Final = "Hero-Actor"
 DEFAULT_ACTOR: Final = "sdk"
+OPERATIONS_BY_NAME: Final[dict[str, Op]] = {op.name: op for op in OPERATIONS}
+MUTATING: Final = OPERATIONS.mutating
+NOT_RETRIED: Final = frozenset(op.name for op in OPERATIONS if not op.retried)
 
 
 class RequestTimeout(Unavailable):
@@ -126,75 +130,6 @@ def local_actor(kind: str) -> str:
         user = "unknown"
     label = f"{kind} {user}@{socket.gethostname()}"
     return re.sub(r"[^A-Za-z0-9 ._@:+/-]", "_", label)[:64]
-
-
-# The operation table ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class OperationSpec:
-    """One operation of the contract as a caller sees it: its body, its result, its nature."""
-
-    name: str
-    request: type[msgspec.Struct]
-    result: type[msgspec.Struct]
-    mutates: bool
-    summary: str
-    authenticated: bool = True
-    retried: bool = True
-
-
-OPERATIONS: Final[tuple[OperationSpec, ...]] = (
-    OperationSpec("deploy_vm", DeployVm, VmOut, True, "Deploy a VM owned by `secret`."),
-    OperationSpec(
-        "list_vms", ListVms, VmList, False, "The VMs of `secret`, deleted ones left out."
-    ),
-    OperationSpec("get_vm", GetVm, VmOut, False, "One VM, if `secret` owns it (also deleted)."),
-    OperationSpec("start_vm", StartVm, VmOut, True, "Start a stopped VM."),
-    OperationSpec("stop_vm", StopVm, VmOut, True, "Stop a running VM."),
-    OperationSpec("restart_vm", RestartVm, VmOut, True, "Restart a running VM."),
-    OperationSpec("delete_vm", DeleteVm, VmOut, True, "Delete a VM (any status but deleted)."),
-    OperationSpec(
-        "migrate_secret",
-        MigrateSecret,
-        MigrateResult,
-        True,
-        "Re-key every live VM of `old_secret` to `new_secret`, in one transaction.",
-    ),
-    OperationSpec("provision_user", ProvisionUser, UserOut, True, "Provision (or resume) a user."),
-    OperationSpec("decommission_user", DecommissionUser, UserOut, True, "Decommission a user."),
-    OperationSpec("get_user", GetUser, UserOut, False, "One user."),
-    # It changes state, but carries no Idempotency-Key and is never retried: a replayable reply
-    # would mean storing the password, and a repeat is NotFound by design.
-    OperationSpec(
-        "reveal_initial_password",
-        RevealInitialPassword,
-        InitialPassword,
-        False,
-        "The initial Forge password of a user this service created, once.",
-        retried=False,
-    ),
-    OperationSpec("list_users", ListUsers, UserList, False, "Every user."),
-    OperationSpec(
-        "events",
-        EventsRequest,
-        EventsPage,
-        False,
-        "Recorded events after a global position, in position order.",
-    ),
-    OperationSpec(
-        "audit_events",
-        EventsRequest,
-        AuditPage,
-        False,
-        "Like `events`, with the request id and the actor (Hero-Actor) that recorded each.",
-    ),
-    OperationSpec("health", Empty, Health, False, "Liveness, version and last position.", False),
-)
-
-OPERATIONS_BY_NAME: Final[dict[str, OperationSpec]] = {op.name: op for op in OPERATIONS}
-MUTATING: Final[frozenset[str]] = frozenset(op.name for op in OPERATIONS if op.mutates)
-NOT_RETRIED: Final[frozenset[str]] = frozenset(op.name for op in OPERATIONS if not op.retried)
 
 
 # Replies ------------------------------------------------------------------------------------
@@ -371,14 +306,16 @@ class HeroDeployerClient:
                 await asyncio.sleep(min(self._retry_delay * 2**attempt, 2.0))
         raise failure
 
-    async def _request(
-        self,
-        operation: str,
-        body: msgspec.Struct,
-        result: type[T],
-        idempotency_key: str | None = None,
+    async def send(self, request: msgspec.Struct, *, idempotency_key: str | None = None) -> Any:
+        """Sends any request of the contract and returns its operation's result, decoded."""
+        op = OPERATIONS.of(request)
+        return await self._send(request, op.result, idempotency_key)
+
+    async def _send(
+        self, request: msgspec.Struct, result: type[T], idempotency_key: str | None = None
     ) -> T:
-        raw = await self.call_raw(operation, body, idempotency_key=idempotency_key)
+        operation = OPERATIONS.of(request).name
+        raw = await self.call_raw(operation, request, idempotency_key=idempotency_key)
         try:
             return msgspec.json.decode(raw, type=result)
         except msgspec.ValidationError as error:
@@ -412,41 +349,41 @@ class HeroDeployerClient:
             slice_sid=slice_sid,
             node_id=node_id,
         )
-        return await self._request("deploy_vm", body, VmOut, idempotency_key)
+        return await self._send(body, VmOut, idempotency_key)
 
     async def list_vms(self, secret: str) -> list[VmOut]:
         """Exactly the VMs whose secret equals `secret`, deleted ones left out."""
-        return (await self._request("list_vms", ListVms(secret=secret), VmList)).vms
+        return (await self._send(ListVms(secret=secret), VmList)).vms
 
     async def get_vm(self, sid: str, secret: str) -> VmOut:
-        return await self._request("get_vm", GetVm(sid=sid, secret=secret), VmOut)
+        return await self._send(GetVm(sid=sid, secret=secret), VmOut)
 
     async def start_vm(self, sid: str, secret: str, *, idempotency_key: str | None = None) -> VmOut:
         body = StartVm(sid=sid, secret=secret)
-        return await self._request("start_vm", body, VmOut, idempotency_key)
+        return await self._send(body, VmOut, idempotency_key)
 
     async def stop_vm(self, sid: str, secret: str, *, idempotency_key: str | None = None) -> VmOut:
         body = StopVm(sid=sid, secret=secret)
-        return await self._request("stop_vm", body, VmOut, idempotency_key)
+        return await self._send(body, VmOut, idempotency_key)
 
     async def restart_vm(
         self, sid: str, secret: str, *, idempotency_key: str | None = None
     ) -> VmOut:
         body = RestartVm(sid=sid, secret=secret)
-        return await self._request("restart_vm", body, VmOut, idempotency_key)
+        return await self._send(body, VmOut, idempotency_key)
 
     async def delete_vm(
         self, sid: str, secret: str, *, idempotency_key: str | None = None
     ) -> VmOut:
         body = DeleteVm(sid=sid, secret=secret)
-        return await self._request("delete_vm", body, VmOut, idempotency_key)
+        return await self._send(body, VmOut, idempotency_key)
 
     async def migrate_secret(
         self, old_secret: str, new_secret: str, *, idempotency_key: str | None = None
     ) -> MigrateResult:
         """Re-keys every live VM of `old_secret`; NotFound when it owns none."""
         body = MigrateSecret(old_secret=old_secret, new_secret=new_secret)
-        return await self._request("migrate_secret", body, MigrateResult, idempotency_key)
+        return await self._send(body, MigrateResult, idempotency_key)
 
     # Users --------------------------------------------------------------------------------------
 
@@ -462,24 +399,24 @@ class HeroDeployerClient:
         body = ProvisionUser(
             username=username, display_name=display_name, forge_email=forge_email, profile=profile
         )
-        return await self._request("provision_user", body, UserOut, idempotency_key)
+        return await self._send(body, UserOut, idempotency_key)
 
     async def decommission_user(
         self, username: str, *, idempotency_key: str | None = None
     ) -> UserOut:
         body = DecommissionUser(username=username)
-        return await self._request("decommission_user", body, UserOut, idempotency_key)
+        return await self._send(body, UserOut, idempotency_key)
 
     async def get_user(self, username: str) -> UserOut:
-        return await self._request("get_user", GetUser(username=username), UserOut)
+        return await self._send(GetUser(username=username), UserOut)
 
     async def list_users(self) -> list[UserOut]:
-        return (await self._request("list_users", ListUsers(), UserList)).users
+        return (await self._send(ListUsers(), UserList)).users
 
     async def reveal_initial_password(self, username: str) -> InitialPassword:
         """The initial Forge password, once; a second call is NotFound. Never retried."""
         body = RevealInitialPassword(username=username)
-        return await self._request("reveal_initial_password", body, InitialPassword)
+        return await self._send(body, InitialPassword)
 
     # The log ------------------------------------------------------------------------------------
 
@@ -488,17 +425,17 @@ class HeroDeployerClient:
     ) -> EventsPage:
         """One page of events with position > `after`; `page.last` is where the next starts."""
         body = EventsRequest(stream=stream, after=after, limit=limit)
-        return await self._request("events", body, EventsPage)
+        return await self._send(body, EventsPage)
 
     async def audit_events(
         self, *, stream: str | None = None, after: int = 0, limit: int = 100
     ) -> AuditPage:
         """Like `events`, each event with the request id and actor of the command behind it."""
-        body = EventsRequest(stream=stream, after=after, limit=limit)
-        return await self._request("audit_events", body, AuditPage)
+        body = AuditEventsRequest(stream=stream, after=after, limit=limit)
+        return await self._send(body, AuditPage)
 
     async def health(self) -> Health:
-        return await self._request("health", Empty(), Health)
+        return await self._send(Empty(), Health)
 
     def subscribe(
         self,

@@ -1,13 +1,15 @@
-"""The contract's operations, each bound to its request type and handler."""
+"""The server side of the registry: each request type's handler, bound to the service's deps."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import msgspec
 
 from core.contract import (
     AuditEvent,
+    AuditEventsRequest,
     AuditPage,
     DecommissionUser,
     DeleteVm,
@@ -29,6 +31,7 @@ from core.contract import (
 )
 from core.events import RecordedEvent
 from core.operations import Operation, RequestMeta
+from core.registry import OPERATIONS, Op
 from hero_deployer import user_handlers, vm_handlers
 from hero_deployer.commands import consistent_views
 from hero_deployer.deps import Deps
@@ -90,51 +93,42 @@ async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
     )
 
 
-def _bind(deps: Deps) -> Any:
-    def op(name: str, request: type[msgspec.Struct], handler: Any, mutates: bool) -> Operation:
-        async def bound(command: Any, meta: RequestMeta) -> bytes:
-            result: bytes = await handler(command, meta, deps)
-            return result
-
-        return Operation(name=name, request=request, handler=bound, mutates=mutates)
-
-    return op
-
-
-def vm_operations(deps: Deps) -> list[Operation]:
-    """The tenant VM API plus `events` and `health`."""
-    op = _bind(deps)
-    return [
-        op("deploy_vm", DeployVm, vm_handlers.deploy_vm, True),
-        op("list_vms", ListVms, vm_handlers.list_vms, False),
-        op("get_vm", GetVm, vm_handlers.get_vm, False),
-        op("start_vm", StartVm, vm_handlers.vm_action, True),
-        op("stop_vm", StopVm, vm_handlers.vm_action, True),
-        op("restart_vm", RestartVm, vm_handlers.vm_action, True),
-        op("delete_vm", DeleteVm, vm_handlers.vm_action, True),
-        op("migrate_secret", MigrateSecret, vm_handlers.migrate_secret, True),
-        op("events", EventsRequest, events, False),
-        op("audit_events", EventsRequest, audit_events, False),
-        op("health", Empty, health, False),
-    ]
+# Each request type's handler; the registry gives its name and nature
+HANDLERS: Final[
+    dict[type[msgspec.Struct], Callable[[Any, RequestMeta, Deps], Awaitable[bytes]]]
+] = {
+    DeployVm: vm_handlers.deploy_vm,
+    ListVms: vm_handlers.list_vms,
+    GetVm: vm_handlers.get_vm,
+    StartVm: vm_handlers.vm_action,
+    StopVm: vm_handlers.vm_action,
+    RestartVm: vm_handlers.vm_action,
+    DeleteVm: vm_handlers.vm_action,
+    MigrateSecret: vm_handlers.migrate_secret,
+    ProvisionUser: user_handlers.provision_user,
+    DecommissionUser: user_handlers.decommission_user,
+    GetUser: user_handlers.get_user,
+    ListUsers: user_handlers.list_users,
+    RevealInitialPassword: user_handlers.reveal_initial_password,
+    EventsRequest: events,
+    AuditEventsRequest: audit_events,
+    Empty: health,
+}
 
 
-def user_operations(deps: Deps) -> list[Operation]:
-    """The operator user API.
+def operations(deps: Deps) -> list[Operation]:
+    """Every operation of the registry, bound to its handler and `deps`.
 
     `reveal_initial_password` changes state but takes no Idempotency-Key: a stored reply would
     keep the password, and a repeat is NotFound by design.
     """
-    op = _bind(deps)
-    return [
-        op("provision_user", ProvisionUser, user_handlers.provision_user, True),
-        op("decommission_user", DecommissionUser, user_handlers.decommission_user, True),
-        op("get_user", GetUser, user_handlers.get_user, False),
-        op("list_users", ListUsers, user_handlers.list_users, False),
-        op(
-            "reveal_initial_password",
-            RevealInitialPassword,
-            user_handlers.reveal_initial_password,
-            False,
-        ),
-    ]
+    return [_bound(op, deps) for op in OPERATIONS]
+
+
+def _bound(op: Op, deps: Deps) -> Operation:
+    handler = HANDLERS[op.request]
+
+    async def bound(command: Any, meta: RequestMeta) -> bytes:
+        return await handler(command, meta, deps)
+
+    return Operation(name=op.name, request=op.request, handler=bound, mutates=op.mutates)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from core.registry import OPERATIONS
 from hero_deployer.cli.validation import bounds, field_type
 
 
@@ -106,9 +107,7 @@ def group(sub: Any, name: str, summary: str, *, dest: str, epilog: str) -> Any:
 
 def operation_summary(operation: str) -> str:
     """The contract's one description of an operation, as a subcommand's summary."""
-    from hero_deployer.client import OPERATIONS_BY_NAME
-
-    text = OPERATIONS_BY_NAME[operation].summary.rstrip(".").replace("`secret`", "the secret")
+    text = OPERATIONS[operation].summary.rstrip(".").replace("`secret`", "the secret")
     return text[0].lower() + text[1:]
 
 

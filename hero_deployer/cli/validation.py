@@ -14,6 +14,8 @@ from typing import Any, Final
 import msgspec
 import msgspec.inspect as mi
 
+from core.registry import OPERATIONS
+
 # field → how the CLI spells it (`--cpu` for cpu_count); filled as the parser adds the flags
 LABELS: Final[dict[str, str]] = {}
 
@@ -40,8 +42,6 @@ def readable(message: str) -> str:
 @functools.cache
 def request_fields() -> dict[str, mi.Type]:
     """Every field of every request type of the contract, by name (a name means one thing)."""
-    from hero_deployer.client import OPERATIONS
-
     fields: dict[str, mi.Type] = {}
     for op in OPERATIONS:
         info = mi.type_info(op.request)

@@ -1,0 +1,94 @@
+"""The registry: every operation declared once, and what derives from it."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from core.contract import AuditEventsRequest, EventsRequest, GetVm, RestartVm, VmOut
+from core.registry import OPERATIONS, Op, Registry
+from hero_deployer.client import HeroDeployerClient
+from tests.conftest import TOKEN, Service
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+# One body per operation that decodes as its request type (the `type` field is added below)
+BODIES = {
+    "deploy_vm": {"name": "web", "secret": "s"},
+    "list_vms": {"secret": "s"},
+    "get_vm": {"sid": "vm_x", "secret": "s"},
+    "start_vm": {"sid": "vm_x", "secret": "s"},
+    "stop_vm": {"sid": "vm_x", "secret": "s"},
+    "restart_vm": {"sid": "vm_x", "secret": "s"},
+    "delete_vm": {"sid": "vm_x", "secret": "s"},
+    "migrate_secret": {"old_secret": "a", "new_secret": "b"},
+    "provision_user": {"username": "alice"},
+    "decommission_user": {"username": "alice"},
+    "get_user": {"username": "alice"},
+    "reveal_initial_password": {"username": "alice"},
+    "list_users": {},
+    "events": {},
+    "audit_events": {},
+    "health": {},
+}
+
+
+def test_every_operation_has_a_body_here() -> None:
+    assert set(BODIES) == {op.name for op in OPERATIONS}
+
+
+@pytest.mark.parametrize("op", list(OPERATIONS), ids=lambda op: op.name)
+def test_a_request_type_takes_its_body_and_refuses_a_type_field(op: Op) -> None:
+    decoder = msgspec.json.Decoder(op.request)
+    assert isinstance(decoder.decode(msgspec.json.encode(BODIES[op.name])), op.request)
+    with pytest.raises(msgspec.ValidationError, match="unknown field `type`"):
+        decoder.decode(msgspec.json.encode({**BODIES[op.name], "type": op.name}))
+
+
+@pytest.mark.parametrize("op", list(OPERATIONS), ids=lambda op: op.name)
+def test_a_request_encodes_without_a_type_field(op: Op) -> None:
+    request = msgspec.json.decode(msgspec.json.encode(BODIES[op.name]), type=op.request)
+    assert "type" not in msgspec.json.decode(msgspec.json.encode(request))
+
+
+def test_an_operation_is_found_by_its_name_and_by_its_request() -> None:
+    assert OPERATIONS["restart_vm"].request is RestartVm
+    assert OPERATIONS.of(RestartVm(sid="vm_x", secret="s")).name == "restart_vm"
+    assert OPERATIONS.of(AuditEventsRequest()).name == "audit_events"
+    assert OPERATIONS.of(EventsRequest()).name == "events"
+    assert "restart_vm" in OPERATIONS and "reboot_vm" not in OPERATIONS
+
+
+def test_a_registry_refuses_two_rows_with_one_name_or_one_request() -> None:
+    row = OPERATIONS["get_vm"]
+    with pytest.raises(ValueError, match="its own name"):
+        Registry(row, Op("get_vm", RestartVm, VmOut, "twin"))
+    with pytest.raises(ValueError, match="its own request type"):
+        Registry(row, Op("peek_vm", GetVm, VmOut, "twin"))
+
+
+def test_mutating_operations_are_those_the_rows_say() -> None:
+    assert OPERATIONS.mutating == {op.name for op in OPERATIONS if op.mutates}
+    assert {"deploy_vm", "restart_vm", "migrate_secret", "provision_user"} <= OPERATIONS.mutating
+    assert not {"get_vm", "list_vms", "events", "audit_events", "health"} & OPERATIONS.mutating
+
+
+async def test_the_service_answers_each_row_on_its_own_subject(service: Service) -> None:
+    assert [op.name for op in service.app.operations] == [op.name for op in OPERATIONS]
+    for op in OPERATIONS:
+        reply, _ = await service.request(op.name, msgspec.json.encode(BODIES[op.name]), AUTH)
+        if reply["ok"]:
+            continue  # a body of the row's type was taken
+        error = reply["error"]
+        assert isinstance(error, dict)
+        assert error["code"] in {"NotFound", "InvalidState"}, (op.name, error)
+
+
+async def test_send_returns_the_result_type_of_the_requests_row(service: Service) -> None:
+    client: HeroDeployerClient = service.client
+    vm = await client.deploy_vm(name="web", secret="s3cret")
+    got = await client.send(GetVm(sid=vm.sid, secret="s3cret"))
+    assert isinstance(got, VmOut) and got.sid == vm.sid
+    page = await client.send(AuditEventsRequest(stream=f"vm:{vm.sid}"))
+    assert type(page) is OPERATIONS["audit_events"].result
+    assert page.events[0].type == "VmDeployRequested"
