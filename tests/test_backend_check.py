@@ -3,18 +3,18 @@ and hero_compute's interface against its OpenRPC document."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from ipaddress import IPv6Address
 from pathlib import Path
 
 from adapters.mycelium_host import mycelium_addresses
 from hero_deployer.backends import check_backend
+from hero_deployer.settings import Settings
 from tests.conftest import make_settings
 from tests.fakes.forgejo import FakeForgejo
 from tests.fakes.herocompute_rpc import HeroComputeRpc
+from tests.helpers import arun_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "owner-secret-never-shown-0c1d"
@@ -77,15 +77,21 @@ async def test_hero_compute_without_discovery_is_usable_with_a_note(tmp_path: Pa
     ]
 
 
+def forge_settings(tmp_path: Path, forge: FakeForgejo, *, token: bool) -> Settings:
+    """Settings for the forge `forge` with its admin token, or else its admin password."""
+    credential = (
+        {"forge_admin_token": forge.admin_token}
+        if token
+        else {"forge_admin_password": forge.admin_password}
+    )
+    return make_settings(
+        tmp_path, forge_url=forge.url, forge_admin_user=forge.admin_user, **credential
+    )
+
+
 async def test_a_forge_token_without_its_scopes_is_a_problem(tmp_path: Path) -> None:
     async with FakeForgejo(admin_token_scopes=("read:user",)) as forge:
-        settings = make_settings(
-            tmp_path,
-            forge_url=forge.url,
-            forge_admin_user=forge.admin_user,
-            forge_admin_token=forge.admin_token,
-        )
-        report = await check_backend(settings)
+        report = await check_backend(forge_settings(tmp_path, forge, token=True))
 
     assert len(report.problems) == 1
     assert "lacks the `write:admin` scope" in report.problems[0]
@@ -94,13 +100,7 @@ async def test_a_forge_token_without_its_scopes_is_a_problem(tmp_path: Path) -> 
 
 async def test_a_forge_with_working_credentials_passes(tmp_path: Path) -> None:
     async with FakeForgejo() as forge:
-        settings = make_settings(
-            tmp_path,
-            forge_url=forge.url,
-            forge_admin_user=forge.admin_user,
-            forge_admin_password=forge.admin_password,
-        )
-        report = await check_backend(settings)
+        report = await check_backend(forge_settings(tmp_path, forge, token=False))
 
     assert (report.problems, report.notes) == ([], [])
 
@@ -119,26 +119,17 @@ async def test_the_cli_prints_problems_and_notes(tmp_path: Path) -> None:
             "HERO_DEPLOYER_FORGE_ADMIN_USER": forge.admin_user,
             "HERO_DEPLOYER_FORGE_ADMIN_TOKEN": forge.admin_token,
         }
-        args = ["-m", "hero_deployer", "backend", "check", "--data-dir", str(tmp_path)]
-        code, out = await run([*args, "--json"], env)
-        text_code, text = await run(args, env)
+        args = ("backend", "check", "--data-dir", str(tmp_path))
+        code, out, _ = await arun_cli(*args, "--json", cwd=ROOT, env=env, timeout=30)
+        text_code, text, _ = await arun_cli(*args, cwd=ROOT, env=env, timeout=30)
 
     report = json.loads(out)
     assert code == text_code == 1
-    lines = text.decode().splitlines()
+    lines = text.splitlines()
     assert lines[0] == "backend hero-compute: not usable"
     assert sum(line.startswith("  - the forgejo admin token lacks") for line in lines) == 2
     assert any(line.startswith("  note: hero_compute offers no OpenRPC") for line in lines)
     assert report["usable"] is False
     assert sorted(p.split("`")[1] for p in report["problems"]) == ["read:user", "write:admin"]
     assert any("cannot be verified" in n for n in report["notes"])
-    assert SECRET not in out.decode() and forge.admin_token not in out.decode()
-
-
-async def run(args: list[str], env: dict[str, str]) -> tuple[int | None, bytes]:
-    """Runs the CLI in its own process (it runs its own event loop); its exit code and stdout."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode, out
+    assert SECRET not in out and forge.admin_token not in out

@@ -8,6 +8,7 @@ from aiohttp import web
 from adapters.gridproxy_http import GRIDPROXY_URLS, GridProxyDirectory, gridproxy_url_for
 from core.ports import ExternalError, NameHolder, NodeInfo
 from tests.fakes.gridproxy import (
+    CANDIDATE_QUERY,
     GIB,
     FakeGridProxy,
     NameContractError,
@@ -17,14 +18,6 @@ from tests.fakes.gridproxy import (
 )
 
 CANDIDATES = [1, 8, 13, 50]
-EXPECTED_QUERY = {
-    "node_ids": "1,8,13,50",
-    "status": "up",
-    "healthy": "true",
-    "domain": "true",
-    "rented": "false",
-    "dedicated": "false",
-}
 # The query the adapter used to send, before it excluded rented and dedicated nodes.
 OLD_QUERY = {"node_ids": "1,8,13,50", "status": "up", "healthy": "true", "domain": "true"}
 
@@ -56,7 +49,7 @@ async def test_asks_for_up_healthy_gateway_nodes_among_the_candidates(
 ) -> None:
     nodes = await directory.candidate_nodes(CANDIDATES)
 
-    assert proxy.requests == [RecordedQuery("GET", "/nodes", EXPECTED_QUERY)]
+    assert proxy.requests == [RecordedQuery("GET", "/nodes", CANDIDATE_QUERY)]
     assert [n.node_id for n in nodes] == [1, 8]
 
 
@@ -164,7 +157,7 @@ async def test_rented_and_dedicated_nodes_are_not_candidates(proxy: FakeGridProx
         nodes = await directory.candidate_nodes(CANDIDATES)
 
     assert [n.node_id for n in nodes] == [13]
-    assert proxy.requests[-1].query == EXPECTED_QUERY
+    assert proxy.requests[-1].query == CANDIDATE_QUERY
 
 
 async def test_the_old_query_was_offered_rented_and_dedicated_nodes(proxy: FakeGridProxy) -> None:
@@ -174,7 +167,7 @@ async def test_the_old_query_was_offered_rented_and_dedicated_nodes(proxy: FakeG
     ]
     async with httpx.AsyncClient(base_url=proxy.url) as http:
         old = (await http.get("/nodes", params=OLD_QUERY)).json()
-        new = (await http.get("/nodes", params=EXPECTED_QUERY)).json()
+        new = (await http.get("/nodes", params=CANDIDATE_QUERY)).json()
 
     assert [n["nodeId"] for n in old] == [1, 8]
     assert new == []

@@ -43,7 +43,7 @@ from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import connect_views, rebuild
 from tests.conftest import TOKEN, make_settings
 from tests.fakes.forgejo import FakeForgejo
-from tests.fakes.gridproxy import FakeGridProxy, grid_node
+from tests.fakes.gridproxy import CANDIDATE_QUERY, FakeGridProxy, grid_node
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = frozenset({"ProvisioningCompleted", "StepFailed"})
@@ -225,16 +225,7 @@ async def test_provision_reaches_ready_and_health_answers_through_the_gateway(
         token = forge.requests[2].json
         assert token["name"].startswith("hero-deployer-1-")
         assert token["scopes"] == ["write:repository", "write:user"]
-        assert [r.query for r in gridproxy.requests] == [
-            {
-                "node_ids": "1,8,13,50",
-                "status": "up",
-                "healthy": "true",
-                "domain": "true",
-                "rented": "false",
-                "dedicated": "false",
-            }
-        ]
+        assert [r.query for r in gridproxy.requests] == [CANDIDATE_QUERY]
 
         # The user's VM is an ordinary owned VM of the fixed size, reachable with no other secret.
         vm_events = await stream_events(svc.client, f"vm:{user['vm_sid']}")

@@ -274,10 +274,16 @@ async def test_health_is_exempt_and_replies_never_echo_headers(service: Service)
 # idempotency -----------------------------------------------------------------------------
 
 
-async def test_idempotent_replay_returns_first_reply_and_appends_nothing(service: Service) -> None:
-    headers = {**AUTH, "Idempotency-Key": "deploy-1"}
+async def deployed_with_key(service: Service, key: str) -> tuple[dict[str, object], dict[str, str]]:
+    """The reply to deploy_vm `a` under Idempotency-Key `key` once it is deployed, and headers."""
+    headers = {**AUTH, "Idempotency-Key": key}
     first, _ = await service.request("deploy_vm", b'{"name":"a","secret":"s"}', headers)
     await wait_for_event(service.client, f"vm:{first['result']['sid']}", "VmDeployed")  # type: ignore[index]
+    return first, headers
+
+
+async def test_idempotent_replay_returns_first_reply_and_appends_nothing(service: Service) -> None:
+    first, headers = await deployed_with_key(service, "deploy-1")
     count = event_count(service)
     again, _ = await service.request("deploy_vm", b'{ "secret": "s", "name": "a" }', headers)
     assert again == first
@@ -287,9 +293,7 @@ async def test_idempotent_replay_returns_first_reply_and_appends_nothing(service
 
 
 async def test_idempotency_key_with_another_body_is_conflict(service: Service) -> None:
-    headers = {**AUTH, "Idempotency-Key": "k-1"}
-    first, _ = await service.request("deploy_vm", b'{"name":"a","secret":"s"}', headers)
-    await wait_for_event(service.client, f"vm:{first['result']['sid']}", "VmDeployed")  # type: ignore[index]
+    _, headers = await deployed_with_key(service, "k-1")
     count = event_count(service)
     body, reply_headers = await service.request("deploy_vm", b'{"name":"b","secret":"s"}', headers)
     assert body["error"]["code"] == "Conflict"  # type: ignore[index]

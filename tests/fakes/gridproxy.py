@@ -33,6 +33,15 @@ _KNOWN_PARAMS = {
 }
 # tfgrid-sdk-go grid-proxy/pkg/types/contracts.go ContractFilter (the ones the fake implements).
 _CONTRACT_PARAMS = {"type", "name", "state", "twin_id", "size", "page", "ret_count"}
+# The query GridProxyDirectory.candidate_nodes sends for the tests' candidates 1, 8, 13 and 50.
+CANDIDATE_QUERY = {
+    "node_ids": "1,8,13,50",
+    "status": "up",
+    "healthy": "true",
+    "domain": "true",
+    "rented": "false",
+    "dedicated": "false",
+}
 # tfchain substrate-node/pallets/pallet-smart-contract/src/name_contract.rs NameContractName:
 # at least MIN_NAME_LENGTH (3) bytes, at most the runtime's MaxNameContractNameLength (64), and
 # only a-z 0-9 - _.
