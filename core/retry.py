@@ -6,6 +6,8 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from core.contract import STEPS
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -33,3 +35,27 @@ class RetryPolicy:
         between half and all of it, capped at `max_delay`."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, failures - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def step_policy(
+    *,
+    deadline: float,
+    retries: int,
+    base_delay: float,
+    max_delay: float,
+    deadlines: Mapping[str, float],
+    retries_by_step: Mapping[str, float],
+) -> RetryPolicy:
+    """A RetryPolicy whose per-step overrides name real steps (ValueError otherwise)."""
+    known: set[str] = {*STEPS, "delete_gateway", "delete_vm", "finish"}
+    for name in (*deadlines, *retries_by_step):
+        if name not in known:
+            raise ValueError(f"unknown step {name!r} in the step settings")
+    return RetryPolicy(
+        deadline=deadline,
+        retries=retries,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        deadlines=dict(deadlines),
+        retries_by_step={k: int(v) for k, v in retries_by_step.items()},
+    )

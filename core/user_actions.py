@@ -5,6 +5,7 @@ After a restart `next_action` names exactly the work still to do: every finished
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TypedDict
 
@@ -12,6 +13,7 @@ import msgspec
 
 from core.contract import Step
 from core.gateway_names import gateway_name
+from core.ports import DEFAULT_VM, NodeInfo
 from core.user_events import DecommissionPart
 from core.user_state import User, backend_url_for, pending_decommission, vm_name_for
 
@@ -222,3 +224,18 @@ def _decommission_action(user: User) -> DecommissioningAction:
             return DeleteUserVm(username=name, part="delete_vm", failures=failures, vm_sid=sid)
         case "finish":
             return FinishDecommission(username=name, part="finish", failures=failures)
+
+
+def pick_node(nodes: Iterable[NodeInfo]) -> NodeInfo | None:
+    """The up, gateway-capable node with room for the VM and the most free memory, then disk."""
+    fitting = [
+        n
+        for n in nodes
+        if n.up
+        and n.gateway_domain
+        and n.free_memory_gb >= DEFAULT_VM.memory_gb
+        and n.free_disk_gb >= DEFAULT_VM.disk_gb + DEFAULT_VM.rootfs_gb
+    ]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda n: (n.free_memory_gb, n.free_disk_gb, -n.node_id))
