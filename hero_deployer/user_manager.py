@@ -2,7 +2,8 @@
 
 It is driven by the event log, not by a coroutine that dies with the process. Every user event
 (and every event of a user's VM) wakes that user's worker, which asks `core.user.next_action`
-what is left to do, does it through the ports and records the outcome with a `Record…` command.
+what is left to do, does it through the ports and records the outcome: the event it is, or
+a failed try (`RecordStepRetried`, `RecordStepFailed`).
 At start it wakes every user still provisioning or decommissioning, so after a crash the work
 continues from the last recorded step. Each user has one worker (its steps run in order);
 different users run concurrently, so a slow step of one never holds up another.
@@ -27,10 +28,7 @@ from core.contract import DeployVm
 from core.domain import USERS, VMS
 from core.events import RecordedEvent, stream_parts, user_stream, vm_stream
 from core.operations import RequestMeta
-from core.ports import (
-    BackendError,
-    ExternalError,
-)
+from core.ports import BackendError, ExternalError
 from core.retry import step_policy as step_policy  # where the bootstrap takes it
 from core.user import Context as UserContext
 from core.user import OutcomeCommand, RecordDecommissionFailed, RecordStepFailed, RecordStepRetried
@@ -51,12 +49,10 @@ from core.user_actions import (
     WaitSsh,
     next_action,
 )
-from core.user_events import (
-    UserVmDeployed,
-    UserVmDeployRequested,
-)
+from core.user_events import UserVmDeployed, UserVmDeployRequested
 from core.user_state import User
 from core.vm import Context as VmContext
+from core.vm import Vm
 from hero_deployer import user_handlers, vm_handlers
 from hero_deployer.commands import Command, consistent_views, run
 from hero_deployer.deps import Deps
@@ -300,20 +296,10 @@ class UserManager:
             vm, _ = await self._deps.vms.load(vm_stream(sid))
             status = vm.status if vm is not None else "missing"
             if vm is not None and status in ("running", "stopped"):
-                try:
-                    live = await self._effects.live_vm(sid)
-                except (ExternalError, BackendError, StepError) as exc:
-                    problem, replace = getattr(exc, "message", str(exc)), False
-                else:
-                    deployed = UserVmDeployed(
-                        **self._effects.stamp(name),
-                        vm_sid=sid,
-                        mycelium_ip=live.mycelium_ip or vm.mycelium_ip,
-                        ssh_host=live.ssh_host,
-                        ssh_port=live.ssh_port,
-                    )
-                    await self._record(name, deployed)
+                found = await self._record_deployed(name, vm)
+                if found is None:
                     return
+                problem, replace = found, False
             elif status == "deploying":
                 deadline, remaining = self._remaining(action)
                 if remaining > 0:
@@ -341,6 +327,22 @@ class UserManager:
             if fresh is not None and fresh.status == "provisioning" and fresh.step == "deploy_vm":
                 await self._request_vm(fresh, action)
             return
+
+    async def _record_deployed(self, name: str, vm: Vm) -> str | None:
+        """Records the user's VM as deployed where it runs now (None); else says what is wrong."""
+        try:
+            live = await self._effects.live_vm(vm.sid)
+        except (ExternalError, BackendError, StepError) as exc:
+            return getattr(exc, "message", str(exc))
+        deployed = UserVmDeployed(
+            **self._effects.stamp(name),
+            vm_sid=vm.sid,
+            mycelium_ip=live.mycelium_ip or vm.mycelium_ip,
+            ssh_host=live.ssh_host,
+            ssh_port=live.ssh_port,
+        )
+        await self._record(name, deployed)
+        return None
 
     async def _request_vm(self, user: User, action: DeployUserVm) -> None:
         """Appends the VM's VmDeployRequested and the user's UserVmDeployRequested together."""
