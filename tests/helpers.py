@@ -69,3 +69,24 @@ async def arun_cli(
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+def spawn_up(
+    cwd: Path, env: Mapping[str, str], port: int, *, stderr: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """`hero-deployer up` in `cwd` on NATS port `port`; returns once it prints `ready`."""
+    process = subprocess.Popen(
+        [*HERO_DEPLOYER, "up", "--nats-port", str(port), "--web-port", "0"],
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    assert process.stdout is not None
+    ready = process.stdout.readline()
+    if "ready" not in ready:
+        process.kill()
+        raise AssertionError(ready + (process.stderr.read() if process.stderr else ""))
+    return process

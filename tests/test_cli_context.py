@@ -25,7 +25,7 @@ from hero_deployer.context import Context
 from hero_deployer.natsserver import free_port
 from hero_deployer.settings import Settings
 from tests.conftest import TOKEN
-from tests.helpers import arun_cli, run_cli
+from tests.helpers import arun_cli, run_cli, spawn_up
 
 SECRET_WAYS = ("--secret-file FILE", "HERO_DEPLOYER_SECRET", "a prompt on a terminal")
 
@@ -63,20 +63,7 @@ def start_up(root: Path) -> Up:
     env = user_env(home)
     port = free_port()
     service_env = {**env, "HERO_DEPLOYER_LOCAL_DEPLOY_DELAY": "0", "HERO_DEPLOYER_LOCAL_SSH": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hero_deployer", "up", "--nats-port", str(port), "--web-port", "0"],
-        cwd=cwd,
-        env=service_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    ready = process.stdout.readline()
-    if "ready" not in ready:
-        process.kill()
-        raise AssertionError(ready + (process.stderr.read() if process.stderr else ""))
+    process = spawn_up(cwd, service_env, port)
     return Up(process, cwd, home / "state", env, port)
 
 

@@ -36,7 +36,7 @@ from hero_deployer.secret_input import (
 )
 from hero_deployer.settings import VERSION
 from tests.conftest import TOKEN, Service
-from tests.helpers import arun_cli, run_cli
+from tests.helpers import arun_cli, run_cli, spawn_up
 
 ANSI = "\x1b["
 
@@ -78,17 +78,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         "HERO_DEPLOYER_STEP_DEADLINES": "wait_ssh=1",
         "HERO_DEPLOYER_STEP_RETRIES": "0",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hero_deployer", "up", "--nats-port", str(port), "--web-port", "0"],
-        cwd=root,
-        env=service_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert "ready" in process.stdout.readline()
+    process = spawn_up(root, service_env, port, stderr=subprocess.DEVNULL)
     try:
         yield Up(process, env, root, port)
     finally:
