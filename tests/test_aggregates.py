@@ -17,23 +17,23 @@ from tests.conftest import TOKEN, Service
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 SID = "vm_0123456789abcdef"
 STREAM = f"vm:{SID}"
+REQUESTED = VmDeployRequested(
+    sid=SID,
+    name="a",
+    owner="o",
+    image="ubuntu-24.04",
+    cpu_count=1,
+    memory_gb=1,
+    disk_gb=1,
+    rootfs_gb=1,
+    at=NOW,
+)
 
 
 async def test_a_commit_made_behind_the_cache_is_read_back(tmp_path: Path) -> None:
     async with SqliteEventStore(tmp_path / "events.db") as store:
         vms = Aggregates(store, VMS)
-        requested = VmDeployRequested(
-            sid=SID,
-            name="a",
-            owner="o",
-            image="ubuntu-24.04",
-            cpu_count=1,
-            memory_gb=1,
-            disk_gb=1,
-            rootfs_gb=1,
-            at=NOW,
-        )
-        await store.append([StreamAppend(STREAM, 0, (NewEvent.of(requested),))])
+        await store.append([StreamAppend(STREAM, 0, (NewEvent.of(REQUESTED),))])
         vm, version = await vms.load(STREAM)
         assert vm is not None and vm.status == "deploying" and version == 1
 
@@ -60,18 +60,7 @@ async def test_an_absent_stream_is_remembered_until_a_commit_creates_it(tmp_path
         assert await vms.load(STREAM) == (None, 0)
         assert len(reads) == 1  # a missing sid named twice is read once, as an existing one is
 
-        requested = VmDeployRequested(
-            sid=SID,
-            name="a",
-            owner="o",
-            image="ubuntu-24.04",
-            cpu_count=1,
-            memory_gb=1,
-            disk_gb=1,
-            rootfs_gb=1,
-            at=NOW,
-        )
-        await store.append([StreamAppend(STREAM, 0, (NewEvent.of(requested),))])
+        await store.append([StreamAppend(STREAM, 0, (NewEvent.of(REQUESTED),))])
         vm, version = await vms.load(STREAM)  # the remembered absence does not hide the commit
         assert vm is not None and vm.status == "deploying" and version == 1
 
