@@ -14,7 +14,8 @@ from core.secrets import Fingerprinter
 from core.user_state import User
 from core.vm import Vm
 from hero_deployer.aggregates import Aggregates, KeyedLocks
-from projections.runner import PagedSource, ProjectionRunner
+from projections.replay import PagedSource
+from projections.runner import ProjectionRunner
 from projections.user_view import UserView
 from projections.vm_view import VmView
 

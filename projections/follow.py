@@ -10,7 +10,7 @@ import aiosqlite
 import structlog
 
 from core.events import RecordedEvent
-from projections.runner import EventSource, read_checkpoint, write_checkpoint
+from projections.base import EventSource, read_checkpoint, write_checkpoint
 
 log = structlog.get_logger(__name__)
 

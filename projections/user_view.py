@@ -10,7 +10,8 @@ import msgspec
 from core.domain import USERS
 from core.events import Event, RecordedEvent, stream_parts
 from core.user_state import User, evolve
-from projections.runner import Change, fold_cached, timestamp_text
+from projections.replay import Change
+from projections.runner import fold_cached, timestamp_text
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS users (

@@ -13,7 +13,8 @@ from core.contract import VmOut
 from core.domain import VMS
 from core.events import Event, RecordedEvent, stream_parts
 from core.vm import Vm, evolve
-from projections.runner import Change, fold_cached, timestamp_text
+from projections.replay import Change
+from projections.runner import fold_cached, timestamp_text
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS vms (
