@@ -4,6 +4,10 @@
 `$XDG_STATE_HOME/hero-deployer/up-<port>.json` (else `~/.local/state/hero-deployer/`), mode 0600,
 and removes it when it exits. The CLI reads the live ones, so it finds the service from any
 directory; a file whose process is gone (a `kill -9`, a reboot) is ignored.
+
+`up`'s nats-server also records its random `server_name` and URL in `DIR/nats-server.name`
+(0600), kept after `up` stops: the CLI sends nothing to a server at that URL that names itself
+otherwise (a foreign server on the port of a stopped `up`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import msgspec
 import structlog
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+SERVER_NAME_FILE = "nats-server.name"
 
 
 class Context(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,12 +75,39 @@ def record(context: Context, directory: Path | None = None) -> Path:
     directory = directory or state_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / _file_name(context.nats_url)
-    temporary = path.with_name(f".{path.name}.{context.pid}")
+    _write_private(path, msgspec.json.encode(context) + b"\n")
+    return path
+
+
+class ServerName(msgspec.Struct, frozen=True, kw_only=True):
+    """The name `up`'s nats-server was given, and where it listened."""
+
+    nats_url: str
+    server_name: str
+
+
+def record_server_name(data_dir: Path, nats_url: str, server_name: str) -> None:
+    """Writes `DIR/nats-server.name` atomically, mode 0600."""
+    record = ServerName(nats_url=nats_url, server_name=server_name)
+    _write_private(data_dir / SERVER_NAME_FILE, msgspec.json.encode(record) + b"\n")
+
+
+def expected_server_name(data_dir: Path, nats_url: str) -> str | None:
+    """The name recorded in DIR for the server at `nats_url`; None when none is recorded."""
+    try:
+        record = msgspec.json.decode((data_dir / SERVER_NAME_FILE).read_bytes(), type=ServerName)
+    except (OSError, msgspec.DecodeError):
+        return None
+    return record.server_name if _same_server(record.nats_url, nats_url) else None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` through a 0600 temporary file beside it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.encode(context) + b"\n")
+        f.write(data)
     os.replace(temporary, path)
-    return path
 
 
 def remove(path: Path, pid: int) -> None:

@@ -26,6 +26,7 @@ from typing import Self
 
 from adapters.keyfiles import load_or_create_nkey
 from bus.edge import QUEUE_GROUP
+from hero_deployer.context import record_server_name
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "nats.conf"
 CONFIG_NAME = "nats-server.conf"
@@ -216,6 +217,8 @@ class NatsServer:
         except NatsServerError:
             await self.stop()
             raise
+        # the CLI sends nothing to a server on this URL that names itself otherwise (context.py)
+        record_server_name(self._data_dir, self.url, self._name)
 
     async def _until_answering(self) -> None:
         """Waits until the child answers on the port with its own name; raises if it exits."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from hero_deployer.cli.errors import NoService, NoToken
 from hero_deployer.cli.run import client_credentials
+from hero_deployer.context import SERVER_NAME_FILE, expected_server_name
 from hero_deployer.settings import Settings
 
 
@@ -52,6 +53,7 @@ async def connect(args: argparse.Namespace, settings: Settings) -> Any:
         raise NoService(f'no hero-deployer at {url} (is "hero-deployer up" running?)') from None
     except nats.errors.Error as error:
         raise NoService(f"cannot connect to {url}: {error}") from None
+    await _refuse_a_stranger(client, settings)
     if not token:
         await client.close()
         where = settings.data_dir / "token"
@@ -67,6 +69,26 @@ async def connected(args: argparse.Namespace, settings: Settings) -> AsyncIterat
         yield client
     finally:
         await client.close()
+
+
+async def _refuse_a_stranger(client: Any, settings: Settings) -> None:
+    """Closes and raises NoService when the server is not the one `up` recorded for this URL.
+
+    Runs before any request: the bearer token and tenant secrets travel in requests, so a foreign
+    server on the port of a stopped `up` gets nothing. No name recorded for the URL (an
+    operator's own NATS): no check.
+    """
+    expected = expected_server_name(settings.data_dir, settings.nats_url)
+    # nats-py keeps the server's INFO in `_server_info` and has no public accessor for it
+    found = client.nc._server_info.get("server_name")
+    if expected is None or found == expected:
+        return
+    await client.nc.close()
+    record = settings.data_dir / SERVER_NAME_FILE
+    raise NoService(
+        f"the NATS server at {settings.nats_url} is not the one hero-deployer up started"
+        f" (it names itself {str(found)[:64]!r}, {record} says {expected!r}); nothing was sent"
+    )
 
 
 def _token(settings: Settings) -> str:
