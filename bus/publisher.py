@@ -17,7 +17,7 @@ import structlog
 from nats.aio.client import Client
 from nats.errors import BadSubjectError, MaxPayloadError
 
-from core.events import RecordedEvent
+from core.events import RecordedEvent, stream_parts
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,7 @@ _TYPE = re.compile(r"[^\s.*>\x00-\x1f\x7f-\x9f]+\Z")
 
 def event_subject(prefix: str, recorded: RecordedEvent) -> str:
     """`<prefix>.events.<stream type>.<stream id>.<EventType>`."""
-    stream_type, _, stream_id = recorded.stream.partition(":")
+    stream_type, stream_id = stream_parts(recorded.stream)
     return f"{prefix}.events.{stream_type}.{stream_id}.{recorded.type}"
 
 
