@@ -40,6 +40,7 @@ from adapters.jetstream_log import (
     direct_get,
     find_header,
     json_page_between,
+    message_at,
     publish_atomic,
     read_events,
     stream_config,
@@ -202,7 +203,12 @@ class JetStreamEventStore:
         refused: Refused | None = None
         for _ in range(RETRIES):
             if refused is not None:
-                await self._catch_up(refused)
+                try:
+                    await self._catch_up(refused)
+                except Unavailable as error:  # nothing of this batch landed: it was refused
+                    for one in pending:
+                        one.future.set_exception(error)
+                    return
                 for a in (a for p in pending for a in p.appends):
                     self._versions.pop(a.stream, None)
             await self._load_versions(pending)
@@ -339,9 +345,10 @@ class JetStreamEventStore:
             raise Unavailable("the event log cannot be reached") from error
         last = info.state.last_seq
         if last > self._head:
-            msg = await self._get({"seq": last})
-            chain = bytes.fromhex((msg.headers or {}).get(H_HASH, "")) if msg else GENESIS
-            self._advance(last, chain)
+            # the head moves only with the hash read at it: a stream peer behind the leader
+            # answers 404 for `last`, and chaining onto any other hash would break the chain
+            msg = await message_at(self._nc, last, self._timeout)
+            self._advance(last, bytes.fromhex((msg.headers or {})[H_HASH]))
 
     async def _poll_head(self) -> None:
         """Reads the head now and then as well, in case the watcher is being made again."""

@@ -248,6 +248,24 @@ async def read_events(
     raise Unavailable("the event log's replica lags behind")
 
 
+async def message_at(nc: Client, seq: int, timeout: float) -> Msg:
+    """The message at `seq`, a position known to be in the log (the stream leader said so).
+
+    A direct get may be answered by a stream peer that has not applied the last writes yet
+    (nats-io/nats-architecture-and-design, adr/ADR-31.md, "A note on read-after-write
+    coherency"); it answers 404 for them, so it is asked again, as `read_events` does.
+    """
+    for _ in range(LAG_RETRIES):
+        try:
+            msg = await direct_get(nc, {"seq": seq}, timeout)
+        except nats.errors.Error as error:
+            raise Unavailable("the event log cannot be reached") from error
+        if msg is not None:
+            return msg
+        await asyncio.sleep(0.05)
+    raise Unavailable(f"position {seq} of the event log cannot be read yet")
+
+
 async def _read_once(
     nc: Client, subject: str, after: int, limit: int, timeout: float
 ) -> list[RecordedEvent]:

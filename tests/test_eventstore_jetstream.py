@@ -26,6 +26,7 @@ from adapters.jetstream_log import (
     Outgoing,
     Refused,
     publish_atomic,
+    stream_config,
     subject_of,
     verify_chain,
 )
@@ -33,7 +34,7 @@ from adapters.log_transfer import ChainBroken, JetStreamSide, SqliteSide, transf
 from adapters.sealing import AesGcmSealer
 from adapters.vault_jetstream import JetStreamSecretVault
 from adapters.vault_sqlite import SqliteSecretVault
-from core.errors import ConcurrencyError, Conflict
+from core.errors import ConcurrencyError, Conflict, Unavailable
 from core.events import RecordedEvent
 from hero_deployer.natsserver import NatsServer
 from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
@@ -228,6 +229,29 @@ async def test_a_commit_its_writer_did_not_confirm_is_found_in_the_log(
     with pytest.raises(Conflict):
         await alive.append([to("vm:b", 0, payload(2))], idempotency=key("k-unconfirmed"))
     assert await alive.last_position() == event.position == 1
+
+
+async def test_a_head_its_replica_cannot_read_yet_is_never_chained_onto(
+    connections: Callable[[], Awaitable[Client]],
+) -> None:
+    """A direct get may be answered by a stream peer behind the leader, which answers 404 for
+    the last position the leader reported (ADR-31 in nats-io/nats-architecture-and-design).
+    The store took GENESIS as that head's hash and chained its next event onto it: the chain
+    broke there (seen once under a node kill). Here the last message is removed, so every peer
+    answers 404 for it: the store must neither open on that head nor append after it."""
+    nc = await connections()
+    js = nc.jetstream()
+    config = stream_config(1)
+    config.deny_delete = False  # only so that this test can make the head unreadable
+    await js.add_stream(config)
+    async with JetStreamEventStore(nc, replicas=1) as first:
+        await first.append([to("vm:a", 0, payload(1), payload(2))])
+    await js.delete_msg(STREAM, 2)
+    assert (await js.stream_info(STREAM)).state.last_seq == 2
+    with pytest.raises(Unavailable, match="position 2"):
+        async with JetStreamEventStore(await connections(), replicas=1) as second:
+            await second.append([to("vm:b", 0, payload(3))])
+    assert (await js.stream_info(STREAM)).state.last_seq == 2  # nothing chained onto it
 
 
 async def test_the_log_survives_a_server_restart(tmp_path: Path) -> None:
