@@ -4,7 +4,10 @@ A real nats-server (a child on a free loopback port), the service bootstrapped i
 a fresh SQLite data dir with the local grid, and a plain nats-py client that sends the request and
 waits for the event on the status subject. `sys.setprofile` (and `threading.setprofile` for the
 database threads) records every Python function called meanwhile. The same is done for one
-`provision_user` up to its reply: a function that one calls too is shared machinery, and the
+`provision_user` up to its `ProvisioningRequested` published (sent with an Idempotency-Key, so the
+idempotency path every mutating request may take shows as shared; the Forge it is given answers
+nobody, so the new user's process stays at its first step and reaches no VM): a function that one
+calls too is shared machinery, and the
 files of the functions only `deploy_vm` calls are its operation-specific files (adapters aside:
 a backend speaks its own protocol).
 
@@ -63,9 +66,12 @@ class Trace:
             threading.setprofile(None)  # type: ignore[arg-type]
 
 
-async def _request(nc: Any, prefix: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _request(
+    nc: Any, prefix: str, operation: str, body: dict[str, Any], key: str = ""
+) -> dict[str, Any]:
+    headers = {**HEADERS, "Idempotency-Key": key} if key else HEADERS
     reply = await nc.request(
-        f"{prefix}.{operation}", msgspec.json.encode(body), timeout=10, headers=HEADERS
+        f"{prefix}.{operation}", msgspec.json.encode(body), timeout=10, headers=headers
     )
     decoded: dict[str, Any] = msgspec.json.decode(reply.data)
     if "error" in decoded:
@@ -73,20 +79,30 @@ async def _request(nc: Any, prefix: str, operation: str, body: dict[str, Any]) -
     return decoded
 
 
-async def _deploy(nc: Any, prefix: str, name: str) -> None:
-    """Deploys one VM and returns once its VmDeployed is on the status subject."""
-    deployed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+async def _until_published(
+    nc: Any, prefix: str, event: str, operation: str, body: dict[str, Any], key: str = ""
+) -> None:
+    """Sends one request and returns once an event of its stream's kind `event` (e.g.
+    `vm.*.VmDeployed`) is on the status subject."""
+    published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def on_event(msg: Any) -> None:
-        if not deployed.done():
-            deployed.set_result(None)
+        if not published.done():
+            published.set_result(None)
 
-    sub = await nc.subscribe(f"{prefix}.events.vm.*.VmDeployed", cb=on_event)
+    sub = await nc.subscribe(f"{prefix}.events.{event}", cb=on_event)
     try:
-        await _request(nc, prefix, "deploy_vm", {"name": name, "secret": "trace"})
-        await asyncio.wait_for(deployed, 10)
+        await _request(nc, prefix, operation, body, key)
+        await asyncio.wait_for(published, 10)
     finally:
         await sub.unsubscribe()
+
+
+def _deploy(nc: Any, prefix: str, name: str) -> Awaitable[None]:
+    """One deploy_vm, until its VmDeployed is published."""
+    return _until_published(
+        nc, prefix, "vm.*.VmDeployed", "deploy_vm", {"name": name, "secret": "trace"}
+    )
 
 
 async def trace(data_dir: Path) -> tuple[Trace, Trace]:
@@ -99,20 +115,28 @@ async def trace(data_dir: Path) -> tuple[Trace, Trace]:
             local_ssh=True,
             local_deploy_delay=0.0,
             local_action_delay=0.0,
+            # a Forge nobody answers: the new user's first step is retried, and its process
+            # reaches no VM while the trace runs
+            forge_url=f"http://127.0.0.1:{free_port()}",
+            forge_admin_token="trace-admin-token",
         )
         prefix = settings.prefix
         async with (
             LocalGrid(data_dir=data_dir / "grid", deploy_delay=0, action_delay=0, ssh=True) as grid,
-            bootstrap(settings, nc, compute=grid, forge=None, directory=None) as app,
+            bootstrap(settings, nc, compute=grid, directory=None),
         ):
             deploy, provision = Trace(), Trace()
             await _deploy(nc, prefix, "warm")
             await deploy.around(lambda: _deploy(nc, prefix, "traced"))
-            # the warm-up user's provisioning runs to its end first, so none of it is traced
-            await _request(nc, prefix, "provision_user", {"username": "warmup"})
-            await asyncio.wait_for(app.manager.drain(), 60)
             await provision.around(
-                lambda: _request(nc, prefix, "provision_user", {"username": "traced"})
+                lambda: _until_published(
+                    nc,
+                    prefix,
+                    "user.traced.ProvisioningRequested",
+                    "provision_user",
+                    {"username": "traced"},
+                    "trace-1",
+                )
             )
         await nc.close()
     return deploy, provision

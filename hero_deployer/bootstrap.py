@@ -30,7 +30,6 @@ from adapters.vault_sqlite import SqliteSecretVault
 from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
 from core.domain import USERS, VMS
-from core.events import vm_stream
 from core.gateway_names import check_prefix
 from core.operations import Operation
 from core.ports import (
@@ -43,7 +42,6 @@ from core.ports import (
     SecretVault,
 )
 from core.secrets import Fingerprinter
-from core.vm import Vm
 from hero_deployer import vm_handlers
 from hero_deployer.aggregates import Aggregates, KeyedLocks
 from hero_deployer.backends import build_backend, gridproxy_url
@@ -84,6 +82,7 @@ class App:
     manager: UserManager
     edge: ServiceEdge | None
     operations: list[Operation]
+    lease: KvLease | None = None  # beside a jetstream log: whether this replica runs side effects
 
 
 def PROJECTIONS() -> list[Replayable]:
@@ -179,14 +178,10 @@ async def bootstrap(
             require_secret=settings.require_secret,
         )
 
-        async def load_vm(sid: str) -> Vm | None:
-            vm, _ = await deps.vms.load(vm_stream(sid))
-            return vm
-
         recorder = vm_handlers.OutcomeRecorder(deps)
         stack.push_async_callback(recorder.close)
         reactor = VmReactor(
-            backend, load_vm, recorder.record, retry=retry, ssh_keys=ssh_keys_for(deps)
+            backend, deps.vms, recorder.record, retry=retry, ssh_keys=ssh_keys_for(deps)
         )
         checkpoints = Checkpoints(checkpoint_conn)
         stack.push_async_callback(reactor.close)
@@ -246,6 +241,7 @@ async def bootstrap(
             manager=manager,
             edge=edge,
             operations=operations,
+            lease=lease[0] if lease is not None else None,
         )
 
 

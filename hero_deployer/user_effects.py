@@ -69,13 +69,8 @@ from core.vm import RecordDeleted
 from hero_deployer import vm_handlers
 from hero_deployer.commands import Command, run
 from hero_deployer.deps import Deps
-from hero_deployer.user_handlers import (
-    FORGE_PASSWORD,
-    FORGE_TOKEN,
-    SSH_PRIVATE_KEY,
-    VM_SECRET,
-    ssh_keys_for,
-)
+from hero_deployer.user_handlers import FORGE_PASSWORD, FORGE_TOKEN, SSH_PRIVATE_KEY, VM_SECRET
+from hero_deployer.vm_handlers import ssh_keys_for
 
 log = structlog.get_logger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
@@ -17,7 +16,7 @@ from core.contract import (
     UserList,
 )
 from core.errors import USER_NOT_FOUND, NotFound
-from core.events import user_stream, vm_stream
+from core.events import user_stream
 from core.operations import RequestMeta
 from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand
 from core.user_state import User
@@ -98,22 +97,3 @@ async def reveal_initial_password(
     await run(deps, [Command(deps.users, username, request, Context(now=deps.clock()))], meta)
     await deps.vault.delete(username, FORGE_PASSWORD)
     return _encoder.encode(InitialPassword(username=username, initial_password=sealed.decode()))
-
-
-def ssh_keys_for(deps: Deps) -> Callable[[str], Awaitable[tuple[str, ...]]]:
-    """The public keys to inject into VM `sid`: the user's key if it is a user's VM, else none.
-
-    The VM's name only suggests the user; the user's own stream must list the sid (both were
-    appended in one transaction), so a tenant VM named `user-alice` never gets alice's key.
-    """
-
-    async def keys(sid: str) -> tuple[str, ...]:
-        vm, _ = await deps.vms.load(vm_stream(sid))
-        if vm is None or not vm.name.startswith("user-"):
-            return ()
-        user, _ = await deps.users.load(user_stream(vm.name.removeprefix("user-")))
-        if user is None or sid not in user.all_vm_sids or not user.ssh_public_key:
-            return ()
-        return (user.ssh_public_key,)
-
-    return keys

@@ -60,7 +60,7 @@ from hero_deployer.user_effects import VM, Effects, StepError
 from hero_deployer.user_effects import ManagerConfig as ManagerConfig  # where the bootstrap and
 from hero_deployer.user_effects import Ports as Ports  # the tests take them
 from hero_deployer.user_handlers import FORGE_PASSWORD
-from hero_deployer.user_handlers import ssh_keys_for as ssh_keys_for
+from hero_deployer.vm_handlers import ssh_keys_for as ssh_keys_for
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ import msgspec
 import structlog
 
 from core.contract import DeployVm, GetVm, ListVms, MigrateResult, MigrateSecret
-from core.domain import VMS
+from core.domain import USERS, VMS
 from core.errors import VM_NOT_FOUND, Conflict, InvalidInput, NotFound, Unavailable
 from core.operations import RequestMeta
 from core.retry import RetryPolicy
@@ -274,3 +274,22 @@ async def migrate_secret(request: MigrateSecret, meta: RequestMeta, deps: Deps) 
         return await run(deps, commands, meta, record, reply=migrated, skip_refused=True)
 
     return await idempotent(deps, meta, request, once)
+
+
+def ssh_keys_for(deps: Deps) -> Callable[[str], Awaitable[tuple[str, ...]]]:
+    """The public keys to inject into VM `sid`: the user's key if it is a user's VM, else none.
+
+    The VM's name only suggests the user; the user's own stream must list the sid (both were
+    appended in one transaction), so a tenant VM named `user-alice` never gets alice's key.
+    """
+
+    async def keys(sid: str) -> tuple[str, ...]:
+        vm, _ = await deps.vms.load(VMS.stream(sid))
+        if vm is None or not vm.name.startswith("user-"):
+            return ()
+        user, _ = await deps.users.load(USERS.stream(vm.name.removeprefix("user-")))
+        if user is None or sid not in user.all_vm_sids or not user.ssh_public_key:
+            return ()
+        return (user.ssh_public_key,)
+
+    return keys

@@ -21,6 +21,7 @@ from core.vm import (
     Vm,
 )
 from core.vm_events import VmDeleteRequested, VmDeployRequested, VmRestarted, VmStarted, VmStopped
+from hero_deployer.aggregates import Aggregates
 from hero_deployer.vm_handlers import until_taken
 
 log = structlog.get_logger(__name__)
@@ -49,14 +50,14 @@ class VmReactor:
     def __init__(
         self,
         backend: ComputeBackend,
-        load: Callable[[str], Awaitable[Vm | None]],
+        vms: Aggregates[Vm],
         record: Callable[[OutcomeCommand, str], Awaitable[None]],
         *,
         retry: RetryPolicy | None = None,
         ssh_keys: Callable[[str], Awaitable[tuple[str, ...]]] | None = None,
     ) -> None:
         self._backend = backend
-        self._load = load
+        self._vms = vms
         self._record = record
         self._retry = retry or REACTOR_RETRY
         self._ssh_keys = ssh_keys
@@ -111,7 +112,7 @@ class VmReactor:
 
     async def _perform(self, recorded: RecordedEvent) -> None:
         sid = VMS.id_of(recorded.stream) or ""
-        vm = await self._load(sid)
+        vm, _ = await self._vms.load(VMS.stream(sid))
         if vm is None or vm.status != TRIGGERS[recorded.type]:
             return  # a later event superseded this intent
         event = VMS.registry.decode(recorded.type, recorded.data)
