@@ -142,15 +142,21 @@ async def trace(data_dir: Path) -> tuple[Trace, Trace]:
     return deploy, provision
 
 
+def operation_specific(deploy: Trace, provision: Trace) -> dict[str, list[str]]:
+    """File → the functions in it that deploy_vm calls and provision_user does not (adapters
+    and this script aside)."""
+    specific: dict[str, list[str]] = {}
+    for name, function in sorted(deploy.functions - provision.functions):
+        if not name.startswith(("adapters/", "bench/")):
+            specific.setdefault(name, []).append(function)
+    return specific
+
+
 def report(deploy: Trace, provision: Trace) -> None:
     """Prints each file deploy_vm crosses, and the files of the functions only it calls."""
     print(f"deploy_vm: {sum(deploy.calls.values())} calls of {len(deploy.functions)} functions")
     print(f"in {len(deploy.calls)} project files:")
-    only = deploy.functions - provision.functions
-    specific: dict[str, list[str]] = {}
-    for name, function in sorted(only):
-        if not name.startswith(("adapters/", "bench/")):
-            specific.setdefault(name, []).append(function)
+    specific = operation_specific(deploy, provision)
     for name, calls in sorted(deploy.calls.items()):
         mark = "operation-specific" if name in specific else ""
         print(f"  {name:<42} {calls:>6} calls   {mark}")
