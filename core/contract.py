@@ -8,6 +8,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from core.events import EventOut
+from core.ports import DEFAULT_VM
 from core.usernames import Username, UserRefName, check_username
 
 # VMs ----------------------------------------------------------------------------------------
@@ -40,11 +41,11 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 class DeployVm(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: Name
     secret: Secret
-    image: Image = "ubuntu-24.04"
-    cpu_count: CpuCount = 16
-    memory_gb: MemoryGb = 8
-    disk_gb: DiskGb = 200
-    rootfs_gb: RootfsGb = 16
+    image: Image = DEFAULT_VM.image
+    cpu_count: CpuCount = DEFAULT_VM.cpu_count
+    memory_gb: MemoryGb = DEFAULT_VM.memory_gb
+    disk_gb: DiskGb = DEFAULT_VM.disk_gb
+    rootfs_gb: RootfsGb = DEFAULT_VM.rootfs_gb
     slice_sid: SliceSid = ""
     node_id: NodeId | None = None
 

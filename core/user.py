@@ -21,9 +21,6 @@ from core.contract import DecommissionUser, ProvisionUser, RevealInitialPassword
 from core.errors import USER_NOT_FOUND, InvalidInput, InvalidState, NotFound
 from core.manifest import PROFILES
 from core.user_events import (
-    USER_EVENT_TYPES as USER_EVENT_TYPES,  # for hero_deployer/client.py and asyncapi.py
-)
-from core.user_events import (
     DecommissionActionFailed,
     DecommissionPart,
     DecommissionRequested,

@@ -16,9 +16,6 @@ from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmOut,
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 from core.vm_events import (
-    VM_EVENT_TYPES as VM_EVENT_TYPES,  # for hero_deployer/client.py and asyncapi.py
-)
-from core.vm_events import (
     VmDeleted,
     VmDeleteRequested,
     VmDeployed,

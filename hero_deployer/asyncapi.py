@@ -30,9 +30,9 @@ from core.errors import (
 from core.events import Event, EventOut
 from core.operations import ACTOR_PATTERN, BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
 from core.registry import OPERATIONS, Op
-from core.user import USER_EVENT_TYPES
+from core.user_events import USER_EVENT_TYPES
 from core.usernames import USERNAME_PATTERN
-from core.vm import VM_EVENT_TYPES
+from core.vm_events import VM_EVENT_TYPES
 from hero_deployer.settings import VERSION
 
 Json = dict[str, Any]

@@ -64,6 +64,7 @@ from core.contract import (
     VmList,
     VmOut,
 )
+from core.domain import EVENTS
 from core.errors import (
     ERRORS_BY_CODE,
     Conflict,
@@ -75,10 +76,9 @@ from core.errors import (
     Unauthorized,
     Unavailable,
 )
-from core.events import Event, EventOut, EventRegistry
+from core.events import Event, EventOut
+from core.ports import DEFAULT_VM
 from core.registry import OPERATIONS, Op
-from core.user import USER_EVENT_TYPES
-from core.vm import VM_EVENT_TYPES
 
 __all__ = [
     "MUTATING",
@@ -148,7 +148,6 @@ class _Reply(msgspec.Struct):
 
 _reply_decoder = msgspec.json.Decoder(_Reply)
 _event_decoder = msgspec.json.Decoder(EventOut)
-_registry = EventRegistry((*VM_EVENT_TYPES, *USER_EVENT_TYPES))
 
 
 def raise_error(code: str, message: str) -> DomainError:
@@ -158,7 +157,7 @@ def raise_error(code: str, message: str) -> DomainError:
 
 def decode_event(event: EventOut) -> Event:
     """The domain event (`core.vm` or `core.user`) an EventOut carries, e.g. a `VmStarted`."""
-    return _registry.decode(event.type, bytes(event.data))
+    return EVENTS.decode(event.type, bytes(event.data))
 
 
 def _event_dict(event: EventOut) -> dict[str, Any]:
@@ -328,11 +327,11 @@ class HeroDeployerClient:
         *,
         name: str,
         secret: str,
-        image: str = "ubuntu-24.04",
-        cpu_count: int = 16,
-        memory_gb: int = 8,
-        disk_gb: int = 200,
-        rootfs_gb: int = 16,
+        image: str = DEFAULT_VM.image,
+        cpu_count: int = DEFAULT_VM.cpu_count,
+        memory_gb: int = DEFAULT_VM.memory_gb,
+        disk_gb: int = DEFAULT_VM.disk_gb,
+        rootfs_gb: int = DEFAULT_VM.rootfs_gb,
         slice_sid: str = "",
         node_id: int | None = None,
         idempotency_key: str | None = None,
