@@ -41,6 +41,9 @@ SETTLE_DELAY = 15.0
 unfinished batch after 10 s, and a commit's reply is waited for 5 s."""
 SKEW = 60.0
 """Seconds of clock difference between writers and servers allowed when searching the log."""
+HELD_WAIT = 10.0
+"""Seconds a lookup waits for a key held by another replica's append (one commit takes at most
+the store's 5 s timeout, and a few more when it retries at a moving head)."""
 
 FindCommit = Callable[[str, float], Awaitable[int | None]]
 """The position of the event carrying a reservation token, searching from a Unix time."""
@@ -231,18 +234,24 @@ class IdempotencyKeys:
             raise Conflict("idempotency key already used") from None
 
     async def lookup(self, key: str) -> IdempotencyRecord | None:
-        """The confirmed record of `key`; None while it is free or held by an append."""
+        """The confirmed record of `key`; None while it is free. A key another request holds
+        (on another replica) is waited for up to HELD_WAIT seconds: confirmed, it is the
+        record; released or still held, None."""
         name = hashed(key)
-        found = await self._get(name)
-        if found is None:
-            return None
-        stored, revision = found
-        if stored.token and not await self._settle(name, stored, revision):
-            return None
-        if stored.token:
-            again = await self._get(name)
-            return again[0].record() if again is not None and not again[0].token else None
-        return stored.record()
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + HELD_WAIT, 0.01
+        while (found := await self._get(name)) is not None:
+            stored, revision = found
+            if not stored.token:
+                return stored.record()
+            if await self._settle(name, stored, revision):
+                continue  # its writer was gone: confirmed or freed now
+            if stored.token in self._mine or loop.time() > deadline:
+                return None
+            # the KV bucket tells nothing when an entry changes short of a watch per lookup
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        return None
 
     async def _settle(self, name: str, stored: Stored, revision: int, *, own: bool = False) -> bool:
         """Confirms or frees a reservation whose writer is gone; False while it may be alive."""

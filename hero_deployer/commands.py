@@ -41,15 +41,25 @@ async def idempotent(
         return await run(None)
     digest = body_hash(deps, request)
     async with deps.idempotency_locks.hold((key,)):
-        stored = await deps.store.idempotent_reply(key)
-        if stored is not None:
-            same = stored.operation == meta.operation and hmac.compare_digest(
-                stored.body_hash, digest
-            )
-            if not same:
-                raise Conflict("idempotency key was already used with another request")
-            return stored.reply
-        return await run(partial(IdempotencyRecord, key, meta.operation, digest))
+        if (stored := await _first_reply(deps, key, meta.operation, digest)) is not None:
+            return stored
+        try:
+            return await run(partial(IdempotencyRecord, key, meta.operation, digest))
+        except Conflict:
+            # another replica of a shared log took the key meanwhile: its reply, once stored
+            if (stored := await _first_reply(deps, key, meta.operation, digest)) is not None:
+                return stored
+            raise
+
+
+async def _first_reply(deps: Deps, key: str, operation: str, digest: str) -> bytes | None:
+    """The stored reply to `key`; Conflict if the key was used with another request."""
+    stored = await deps.store.idempotent_reply(key)
+    if stored is None:
+        return None
+    if stored.operation != operation or not hmac.compare_digest(stored.body_hash, digest):
+        raise Conflict("idempotency key was already used with another request")
+    return stored.reply
 
 
 @dataclass(frozen=True, slots=True)

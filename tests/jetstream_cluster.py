@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, Self, TypeVar
 
 import nats
 import nats.errors
@@ -16,6 +18,8 @@ from nats.aio.client import Client
 
 from adapters.eventstore_jetstream import JetStreamEventStore
 from hero_deployer.natsserver import NatsServer, NatsServerError
+
+T = TypeVar("T")
 
 
 def node_config(
@@ -148,3 +152,55 @@ async def stream_created(urls: list[str], deadline: float = 60.0) -> None:
                 await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+class BackgroundCluster:
+    """A `running_cluster` kept by an event loop on its own thread: one for a whole test
+    session, while each test runs on its own loop. A context manager; `urls` once entered."""
+
+    def __init__(self, base: Path) -> None:
+        self._base = base
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="jetstream-cluster")
+        self._running: contextlib.AbstractAsyncContextManager[list[NatsServer]] | None = None
+        self.urls: list[str] = []
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        try:
+            self.urls = self._call(self._start(), 120)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._running is not None:
+            self._call(self._running.__aexit__(None, None, None), 60)
+            self._running = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+    def _call(self, work: Coroutine[Any, Any, T], timeout: float) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
+
+    async def _start(self) -> list[str]:
+        self._running = running_cluster(self._base)
+        nodes = await self._running.__aenter__()
+        urls = [n.url for n in nodes]
+        await stream_created(urls)  # the cluster has its three JetStream peers
+        return urls
+
+
+LOG_STREAMS = ("HERO_EVENTS", "KV_HERO_IDEMPOTENCY", "KV_HERO_VAULT", "KV_HERO_LEASES")
+LOG_STREAMS += ("KV_HERO_CHECKPOINTS",)
+"""The streams of one log on a cluster: its events and the streams of its four buckets."""
+
+
+async def delete_log(nc: Client) -> None:
+    """Deletes the log's stream and buckets, so the next service starts on an empty cluster."""
+    js = nc.jetstream(timeout=10)
+    for name in LOG_STREAMS:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import time
 
 import msgspec
@@ -15,15 +14,17 @@ from core.errors import Conflict, InvalidInput, InvalidState, NotFound
 from core.events import EventRegistry
 from core.vm import fold
 from core.vm_events import VM_EVENT_TYPES
-from tests.conftest import TOKEN, Service
+from tests.conftest import STORES, TOKEN, Service, logged_events
 from tests.helpers import deploy_running, wait_for_event
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def event_count(service: Service) -> int:
-    with sqlite3.connect(service.settings.data_dir / "events.db") as db:
-        return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+pytestmark = pytest.mark.stores(*STORES)  # SQLite, and two replicas on a JetStream cluster
+
+
+async def event_count(service: Service) -> int:
+    return len(await logged_events(service))
 
 
 async def test_deploy_reaches_running_through_events(service: Service) -> None:
@@ -127,8 +128,9 @@ async def test_empty_secret_reaches_only_vms_deployed_without_one(service: Servi
 
 
 async def test_require_secret_rejects_the_empty_secret(service: Service) -> None:
-    service.app.deps.require_secret = True
-    before = event_count(service)
+    for app in service.apps:  # every replica answers requests
+        app.deps.require_secret = True
+    before = await event_count(service)
     for op, body in (
         ("deploy_vm", {"name": "x", "secret": ""}),
         ("list_vms", {"secret": ""}),
@@ -137,7 +139,7 @@ async def test_require_secret_rejects_the_empty_secret(service: Service) -> None
     ):
         with pytest.raises(InvalidInput, match="required"):
             await service.client.call(op, body)
-    assert event_count(service) == before
+    assert await event_count(service) == before
 
 
 async def test_state_machine_over_nats(service: Service) -> None:
@@ -207,10 +209,10 @@ async def test_migrate_secret_rules(
     service: Service, body: dict[str, str], error: type[Exception], message: str
 ) -> None:
     await deploy_running(service.client, "old")
-    before = event_count(service)
+    before = await event_count(service)
     with pytest.raises(error, match=message):
         await service.client.call("migrate_secret", body)
-    assert event_count(service) == before
+    assert await event_count(service) == before
 
 
 async def test_migrate_secret_from_the_empty_secret(service: Service) -> None:
@@ -252,13 +254,13 @@ async def test_migrate_leaves_deleted_vms_out(service: Service) -> None:
 async def test_token_missing_wrong_or_malformed_is_unauthorized(
     service: Service, headers: dict[str, str] | None
 ) -> None:
-    before = event_count(service)
+    before = await event_count(service)
     body, reply_headers = await service.request("deploy_vm", b'{"name":"x","secret":"s"}', headers)
     assert body["ok"] is False
     assert body["error"]["code"] == "Unauthorized"  # type: ignore[index]
     assert reply_headers["Nats-Service-Error-Code"] == "401"
     assert TOKEN not in json.dumps(body) + json.dumps(reply_headers)
-    assert event_count(service) == before
+    assert await event_count(service) == before
 
 
 async def test_health_is_exempt_and_replies_never_echo_headers(service: Service) -> None:
@@ -284,23 +286,23 @@ async def deployed_with_key(service: Service, key: str) -> tuple[dict[str, objec
 
 async def test_idempotent_replay_returns_first_reply_and_appends_nothing(service: Service) -> None:
     first, headers = await deployed_with_key(service, "deploy-1")
-    count = event_count(service)
+    count = await event_count(service)
     again, _ = await service.request("deploy_vm", b'{ "secret": "s", "name": "a" }', headers)
     assert again == first
-    assert event_count(service) == count
+    assert await event_count(service) == count
     listed = await service.client.call("list_vms", {"secret": "s"})
     assert len(listed["vms"]) == 1
 
 
 async def test_idempotency_key_with_another_body_is_conflict(service: Service) -> None:
     _, headers = await deployed_with_key(service, "k-1")
-    count = event_count(service)
+    count = await event_count(service)
     body, reply_headers = await service.request("deploy_vm", b'{"name":"b","secret":"s"}', headers)
     assert body["error"]["code"] == "Conflict"  # type: ignore[index]
     assert reply_headers["Nats-Service-Error-Code"] == "409"
     body, _ = await service.request("delete_vm", b'{"sid":"vm_x","secret":"s"}', headers)
     assert body["error"]["code"] == "Conflict"  # type: ignore[index]
-    assert event_count(service) == count
+    assert await event_count(service) == count
 
 
 async def test_concurrent_requests_with_one_key_append_once(service: Service) -> None:
@@ -318,7 +320,7 @@ async def test_malformed_idempotency_key_is_invalid_input(service: Service, key:
         "deploy_vm", b'{"name":"a","secret":"s"}', {**AUTH, "Idempotency-Key": key}
     )
     assert body["error"]["code"] == "InvalidInput"  # type: ignore[index]
-    assert event_count(service) == 0
+    assert await event_count(service) == 0
 
 
 # concurrency -----------------------------------------------------------------------------
@@ -386,7 +388,7 @@ async def test_bad_input_is_invalid_input_and_appends_nothing(
     assert reply["error"]["code"] == "InvalidInput"  # type: ignore[index]
     assert field in reply["error"]["message"]  # type: ignore[index]
     assert headers["Nats-Service-Error-Code"] == "400"
-    assert event_count(service) == 0
+    assert await event_count(service) == 0
 
 
 async def test_the_secret_never_reaches_replies_events_or_the_database(service: Service) -> None:
@@ -397,9 +399,10 @@ async def test_the_secret_never_reaches_replies_events_or_the_database(service: 
     page = await service.client.call("events", {})
     assert secret not in json.dumps(page)
     assert secret not in json.dumps(vm)
-    for name in ("events.db", "views.db"):
-        for path in service.settings.data_dir.glob(name + "*"):
+    for name in ("events.db", "views.db"):  # every replica's, whichever store
+        for path in service.settings.data_dir.rglob(name + "*"):
             assert secret.encode() not in path.read_bytes()
+    assert all(secret.encode() not in bytes(e.data) for e in await logged_events(service))
 
 
 async def test_still_serving_after_1000_garbage_requests(service: Service) -> None:
@@ -415,7 +418,7 @@ async def test_still_serving_after_1000_garbage_requests(service: Service) -> No
 
     for start in range(0, 1000, 100):
         await asyncio.gather(*(garbage(i) for i in range(start, start + 100)))
-    assert event_count(service) == 0
+    assert await event_count(service) == 0
     vm = await service.client.call("deploy_vm", {"name": "after", "secret": "s"})
     assert vm["status"] == "deploying"
 
