@@ -17,6 +17,10 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from adapters.eventstore_jetstream import JetStreamEventStore
+from adapters.jetstream_idempotency import BUCKET as IDEMPOTENCY
+from adapters.jetstream_log import STREAM
+from adapters.lease_jetstream import CHECKPOINTS, LEASES
+from adapters.vault_jetstream import BUCKET as VAULT
 from hero_deployer.natsserver import NatsServer, NatsServerError
 
 T = TypeVar("T")
@@ -193,8 +197,7 @@ class BackgroundCluster:
         return urls
 
 
-LOG_STREAMS = ("HERO_EVENTS", "KV_HERO_IDEMPOTENCY", "KV_HERO_VAULT", "KV_HERO_LEASES")
-LOG_STREAMS += ("KV_HERO_CHECKPOINTS",)
+LOG_STREAMS = (STREAM, *(f"KV_{b}" for b in (IDEMPOTENCY, VAULT, LEASES, CHECKPOINTS)))
 """The streams of one log on a cluster: its events and the streams of its four buckets."""
 
 
