@@ -21,7 +21,6 @@ import msgspec
 import pytest
 import pytest_asyncio
 import structlog
-from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from adapters.ssh_asyncssh import AsyncsshShell
@@ -31,7 +30,7 @@ from core.manifest import PROFILES
 from core.operations import RequestMeta
 from core.ports import SshTarget
 from core.user import Context as UserContext
-from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App, bootstrap
+from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App
 from hero_deployer.client import HeroDeployerClient
 from hero_deployer.commands import Command, run
 from hero_deployer.logs import configure
@@ -41,7 +40,7 @@ from hero_deployer.user_handlers import FORGE_PASSWORD, SSH_PRIVATE_KEY, VM_SECR
 from hero_deployer.user_manager import ssh_keys_for
 from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import connect_views, rebuild
-from tests.conftest import TOKEN, make_settings
+from tests.conftest import STORES, TOKEN, Place, make_settings
 from tests.fakes.forgejo import FakeForgejo
 from tests.fakes.gridproxy import CANDIDATE_QUERY, FakeGridProxy, grid_node
 
@@ -54,6 +53,8 @@ STEP_POLICY: dict[str, Any] = {
     "step_deadline": 30.0,
 }
 
+
+pytestmark = pytest.mark.stores(*STORES)  # SQLite, and two replicas on a JetStream cluster
 
 # Fixtures ------------------------------------------------------------------------------------
 
@@ -106,23 +107,23 @@ def forge_settings(forge: FakeForgejo) -> dict[str, Any]:
 
 @asynccontextmanager
 async def users_service(
-    tmp_path: Path, nc: Client, *, shell: Any = None, **overrides: Any
+    tmp_path: Path, place: Place, *, shell: Any = None, **overrides: Any
 ) -> AsyncIterator[Users]:
+    """The service where `place` runs it (its replicas share the grid); `app` is the first."""
     settings = make_settings(tmp_path / "data", local_ssh=True, **{**STEP_POLICY, **overrides})
     async with (
         LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=True) as grid,
-        bootstrap(
+        place.serve(
             settings,
-            nc,
             compute=grid,
             retry=RetryPolicy(base_delay=0.01),
             shell=shell,
             forge=FROM_SETTINGS if settings.forge_url else None,
             directory=FROM_SETTINGS if settings.gridproxy_url else None,
-        ) as app,
+        ) as apps,
     ):
-        client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
-        yield Users(app=app, client=client, settings=settings, grid=grid)
+        client = HeroDeployerClient(place.nc, token=TOKEN, prefix=settings.prefix)
+        yield Users(app=apps[0], client=client, settings=settings, grid=grid)
 
 
 @pytest.fixture
@@ -169,10 +170,10 @@ async def provision_ready(svc: Users, username: str, **body: Any) -> dict[str, A
 
 
 async def test_provision_reaches_ready_and_health_answers_through_the_gateway(
-    tmp_path: Path, nc: Client, forge: FakeForgejo, gridproxy: FakeGridProxy
+    tmp_path: Path, place: Place, forge: FakeForgejo, gridproxy: FakeGridProxy
 ) -> None:
     async with users_service(
-        tmp_path, nc, **forge_settings(forge), gridproxy_url=gridproxy.url
+        tmp_path, place, **forge_settings(forge), gridproxy_url=gridproxy.url
     ) as svc:
         user = await provision_ready(
             svc, "alice", display_name="Alice A.", forge_email="alice@example.org"
@@ -256,9 +257,9 @@ async def test_provision_reaches_ready_and_health_answers_through_the_gateway(
 
 
 async def test_password_revealed_once_and_no_secret_leaks(
-    tmp_path: Path, nc: Client, forge: FakeForgejo, logs: io.StringIO
+    tmp_path: Path, place: Place, forge: FakeForgejo, logs: io.StringIO
 ) -> None:
-    async with users_service(tmp_path, nc, **forge_settings(forge)) as svc:
+    async with users_service(tmp_path, place, **forge_settings(forge)) as svc:
         await provision_ready(svc, "dora")
         private_key = await svc.app.deps.vault.get("dora", SSH_PRIVATE_KEY)
         vm_secret = await svc.app.deps.vault.get("dora", VM_SECRET)
@@ -298,10 +299,10 @@ async def test_password_revealed_once_and_no_secret_leaks(
 
 
 async def test_a_reveal_recorded_but_not_yet_destroyed_is_destroyed_by_its_replay(
-    tmp_path: Path, nc: Client, forge: FakeForgejo
+    tmp_path: Path, place: Place, forge: FakeForgejo
 ) -> None:
     """The crash window of `reveal_initial_password`: the event is in, the password still sealed."""
-    async with users_service(tmp_path, nc, **forge_settings(forge)) as svc:
+    async with users_service(tmp_path, place, **forge_settings(forge)) as svc:
         await provision_ready(svc, "ella")
         vault = svc.app.deps.vault
         assert await vault.get("ella", FORGE_PASSWORD) is not None
@@ -321,9 +322,9 @@ async def test_a_reveal_recorded_but_not_yet_destroyed_is_destroyed_by_its_repla
 
 
 async def test_decommission_from_ready_keeps_forge_account_and_log(
-    tmp_path: Path, nc: Client, forge: FakeForgejo
+    tmp_path: Path, place: Place, forge: FakeForgejo
 ) -> None:
-    async with users_service(tmp_path, nc, **forge_settings(forge)) as svc:
+    async with users_service(tmp_path, place, **forge_settings(forge)) as svc:
         user = await provision_ready(svc, "erin")
         position = (await svc.client.call("health", {}))["position"]
 
@@ -355,9 +356,9 @@ async def test_decommission_from_ready_keeps_forge_account_and_log(
 
 
 async def test_forge_down_fails_at_forge_user_then_resumes(
-    tmp_path: Path, nc: Client, forge: FakeForgejo
+    tmp_path: Path, place: Place, forge: FakeForgejo
 ) -> None:
-    async with users_service(tmp_path, nc, **forge_settings(forge)) as svc:
+    async with users_service(tmp_path, place, **forge_settings(forge)) as svc:
         await forge.go_down("503")
         await svc.call("provision_user", {"username": "bob"})
         failed = await terminal(svc.client, "bob")
@@ -380,9 +381,9 @@ async def test_forge_down_fails_at_forge_user_then_resumes(
 
 
 async def test_a_failed_vm_is_replaced_and_decommission_deletes_both(
-    tmp_path: Path, nc: Client
+    tmp_path: Path, place: Place
 ) -> None:
-    async with users_service(tmp_path, nc) as svc:
+    async with users_service(tmp_path, place) as svc:
         svc.grid.fail_next("deploy_vm", "node 13 refused the workload")
         user = await provision_ready(svc, "gina")
         events = await stream_events(svc.client, "user:gina")
@@ -429,10 +430,10 @@ class DeadPortShell(AsyncsshShell):
 
 
 async def test_ssh_never_up_fails_at_wait_ssh_within_its_deadline_then_decommissions(
-    tmp_path: Path, nc: Client
+    tmp_path: Path, place: Place
 ) -> None:
     async with users_service(
-        tmp_path, nc, shell=DeadPortShell(), step_deadlines="wait_ssh=2"
+        tmp_path, place, shell=DeadPortShell(), step_deadlines="wait_ssh=2"
     ) as svc:
         await svc.call("provision_user", {"username": "carol"})
         failed = await terminal(svc.client, "carol")
@@ -463,10 +464,10 @@ def _seconds(rfc3339: str) -> float:
 
 
 async def test_twenty_users_provisioned_concurrently_all_reach_ready(
-    tmp_path: Path, nc: Client
+    tmp_path: Path, place: Place
 ) -> None:
     names = [f"user{i:02d}" for i in range(20)]
-    async with users_service(tmp_path, nc) as svc:
+    async with users_service(tmp_path, place) as svc:
         await asyncio.gather(*(svc.call("provision_user", {"username": n}) for n in names))
         outcomes: dict[str, str] = {}
         async with asyncio.timeout(45):
@@ -538,9 +539,15 @@ async def start_serve(env: dict[str, str], data_dir: Path, nats_url: str, log: P
     return process
 
 
+@pytest.mark.stores(
+    "sqlite",
+    reason="kills and restarts one serve process on one SQLite DIR; a JetStream replica is"
+    " killed in test_jetstream_cluster.py (test_killing_a_node_under_load_...)",
+)
 async def test_kill_during_run_setup_then_restart_reaches_ready_without_harm(
-    tmp_path: Path, nats_url: str, nc: Client, forge: FakeForgejo, gridproxy: FakeGridProxy
+    tmp_path: Path, place: Place, forge: FakeForgejo, gridproxy: FakeGridProxy
 ) -> None:
+    nats_url, nc = place.urls[0], place.nc
     started = Fifo(tmp_path / "setup-started")
     release = tmp_path / "setup-release"
     settings = make_settings(tmp_path / "data")
