@@ -1,1 +1,3 @@
-"""hero_deployer."""
+"""hero_deployer: the application, its entry points (CLI, web) and its SDK."""
+
+VERSION = "0.1.0"

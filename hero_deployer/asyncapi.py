@@ -33,7 +33,7 @@ from core.registry import OPERATIONS, Op
 from core.user_events import USER_EVENT_TYPES
 from core.usernames import USERNAME_PATTERN
 from core.vm_events import VM_EVENT_TYPES
-from hero_deployer.settings import VERSION
+from hero_deployer import VERSION
 
 Json = dict[str, Any]
 

@@ -42,13 +42,13 @@ from core.ports import (
     SecretVault,
 )
 from core.secrets import Fingerprinter
-from hero_deployer import vm_handlers
+from hero_deployer import VERSION, vm_handlers
 from hero_deployer.aggregates import Aggregates, KeyedLocks
 from hero_deployer.backends import build_backend, gridproxy_url
 from hero_deployer.deps import Deps, ServiceStore
 from hero_deployer.operations import operations as bound_operations
 from hero_deployer.parts import setup_parts
-from hero_deployer.settings import VERSION, Settings, per_step
+from hero_deployer.settings import Settings, per_step
 from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
 from hero_deployer.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower, Handler, stop_tasks

@@ -12,7 +12,6 @@ from typing import Any
 from adapters.keyfiles import load_or_create_token
 
 ENV_PREFIX = "HERO_DEPLOYER_"
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True, slots=True)

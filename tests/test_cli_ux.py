@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from core.contract import DeployVm
-from hero_deployer import cli
+from hero_deployer import VERSION, cli
 from hero_deployer.cli.main import build_parser
 from hero_deployer.cli.validation import readable
 from hero_deployer.natsserver import free_port
@@ -34,7 +34,6 @@ from hero_deployer.secret_input import (
     UsageError,
     resolve_secret,
 )
-from hero_deployer.settings import VERSION
 from tests.conftest import TOKEN, Service
 from tests.helpers import arun_cli, run_cli, spawn_up
 

@@ -15,7 +15,7 @@ from hero_deployer.cli.errors import (
     EXIT_USAGE,
 )
 from hero_deployer.cli.main import main
-from hero_deployer.cli.run import _wait_for_signal, client_credentials, rebuild_views, serve
+from hero_deployer.cli.run import client_credentials
 
 __all__ = [
     "EXIT_BY_CODE",
@@ -25,9 +25,6 @@ __all__ = [
     "EXIT_UNAUTHORIZED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
-    "_wait_for_signal",
     "client_credentials",
     "main",
-    "rebuild_views",
-    "serve",
 ]

@@ -9,14 +9,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from adapters.sqlite_runtime import disable_memory_statistics
-from hero_deployer import audit, context
+from hero_deployer import VERSION, audit, context
 from hero_deployer.cli import run, service, store, users, vms
 from hero_deployer.cli.errors import EXIT_STATUS_HELP, failure_of, report
 from hero_deployer.cli.parsing import HelpFormatter, Parser, command, options
-from hero_deployer.cli.run import NatsRefused
 from hero_deployer.cli.validation import LABELS
-from hero_deployer.settings import VERSION, Settings, explicit_values
+from hero_deployer.runtime import NatsRefused, prepare_process
+from hero_deployer.settings import Settings, explicit_values
 
 DESCRIPTION = "Run hero-deployer, the owner of the Hero OS demo fleet's VMs, and talk to it."
 
@@ -120,7 +119,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command line; returns its exit status (see `hero-deployer --help`)."""
-    disable_memory_statistics()  # before any database is opened; see its docstring
+    prepare_process()  # before any database is opened
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     Parser.json_errors = as_json

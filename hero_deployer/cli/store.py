@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import AsyncExitStack
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hero_deployer.cli.parsing import Options, command
 from hero_deployer.settings import Settings
-
-if TYPE_CHECKING:
-    from adapters.log_transfer import LogSide
 
 EPILOG = """\
 examples:
@@ -38,43 +33,16 @@ def add_commands(sub: Any, opts: Options) -> None:
 
 
 async def _migrate_store(args: argparse.Namespace, settings: Settings) -> None:
-    from adapters.log_transfer import transfer
+    from hero_deployer.runtime import migrate_store
 
-    async with AsyncExitStack() as stack:
-        source = await _side(args.source, args, stack, source=True)
-        target = await _side(args.target, args, stack, source=False)
-        moved = await transfer(source, target)
+    moved = await migrate_store(
+        args.source,
+        args.target,
+        replicas=args.replicas,
+        nkey=args.nats_nkey or "",
+        creds=args.nats_creds or "",
+    )
     print(
         f"moved {moved.events} events (head {moved.head or '-'}), {moved.records} idempotency"
         f" records, {moved.secrets} sealed secrets"
     )
-
-
-async def _side(
-    where: str, args: argparse.Namespace, stack: AsyncExitStack, *, source: bool
-) -> LogSide:
-    """`sqlite:DIR` or `jetstream:URL[,URL...]`; ValueError for anything else."""
-    from adapters.log_transfer import JetStreamSide, SqliteSide
-
-    kind, _, rest = where.partition(":")
-    if kind == "sqlite" and rest:
-        return SqliteSide(_sqlite_dir(rest, source=source))
-    if kind == "jetstream" and rest:
-        import nats
-
-        from hero_deployer.client import nats_credentials
-
-        urls = [url.strip() for url in rest.split(",") if url.strip()]
-        identity = nats_credentials(nkey=args.nats_nkey, creds=args.nats_creds)
-        nc = await nats.connect(urls, max_reconnect_attempts=3, **identity)
-        stack.push_async_callback(nc.drain)
-        return JetStreamSide(nc, replicas=args.replicas)
-    raise ValueError(f"{where!r}: expected sqlite:DIR or jetstream:URL[,URL...]")
-
-
-def _sqlite_dir(text: str, *, source: bool) -> Path:
-    """The data dir of a SQLite log; a source must hold `events.db`."""
-    data_dir = Path(text).expanduser().absolute()
-    if source and not (data_dir / "events.db").is_file():
-        raise ValueError(f"no event log at {data_dir / 'events.db'}")
-    return data_dir

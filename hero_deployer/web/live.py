@@ -10,7 +10,6 @@ from typing import Final
 import structlog
 
 from hero_deployer.client import EventOut, HeroDeployerClient
-from projections.follow import stop_tasks
 
 log = structlog.get_logger("hero_deployer.web")
 
@@ -62,8 +61,9 @@ class EventHub:
         """
         self._closing.set()
         task, self._task = self._task, None
-        if task is not None:
-            await stop_tasks([task])
+        while task is not None and not task.done():  # 3.11's wait_for can swallow a cancel
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         for listener in list(self._listeners):
             listener.offer(CLOSED)
         self._listeners.clear()

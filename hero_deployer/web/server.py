@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,8 +61,6 @@ async def run_web(
     It connects as the client identity of `nkey` (a seed file) or `creds`, when given;
     `state_dir` keeps the operators' session key and revocations.
     """
-    from hero_deployer.cli import _wait_for_signal
-
     client = await HeroDeployerClient.connect(
         nats_url,
         nkey=nkey,
@@ -78,3 +78,12 @@ async def run_web(
             await _wait_for_signal()
     finally:
         await client.close()
+
+
+async def _wait_for_signal() -> None:
+    """Returns when SIGINT or SIGTERM arrives (instead of ending the process)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
