@@ -10,44 +10,30 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Aggregate
 
 
-class VmAggregate(Aggregate):
-    """A VM as the library models it: created by a `DeployRequested` event."""
+@dataclass(kw_only=True)
+class VmAggregate(Aggregate, created_event_name="DeployRequested"):
+    """A VM as the library models it: its dataclass fields are its `DeployRequested` event's."""
 
-    @event("DeployRequested")
-    def __init__(
-        self,
-        *,
-        sid: str,
-        name: str,
-        owner: str,
-        image: str,
-        cpu_count: int,
-        memory_gb: int,
-        disk_gb: int,
-        rootfs_gb: int,
-        slice_sid: str,
-        node_id: int | None,
-        at: datetime,
-    ) -> None:
-        self.sid = sid
-        self.name = name
-        self.owner = owner
-        self.image = image
-        self.cpu_count = cpu_count
-        self.memory_gb = memory_gb
-        self.disk_gb = disk_gb
-        self.rootfs_gb = rootfs_gb
-        self.slice_sid = slice_sid
-        self.node_id = node_id
-        self.at = at
-        self.status = "deploying"
+    sid: str
+    name: str
+    owner: str
+    image: str
+    cpu_count: int
+    memory_gb: int
+    disk_gb: int
+    rootfs_gb: int
+    slice_sid: str
+    node_id: int | None
+    at: datetime
+    status: str = field(init=False, default="deploying")
 
 
 class Deployer(Application[object]):
