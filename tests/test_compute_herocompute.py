@@ -8,12 +8,7 @@ import httpx
 import pytest
 
 from adapters.herocompute import HeroComputeBackend
-from core.ports import (
-    BackendError,
-    BackendNotFound,
-    BackendUnavailable,
-    GatewaySpec,
-)
+from core.ports import BackendError, BackendNotFound, BackendUnavailable, GatewaySpec
 from tests.compute_contract import ComputeBackendContract, small_vm
 from tests.fakes.herocompute_rpc import INVALID_STATE, NOT_FOUND, HeroComputeRpc
 
