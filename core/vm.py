@@ -15,6 +15,7 @@ from msgspec.structs import replace
 from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmOut, VmStatus
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
+from core.ports import VmSpec
 from core.vm_events import (
     VmDeleted,
     VmDeleteRequested,
@@ -337,3 +338,17 @@ def fold(events: list[Event]) -> Vm | None:
     for event in events:
         vm = evolve(vm, event)
     return vm
+
+
+def vm_spec(vm: Vm | VmDeployRequested, ssh_keys: tuple[str, ...] = ()) -> VmSpec:
+    """What to ask the backend for: the VM (or its deploy request) named by its sid."""
+    return VmSpec(
+        name=vm.sid,
+        image=vm.image,
+        cpu_count=vm.cpu_count,
+        memory_gb=vm.memory_gb,
+        disk_gb=vm.disk_gb,
+        rootfs_gb=vm.rootfs_gb,
+        node_id=vm.node_id,
+        ssh_keys=ssh_keys,
+    )

@@ -35,7 +35,6 @@ from core.ports import (
     RemoteShell,
     SecretVault,
     SshTarget,
-    VmSpec,
 )
 from core.retry import RetryPolicy
 from core.user import OutcomeCommand
@@ -65,7 +64,7 @@ from core.user_events import (
 )
 from core.user_state import User, backend_url_for
 from core.vm import Context as VmContext
-from core.vm import RecordDeleted
+from core.vm import RecordDeleted, vm_spec
 from hero_deployer import vm_handlers
 from hero_deployer.commands import Command, run
 from hero_deployer.deps import Deps
@@ -224,18 +223,7 @@ class Effects:
         if found is None:
             log.warning("user_manager.vm_redeployed", sid=sid)
             keys = await ssh_keys_for(self._deps)(sid)
-            return await backend.deploy_vm(
-                VmSpec(
-                    name=sid,
-                    image=vm.image,
-                    cpu_count=vm.cpu_count,
-                    memory_gb=vm.memory_gb,
-                    disk_gb=vm.disk_gb,
-                    rootfs_gb=vm.rootfs_gb,
-                    node_id=vm.node_id,
-                    ssh_keys=keys,
-                )
-            )
+            return await backend.deploy_vm(vm_spec(vm, keys))
         if found.status == "stopped":
             await backend.start_vm(sid)
             again = await backend.get_vm(sid)

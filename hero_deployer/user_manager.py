@@ -56,7 +56,7 @@ from core.vm import Vm
 from hero_deployer import user_handlers, vm_handlers
 from hero_deployer.commands import Command, consistent_views, run
 from hero_deployer.deps import Deps
-from hero_deployer.user_effects import VM, Effects, StepError
+from hero_deployer.user_effects import Effects, StepError
 from hero_deployer.user_effects import ManagerConfig as ManagerConfig  # where the bootstrap and
 from hero_deployer.user_effects import Ports as Ports  # the tests take them
 from hero_deployer.user_handlers import FORGE_PASSWORD
@@ -351,16 +351,8 @@ class UserManager:
         sid = vm_handlers.new_sid()
         self._vm_owner[sid] = name
         now = self._deps.clock()
-        deploy = DeployVm(
-            name=action.vm_name,
-            secret=secret,
-            image=VM.image,
-            cpu_count=VM.cpu_count,
-            memory_gb=VM.memory_gb,
-            disk_gb=VM.disk_gb,
-            rootfs_gb=VM.rootfs_gb,
-            node_id=action.node_id or None,
-        )
+        # the user's VM is the default one (core.ports.DEFAULT_VM), on the node selected
+        deploy = DeployVm(name=action.vm_name, secret=secret, node_id=action.node_id or None)
         vm_ctx = VmContext(now=now, owner=self._deps.fingerprint(secret), new_sid=sid)
         requested = UserVmDeployRequested(username=name, vm_sid=sid, at=now)
         commands: list[Command[Any]] = [

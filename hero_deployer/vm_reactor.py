@@ -10,7 +10,7 @@ import structlog
 
 from core.domain import VMS
 from core.events import RecordedEvent
-from core.ports import BackendError, ComputeBackend, VmSpec
+from core.ports import BackendError, ComputeBackend
 from core.retry import RetryPolicy as RetryPolicy  # the one policy, where the tests take it
 from core.vm import (
     OutcomeCommand,
@@ -19,6 +19,7 @@ from core.vm import (
     RecordDeployFailed,
     RecordOperationFailed,
     Vm,
+    vm_spec,
 )
 from core.vm_events import VmDeleteRequested, VmDeployRequested, VmRestarted, VmStarted, VmStopped
 from hero_deployer.aggregates import Aggregates
@@ -132,16 +133,7 @@ class VmReactor:
 
     async def _deploy(self, event: VmDeployRequested, request_id: str) -> None:
         keys = await self._ssh_keys(event.sid) if self._ssh_keys else ()
-        spec = VmSpec(
-            name=event.sid,
-            image=event.image,
-            cpu_count=event.cpu_count,
-            memory_gb=event.memory_gb,
-            disk_gb=event.disk_gb,
-            rootfs_gb=event.rootfs_gb,
-            node_id=event.node_id,
-            ssh_keys=keys,
-        )
+        spec = vm_spec(event, keys)
         try:
             vm = await self._with_retries(lambda: self._backend.deploy_vm(spec))
         except BackendError as error:
