@@ -32,7 +32,8 @@ import structlog
 
 from adapters.localgrid_gateway import GatewayRoute, GatewayServer, parse_backend_url
 from adapters.localgrid_ledger import Ledger, LedgerInUse, VmRecord
-from adapters.localgrid_machine import WEB_PORT, VmMachine
+from adapters.localgrid_machine import WEB_PORT, Machine, VmMachine
+from adapters.localgrid_remote import MachineHost
 from core.gateway_names import GRID_GATEWAY_NAME
 from core.ports import (
     BackendError,
@@ -120,7 +121,7 @@ class _Vm:
     node: _Node
     mycelium_ip: str
     status: BackendVmStatus = "deploying"
-    machine: VmMachine | None = None
+    machine: Machine | None = None
     busy: asyncio.Future[None] | None = None  # set while an operation on this VM is in flight
 
 
@@ -153,10 +154,13 @@ class LocalGrid:
         max_calls: int = 100_000,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         gateway_port: int = 0,
+        own_process: bool = False,
     ) -> None:
         """`jitter` is relative (0.1 = ±10 %); `unlimited` defaults to True for default nodes.
 
         `gateway_port` 0 picks a free port; a fixed one keeps gateway URLs valid across restarts.
+        `own_process` runs the VMs' SSH servers and web services in a child process (entered
+        with `async with`), so they take neither this event loop nor its GIL.
         """
         # Absolute once: the root reaches commands that run with a VM's home as their cwd.
         data_dir = data_dir.absolute()
@@ -176,11 +180,18 @@ class LocalGrid:
         self._gateway = GatewayServer(self._web_port_for, gateway_port)
         self._gateway_lock = asyncio.Lock()
         self._ledger = Ledger(data_dir / "localgrid" / "ledger.jsonl")
+        self._host = MachineHost(nice=10) if own_process and ssh else None
         self._closed = False
         self.calls: list[tuple[str, str]] = []
 
     async def __aenter__(self) -> Self:
-        await self._restore()
+        if self._host is not None:
+            await self._host.start()
+        try:
+            await self._restore()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(
@@ -198,6 +209,8 @@ class LocalGrid:
         self._closed = True
         machines = [vm.machine for vm in self._vms.values() if vm.machine is not None]
         await asyncio.gather(*(m.halt() for m in machines))
+        if self._host is not None:
+            await self._host.close()
         await self._gateway.close()
         self._ledger.close()
 
@@ -329,8 +342,7 @@ class LocalGrid:
         async with self._busy(vm):
             await self._pause(self._action_delay)
             if vm.machine is not None:
-                await vm.machine.halt()
-                await asyncio.to_thread(vm.machine.wipe)
+                await vm.machine.remove()
             self._forget(vm)
 
     async def deploy_gateway(self, spec: GatewaySpec) -> BackendGateway:
@@ -451,10 +463,13 @@ class LocalGrid:
         if self._by_ip.get(vm.mycelium_ip) is vm:
             del self._by_ip[vm.mycelium_ip]
 
-    def _attach_machine(self, vm: _Vm, keys: frozenset[bytes]) -> VmMachine:
+    def _attach_machine(self, vm: _Vm, keys: frozenset[bytes]) -> Machine:
         """Gives the VM its SSH server and web service (not yet booted), reachable by its IP."""
-        name = vm.spec.name
-        vm.machine = VmMachine(name=name, root=self._root / name, authorized_keys=keys)
+        name, root = vm.spec.name, self._root / vm.spec.name
+        if self._host is not None:
+            vm.machine = self._host.machine(name, root, keys)
+        else:
+            vm.machine = VmMachine(name=name, root=root, authorized_keys=keys)
         self._by_ip[vm.mycelium_ip] = vm
         return vm.machine
 
@@ -510,7 +525,7 @@ class LocalGrid:
                 log.warning("localgrid.restore_boot_failed", vm=vm.spec.name, error=str(outcome))
                 self._set_status(vm, "stopped")
 
-    async def _boot(self, machine: VmMachine) -> None:
+    async def _boot(self, machine: Machine) -> None:
         """Boots the machine; a grid closed meanwhile halts it again."""
         try:
             await machine.boot()

@@ -21,10 +21,13 @@ import shutil
 import signal
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 from aiohttp import web
+
+from adapters.localgrid_ports import PORTS
+from adapters.localgrid_sshd import SandboxSftp, VmSshServer
 
 WEB_PORT = 9988
 SETUP_SCRIPT_NAME = "setup-binaries.sh"
@@ -53,17 +56,54 @@ echo "hero binaries installed; web service enabled on port 9988"
 """
 
 
+class Observer(Protocol):
+    """Hears what a VM changes by itself, before the SSH client that caused it hears back."""
+
+    async def web_started(self, machine: VmMachine) -> None: ...
+
+    async def owner_set(self, machine: VmMachine, path: str) -> None: ...
+
+
+class Machine(Protocol):
+    """What the local grid uses of a VM's machine, here (`VmMachine`) or in a child process."""
+
+    name: str
+
+    @property
+    def ssh_port(self) -> int: ...
+
+    @property
+    def web_port(self) -> int | None: ...
+
+    def owner(self, path: str) -> tuple[int | None, int | None] | None: ...
+
+    async def boot(self) -> None: ...
+
+    async def halt(self) -> None: ...
+
+    async def remove(self) -> None: ...
+
+
 class VmMachine:
     """Runs one VM's SSH server and, once setup has run, its web service on loopback ports."""
 
-    def __init__(self, *, name: str, root: Path, authorized_keys: frozenset[bytes]) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: Path,
+        authorized_keys: frozenset[bytes],
+        observer: Observer | None = None,
+    ) -> None:
         self.name = name
         self.root = root
         self._authorized_keys = authorized_keys
+        self._observer = observer
         self._host_key: asyncssh.SSHKey | None = None
+        self._prepared = False  # the sandbox's folders, accounts and host key are on disk
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._ssh_port = 0
-        self._connections: set[asyncssh.SSHServerConnection] = set()
+        self.connections: set[asyncssh.SSHServerConnection] = set()
         self._processes: set[asyncio.subprocess.Process] = set()
         self._web: web.AppRunner | None = None
         self._web_port: int | None = None
@@ -92,19 +132,29 @@ class VmMachine:
         """The uid and gid set over SFTP on the VM's absolute `path`, or None."""
         return self._owners.get(posixpath.normpath(path))
 
-    def set_owner(self, path: str, uid: int | None, gid: int | None) -> None:
+    async def set_owner(self, path: str, uid: int | None, gid: int | None) -> None:
         """Records the owner SFTP gave `path` (this machine's file keeps its own)."""
-        self._owners[posixpath.normpath(path)] = (uid, gid)
+        path = posixpath.normpath(path)
+        self._owners[path] = (uid, gid)
+        if self._observer is not None:
+            await self._observer.owner_set(self, path)
 
     async def boot(self) -> None:
-        """Prepares the sandbox and starts the SSH server, and the web service if set up."""
+        """Starts the SSH server, and the web service if set up.
+
+        A sandbox not on disk yet is made at the first connection, not here: most VMs a
+        benchmark deploys are never logged into, and a host key no client saw is nobody's.
+        """
         if self._acceptor is not None:
             return
         try:
-            await asyncio.to_thread(self._prepare)
+            user = None
+            if self._host_key is None and not self.root.exists():
+                self._host_key = _new_host_key(self.name)
+            else:
+                user = await asyncio.to_thread(self._recall)
             self._acceptor = await self._listen()
             self._ssh_port = self._acceptor.get_port()
-            user = await asyncio.to_thread(self._web_marker)
             if user is not None:
                 await self._start_web(user)
         except BaseException:
@@ -120,16 +170,18 @@ class VmMachine:
         if acceptor is not None:
             acceptor.close()
             await acceptor.wait_closed()
-        connections = list(self._connections)
+            PORTS.release(self._ssh_port)
+        connections = list(self.connections)
         for conn in connections:
             conn.close()
         for conn in connections:
             await conn.wait_closed()
-        self._connections.clear()
+        self.connections.clear()
 
-    def wipe(self) -> None:
-        """Removes the sandbox folder: the VM's disk is gone."""
-        shutil.rmtree(self.root, ignore_errors=True)
+    async def remove(self) -> None:
+        """Halts the VM and removes its sandbox folder: the VM's disk is gone."""
+        await self.halt()
+        await asyncio.to_thread(shutil.rmtree, self.root, ignore_errors=True)
 
     def ensure_home(self, username: str) -> Path:
         """Creates the user's home with its `setup-binaries.sh`, once."""
@@ -141,6 +193,25 @@ class VmMachine:
             script.chmod(0o755)
         return home
 
+    def connected(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Takes a new connection; the sandbox is made first, before it can log in."""
+        self.connections.add(conn)
+        if not self._prepared:
+            try:
+                self._prepare()
+            except OSError:
+                conn.abort()
+
+    def _recall(self) -> str | None:
+        """Reads the sandbox's host key (or makes one); the web service's user, if set up."""
+        if self._host_key is None:
+            path = self.root / _HOST_KEY
+            try:
+                self._host_key = asyncssh.import_private_key(path.read_bytes())
+            except FileNotFoundError:
+                self._host_key = _new_host_key(self.name)
+        return self._web_marker()
+
     def _prepare(self) -> None:
         homes = [home.lstrip("/") for _, _, _, home in IMAGE_ACCOUNTS]
         for folder in ("home", "run", "tmp", "etc/ssh", *homes):
@@ -151,26 +222,26 @@ class VmMachine:
                 "".join(f"{n}:x:{u}:{g}::{h}:/bin/bash\n" for n, u, g, h in IMAGE_ACCOUNTS)
             )
         path = self.root / _HOST_KEY
-        if path.exists():
-            self._host_key = asyncssh.read_private_key(path)
-            return
-        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"localgrid-{self.name}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.export_private_key())
-        self._host_key = key
+        if self._host_key is None:
+            self._recall()
+        if not path.exists():
+            assert self._host_key is not None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._host_key.export_private_key())
+        self._prepared = True
 
     async def _listen(self) -> asyncssh.SSHAcceptor:
-        ports = (self._ssh_port, 0) if self._ssh_port else (0,)
-        for port in ports:
+        last = [self._ssh_port] if self._ssh_port else []
+        for port in [*last, *PORTS.candidates(8), 0]:
             try:
-                return await asyncssh.create_server(
-                    lambda: _VmSshServer(self),
+                acceptor = await asyncssh.create_server(
+                    lambda: VmSshServer(self),
                     "127.0.0.1",
                     port,
                     server_host_keys=[self._host_key],
                     process_factory=self._run_process,
-                    sftp_factory=lambda chan: _SandboxSftp(chan, self),
+                    sftp_factory=lambda chan: SandboxSftp(chan, self),
                     allow_scp=False,
                     encoding=None,
                     agent_forwarding=False,
@@ -181,6 +252,9 @@ class VmMachine:
             except OSError:
                 if port == 0:
                     raise
+                continue
+            PORTS.hold(acceptor.get_port())
+            return acceptor
         raise AssertionError("unreachable")
 
     async def _run_process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -234,6 +308,8 @@ class VmMachine:
         user = self._web_marker()
         if user is not None:
             await self._start_web(user)
+            if self._observer is not None and self._web_port is not None:
+                await self._observer.web_started(self)
 
     def _web_marker(self) -> str | None:
         try:
@@ -276,6 +352,10 @@ class VmMachine:
         return web.json_response(body)
 
 
+def _new_host_key(name: str) -> asyncssh.SSHKey:
+    return asyncssh.generate_private_key("ssh-ed25519", comment=f"localgrid-{name}")
+
+
 def service_names(doc: dict[str, Any]) -> list[str]:
     """The service names a `services.toml` declares, in a few plausible layouts."""
     services = doc.get("services", doc.get("service", doc))
@@ -284,81 +364,6 @@ def service_names(doc: dict[str, Any]) -> list[str]:
     if isinstance(services, dict):
         return sorted(key for key, value in services.items() if isinstance(value, dict))
     return []
-
-
-class _VmSshServer(asyncssh.SSHServer):
-    """Public-key auth against the VM's keys; everything else is refused."""
-
-    def __init__(self, machine: VmMachine) -> None:
-        self._machine = machine
-        self._conn: asyncssh.SSHServerConnection | None = None
-        self._username = ""
-
-    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self._conn = conn
-        self._machine._connections.add(conn)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._conn is not None:
-            self._machine._connections.discard(self._conn)
-
-    def begin_auth(self, username: str) -> bool:
-        self._username = username
-        return True
-
-    def auth_completed(self) -> None:
-        self._machine.ensure_home(self._username)
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-    def kbdint_auth_supported(self) -> bool:
-        return False
-
-    def public_key_auth_supported(self) -> bool:
-        return True
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return self._machine.accepts(username, key)
-
-
-class _SandboxSftp(asyncssh.SFTPServer):
-    """SFTP rooted at the sandbox; relative paths start at the home; nothing resolves outside."""
-
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], machine: VmMachine) -> None:
-        username: str = chan.get_extra_info("username")
-        home = machine.ensure_home(username)
-        super().__init__(chan, chroot=os.fsencode(machine.root))
-        self._machine = machine
-        self._real_root = os.fsencode(os.path.realpath(machine.root))
-        self._home = b"/" + os.fsencode(home.relative_to(machine.root).as_posix())
-
-    def map_path(self, path: bytes) -> bytes:
-        virtual = posixpath.normpath(posixpath.join(self._home, path)).lstrip(b"/")
-        local = posixpath.join(self._real_root, virtual)
-        real = os.path.realpath(local)
-        if real != self._real_root and not real.startswith(self._real_root + b"/"):
-            raise asyncssh.SFTPPermissionDenied("path leads outside the vm's filesystem")
-        return local
-
-    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """Sets what this machine can; an owner is recorded by the VM instead."""
-        if attrs.uid is not None or attrs.gid is not None:
-            virtual = posixpath.normpath(posixpath.join(self._home, path))
-            self._machine.set_owner(os.fsdecode(virtual), attrs.uid, attrs.gid)
-            attrs = asyncssh.SFTPAttrs(
-                size=attrs.size,
-                permissions=attrs.permissions,
-                atime=attrs.atime,
-                mtime=attrs.mtime,
-            )
-        super().setstat(path, attrs)
-
-    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
-        raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")
-
-    def link(self, oldpath: bytes, newpath: bytes) -> None:
-        raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")
 
 
 async def _feed(source: asyncssh.SSHReader[bytes], sink: asyncio.StreamWriter) -> None:

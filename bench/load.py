@@ -15,7 +15,7 @@ import nats
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
-    nc = await nats.connect(args.url)
+    nc = await nats.connect(args.url, **({"nkeys_seed": args.nkey} if args.nkey else {}))
     headers = {"Authorization": f"Bearer {args.token}"}
     request = await _requester(nc, headers)
     subject = f"{args.prefix}.{args.op}"
@@ -83,6 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "seconds": round(elapsed, 3),
         "per_second": round(len(latencies) / elapsed, 1),
         "p50_ms": round(pct(0.50), 3),
+        "p90_ms": round(pct(0.90), 3),
         "p99_ms": round(pct(0.99), 3),
         "max_ms": round(latencies[-1] * 1000, 3),
     }
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--prefix", default="hero.v1")
     parser.add_argument("--token", default="")
+    parser.add_argument("--nkey", default="", help="an NKey seed file to connect with")
     parser.add_argument("--op", default="deploy_vm")
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=64)

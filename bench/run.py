@@ -40,6 +40,7 @@ def load(
     secret_of: str = "bench",
     concurrency: int = 64,
     tenants: int = 1000,
+    nkey: Path | None = None,
 ) -> dict[str, float]:
     args = [
         _python(),
@@ -64,6 +65,8 @@ def load(
     ]
     if sids is not None:
         args += ["--sids", str(sids)]
+    if nkey is not None:
+        args += ["--nkey", str(nkey)]
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True).stdout
     lines = [line for line in out.splitlines() if line.startswith("{")]
     for line in out.splitlines():
@@ -194,7 +197,7 @@ def service_figures(url: str, n: int, deploy_delay: str) -> None:
 
 async def _running_sids(url: str, count: int) -> list[str]:
     """Deploys `count` VMs with one secret and waits until every one is running."""
-    from hero_deployer.client import HeroDeployerClient
+    from hero_deployer.sdk.client import HeroDeployerClient
 
     client = await HeroDeployerClient.connect(url, token=TOKEN)
     sem = asyncio.Semaphore(64)

@@ -29,6 +29,7 @@ async def build_backend(settings: Settings, stack: AsyncExitStack) -> ComputeBac
                 action_delay=settings.local_action_delay,
                 ssh=settings.local_ssh,
                 gateway_port=_stable_port(settings.data_dir / "localgrid" / "gateway.port"),
+                own_process=True,  # the simulated machines take neither the service's loop nor GIL
             )
             return cast(ComputeBackend, await stack.enter_async_context(grid))
         case "hero-compute":

@@ -29,3 +29,15 @@ class TestLocalGridWithSshContract(ComputeBackendContract):
     @pytest.fixture
     async def backend(self, local_grid_with_ssh: LocalGrid) -> LocalGrid:
         return local_grid_with_ssh
+
+
+@pytest.fixture
+async def local_grid_own_process(tmp_path: Path) -> AsyncIterator[LocalGrid]:
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, own_process=True) as g:
+        yield g
+
+
+class TestLocalGridOwnProcessContract(ComputeBackendContract):
+    @pytest.fixture
+    async def backend(self, local_grid_own_process: LocalGrid) -> LocalGrid:
+        return local_grid_own_process

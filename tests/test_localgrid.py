@@ -44,9 +44,11 @@ async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
         yield g
 
 
-@pytest.fixture
-async def ssh_grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0) as g:
+@pytest.fixture(params=[False, True], ids=["machines-here", "machines-in-own-process"])
+async def ssh_grid(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[LocalGrid]:
+    async with LocalGrid(
+        data_dir=tmp_path, deploy_delay=0, action_delay=0, own_process=request.param
+    ) as g:
         yield g
 
 

@@ -1,0 +1,206 @@
+"""The service's side of the local grid's machine process (`adapters.localgrid_host`).
+
+`MachineHost` starts the child and speaks to it over a socket pair; each `RemoteMachine` stands
+for one VM's machine there, with what the local grid reads of it mirrored here: its ports and
+the owners SFTP set. The child waits for this side to take in a change before the SSH client
+that caused it hears back, so the mirror is never behind what that client has seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import posixpath
+import shutil
+import socket
+import sys
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from adapters.localgrid_host import (
+    Ack,
+    Boot,
+    Booted,
+    Failed,
+    FromHost,
+    Halt,
+    OwnerSet,
+    Remove,
+    ToHost,
+    WebStarted,
+    frame,
+    read_frame,
+)
+from core.ports import BackendError
+
+_GONE = "the local grid's machine process is not running"
+
+
+class MachineHost:
+    """The child process that runs the local grid's machines; `nice` lowers its priority."""
+
+    def __init__(self, *, nice: int = 0) -> None:
+        self._nice = nice
+        self._process: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[FromHost]] = {}
+        self._machines: weakref.WeakValueDictionary[int, RemoteMachine] = (
+            weakref.WeakValueDictionary()
+        )
+        self._ids = itertools.count(1)
+        self._handles = itertools.count(1)
+        self._encoder = msgspec.msgpack.Encoder()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    async def start(self) -> None:
+        """Starts the child and connects to it."""
+        ours, theirs = socket.socketpair()
+        args = [sys.executable, "-m", "adapters.localgrid_host", str(theirs.fileno())]
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *([*args, str(self._nice)] if self._nice else args),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,  # a pipe of ours would outlive us there
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        self._reading = asyncio.create_task(self._read(reader))
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Closes the socket: the child halts every machine and exits (killed after `timeout`)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        process, self._process = self._process, None
+        if process is not None:
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        if self._reading is not None:
+            await self._reading
+
+    def machine(self, name: str, root: Path, authorized_keys: frozenset[bytes]) -> RemoteMachine:
+        """A new machine for a VM, made in the child when it first boots."""
+        handle = next(self._handles)
+        machine = RemoteMachine(self, handle, name, root, authorized_keys)
+        self._machines[handle] = machine
+        return machine
+
+    async def call(self, request: Callable[[int], ToHost]) -> FromHost:
+        """Sends `request(id)` and returns the child's reply; ConnectionError if it is gone."""
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionError(_GONE)
+        number = next(self._ids)
+        future = self._waiting[number] = asyncio.get_running_loop().create_future()
+        self._writer.write(frame(self._encoder.encode(request(number))))
+        reply: FromHost = await future
+        return reply
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        decoder = msgspec.msgpack.Decoder(FromHost)
+        while (body := await read_frame(reader)) is not None:
+            message = decoder.decode(body)
+            match message:
+                case WebStarted(id=number, handle=handle, web_port=port):
+                    if (machine := self._machines.get(handle)) is not None:
+                        machine.web_started(port)
+                    self._ack(number)
+                case OwnerSet(id=number, handle=handle, path=path, uid=uid, gid=gid):
+                    if (machine := self._machines.get(handle)) is not None:
+                        machine.owners[path] = (uid, gid)
+                    self._ack(number)
+                case _:
+                    future = self._waiting.pop(message.id, None)
+                    if future is not None and not future.done():
+                        future.set_result(message)
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError(_GONE))
+
+    def _ack(self, number: int) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frame(self._encoder.encode(Ack(number))))
+
+
+class RemoteMachine:
+    """One VM's machine in the child process, as the local grid uses a `VmMachine`."""
+
+    def __init__(
+        self,
+        host: MachineHost,
+        handle: int,
+        name: str,
+        root: Path,
+        authorized_keys: frozenset[bytes],
+    ) -> None:
+        self.name = name
+        self.root = root
+        self.owners: dict[str, tuple[int | None, int | None]] = {}
+        self._host = host
+        self._handle = handle
+        self._keys = sorted(authorized_keys)
+        self._ssh_port = 0
+        self._web_port: int | None = None
+
+    @property
+    def ssh_port(self) -> int:
+        """The loopback port of the SSH server (the last one, while halted)."""
+        return self._ssh_port
+
+    @property
+    def web_port(self) -> int | None:
+        """The loopback port of the web service, or None while it does not answer."""
+        return self._web_port
+
+    def owner(self, path: str) -> tuple[int | None, int | None] | None:
+        """The uid and gid set over SFTP on the VM's absolute `path`, or None."""
+        return self.owners.get(posixpath.normpath(path))
+
+    def web_started(self, port: int) -> None:
+        """Takes in the child's notice that a command enabled the web service."""
+        self._web_port = port
+
+    async def boot(self) -> None:
+        """Boots the machine in the child: OSError when the system refused, as `VmMachine`."""
+        reply = await self._host.call(
+            lambda n: Boot(n, self._handle, self.name, str(self.root), self._keys)
+        )
+        match reply:
+            case Booted(ssh_port=ssh_port, web_port=web_port):
+                self._ssh_port, self._web_port = ssh_port, web_port
+            case Failed(message=message, os_error=True):
+                raise OSError(message)
+            case Failed(message=message):
+                raise BackendError(f"vm {self.name} failed to boot: {message}", retryable=True)
+
+    async def halt(self) -> None:
+        """Stops the web service, commands, sessions and SSH server (gone with the child too)."""
+        self._web_port = None
+        with contextlib.suppress(ConnectionError):
+            await self._host.call(lambda n: Halt(n, self._handle))
+
+    async def remove(self) -> None:
+        """Halts the machine and removes its sandbox folder."""
+        self._web_port = None
+        try:
+            await self._host.call(lambda n: Remove(n, self._handle, str(self.root)))
+        except ConnectionError:
+            await asyncio.to_thread(shutil.rmtree, self.root, ignore_errors=True)

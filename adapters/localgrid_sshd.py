@@ -1,0 +1,87 @@
+"""A local grid VM's SSH side: public-key login as root and SFTP confined to its sandbox."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+if TYPE_CHECKING:
+    from adapters.localgrid_machine import VmMachine
+
+
+class VmSshServer(asyncssh.SSHServer):
+    """Public-key auth against the VM's keys; everything else is refused."""
+
+    def __init__(self, machine: VmMachine) -> None:
+        self._machine = machine
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._username = ""
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._machine.connected(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._machine.connections.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        self._username = username
+        return True
+
+    def auth_completed(self) -> None:
+        self._machine.ensure_home(self._username)
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._machine.accepts(username, key)
+
+
+class SandboxSftp(asyncssh.SFTPServer):
+    """SFTP rooted at the sandbox; relative paths start at the home; nothing resolves outside."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], machine: VmMachine) -> None:
+        username: str = chan.get_extra_info("username")
+        home = machine.ensure_home(username)
+        super().__init__(chan, chroot=os.fsencode(machine.root))
+        self._machine = machine
+        self._real_root = os.fsencode(os.path.realpath(machine.root))
+        self._home = b"/" + os.fsencode(home.relative_to(machine.root).as_posix())
+
+    def map_path(self, path: bytes) -> bytes:
+        virtual = posixpath.normpath(posixpath.join(self._home, path)).lstrip(b"/")
+        local = posixpath.join(self._real_root, virtual)
+        real = os.path.realpath(local)
+        if real != self._real_root and not real.startswith(self._real_root + b"/"):
+            raise asyncssh.SFTPPermissionDenied("path leads outside the vm's filesystem")
+        return local
+
+    async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        """Sets what this machine can; an owner is recorded by the VM instead."""
+        if attrs.uid is not None or attrs.gid is not None:
+            virtual = posixpath.normpath(posixpath.join(self._home, path))
+            await self._machine.set_owner(os.fsdecode(virtual), attrs.uid, attrs.gid)
+            attrs = asyncssh.SFTPAttrs(
+                size=attrs.size,
+                permissions=attrs.permissions,
+                atime=attrs.atime,
+                mtime=attrs.mtime,
+            )
+        super().setstat(path, attrs)
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")

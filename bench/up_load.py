@@ -1,0 +1,173 @@
+"""`up` under load: N deploy_vm at C in flight against a real `hero-deployer up`, beside a bare
+nats-py responder measured in the same run.
+
+`up` runs as an operator starts it: its own nats-server (NKey identities), a fresh data dir, the
+dashboard, the default local grid with its SSH sandboxes on and its own deploy delay. The load
+generator connects as the client identity (DIR/client.nk). After the load, the run waits until
+every deployed VM has its SSH server (the grid's ledger says running) and prints how long that
+took, and the CPU the service's processes used.
+
+    python -m bench.up_load [--n 20000] [--no-ssh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from bench.run import ROOT, TOKEN, _python, load, noop_baseline, show
+from hero_deployer.natsserver import CLIENT_SEED, NatsServer, free_port
+
+
+class UpProcess:
+    """`hero-deployer up` in its own process on free ports and a fresh data dir."""
+
+    def __init__(self, data_dir: Path, nats_port: int, web_port: int, **env: str) -> None:
+        self.data_dir = data_dir
+        self.url = f"nats://127.0.0.1:{nats_port}"
+        self._args = ["--data-dir", str(data_dir), "--nats-port", str(nats_port)]
+        self._args += ["--web-port", str(web_port)]
+        self._env = env
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> UpProcess:
+        env = dict(os.environ, HERO_DEPLOYER_TOKEN=TOKEN, HERO_DEPLOYER_LOG_LEVEL="warning")
+        env.update(self._env)
+        self._process = subprocess.Popen(
+            [_python(), "-m", "hero_deployer", "up", *self._args],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if "hero-deployer ready" in line:
+                return self
+        raise RuntimeError(f"up exited with {self._process.wait()} before it was ready")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU so far of `up` and each of its child processes, by command name."""
+        assert self._process is not None
+        return _tree_cpu(self._process.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._process is not None
+        self._process.terminate()
+        self._process.wait(60)
+
+
+def _tree_cpu(root: int) -> dict[str, float]:
+    """CPU seconds of `root` and its descendants (Linux /proc), summed by command name."""
+    stats: dict[int, tuple[int, str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = _label(entry, text[text.index("(") + 1 : text.rindex(")")])
+        fields = text.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        stats[int(entry.name)] = (int(fields[1]), name, cpu)
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _, _) in stats.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    totals: dict[str, float] = {}
+    for pid in tree:
+        if pid in stats:
+            _, name, cpu = stats[pid]
+            totals[name] = totals.get(name, 0.0) + cpu
+    return totals
+
+
+def _label(proc: Path, name: str) -> str:
+    """`service`, `machines` (the local grid's process), else the command's name."""
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return name
+    if b"adapters.localgrid_host" in argv:
+        return "machines"
+    return "service" if b"hero_deployer" in argv else name
+
+
+def _running(ledger: Path) -> int:
+    """How many VMs the local grid's ledger holds as running (its last line per VM counts)."""
+    status: dict[str, str] = {}
+    for line in ledger.read_bytes().splitlines():
+        try:
+            entry = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue  # a line being written
+        if entry.get("vm"):
+            record = entry.get("record")
+            status[entry["vm"]] = record["status"] if record else "gone"
+    return sum(1 for s in status.values() if s == "running")
+
+
+def _wait_running(ledger: Path, count: int, timeout: float) -> tuple[int, float]:
+    """Polls the ledger until `count` VMs run or `timeout` passes; (running, seconds waited)."""
+    started = time.perf_counter()
+    running = 0
+    while time.perf_counter() - started < timeout:
+        running = _running(ledger)
+        if running >= count:
+            break
+        time.sleep(0.5)  # a benchmark's poll of another process's file, not a test
+    return running, time.perf_counter() - started
+
+
+def measure_up(data: Path, label: str, n: int, baseline: float, **env: str) -> None:
+    """Runs the load against a fresh `up` on `data` and prints its figures."""
+    with UpProcess(data, free_port(), free_port(), **env) as up:
+        before = up.cpu_seconds()
+        figures = load(up.url, "deploy_vm", n, nkey=data / CLIENT_SEED)
+        show(label, figures, baseline)
+        print(f"    p90 {figures['p90_ms']:.2f} ms   max {figures['max_ms']:.2f} ms")
+        vms = int(figures["requests"] + figures["warmup"])
+        running, waited = _wait_running(data / "localgrid" / "ledger.jsonl", vms, 300.0)
+        print(f"    {running} of {vms} VMs running {waited:.1f} s after the last reply")
+        after = up.cpu_seconds()
+        used = {name: after[name] - before.get(name, 0.0) for name in after}
+        print("    CPU used: " + ", ".join(f"{n} {s:.1f} s" for n, s in sorted(used.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=20_000, help="deploy_vm requests")
+    parser.add_argument(
+        "--no-ssh", action="store_true", help="also run `up` without SSH sandboxes, for reference"
+    )
+    args = parser.parse_args()
+    print(f"up under load on {os.cpu_count()} cores: {args.n} deploy_vm, 64 in flight")
+    with tempfile.TemporaryDirectory(prefix="hero-up-load-") as tmp:
+
+        async def baseline() -> dict[str, float]:
+            port = free_port()
+            async with NatsServer(port=port, data_dir=Path(tmp) / "bare", config=None):
+                return await asyncio.to_thread(noop_baseline, f"nats://127.0.0.1:{port}", args.n)
+
+        base = asyncio.run(baseline())
+        show("bare nats-py no-op responder", base)
+        measure_up(Path(tmp) / "up", "deploy_vm in up (ssh sandboxes)", args.n, base["per_second"])
+        if args.no_ssh:
+            label = "deploy_vm in up (no ssh)"
+            no_ssh = {"HERO_DEPLOYER_LOCAL_SSH": "0"}
+            measure_up(Path(tmp) / "up-no-ssh", label, args.n, base["per_second"], **no_ssh)
+
+
+if __name__ == "__main__":
+    main()
