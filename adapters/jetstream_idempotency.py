@@ -45,6 +45,8 @@ HELD_WAIT = 10.0
 """Seconds a lookup waits for a key held by another replica's append (one commit takes at most
 the store's 5 s timeout, and a few more when it retries at a moving head)."""
 
+WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErr, nats-server server/errors.json
+
 FindCommit = Callable[[str, float], Awaitable[int | None]]
 """The position of the event carrying a reservation token, searching from a Unix time."""
 
@@ -261,10 +263,10 @@ class IdempotencyKeys:
         position = await self._find(stored.token, stored.created - SKEW)
         try:
             if position is None:
-                await self.kv.delete(name, last=revision)
+                await self._call(self.kv.delete(name, last=revision))
             else:
                 final = msgspec.structs.replace(stored, position=position, token="")
-                await self.kv.update(name, encode_stored(final), last=revision)
+                await self._call(self.kv.update(name, encode_stored(final), last=revision))
         except KeyWrongLastSequenceError:
             pass  # another writer settled it first
         log.info("idempotency.settled", committed=position is not None)
@@ -284,5 +286,10 @@ class IdempotencyKeys:
             return await call
         except (KeyWrongLastSequenceError, KeyNotFoundError, KeyDeletedError):
             raise
+        except nats.js.errors.BadRequestError as error:
+            # nats-py's kv.delete(last=...) passes the stream's refusal through as it is
+            if error.err_code != WRONG_LAST_SEQUENCE:
+                raise Unavailable("the idempotency records refused a change") from error
+            raise KeyWrongLastSequenceError(description=error.description) from error
         except (nats.errors.Error, nats.js.errors.Error) as error:
             raise Unavailable("the idempotency records cannot be reached") from error

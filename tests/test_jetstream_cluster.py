@@ -180,12 +180,13 @@ async def test_killing_a_node_under_load_loses_and_doubles_no_deploy(tmp_path: P
             replicas.append(serve(second, urls))
             await ready(replicas[1])
             acknowledged, killed = await deploy_under_a_node_kill(urls, nodes, replicas[0])
+            survivors = [n.url for n in nodes if n is not killed]
+            await all_deployed(survivors, acknowledged)
         finally:
             for process in replicas:
                 process.terminate()
             for process in replicas:
                 await asyncio.to_thread(process.wait, 30)
-        survivors = [n.url for n in nodes if n is not killed]
         found, doubled, positions = await audit(survivors, acknowledged)
 
     print(
@@ -248,6 +249,25 @@ async def deploy_under_a_node_kill(
         await asyncio.gather(*(deploy(n) for n in range(DEPLOYS)))
         print(f"\nattempts answered with an error and sent again: {len(failed_attempts)}")
         return acknowledged, await killer
+    finally:
+        await nc.close()
+
+
+async def all_deployed(urls: list[str], acknowledged: dict[str, str]) -> None:
+    """Follows the status stream until each acknowledged VM's deploy is recorded: the surviving
+    replica runs the side effects once the killed holder's lease expires (lease_ttl)."""
+    nc = await connect(urls)
+    client = HeroDeployerClient(nc, token=TOKEN, prefix=PREFIX, timeout=5, retries=3)
+    waiting = {f"vm:{sid}" for sid in acknowledged.values()}
+    try:
+        async with asyncio.timeout(60):
+            async for event in client.follow():
+                if event["type"] == "VmDeployed":
+                    waiting.discard(event["stream"])
+                if not waiting:
+                    return
+    except TimeoutError:
+        raise AssertionError(f"never deployed: {sorted(waiting)}") from None
     finally:
         await nc.close()
 
