@@ -18,6 +18,7 @@ from adapters.event_chain import verify
 from adapters.eventstore_jetstream import JetStreamEventStore
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.jetstream_batch import Pending
+from adapters.jetstream_idempotency import hashed
 from adapters.jetstream_log import (
     EXPECTED_LAST_SEQ,
     EXPECTED_SUBJECT_SEQ,
@@ -210,6 +211,25 @@ async def test_a_reservation_left_by_a_dead_writer_is_freed(
     alive.keys.stale_after = 0
     recorded = await alive.append([to("vm:a", 0, payload(2))], idempotency=key("k-orphan"))
     assert await alive.idempotent_reply("k-orphan") == key("k-orphan")
+    assert [e.position for e in recorded] == [1]
+
+
+async def test_two_replicas_settling_one_dead_reservation_both_go_on(
+    two_writers: tuple[JetStreamEventStore, JetStreamEventStore],
+) -> None:
+    """Both read the dead writer's reservation, then both settle it: the second one's delete is
+    refused by the stream (nats-py passes that through as a BadRequestError, not as a wrong
+    last sequence) and was answered Internal; it means another replica settled it first."""
+    first, second = two_writers
+    await first.keys.reserve(key("k-dead"))  # then its writer dies
+    name = hashed("k-dead")
+    seen = [await store.keys._get(name) for store in (first, second)]
+    for store, found in zip((first, second), seen, strict=True):
+        assert found is not None
+        store.keys.stale_after = 0
+        assert await store.keys._settle(name, *found, own=True)
+    assert await second.idempotent_reply("k-dead") is None  # freed: the log holds no commit
+    recorded = await second.append([to("vm:a", 0, payload(1))], idempotency=key("k-dead"))
     assert [e.position for e in recorded] == [1]
 
 
