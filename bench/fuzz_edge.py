@@ -30,7 +30,7 @@ from nats.errors import NoRespondersError, TimeoutError
 
 from bench.run import TOKEN
 from bench.serve import served
-from hero_deployer.client import OPERATIONS
+from hero_deployer.sdk.client import OPERATIONS
 
 PREFIX = "hero.v1"
 SECRETS = ["", "alpha", "beta", "gamma"]

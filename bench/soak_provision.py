@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.serve import start_serve
-from hero_deployer.client import HeroDeployerClient
 from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.sdk.client import HeroDeployerClient
 
 TOKEN = "bench-token-" + "s" * 32
 PREFIX = "hero.v1"

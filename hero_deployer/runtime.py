@@ -140,8 +140,8 @@ async def _service_connection(settings: Settings, guard: _StartGuard, embedded: 
     """The service's NATS connection: as DIR/service.nk under `up`, else as `--nkey`/`--creds`."""
     import nats
 
-    from hero_deployer.client import nats_credentials
     from hero_deployer.natsserver import SERVICE_SEED
+    from hero_deployer.sdk.client import nats_credentials
 
     if embedded:
         credentials = nats_credentials(nkey=settings.data_dir / SERVICE_SEED)
@@ -205,7 +205,7 @@ async def _side(
     if kind == "jetstream" and rest:
         import nats
 
-        from hero_deployer.client import nats_credentials
+        from hero_deployer.sdk.client import nats_credentials
 
         urls = [url.strip() for url in rest.split(",") if url.strip()]
         identity = nats_credentials(nkey=nkey or None, creds=creds or None)

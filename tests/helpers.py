@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 
 
 async def wait_for_event(

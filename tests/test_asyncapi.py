@@ -12,8 +12,8 @@ import pytest
 
 from core.user_events import USER_EVENT_TYPES
 from core.vm_events import VM_EVENT_TYPES
-from hero_deployer.asyncapi import build_spec, render_spec
-from hero_deployer.client import OPERATIONS
+from hero_deployer.sdk.asyncapi import build_spec, render_spec
+from hero_deployer.sdk.client import OPERATIONS
 from tests.conftest import TOKEN, Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def test_the_checked_in_copy_is_up_to_date() -> None:
     assert CHECKED_IN.read_text(encoding="utf-8") == render_spec(), (
         "docs/asyncapi.json is out of date: run "
-        "`.venv/bin/python -m hero_deployer.asyncapi --output docs/asyncapi.json`"
+        "`.venv/bin/python -m hero_deployer.sdk.asyncapi --output docs/asyncapi.json`"
     )
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from core.contract import Part
 from core.operations import ACTOR_PATTERN
-from hero_deployer.client import HeroDeployerClient, local_actor
 from hero_deployer.parts import setup_parts
+from hero_deployer.sdk.client import HeroDeployerClient, local_actor
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import arun_cli, wait_for_event
 

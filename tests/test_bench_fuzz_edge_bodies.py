@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bench.fuzz_edge import Fuzzer
-from hero_deployer.client import OPERATIONS
+from hero_deployer.sdk.client import OPERATIONS
 
 
 @pytest.mark.parametrize("op", sorted(o.name for o in OPERATIONS))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hero_deployer.asyncapi import build_spec
 from hero_deployer.cli import main
+from hero_deployer.sdk.asyncapi import build_spec
 
 
 def test_local_backend_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

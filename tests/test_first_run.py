@@ -13,7 +13,7 @@ from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from hero_deployer.bootstrap import bootstrap
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 
 TERMINAL = frozenset({"ProvisioningCompleted", "StepFailed"})

@@ -25,7 +25,7 @@ from adapters.localgrid import LocalGrid
 from core.errors import NotFound
 from core.vm import RecordOperationFailed
 from hero_deployer.bootstrap import bootstrap
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.settings import Settings
 from hero_deployer.vm_handlers import OutcomeRecorder
 from hero_deployer.vm_reactor import RetryPolicy

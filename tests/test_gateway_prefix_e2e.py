@@ -12,7 +12,7 @@ from nats.aio.client import Client
 from adapters.localgrid import LocalGrid
 from core.gateway_names import gateway_name
 from hero_deployer.bootstrap import bootstrap, manager_config
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 
 STEPS: dict[str, Any] = {

@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "adapters", "projections", "bus", "hero_deployer")
 
 # The folder of a module: hero_deployer's own folders by name, its loose modules are the app's
-SDK = ("hero_deployer.client", "hero_deployer.asyncapi")
-ENTRY_POINTS = ("hero_deployer.cli", "hero_deployer.web")
+FOLDERS = ("hero_deployer.sdk", "hero_deployer.cli", "hero_deployer.web")
 
 # What each folder may import besides itself and the `hero_deployer` package (docs/architecture.md)
 RULES: dict[str, set[str]] = {
@@ -44,10 +43,7 @@ def folder(module: str) -> str:
         return "package"
     if module == "hero_deployer.__main__":
         return "cli"
-    for prefix in SDK:
-        if module == prefix or module.startswith(prefix + "."):
-            return "sdk"
-    for prefix in ENTRY_POINTS:
+    for prefix in FOLDERS:
         if module == prefix or module.startswith(prefix + "."):
             return prefix.rsplit(".", 1)[1]
     return "app"
@@ -65,9 +61,19 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node but those under `if TYPE_CHECKING:` (never run: no import happens there)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def imports(path: Path, known: dict[str, Path]) -> Iterator[str]:
-    """The modules of ours `path` imports, at the top or lazily (inside a function)."""
-    for node in ast.walk(ast.parse(path.read_text())):
+    """The modules of ours `path` imports when it runs, at the top or lazily (in a function)."""
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -108,19 +114,21 @@ def test_no_module_imports_another_that_imports_it_back() -> None:
         pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")
 
 
-def test_the_cycle_check_sees_a_lazy_import(tmp_path: Path) -> None:
+def test_the_cycle_check_sees_a_lazy_import_and_not_a_type_checking_one(tmp_path: Path) -> None:
     known = {"core.a": tmp_path / "a.py", "core.b": tmp_path / "b.py"}
     known["core.a"].write_text("import core.b\n")
     known["core.b"].write_text("def f():\n    from core.a import g\n")
     edges = {name: set(imports(path, known)) for name, path in known.items()}
     with pytest.raises(CycleError):
         tuple(TopologicalSorter(edges).static_order())
+    known["core.b"].write_text("if TYPE_CHECKING:\n    from core.a import g\nelse:\n    g = 1\n")
+    assert set(imports(known["core.b"], known)) == set()
 
 
 SERVER = ("aiosqlite", "sqlite3", "asyncssh", "httpx", "adapters", "projections", "bus")
 
 
-@pytest.mark.parametrize("module", SDK)
+@pytest.mark.parametrize("module", ["hero_deployer.sdk.client", "hero_deployer.sdk.asyncapi"])
 def test_the_sdk_loads_no_database_adapter_projection_or_bus(module: str) -> None:
     code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run(

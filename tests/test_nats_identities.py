@@ -27,7 +27,6 @@ from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from hero_deployer.bootstrap import bootstrap
-from hero_deployer.client import HeroDeployerClient
 from hero_deployer.natsserver import (
     CLIENT_SEED,
     SERVICE_SEED,
@@ -36,6 +35,7 @@ from hero_deployer.natsserver import (
     free_port,
     render_config,
 )
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 

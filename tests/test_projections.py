@@ -35,7 +35,7 @@ from core.vm import (
 from core.vm_events import VM_EVENT_TYPES, VmDeployFailed, VmDeployRequested
 from hero_deployer.bootstrap import PROJECTIONS, bootstrap
 from hero_deployer.cli import main
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import (
     Change,

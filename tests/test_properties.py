@@ -17,7 +17,7 @@ from core import vm as vms
 from core.contract import EventsRequest, UserStatus
 from core.errors import VM_NOT_FOUND, DomainError, NotFound
 from core.secrets import Fingerprinter
-from hero_deployer.client import OPERATIONS
+from hero_deployer.sdk.client import OPERATIONS
 
 FAST = settings(max_examples=150, deadline=None, database=None)  # no .hypothesis/ in the tree
 FINGERPRINT = Fingerprinter(b"k" * 32)

@@ -25,7 +25,7 @@ from bus.publisher import StatusPublisher
 from core.events import NewEvent, RecordedEvent, StreamAppend, vm_stream
 from core.vm_events import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
 from hero_deployer.bootstrap import bootstrap
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.settings import Settings
 from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, Service, make_settings

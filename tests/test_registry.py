@@ -7,7 +7,7 @@ import pytest
 
 from core.contract import AuditEventsRequest, EventsRequest, GetVm, RestartVm, VmOut
 from core.registry import OPERATIONS, Op, Registry
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, Service
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

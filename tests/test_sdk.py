@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
 from core.vm_events import VmDeployed, VmStopped
-from hero_deployer.client import (
+from hero_deployer.sdk.client import (
     MUTATING,
     OPERATIONS_BY_NAME,
     Conflict,

@@ -11,7 +11,7 @@ from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
 from core.errors import DomainError
 from hero_deployer.bootstrap import bootstrap
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 

@@ -12,7 +12,7 @@ from core.contract import GetUser, ProvisionUser
 from core.errors import InvalidInput
 from core.manifest import render_services_toml
 from core.usernames import RESERVED_USERNAMES, reserved_username, username_problem
-from hero_deployer.asyncapi import build_spec
+from hero_deployer.sdk.asyncapi import build_spec
 from tests.conftest import TOKEN, Service
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -20,7 +20,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client
 
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.web import create_app
 from hero_deployer.web.sessions import COOKIE_NAME, KEY_FILE, REVOKED_FILE, SessionStore
 from tests.conftest import TOKEN, Service

@@ -17,8 +17,8 @@ from nats.protocol import command as prot_command
 
 from core.errors import InvalidInput
 from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
-from hero_deployer.asyncapi import build_spec, ecma_pattern
-from hero_deployer.client import OPERATIONS_BY_NAME
+from hero_deployer.sdk.asyncapi import build_spec, ecma_pattern
+from hero_deployer.sdk.client import OPERATIONS_BY_NAME
 from tests.conftest import TOKEN, Service
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -35,7 +35,7 @@ async def connect(args: argparse.Namespace, settings: Settings) -> Any:
     """The CLI's one connection to the service that the settings point at."""
     import nats.errors
 
-    from hero_deployer.client import HeroDeployerClient, local_actor
+    from hero_deployer.sdk.client import HeroDeployerClient, local_actor
 
     url = settings.nats_url
     token = _token(settings)

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Parser.json_errors = as_json
     args = build_parser().parse_args(argv)
     if args.command == "api-spec":
-        from hero_deployer.asyncapi import print_spec
+        from hero_deployer.sdk.asyncapi import print_spec
 
         print_spec(args.prefix)
         return 0

@@ -12,7 +12,7 @@ from hero_deployer.cli.parsing import Options, command
 from hero_deployer.settings import Settings
 
 if TYPE_CHECKING:
-    from hero_deployer.client import NatsIdentity
+    from hero_deployer.sdk.client import NatsIdentity
 
 BACKENDS = ["local", "hero-compute", "opentofu"]
 UP_EPILOG = """\
@@ -124,7 +124,7 @@ async def _rebuild(args: argparse.Namespace, settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def _dashboard(settings: Settings, port: int) -> AsyncIterator[str]:
     """The dashboard's server, connected as a client identity; yields its URL."""
-    from hero_deployer.client import HeroDeployerClient
+    from hero_deployer.sdk.client import HeroDeployerClient
     from hero_deployer.web import web_server
 
     client = await HeroDeployerClient.connect(

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from core.contract import UserStatus
 from core.usernames import UserRefName
-from hero_deployer.client import DomainError, EventOut, HeroDeployerClient, NotFound, UserOut
+from hero_deployer.sdk.client import DomainError, EventOut, HeroDeployerClient, NotFound, UserOut
 from hero_deployer.web import audit, streams, tenant
 from hero_deployer.web.forms import conforms
 from hero_deployer.web.live import EventHub

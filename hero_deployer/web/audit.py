@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from core.contract import AuditEvent, StreamName
-from hero_deployer.client import AuditPage, DomainError
+from hero_deployer.sdk.client import AuditPage, DomainError
 from hero_deployer.web.forms import conforms
 from hero_deployer.web.render import (
     acting,

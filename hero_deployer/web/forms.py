@@ -9,7 +9,7 @@ from typing import Any, Final, get_args
 import msgspec
 import msgspec.inspect
 
-from hero_deployer.asyncapi import ecma_pattern
+from hero_deployer.sdk.schemas import ecma_pattern
 
 # In an HTML `pattern` (compiled with the v flag) a literal "-" at either end of a class must be
 # escaped: https://html.spec.whatwg.org/multipage/input.html#the-pattern-attribute

@@ -9,7 +9,7 @@ from typing import Final
 
 import structlog
 
-from hero_deployer.client import EventOut, HeroDeployerClient
+from hero_deployer.sdk.client import EventOut, HeroDeployerClient
 
 log = structlog.get_logger("hero_deployer.web")
 

@@ -10,7 +10,7 @@ import jinja2
 import msgspec
 from aiohttp import web
 
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.web.live import EventHub, TenantWatches
 from hero_deployer.web.ratelimit import FailureLimiter, TenantLimiter
 from hero_deployer.web.sessions import COOKIE_NAME, Session, SessionStore

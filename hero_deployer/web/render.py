@@ -15,7 +15,7 @@ from aiohttp import web
 
 from core.contract import Name, Part
 from core.usernames import Username
-from hero_deployer.client import DomainError, HeroDeployerClient
+from hero_deployer.sdk.client import DomainError, HeroDeployerClient
 from hero_deployer.web.forms import html_pattern, max_length
 from hero_deployer.web.middleware import (
     CLIENT_KEY,

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hero_deployer.client import HeroDeployerClient
+from hero_deployer.sdk.client import HeroDeployerClient
 from hero_deployer.web.app import create_app
 
 DEFAULT_HOST = "127.0.0.1"

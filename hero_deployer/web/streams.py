@@ -9,7 +9,7 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
-from hero_deployer.client import DomainError, EventOut
+from hero_deployer.sdk.client import DomainError, EventOut
 from hero_deployer.web.middleware import CLIENT_KEY, CONFIG_KEY, HUB_KEY, SECURITY_HEADERS
 from hero_deployer.web.render import session_of
 

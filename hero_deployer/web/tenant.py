@@ -8,8 +8,8 @@ from typing import Any, Final, Literal
 import msgspec
 from aiohttp import web
 
-from core.contract import DeployVm, Sid
-from hero_deployer.client import DomainError, NotFound, VmOut
+from core.contract import DeleteVm, DeployVm, RestartVm, Sid, StartVm, StopVm, VmRef
+from hero_deployer.sdk.client import DomainError, NotFound, VmOut
 from hero_deployer.web.forms import conforms, number_fields
 from hero_deployer.web.middleware import CONFIG_KEY, error_json
 from hero_deployer.web.render import (
@@ -55,6 +55,15 @@ class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     secret: str
     sid: str
     action: Literal["start", "stop", "restart", "delete"]
+
+
+# A tenant's action, and the contract's request that performs it
+ACTIONS: Final[dict[str, type[VmRef]]] = {
+    "start": StartVm,
+    "stop": StopVm,
+    "restart": RestartVm,
+    "delete": DeleteVm,
+}
 
 
 class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -171,15 +180,9 @@ async def tenant_deploy(request: web.Request) -> web.StreamResponse:
 
 async def tenant_action(request: web.Request) -> web.StreamResponse:
     client = acting(request)
-    actions = {
-        "start": client.start_vm,
-        "stop": client.stop_vm,
-        "restart": client.restart_vm,
-        "delete": client.delete_vm,
-    }
 
     async def call(body: ActionRequest) -> web.Response:
-        vm = await actions[body.action](body.sid, body.secret)
+        vm: VmOut = await client.send(ACTIONS[body.action](sid=body.sid, secret=body.secret))
         return json_response(vm_json(vm))
 
     return await _tenant_call(request, ActionRequest, call)

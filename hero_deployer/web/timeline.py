@@ -9,7 +9,7 @@ from typing import Any, Final
 import msgspec
 
 from core.contract import STEPS
-from hero_deployer.client import EventOut, UserOut
+from hero_deployer.sdk.client import EventOut, UserOut
 
 # The event that finishes each provisioning step.
 STEP_EVENTS: Final[dict[str, str]] = {

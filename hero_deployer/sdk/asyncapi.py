@@ -1,7 +1,7 @@
 """The AsyncAPI 3.0.0 document of the wire contract, generated from the msgspec types.
 
 Every operation is a request-reply operation on `<prefix>.<operation>`; every event type is a
-channel of the status stream. `python -m hero_deployer.asyncapi` prints the document (with
+channel of the status stream. `python -m hero_deployer.sdk.asyncapi` prints the document (with
 `--prefix P` for another prefix); `docs/asyncapi.json` is its checked-in copy.
 """
 
@@ -12,9 +12,6 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any, Final
-
-import msgspec
-import msgspec.inspect as mi
 
 from core.contract import ACTOR_HEADER, AUTHORIZATION_HEADER, DEFAULT_PREFIX, IDEMPOTENCY_HEADER
 from core.errors import (
@@ -27,13 +24,15 @@ from core.errors import (
     Unauthorized,
     Unavailable,
 )
-from core.events import Event, EventOut
+from core.events import Event
 from core.operations import ACTOR_PATTERN, BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
 from core.registry import OPERATIONS, Op
 from core.user_events import USER_EVENT_TYPES
 from core.usernames import USERNAME_PATTERN
 from core.vm_events import VM_EVENT_TYPES
 from hero_deployer import VERSION
+from hero_deployer.sdk.schemas import ecma_pattern
+from hero_deployer.sdk.schemas import schemas as schemas_of
 
 Json = dict[str, Any]
 
@@ -90,59 +89,6 @@ The request-reply API and the status stream of hero-deployer, over NATS core.
 
 def _ref(pointer: str) -> Json:
     return {"$ref": pointer}
-
-
-_ECMA_ANCHORS: Final = {"A": "^", "Z": "$"}
-
-
-def ecma_pattern(pattern: str) -> str:
-    """The ECMA-262 form of a whole-value Python pattern (`\\A` and `\\Z` become `^` and `$`).
-
-    JSON Schema patterns are ECMA-262, where `$` without the m flag matches only at the end and
-    `\\Z` does not exist; Python's `$` also matches before a final newline, hence `\\Z` in ours.
-    """
-    out: list[str] = []
-    chars = iter(pattern)
-    for char in chars:
-        if char != "\\":
-            out.append(char)
-            continue
-        escaped = next(chars, "")
-        out.append(_ECMA_ANCHORS.get(escaped, char + escaped))
-    return "".join(out)
-
-
-def _ecma_patterns(node: Any) -> Any:
-    """A copy of a JSON Schema with every `pattern` in its ECMA-262 form."""
-    if isinstance(node, dict):
-        return {
-            k: ecma_pattern(v) if k == "pattern" and isinstance(v, str) else _ecma_patterns(v)
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_ecma_patterns(v) for v in node]
-    return node
-
-
-def _schemas(operations: Sequence[Op], events: Sequence[type[Event]]) -> Json:
-    types: list[Any] = [EventOut]
-    for op in operations:
-        types += [op.request, op.result]
-    types += list(events)
-    _, components = msgspec.json.schema_components(
-        list(dict.fromkeys(types)), ref_template=SCHEMAS + "{name}"
-    )
-    for event in events:
-        _untagged(components[event.__name__], mi.type_info(event))
-    return dict(sorted(_ecma_patterns(components).items()))
-
-
-def _untagged(schema: Json, info: mi.Type) -> None:
-    """Drops the tag from an event's schema: `data` holds the fields, the envelope the type."""
-    if isinstance(info, mi.StructType) and info.tag_field is not None:
-        schema["properties"].pop(info.tag_field, None)
-        if "required" in schema:
-            schema["required"] = [n for n in schema["required"] if n != info.tag_field]
 
 
 def _schema_name(cls: type[Any]) -> str:
@@ -396,7 +342,7 @@ def _skeleton(schemas: Json) -> Json:
 def build_spec(prefix: str = DEFAULT_PREFIX) -> Json:
     """The AsyncAPI 3.0.0 document for the service on `prefix`, as plain JSON values."""
     event_types = [e for *_, types in _stream_types() for e in types]
-    schemas = _schemas(list(OPERATIONS), event_types)
+    schemas = schemas_of(list(OPERATIONS), event_types, SCHEMAS)
     schemas["ErrorReply"] = _error_reply_schema()
     spec = _skeleton(schemas)
     for op in OPERATIONS:
@@ -420,7 +366,9 @@ def print_spec(prefix: str = DEFAULT_PREFIX) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hero_deployer.asyncapi", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m hero_deployer.sdk.asyncapi", description=__doc__
+    )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX)
     parser.add_argument("--output", help="write to this file instead of stdout")
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""The SDK: a typed client of the wire contract, importing only the contract (`core`)."""
