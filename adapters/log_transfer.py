@@ -22,13 +22,7 @@ from nats.js.kv import KeyValue
 
 from adapters.event_chain import GENESIS, link
 from adapters.eventstore_jetstream import JetStreamEventStore
-from adapters.eventstore_sqlite import (
-    INSERT_EVENT,
-    INSERT_IDEMPOTENCY,
-    SCHEMA,
-    _Metadata,
-    _metadata_decoder,
-)
+from adapters.eventstore_sqlite import _Metadata, _metadata_decoder
 from adapters.jetstream_idempotency import Stored, decode_stored, encode_stored, hashed
 from adapters.jetstream_log import (
     ALL,
@@ -42,6 +36,7 @@ from adapters.jetstream_log import (
     recorded,
     subject_of,
 )
+from adapters.sqlite_events import INSERT_EVENT, INSERT_IDEMPOTENCY, SCHEMA
 from adapters.vault_jetstream import owner_kind, vault_bucket, vault_key
 from adapters.vault_sqlite import _SCHEMA as VAULT_SCHEMA
 from core.events import RecordedEvent

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapters.event_chain import chained
-from adapters.eventstore_sqlite import INSERT_EVENT, SCHEMA, SqliteEventStore
+from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.keyfiles import load_or_create_key
+from adapters.sqlite_events import INSERT_EVENT, SCHEMA
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.events import Event, event_data
 from core.secrets import Fingerprinter
