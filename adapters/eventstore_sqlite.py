@@ -20,7 +20,6 @@ from adapters.sqlite_events import (
     BulkReaders,
     Synchronous,
     connect,
-    connect_point_reader,
     connect_writer,
     past,
     rollback,
@@ -105,7 +104,11 @@ class SqliteEventStore:
         self._reader = await connect(self.path, self._synchronous)
         # Point reads (one stream, one key) are indexed lookups of microseconds: they run on a
         # read-only connection in the event loop instead of paying hops to a database thread.
-        self._point_reader = connect_point_reader(self.path)
+        self._point_reader = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        self._point_reader.execute("PRAGMA query_only = 1")
+        self._point_reader.execute("PRAGMA busy_timeout = 5000")
         await self._read_head()
         self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-writer")
 

@@ -155,14 +155,6 @@ async def connect(path: Path, synchronous: Synchronous) -> aiosqlite.Connection:
     return conn
 
 
-def connect_point_reader(path: Path) -> sqlite3.Connection:
-    """A read-only connection for point reads in the event loop's thread."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA query_only = 1")
-    conn.execute("PRAGMA busy_timeout = 5000")
-    return conn
-
-
 class BulkReaders:
     """The connections bulk reads take turns on, opened at the first; each has a thread of its
     own, so several reads run at once."""
