@@ -96,6 +96,7 @@ class IdempotencyKeys:
         self._mine: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stale_after = STALE_AFTER
+        self.held_wait = HELD_WAIT
 
     async def open(self) -> None:
         config = api.KeyValueConfig(
@@ -237,11 +238,11 @@ class IdempotencyKeys:
 
     async def lookup(self, key: str) -> IdempotencyRecord | None:
         """The confirmed record of `key`; None while it is free. A key another request holds
-        (on another replica) is waited for up to HELD_WAIT seconds: confirmed, it is the
+        (on another replica) is waited for up to `held_wait` seconds: confirmed, it is the
         record; released or still held, None."""
         name = hashed(key)
         loop = asyncio.get_running_loop()
-        deadline, pause = loop.time() + HELD_WAIT, 0.01
+        deadline, pause = loop.time() + self.held_wait, 0.01
         while (found := await self._get(name)) is not None:
             stored, revision = found
             if not stored.token:

@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 import structlog
+from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from adapters.ssh_asyncssh import AsyncsshShell
@@ -107,9 +108,12 @@ def forge_settings(forge: FakeForgejo) -> dict[str, Any]:
 
 @asynccontextmanager
 async def users_service(
-    tmp_path: Path, place: Place, *, shell: Any = None, **overrides: Any
+    tmp_path: Path, place: Place | Client, *, shell: Any = None, **overrides: Any
 ) -> AsyncIterator[Users]:
-    """The service where `place` runs it (its replicas share the grid); `app` is the first."""
+    """The service where `place` runs it (its replicas share the grid); `app` is the first. A
+    bare connection (the web tests') means SQLite beside its server."""
+    if not isinstance(place, Place):
+        place = Place("sqlite", place, [])
     settings = make_settings(tmp_path / "data", local_ssh=True, **{**STEP_POLICY, **overrides})
     async with (
         LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=True) as grid,
