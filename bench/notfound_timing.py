@@ -28,7 +28,7 @@ import nats
 from nats.aio.client import Client
 
 from bench.run import TOKEN, ServiceProcess
-from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.app.natsserver import NatsServer, free_port
 
 OPERATIONS = ("get_vm", "start_vm", "stop_vm", "restart_vm", "delete_vm")
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

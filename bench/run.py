@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from adapters.sqlite_runtime import disable_memory_statistics
-from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.app.natsserver import NatsServer, free_port
 
 TOKEN = "bench-token-" + "b" * 32
 ROOT = Path(__file__).resolve().parents[1]

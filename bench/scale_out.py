@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.run import ServiceProcess, load, show
-from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.app.natsserver import NatsServer, free_port
 from tests.jetstream_cluster import running_cluster, stream_created
 
 SERVE_ENV = {"HERO_DEPLOYER_LOCAL_DEPLOY_DELAY": "0", "HERO_DEPLOYER_LOCAL_ACTION_DELAY": "0"}

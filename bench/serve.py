@@ -12,7 +12,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
-from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.app.natsserver import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.serve import start_serve
-from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.app.natsserver import NatsServer, free_port
 from hero_deployer.sdk.client import HeroDeployerClient
 
 TOKEN = "bench-token-" + "s" * 32

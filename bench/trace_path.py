@@ -32,9 +32,9 @@ import nats
 
 from adapters.localgrid import LocalGrid
 from adapters.sqlite_runtime import disable_memory_statistics
-from hero_deployer.bootstrap import bootstrap
-from hero_deployer.natsserver import NatsServer, free_port
-from hero_deployer.settings import Settings
+from hero_deployer.app.bootstrap import bootstrap
+from hero_deployer.app.natsserver import NatsServer, free_port
+from hero_deployer.app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "trace-token-" + "t" * 32

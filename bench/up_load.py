@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 
 from bench.run import ROOT, TOKEN, _python, load, noop_baseline, show
-from hero_deployer.natsserver import CLIENT_SEED, NatsServer, free_port
+from hero_deployer.app.natsserver import CLIENT_SEED, NatsServer, free_port
 
 
 class UpProcess:

@@ -39,8 +39,8 @@ from core.vm_events import (
     VmStarted,
     VmStopped,
 )
-from hero_deployer.bootstrap import PROJECTIONS
-from hero_deployer.natsserver import NatsServer, free_port
+from hero_deployer.app.bootstrap import PROJECTIONS
+from hero_deployer.app.natsserver import NatsServer, free_port
 from projections.runner import connect_views, rebuild
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -23,11 +23,11 @@ from nats.aio.client import Client
 from adapters.localgrid import LocalGrid
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.events import RecordedEvent
-from hero_deployer.bootstrap import App, bootstrap
-from hero_deployer.natsserver import free_port, nats_server_binary
+from hero_deployer.app.bootstrap import App, bootstrap
+from hero_deployer.app.natsserver import free_port, nats_server_binary
+from hero_deployer.app.settings import Settings
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.settings import Settings
-from hero_deployer.vm_reactor import RetryPolicy
 from tests.jetstream_cluster import BackgroundCluster, delete_log
 
 TOKEN = "test-token-" + "x" * 32

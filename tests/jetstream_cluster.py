@@ -21,7 +21,7 @@ from adapters.jetstream_idempotency import BUCKET as IDEMPOTENCY
 from adapters.jetstream_log import STREAM
 from adapters.lease_jetstream import CHECKPOINTS, LEASES
 from adapters.vault_jetstream import BUCKET as VAULT
-from hero_deployer.natsserver import NatsServer, NatsServerError
+from hero_deployer.app.natsserver import NatsServer, NatsServerError
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from adapters.eventstore_sqlite import SqliteEventStore
 from core.domain import VMS
 from core.events import NewEvent, StreamAppend
 from core.vm_events import VmDeployed, VmDeployRequested
-from hero_deployer.aggregates import Aggregates
+from hero_deployer.app.aggregates import Aggregates
 from tests.conftest import TOKEN, Service
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from core.contract import Part
 from core.operations import ACTOR_PATTERN
-from hero_deployer.parts import setup_parts
+from hero_deployer.app.parts import setup_parts
 from hero_deployer.sdk.client import HeroDeployerClient, local_actor
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import arun_cli, wait_for_event

@@ -9,8 +9,8 @@ from ipaddress import IPv6Address
 from pathlib import Path
 
 from adapters.mycelium_host import mycelium_addresses
-from hero_deployer.backends import check_backend
-from hero_deployer.settings import Settings
+from hero_deployer.app.backends import check_backend
+from hero_deployer.app.settings import Settings
 from tests.conftest import make_settings
 from tests.fakes.forgejo import FakeForgejo
 from tests.fakes.herocompute_rpc import HeroComputeRpc

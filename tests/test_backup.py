@@ -18,9 +18,9 @@ from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from adapters.sqlite_backup import Manifest
-from hero_deployer.bootstrap import bootstrap
+from hero_deployer.app.bootstrap import bootstrap
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import arun_cli, wait_for_event
 

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from hero_deployer import context
+from hero_deployer.app import context
+from hero_deployer.app.context import Context
+from hero_deployer.app.natsserver import free_port
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli import EXIT_UNAUTHORIZED, EXIT_UNAVAILABLE
-from hero_deployer.context import Context
-from hero_deployer.natsserver import free_port
-from hero_deployer.settings import Settings
 from tests.conftest import TOKEN
 from tests.helpers import arun_cli, run_cli, spawn_up
 

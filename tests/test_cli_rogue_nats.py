@@ -11,9 +11,9 @@ from pathlib import Path
 import nats
 from nats.aio.msg import Msg
 
+from hero_deployer.app.context import SERVER_NAME_FILE
+from hero_deployer.app.natsserver import free_port, nats_server_binary
 from hero_deployer.cli.errors import EXIT_UNAVAILABLE
-from hero_deployer.context import SERVER_NAME_FILE
-from hero_deployer.natsserver import free_port, nats_server_binary
 from tests.test_cli_up import _env, _up
 
 SECRET = "tenant-secret-never-sent"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hero_deployer.natsserver import free_port, nats_server_binary
+from hero_deployer.app.natsserver import free_port, nats_server_binary
 
 
 def _cli(*args: str, data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:

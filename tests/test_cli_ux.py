@@ -23,10 +23,9 @@ import pytest
 
 from core.contract import DeployVm
 from hero_deployer import VERSION, cli
+from hero_deployer.app.natsserver import free_port
 from hero_deployer.cli.main import build_parser
-from hero_deployer.cli.validation import readable
-from hero_deployer.natsserver import free_port
-from hero_deployer.secret_input import (
+from hero_deployer.cli.secret_input import (
     NEW_SECRET,
     NEW_SECRET_ENV,
     OLD_SECRET,
@@ -34,6 +33,7 @@ from hero_deployer.secret_input import (
     UsageError,
     resolve_secret,
 )
+from hero_deployer.cli.validation import readable
 from tests.conftest import TOKEN, Service
 from tests.helpers import arun_cli, run_cli, spawn_up
 

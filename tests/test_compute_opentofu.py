@@ -797,8 +797,8 @@ async def test_build_backend_wires_the_networks_grid_proxy_and_the_settings(
 ) -> None:
     from contextlib import AsyncExitStack
 
-    from hero_deployer.backends import build_backend, gridproxy_url
-    from hero_deployer.settings import Settings
+    from hero_deployer.app.backends import build_backend, gridproxy_url
+    from hero_deployer.app.settings import Settings
 
     for key, value in environment(tofu, calls_log).items():
         monkeypatch.setenv(key, value)

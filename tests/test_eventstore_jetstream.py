@@ -37,7 +37,7 @@ from adapters.vault_jetstream import JetStreamSecretVault
 from adapters.vault_sqlite import SqliteSecretVault
 from core.errors import ConcurrencyError, Conflict, Unavailable
 from core.events import RecordedEvent
-from hero_deployer.natsserver import NatsServer
+from hero_deployer.app.natsserver import NatsServer
 from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
 from tests.jetstream_cluster import connect, jetstream_ready, jetstream_server, running_server
 

@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
-from hero_deployer.bootstrap import bootstrap
+from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 

@@ -11,7 +11,7 @@ from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from core.gateway_names import gateway_name
-from hero_deployer.bootstrap import bootstrap, manager_config
+from hero_deployer.app.bootstrap import bootstrap, manager_config
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 

@@ -25,11 +25,11 @@ from adapters.eventstore_jetstream import JetStreamEventStore
 from adapters.jetstream_log import STREAM, verify_chain
 from adapters.keyfiles import load_or_create_nkey
 from adapters.localgrid import LocalGrid
-from hero_deployer.bootstrap import SHARED_KEYS, SharedKeyMissing, bootstrap
-from hero_deployer.natsserver import NatsServer
+from hero_deployer.app.bootstrap import SHARED_KEYS, SharedKeyMissing, bootstrap
+from hero_deployer.app.natsserver import NatsServer
+from hero_deployer.app.settings import Settings
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import Conflict, HeroDeployerClient, Unavailable
-from hero_deployer.settings import Settings
-from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 from tests.helpers import deploy_running
 from tests.jetstream_cluster import (

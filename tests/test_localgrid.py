@@ -23,7 +23,7 @@ from core.ports import (
     SshTarget,
     VmSpec,
 )
-from hero_deployer.natsserver import free_port
+from hero_deployer.app.natsserver import free_port
 from tests.compute_contract import ComputeBackendContract
 
 SMALL = {"cpu_count": 1, "memory_gb": 1, "disk_gb": 1, "rootfs_gb": 1}

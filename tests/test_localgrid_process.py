@@ -20,7 +20,7 @@ from adapters.localgrid import LocalGrid
 from adapters.localgrid_machine import VmMachine
 from adapters.localgrid_ports import PortCursor, ephemeral_range
 from core.ports import BackendError, GatewaySpec
-from hero_deployer.natsserver import free_port
+from hero_deployer.app.natsserver import free_port
 from tests.test_localgrid import connect, refused, ssh_vm
 
 ROOT = Path(__file__).resolve().parents[1]

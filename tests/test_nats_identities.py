@@ -26,8 +26,8 @@ import pytest_asyncio
 from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
-from hero_deployer.bootstrap import bootstrap
-from hero_deployer.natsserver import (
+from hero_deployer.app.bootstrap import bootstrap
+from hero_deployer.app.natsserver import (
     CLIENT_SEED,
     SERVICE_SEED,
     NatsServer,
@@ -35,8 +35,8 @@ from hero_deployer.natsserver import (
     free_port,
     render_config,
 )
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 
 PREFIX = "hero.v1"

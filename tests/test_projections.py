@@ -33,10 +33,10 @@ from core.vm import (
     fold,
 )
 from core.vm_events import VM_EVENT_TYPES, VmDeployFailed, VmDeployRequested
-from hero_deployer.bootstrap import PROJECTIONS, bootstrap
+from hero_deployer.app.bootstrap import PROJECTIONS, bootstrap
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.cli import main
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import (
     Change,
     Projection,

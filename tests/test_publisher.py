@@ -24,10 +24,10 @@ from adapters.localgrid import LocalGrid
 from bus.publisher import StatusPublisher
 from core.events import NewEvent, RecordedEvent, StreamAppend, vm_stream
 from core.vm_events import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
-from hero_deployer.bootstrap import bootstrap
+from hero_deployer.app.bootstrap import bootstrap
+from hero_deployer.app.settings import Settings
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.settings import Settings
-from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, Service, make_settings
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")

@@ -10,9 +10,9 @@ from nats.aio.client import Client
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
 from core.errors import DomainError
-from hero_deployer.bootstrap import bootstrap
+from hero_deployer.app.bootstrap import bootstrap
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.vm_reactor import RetryPolicy
 from tests.conftest import TOKEN, make_settings
 
 

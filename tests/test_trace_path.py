@@ -12,9 +12,9 @@ async def test_deploy_vm_crosses_at_most_four_operation_specific_files(tmp_path:
     specific = operation_specific(deploy, provision)
     assert set(specific) <= {
         "core/vm.py",
-        "hero_deployer/vm_handlers.py",
-        "hero_deployer/vm_reactor.py",
+        "hero_deployer/app/vm_handlers.py",
+        "hero_deployer/app/vm_reactor.py",
         "projections/vm_view.py",
     }, specific
     assert "core/vm.py" in specific  # the trace saw the decider: it measures something
-    assert "hero_deployer/commands.py" in deploy.calls  # the one runner is on the path
+    assert "hero_deployer/app/commands.py" in deploy.calls  # the one runner is on the path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hero_deployer.natsserver import NatsServerError, ensure_port_free
+from hero_deployer.app.natsserver import NatsServerError, ensure_port_free
 
 
 @pytest.mark.parametrize("port", [0, -1, 65536, 70000])

@@ -7,8 +7,8 @@ import pytest
 from core.ports import NodeInfo
 from core.retry import RetryPolicy
 from core.user_actions import pick_node
-from hero_deployer.bootstrap import manager_config
-from hero_deployer.settings import Settings, per_step
+from hero_deployer.app.bootstrap import manager_config
+from hero_deployer.app.settings import Settings, per_step
 
 
 def node(node_id: int, memory: float, disk: float, domain: str = "gw.example", up: bool = True):

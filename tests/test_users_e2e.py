@@ -31,15 +31,15 @@ from core.manifest import PROFILES
 from core.operations import RequestMeta
 from core.ports import SshTarget
 from core.user import Context as UserContext
-from hero_deployer.bootstrap import FROM_SETTINGS, PROJECTIONS, App
-from hero_deployer.commands import Command, run
-from hero_deployer.logs import configure
-from hero_deployer.natsserver import free_port
+from hero_deployer.app.bootstrap import FROM_SETTINGS, PROJECTIONS, App
+from hero_deployer.app.commands import Command, run
+from hero_deployer.app.logs import configure
+from hero_deployer.app.natsserver import free_port
+from hero_deployer.app.settings import Settings
+from hero_deployer.app.user_handlers import FORGE_PASSWORD, SSH_PRIVATE_KEY, VM_SECRET
+from hero_deployer.app.user_manager import ssh_keys_for
+from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
-from hero_deployer.settings import Settings
-from hero_deployer.user_handlers import FORGE_PASSWORD, SSH_PRIVATE_KEY, VM_SECRET
-from hero_deployer.user_manager import ssh_keys_for
-from hero_deployer.vm_reactor import RetryPolicy
 from projections.runner import connect_views, rebuild
 from tests.conftest import STORES, TOKEN, Place, make_settings
 from tests.fakes.forgejo import FakeForgejo

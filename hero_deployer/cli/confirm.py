@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from hero_deployer.cli.errors import Cancelled
-from hero_deployer.secret_input import UsageError
+from hero_deployer.cli.secret_input import UsageError
 
 
 def add_yes_argument(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from hero_deployer.app.context import SERVER_NAME_FILE, expected_server_name
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli.errors import NoService, NoToken
 from hero_deployer.cli.run import client_credentials
-from hero_deployer.context import SERVER_NAME_FILE, expected_server_name
-from hero_deployer.settings import Settings
 
 
 async def _quiet(error: Exception) -> None:

@@ -11,8 +11,8 @@ import msgspec
 from core.errors import DomainError, InvalidInput
 from core.ports import BackendError
 from hero_deployer.cli.output import colour_on, paint
+from hero_deployer.cli.secret_input import UsageError
 from hero_deployer.cli.validation import readable
-from hero_deployer.secret_input import UsageError
 
 # Exit statuses by class, sysexits(3)-like; stable: scripts branch on them (README, `--help`).
 EXIT_OK: Final = 0

@@ -9,13 +9,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hero_deployer import VERSION, audit, context
+from hero_deployer import VERSION
+from hero_deployer.app import audit, context
+from hero_deployer.app.runtime import NatsRefused, prepare_process
+from hero_deployer.app.settings import Settings, explicit_values
 from hero_deployer.cli import run, service, store, users, vms
 from hero_deployer.cli.errors import EXIT_STATUS_HELP, failure_of, report
 from hero_deployer.cli.parsing import HelpFormatter, Parser, command, options
 from hero_deployer.cli.validation import LABELS
-from hero_deployer.runtime import NatsRefused, prepare_process
-from hero_deployer.settings import Settings, explicit_values
 
 DESCRIPTION = "Run hero-deployer, the owner of the Hero OS demo fleet's VMs, and talk to it."
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli.parsing import Options, command
-from hero_deployer.settings import Settings
 
 if TYPE_CHECKING:
     from hero_deployer.sdk.client import NatsIdentity
@@ -100,7 +100,7 @@ def _web_port(parser: argparse.ArgumentParser, text: str) -> None:
 
 
 async def _up(args: argparse.Namespace, settings: Settings) -> None:
-    from hero_deployer.runtime import serve
+    from hero_deployer.app.runtime import serve
 
     port = args.web_port
     await serve(
@@ -109,13 +109,13 @@ async def _up(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> None:
-    from hero_deployer.runtime import serve
+    from hero_deployer.app.runtime import serve
 
     await serve(settings, embedded_nats=False)
 
 
 async def _rebuild(args: argparse.Namespace, settings: Settings) -> None:
-    from hero_deployer.runtime import rebuild_views
+    from hero_deployer.app.runtime import rebuild_views
 
     count = await rebuild_views(settings)
     print(f"rebuilt views from {count} events")
@@ -149,7 +149,7 @@ async def _dashboard(settings: Settings, port: int) -> AsyncIterator[str]:
 
 def client_credentials(settings: Settings) -> NatsIdentity:
     """The NATS identity of the CLI's clients: `nats_creds`, `nats_nkey`, else DIR/client.nk."""
-    from hero_deployer.natsserver import CLIENT_SEED
+    from hero_deployer.app.natsserver import CLIENT_SEED
 
     if settings.nats_creds:
         return {"creds": Path(settings.nats_creds)}

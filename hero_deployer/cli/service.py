@@ -6,13 +6,13 @@ import argparse
 import sys
 from typing import Any
 
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli.connect import call, connected
 from hero_deployer.cli.errors import EXIT_ERROR, NoService
 from hero_deployer.cli.output import colour_on, paint, print_events, print_json, status
 from hero_deployer.cli.parsing import Options, command
 from hero_deployer.cli.run import BACKENDS
 from hero_deployer.cli.validation import bounds, field_type
-from hero_deployer.settings import Settings
 
 EVENTS_EPILOG = """\
 examples:
@@ -108,7 +108,7 @@ async def _health(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _backend_check(args: argparse.Namespace, settings: Settings) -> int:
-    from hero_deployer.backends import check_backend
+    from hero_deployer.app.backends import check_backend
 
     report = await check_backend(settings)
     problems, notes = report.problems, report.notes
@@ -152,7 +152,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> None:
 
 async def _local_parts(settings: Settings) -> list[dict[str, Any]]:
     """`backend check`'s findings as parts: the backend's problems and notes, and the Forge's."""
-    from hero_deployer.backends import check_backend
+    from hero_deployer.app.backends import check_backend
 
     report = await check_backend(settings)
     usable = f"The {settings.backend} backend is usable."

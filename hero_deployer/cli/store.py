@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli.parsing import Options, command
-from hero_deployer.settings import Settings
 
 EPILOG = """\
 examples:
@@ -33,7 +33,7 @@ def add_commands(sub: Any, opts: Options) -> None:
 
 
 async def _migrate_store(args: argparse.Namespace, settings: Settings) -> None:
-    from hero_deployer.runtime import migrate_store
+    from hero_deployer.app.runtime import migrate_store
 
     moved = await migrate_store(
         args.source,

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from core.contract import ProvisionUser
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
 from hero_deployer.cli.connect import connected
 from hero_deployer.cli.errors import CommandFailed
@@ -14,7 +15,6 @@ from hero_deployer.cli.output import print_json, print_users
 from hero_deployer.cli.parsing import Options, command, field_option, group, operation_summary
 from hero_deployer.cli.progress import Wait, describe_user_event, follow
 from hero_deployer.cli.validation import field_type, rule_of
-from hero_deployer.settings import Settings
 
 USERS_EPILOG = """\
 examples:

@@ -7,21 +7,21 @@ from datetime import datetime
 from typing import Any
 
 from core.contract import DeployVm
+from hero_deployer.app.settings import Settings
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
 from hero_deployer.cli.connect import connected
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_vms
 from hero_deployer.cli.parsing import Options, command, field_option, group, operation_summary
 from hero_deployer.cli.progress import Wait, describe_vm_event, follow
-from hero_deployer.cli.validation import field_type, rule_of
-from hero_deployer.secret_input import (
+from hero_deployer.cli.secret_input import (
     NEW_SECRET,
     OLD_SECRET,
     SECRET,
     add_secret_arguments,
     resolve_secret,
 )
-from hero_deployer.settings import Settings
+from hero_deployer.cli.validation import field_type, rule_of
 
 VMS_EPILOG = """\
 The secret comes from --secret-file FILE, $HERO_DEPLOYER_SECRET, or a prompt on a terminal.

@@ -22,8 +22,8 @@ from core.vm import (
     vm_spec,
 )
 from core.vm_events import VmDeleteRequested, VmDeployRequested, VmRestarted, VmStarted, VmStopped
-from hero_deployer.aggregates import Aggregates
-from hero_deployer.vm_handlers import until_taken
+from hero_deployer.app.aggregates import Aggregates
+from hero_deployer.app.vm_handlers import until_taken
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from core.ports import EventStore, SecretVault
 from core.secrets import Fingerprinter
 from core.user_state import User
 from core.vm import Vm
-from hero_deployer.aggregates import Aggregates, KeyedLocks
+from hero_deployer.app.aggregates import Aggregates, KeyedLocks
 from projections.replay import PagedSource
 from projections.runner import ProjectionRunner
 from projections.user_view import UserView

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.sqlite_backup import EVENTS, BackupError, backup, restore, verify_file
-from hero_deployer.settings import Settings
+from hero_deployer.app.settings import Settings
 
 EXIT_BROKEN = 1
 

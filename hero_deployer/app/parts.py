@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.contract import Part
-from hero_deployer.settings import Settings
+from hero_deployer.app.settings import Settings
 
 
 def setup_parts(settings: Settings, *, forge: bool, grid_proxy: bool) -> tuple[Part, ...]:

@@ -20,7 +20,7 @@ from core.errors import VM_NOT_FOUND, Conflict, InvalidInput, NotFound, Unavaila
 from core.operations import RequestMeta
 from core.retry import RetryPolicy
 from core.vm import Context, OutcomeCommand, RekeyVm, Vm, VmCommand
-from hero_deployer.commands import (
+from hero_deployer.app.commands import (
     Command,
     Decided,
     Record,
@@ -28,7 +28,7 @@ from hero_deployer.commands import (
     idempotent,
     run,
 )
-from hero_deployer.deps import Deps
+from hero_deployer.app.deps import Deps
 
 _encoder = msgspec.json.Encoder()
 

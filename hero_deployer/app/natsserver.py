@@ -26,7 +26,7 @@ from typing import Self
 
 from adapters.keyfiles import load_or_create_nkey
 from bus.edge import QUEUE_GROUP
-from hero_deployer.context import record_server_name
+from hero_deployer.app.context import record_server_name
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "nats.conf"
 CONFIG_NAME = "nats-server.conf"

@@ -13,8 +13,8 @@ import msgspec
 from core.errors import ConcurrencyError, Conflict, DomainError
 from core.events import Event, IdempotencyRecord, NewEvent, StreamAppend
 from core.operations import RequestMeta
-from hero_deployer.aggregates import Aggregates
-from hero_deployer.deps import Deps
+from hero_deployer.app.aggregates import Aggregates
+from hero_deployer.app.deps import Deps
 
 S = TypeVar("S")
 

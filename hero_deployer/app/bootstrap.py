@@ -15,7 +15,7 @@ import aiosqlite
 import structlog
 from nats.aio.client import Client
 
-from adapters.eventstore_sqlite import SqliteEventStore, Synchronous
+from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.keyfiles import load_or_create_key
 from adapters.lease_jetstream import (
     CHECKPOINTS,
@@ -26,6 +26,7 @@ from adapters.lease_jetstream import (
     bucket,
 )
 from adapters.sealing import AesGcmSealer
+from adapters.sqlite_events import Synchronous
 from adapters.vault_sqlite import SqliteSecretVault
 from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
@@ -42,15 +43,22 @@ from core.ports import (
     SecretVault,
 )
 from core.secrets import Fingerprinter
-from hero_deployer import VERSION, vm_handlers
-from hero_deployer.aggregates import Aggregates, KeyedLocks
-from hero_deployer.backends import build_backend, gridproxy_url
-from hero_deployer.deps import Deps, ServiceStore
-from hero_deployer.operations import operations as bound_operations
-from hero_deployer.parts import setup_parts
-from hero_deployer.settings import Settings, per_step
-from hero_deployer.user_manager import ManagerConfig, Ports, UserManager, ssh_keys_for, step_policy
-from hero_deployer.vm_reactor import RetryPolicy, VmReactor
+from hero_deployer import VERSION
+from hero_deployer.app import vm_handlers
+from hero_deployer.app.aggregates import Aggregates, KeyedLocks
+from hero_deployer.app.backends import build_backend, gridproxy_url
+from hero_deployer.app.deps import Deps, ServiceStore
+from hero_deployer.app.operations import operations as bound_operations
+from hero_deployer.app.parts import setup_parts
+from hero_deployer.app.settings import Settings, per_step
+from hero_deployer.app.user_manager import (
+    ManagerConfig,
+    Ports,
+    UserManager,
+    ssh_keys_for,
+    step_policy,
+)
+from hero_deployer.app.vm_reactor import RetryPolicy, VmReactor
 from projections.follow import Checkpoints, Follower, Handler, stop_tasks
 from projections.runner import (
     ConnectionHook,

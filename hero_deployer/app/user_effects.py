@@ -65,11 +65,11 @@ from core.user_events import (
 from core.user_state import User, backend_url_for
 from core.vm import Context as VmContext
 from core.vm import RecordDeleted, vm_spec
-from hero_deployer import vm_handlers
-from hero_deployer.commands import Command, run
-from hero_deployer.deps import Deps
-from hero_deployer.user_handlers import FORGE_PASSWORD, FORGE_TOKEN, SSH_PRIVATE_KEY, VM_SECRET
-from hero_deployer.vm_handlers import ssh_keys_for
+from hero_deployer.app import vm_handlers
+from hero_deployer.app.commands import Command, run
+from hero_deployer.app.deps import Deps
+from hero_deployer.app.user_handlers import FORGE_PASSWORD, FORGE_TOKEN, SSH_PRIVATE_KEY, VM_SECRET
+from hero_deployer.app.vm_handlers import ssh_keys_for
 
 log = structlog.get_logger(__name__)
 

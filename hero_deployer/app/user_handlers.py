@@ -20,8 +20,8 @@ from core.events import user_stream
 from core.operations import RequestMeta
 from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand
 from core.user_state import User
-from hero_deployer.commands import Command, Decided, Record, consistent_views, idempotent, run
-from hero_deployer.deps import Deps
+from hero_deployer.app.commands import Command, Decided, Record, consistent_views, idempotent, run
+from hero_deployer.app.deps import Deps
 
 # What the vault holds per user (owner = username), sealed; never in an event, a log or a reply.
 FORGE_PASSWORD: Final = "forge_password"  # noqa: S105  (a vault kind, not a password)

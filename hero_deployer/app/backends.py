@@ -10,7 +10,7 @@ from typing import cast
 import structlog
 
 from core.ports import BackendError, ComputeBackend
-from hero_deployer.settings import Settings
+from hero_deployer.app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +83,7 @@ def _stable_port(path: Path) -> int:
     """A loopback port chosen at the first start and kept in `path`, so URLs survive restarts."""
     if path.exists():
         return int(path.read_text().strip())
-    from hero_deployer.natsserver import free_port
+    from hero_deployer.app.natsserver import free_port
 
     port = free_port()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,10 @@ from core.contract import (
 from core.events import RecordedEvent
 from core.operations import Operation, RequestMeta
 from core.registry import OPERATIONS, Op
-from hero_deployer import VERSION, user_handlers, vm_handlers
-from hero_deployer.commands import consistent_views
-from hero_deployer.deps import Deps
+from hero_deployer import VERSION
+from hero_deployer.app import user_handlers, vm_handlers
+from hero_deployer.app.commands import consistent_views
+from hero_deployer.app.deps import Deps
 
 _encoder = msgspec.json.Encoder()
 

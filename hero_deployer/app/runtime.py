@@ -13,8 +13,8 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hero_deployer import context
-from hero_deployer.settings import Settings
+from hero_deployer.app import context
+from hero_deployer.app.settings import Settings
 
 if TYPE_CHECKING:
     from adapters.log_transfer import LogSide
@@ -56,8 +56,8 @@ async def serve(
     import structlog
 
     from adapters.keyfiles import restrict_to_owner
-    from hero_deployer.bootstrap import bootstrap
-    from hero_deployer.logs import configure
+    from hero_deployer.app.bootstrap import bootstrap
+    from hero_deployer.app.logs import configure
 
     stop = _stop_signal()  # a signal during the start stops cleanly too: nothing is left behind
     configure(settings.log_level, settings.log_format)
@@ -93,7 +93,7 @@ async def serve(
 
 def _embedded_nats(settings: Settings) -> Any:
     """`up`'s own nats-server on 127.0.0.1:`nats_port`, with DIR's two NATS identities."""
-    from hero_deployer.natsserver import NatsServer, render_config
+    from hero_deployer.app.natsserver import NatsServer, render_config
 
     config = render_config(settings.data_dir, settings.prefix)
     return NatsServer(port=settings.nats_port, data_dir=settings.data_dir, config=config)
@@ -140,7 +140,7 @@ async def _service_connection(settings: Settings, guard: _StartGuard, embedded: 
     """The service's NATS connection: as DIR/service.nk under `up`, else as `--nkey`/`--creds`."""
     import nats
 
-    from hero_deployer.natsserver import SERVICE_SEED
+    from hero_deployer.app.natsserver import SERVICE_SEED
     from hero_deployer.sdk.client import nats_credentials
 
     if embedded:
@@ -172,7 +172,7 @@ def _tune_gc() -> None:
 
 async def rebuild_views(settings: Settings) -> int:
     from adapters.eventstore_sqlite import SqliteEventStore
-    from hero_deployer.bootstrap import PROJECTIONS
+    from hero_deployer.app.bootstrap import PROJECTIONS
     from projections.runner import connect_views, rebuild
 
     async with SqliteEventStore(settings.data_dir / "events.db") as store:

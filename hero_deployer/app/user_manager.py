@@ -53,14 +53,14 @@ from core.user_events import UserVmDeployed, UserVmDeployRequested
 from core.user_state import User
 from core.vm import Context as VmContext
 from core.vm import Vm
-from hero_deployer import user_handlers, vm_handlers
-from hero_deployer.commands import Command, consistent_views, run
-from hero_deployer.deps import Deps
-from hero_deployer.user_effects import Effects, StepError
-from hero_deployer.user_effects import ManagerConfig as ManagerConfig  # where the bootstrap and
-from hero_deployer.user_effects import Ports as Ports  # the tests take them
-from hero_deployer.user_handlers import FORGE_PASSWORD
-from hero_deployer.vm_handlers import ssh_keys_for as ssh_keys_for
+from hero_deployer.app import user_handlers, vm_handlers
+from hero_deployer.app.commands import Command, consistent_views, run
+from hero_deployer.app.deps import Deps
+from hero_deployer.app.user_effects import Effects, StepError
+from hero_deployer.app.user_effects import ManagerConfig as ManagerConfig  # where the bootstrap and
+from hero_deployer.app.user_effects import Ports as Ports  # the tests take them
+from hero_deployer.app.user_handlers import FORGE_PASSWORD
+from hero_deployer.app.vm_handlers import ssh_keys_for as ssh_keys_for
 
 log = structlog.get_logger(__name__)
 
