@@ -36,6 +36,30 @@ def add_commands(sub: Any, opts: Options) -> None:
         dest="user_action",
         epilog=USERS_EPILOG,
     )
+    _add_provision(users, opts)
+    command(users, "list", operation_summary("list_users"), parents=opts.client)
+    get = command(users, "get", operation_summary("get_user"), parents=opts.client)
+    get.add_argument("username", help="the user's name")
+    decommission = command(
+        users,
+        "decommission",
+        operation_summary("decommission_user") + ": its VM, gateway and account",
+        parents=opts.client,
+    )
+    decommission.add_argument("username", help="the user's name")
+    decommission.add_argument("--wait", action="store_true", help="follow until decommissioned")
+    _wait_timeout(decommission)
+    add_yes_argument(decommission)
+    reveal = command(
+        users, "reveal-password", operation_summary("reveal_initial_password"), parents=opts.client
+    )
+    reveal.add_argument("username", help="the user's name")
+    for parser in users.choices.values():
+        parser.set_defaults(handler=_users)
+
+
+def _add_provision(users: Any, opts: Options) -> None:
+    """Adds `users provision` with its flags, each from ProvisionUser's field."""
     provision = command(
         users,
         "provision",
@@ -65,25 +89,6 @@ def add_commands(sub: Any, opts: Options) -> None:
     )
     provision.add_argument("--no-wait", action="store_true", help="do not follow the progress")
     _wait_timeout(provision)
-    command(users, "list", operation_summary("list_users"), parents=opts.client)
-    get = command(users, "get", operation_summary("get_user"), parents=opts.client)
-    get.add_argument("username", help="the user's name")
-    decommission = command(
-        users,
-        "decommission",
-        operation_summary("decommission_user") + ": its VM, gateway and account",
-        parents=opts.client,
-    )
-    decommission.add_argument("username", help="the user's name")
-    decommission.add_argument("--wait", action="store_true", help="follow until decommissioned")
-    _wait_timeout(decommission)
-    add_yes_argument(decommission)
-    reveal = command(
-        users, "reveal-password", operation_summary("reveal_initial_password"), parents=opts.client
-    )
-    reveal.add_argument("username", help="the user's name")
-    for parser in users.choices.values():
-        parser.set_defaults(handler=_users)
 
 
 def _wait_timeout(parser: argparse.ArgumentParser) -> None:

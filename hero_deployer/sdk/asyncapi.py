@@ -210,10 +210,10 @@ def _stream_types() -> tuple[tuple[str, str, str, str, tuple[type[Event], ...]],
     )
 
 
-def _operation(op: Op, prefix: str) -> tuple[Json, Json, Json]:
-    """The channels, the operation and the messages of one request-reply operation."""
+def _messages(op: Op) -> Json:
+    """The request and reply messages of one operation."""
     request_id, reply_id = f"{op.name}.request", f"{op.name}.reply"
-    messages: Json = {
+    return {
         request_id: {
             "name": request_id,
             "title": f"{op.name} request",
@@ -228,6 +228,11 @@ def _operation(op: Op, prefix: str) -> tuple[Json, Json, Json]:
             "payload": _ref(SCHEMAS + reply_id),
         },
     }
+
+
+def _operation(op: Op, prefix: str) -> tuple[Json, Json, Json]:
+    """The channels, the operation and the messages of one request-reply operation."""
+    request_id, reply_id = f"{op.name}.request", f"{op.name}.reply"
     channels: Json = {
         op.name: {
             "address": f"{prefix}.{op.name}",
@@ -260,7 +265,7 @@ def _operation(op: Op, prefix: str) -> tuple[Json, Json, Json]:
         operation["description"] = op.description
     if op.authenticated:
         operation["security"] = [_ref("#/components/securitySchemes/bearer")]
-    return channels, operation, messages
+    return channels, operation, _messages(op)
 
 
 def _event_channel(kind: str, parameter: str, about: str, name: str, prefix: str) -> Json:

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
 from aiohttp import web
 
-from hero_deployer.sdk.client import DomainError, EventOut
+from hero_deployer.sdk.client import DomainError, EventOut, HeroDeployerClient
 from hero_deployer.web.middleware import CLIENT_KEY, CONFIG_KEY, HUB_KEY, SECURITY_HEADERS
 from hero_deployer.web.render import session_of
 
 CATCH_UP_PAGES: Final = 10
+
+
+async def _catch_up(
+    client: HeroDeployerClient, after: int, send: Callable[[EventOut], Awaitable[None]]
+) -> int:
+    """Sends the recorded events after `after` (at most CATCH_UP_PAGES pages); the last position."""
+    last = after
+    for _ in range(CATCH_UP_PAGES):
+        page = await client.events(after=last, limit=1000)
+        for event in page.events:
+            await send(event)
+        last = page.last
+        if len(page.events) < 1000:
+            break
+    return last
 
 
 async def _sse(
@@ -45,16 +60,7 @@ async def _sse(
     try:
         async with request.app[HUB_KEY].listen() as listener:
             await response.write(b"retry: 2000\n: connected\n\n")
-            last = 0
-            if raw_after.isdigit():
-                last = int(raw_after)
-                for _ in range(CATCH_UP_PAGES):
-                    page = await client.events(after=last, limit=1000)
-                    for event in page.events:
-                        await send(event)
-                    last = page.last
-                    if len(page.events) < 1000:
-                        break
+            last = await _catch_up(client, int(raw_after), send) if raw_after.isdigit() else 0
             while True:
                 try:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
