@@ -13,33 +13,7 @@ from typing import Final
 
 import msgspec
 
-from core.contract import (
-    AuditEventsRequest,
-    AuditPage,
-    DecommissionUser,
-    DeleteVm,
-    DeployVm,
-    Empty,
-    EventsPage,
-    EventsRequest,
-    GetUser,
-    GetVm,
-    Health,
-    InitialPassword,
-    ListUsers,
-    ListVms,
-    MigrateResult,
-    MigrateSecret,
-    ProvisionUser,
-    RestartVm,
-    RevealInitialPassword,
-    StartVm,
-    StopVm,
-    UserList,
-    UserOut,
-    VmList,
-    VmOut,
-)
+from core import contract as c
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +68,8 @@ class Registry:
 OPERATIONS: Final = Registry(
     Op(
         "deploy_vm",
-        DeployVm,
-        VmOut,
+        c.DeployVm,
+        c.VmOut,
         "Deploy a VM owned by `secret`.",
         mutates=True,
         description=(
@@ -105,15 +79,15 @@ OPERATIONS: Final = Registry(
     ),
     Op(
         "list_vms",
-        ListVms,
-        VmList,
+        c.ListVms,
+        c.VmList,
         "The VMs of `secret`, deleted ones left out.",
         description="Exactly the VMs whose secret equals `secret`, deleted ones left out.",
     ),
     Op(
         "get_vm",
-        GetVm,
-        VmOut,
+        c.GetVm,
+        c.VmOut,
         "One VM, if `secret` owns it (also deleted).",
         description=(
             "A deleted VM is still returned, with status `deleted`. A VM that does not exist and "
@@ -122,32 +96,32 @@ OPERATIONS: Final = Registry(
     ),
     Op(
         "start_vm",
-        StartVm,
-        VmOut,
+        c.StartVm,
+        c.VmOut,
         "Start a stopped VM.",
         mutates=True,
         description="`stopped` → `running`; InvalidState otherwise (after the secret matched).",
     ),
     Op(
         "stop_vm",
-        StopVm,
-        VmOut,
+        c.StopVm,
+        c.VmOut,
         "Stop a running VM.",
         mutates=True,
         description="`running` → `stopped`; InvalidState otherwise (after the secret matched).",
     ),
     Op(
         "restart_vm",
-        RestartVm,
-        VmOut,
+        c.RestartVm,
+        c.VmOut,
         "Restart a running VM.",
         mutates=True,
         description="`running` → `running`; InvalidState otherwise (after the secret matched).",
     ),
     Op(
         "delete_vm",
-        DeleteVm,
-        VmOut,
+        c.DeleteVm,
+        c.VmOut,
         "Delete a VM (any status but deleted).",
         mutates=True,
         description=(
@@ -157,8 +131,8 @@ OPERATIONS: Final = Registry(
     ),
     Op(
         "migrate_secret",
-        MigrateSecret,
-        MigrateResult,
+        c.MigrateSecret,
+        c.MigrateResult,
         "Re-key every live VM of `old_secret` to `new_secret`, in one transaction.",
         mutates=True,
         description=(
@@ -168,8 +142,8 @@ OPERATIONS: Final = Registry(
     ),
     Op(
         "provision_user",
-        ProvisionUser,
-        UserOut,
+        c.ProvisionUser,
+        c.UserOut,
         "Provision (or resume) a user.",
         mutates=True,
         description=(
@@ -180,19 +154,19 @@ OPERATIONS: Final = Registry(
     ),
     Op(
         "decommission_user",
-        DecommissionUser,
-        UserOut,
+        c.DecommissionUser,
+        c.UserOut,
         "Decommission a user.",
         mutates=True,
         description="Works from `failed` too, and tolerates parts already gone.",
     ),
-    Op("get_user", GetUser, UserOut, "One user."),
+    Op("get_user", c.GetUser, c.UserOut, "One user."),
     # It changes state, but carries no Idempotency-Key and is never retried: a replayable reply
     # would mean storing the password, and a repeat is NotFound by design.
     Op(
         "reveal_initial_password",
-        RevealInitialPassword,
-        InitialPassword,
+        c.RevealInitialPassword,
+        c.InitialPassword,
         "The initial Forge password of a user this service created, once.",
         retried=False,
         description=(
@@ -200,11 +174,11 @@ OPERATIONS: Final = Registry(
             "destroyed after. A second call is NotFound."
         ),
     ),
-    Op("list_users", ListUsers, UserList, "Every user."),
+    Op("list_users", c.ListUsers, c.UserList, "Every user."),
     Op(
         "events",
-        EventsRequest,
-        EventsPage,
+        c.EventsRequest,
+        c.EventsPage,
         "Recorded events after a global position, in position order.",
         description=(
             "Events with position > `after`, in position order; `last` is the position of the last "
@@ -214,14 +188,14 @@ OPERATIONS: Final = Registry(
     ),
     Op(
         "audit_events",
-        AuditEventsRequest,
-        AuditPage,
+        c.AuditEventsRequest,
+        c.AuditPage,
         "Like `events`, with the request id and the actor (Hero-Actor) that recorded each.",
     ),
     Op(
         "health",
-        Empty,
-        Health,
+        c.Empty,
+        c.Health,
         "Liveness, version and last position.",
         authenticated=False,
         description="Exempt from the bearer token by default.",

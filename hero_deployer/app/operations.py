@@ -7,28 +7,8 @@ from typing import Any, Final
 
 import msgspec
 
-from core.contract import (
-    AuditEvent,
-    AuditEventsRequest,
-    AuditPage,
-    DecommissionUser,
-    DeleteVm,
-    DeployVm,
-    Empty,
-    EventsPage,
-    EventsRequest,
-    GetUser,
-    GetVm,
-    Health,
-    ListUsers,
-    ListVms,
-    MigrateSecret,
-    ProvisionUser,
-    RestartVm,
-    RevealInitialPassword,
-    StartVm,
-    StopVm,
-)
+from core import contract as c
+from core.contract import AuditEvent, AuditPage, Empty, EventsPage, EventsRequest, Health
 from core.events import RecordedEvent
 from core.operations import Operation, RequestMeta
 from core.registry import OPERATIONS, Op
@@ -97,22 +77,22 @@ async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
 HANDLERS: Final[
     dict[type[msgspec.Struct], Callable[[Any, RequestMeta, Deps], Awaitable[bytes]]]
 ] = {
-    DeployVm: vm_handlers.deploy_vm,
-    ListVms: vm_handlers.list_vms,
-    GetVm: vm_handlers.get_vm,
-    StartVm: vm_handlers.vm_action,
-    StopVm: vm_handlers.vm_action,
-    RestartVm: vm_handlers.vm_action,
-    DeleteVm: vm_handlers.vm_action,
-    MigrateSecret: vm_handlers.migrate_secret,
-    ProvisionUser: user_handlers.provision_user,
-    DecommissionUser: user_handlers.decommission_user,
-    GetUser: user_handlers.get_user,
-    ListUsers: user_handlers.list_users,
-    RevealInitialPassword: user_handlers.reveal_initial_password,
-    EventsRequest: events,
-    AuditEventsRequest: audit_events,
-    Empty: health,
+    c.DeployVm: vm_handlers.deploy_vm,
+    c.ListVms: vm_handlers.list_vms,
+    c.GetVm: vm_handlers.get_vm,
+    c.StartVm: vm_handlers.vm_action,
+    c.StopVm: vm_handlers.vm_action,
+    c.RestartVm: vm_handlers.vm_action,
+    c.DeleteVm: vm_handlers.vm_action,
+    c.MigrateSecret: vm_handlers.migrate_secret,
+    c.ProvisionUser: user_handlers.provision_user,
+    c.DecommissionUser: user_handlers.decommission_user,
+    c.GetUser: user_handlers.get_user,
+    c.ListUsers: user_handlers.list_users,
+    c.RevealInitialPassword: user_handlers.reveal_initial_password,
+    c.EventsRequest: events,
+    c.AuditEventsRequest: audit_events,
+    c.Empty: health,
 }
 
 
