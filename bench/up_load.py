@@ -60,8 +60,10 @@ class UpProcess:
 
     def __exit__(self, *exc: object) -> None:
         assert self._process is not None
+        started = time.perf_counter()
         self._process.terminate()
-        self._process.wait(60)
+        self._process.wait(120)
+        print(f"    up stopped {time.perf_counter() - started:.1f} s after SIGTERM", flush=True)
 
 
 def _tree_cpu(root: int) -> dict[str, float]:
