@@ -22,72 +22,67 @@ import msgspec
 from adapters.localgrid_machine import VmMachine
 
 
-class Boot(msgspec.Struct, frozen=True, tag=True):
-    """Boots machine `handle` (made on first use from name, sandbox root and authorized keys)."""
+class _Message(msgspec.Struct, frozen=True, tag=True):
+    """A frame: its tag is the class name; `id` pairs a reply with its request or notice."""
 
     id: int
+
+
+class _ForMachine(_Message, frozen=True):
+    """A frame about the machine the parent calls `handle`."""
+
     handle: int
+
+
+class Boot(_ForMachine, frozen=True):
+    """Boots the machine (made on first use from name, sandbox root and authorized keys)."""
+
     name: str
     root: str
     keys: list[bytes]
 
 
-class Halt(msgspec.Struct, frozen=True, tag=True):
-    """Halts machine `handle`; one the host does not hold counts as halted."""
-
-    id: int
-    handle: int
+class Halt(_ForMachine, frozen=True):
+    """Halts the machine; one the host does not hold counts as halted."""
 
 
-class Remove(msgspec.Struct, frozen=True, tag=True):
-    """Halts machine `handle` and removes its sandbox folder."""
+class Remove(_ForMachine, frozen=True):
+    """Halts the machine and removes its sandbox folder."""
 
-    id: int
-    handle: int
     root: str
 
 
-class Ack(msgspec.Struct, frozen=True, tag=True):
+class Ack(_Message, frozen=True):
     """The parent has taken the notice `id` in."""
 
-    id: int
 
-
-class Booted(msgspec.Struct, frozen=True, tag=True):
+class Booted(_Message, frozen=True):
     """The machine runs: its SSH port and its web service's port, if setup enabled it."""
 
-    id: int
     ssh_port: int
     web_port: int | None
 
 
-class Done(msgspec.Struct, frozen=True, tag=True):
+class Done(_Message, frozen=True):
     """A halt or removal finished."""
 
-    id: int
 
-
-class Failed(msgspec.Struct, frozen=True, tag=True):
+class Failed(_Message, frozen=True):
     """A request failed; `os_error` when the system refused (a port, a folder)."""
 
-    id: int
     message: str
     os_error: bool
 
 
-class WebStarted(msgspec.Struct, frozen=True, tag=True):
+class WebStarted(_ForMachine, frozen=True):
     """Notice: a command enabled the machine's web service, which now answers on `web_port`."""
 
-    id: int
-    handle: int
     web_port: int
 
 
-class OwnerSet(msgspec.Struct, frozen=True, tag=True):
+class OwnerSet(_ForMachine, frozen=True):
     """Notice: SFTP gave the VM's absolute `path` an owner."""
 
-    id: int
-    handle: int
     path: str
     uid: int | None
     gid: int | None

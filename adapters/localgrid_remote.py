@@ -157,18 +157,8 @@ class RemoteMachine:
         self._host = host
         self._handle = handle
         self._keys = sorted(authorized_keys)
-        self._ssh_port = 0
-        self._web_port: int | None = None
-
-    @property
-    def ssh_port(self) -> int:
-        """The loopback port of the SSH server (the last one, while halted)."""
-        return self._ssh_port
-
-    @property
-    def web_port(self) -> int | None:
-        """The loopback port of the web service, or None while it does not answer."""
-        return self._web_port
+        self.ssh_port = 0  # the last one, while halted
+        self.web_port: int | None = None  # None while the web service does not answer
 
     def owner(self, path: str) -> tuple[int | None, int | None] | None:
         """The uid and gid set over SFTP on the VM's absolute `path`, or None."""
@@ -176,7 +166,7 @@ class RemoteMachine:
 
     def web_started(self, port: int) -> None:
         """Takes in the child's notice that a command enabled the web service."""
-        self._web_port = port
+        self.web_port = port
 
     async def boot(self) -> None:
         """Boots the machine in the child: OSError when the system refused, as `VmMachine`."""
@@ -185,7 +175,7 @@ class RemoteMachine:
         )
         match reply:
             case Booted(ssh_port=ssh_port, web_port=web_port):
-                self._ssh_port, self._web_port = ssh_port, web_port
+                self.ssh_port, self.web_port = ssh_port, web_port
             case Failed(message=message, os_error=True):
                 raise OSError(message)
             case Failed(message=message):
@@ -193,13 +183,13 @@ class RemoteMachine:
 
     async def halt(self) -> None:
         """Stops the web service, commands, sessions and SSH server (gone with the child too)."""
-        self._web_port = None
+        self.web_port = None
         with contextlib.suppress(ConnectionError):
             await self._host.call(lambda n: Halt(n, self._handle))
 
     async def remove(self) -> None:
         """Halts the machine and removes its sandbox folder."""
-        self._web_port = None
+        self.web_port = None
         try:
             await self._host.call(lambda n: Remove(n, self._handle, str(self.root)))
         except ConnectionError:
