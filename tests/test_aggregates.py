@@ -13,6 +13,7 @@ from core.events import NewEvent, StreamAppend
 from core.vm_events import VmDeployed, VmDeployRequested
 from hero_deployer.app.aggregates import Aggregates
 from tests.conftest import TOKEN, Service
+from tests.helpers import wait_for_event
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 SID = "vm_0123456789abcdef"
@@ -68,6 +69,8 @@ async def test_an_absent_stream_is_remembered_until_a_commit_creates_it(tmp_path
 async def test_a_missing_sid_costs_no_read_of_the_log(service: Service) -> None:
     """NotFound for a missing sid does the work of a wrong secret: no read of the log."""
     sid = (await service.client.call("deploy_vm", {"name": "web", "secret": "owner"}))["sid"]
+    # the deploy's outcome is the last commit: after it the views can catch up with the log
+    await wait_for_event(service.client, f"vm:{sid}", "VmDeployed")
     await service.client.call("get_vm", {"sid": sid, "secret": "owner"})  # views caught up
     reads: list[str] = []
     reader = service.app.store._point_reader
