@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import sys
 from collections.abc import Callable
@@ -217,6 +218,8 @@ async def _main(fd: int) -> None:
 def main() -> None:
     """Serves the parent on the socket whose descriptor is the first argument."""
     fd = int(sys.argv[1])
+    _, most = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))  # a socket or more per VM
     if len(sys.argv) > 2:
         os.nice(int(sys.argv[2]))
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import posixpath
 import re
@@ -253,6 +254,9 @@ class VmMachine:
                 if port == 0:
                     raise
                 continue
+            if not acceptor.get_port():  # asyncio skips a socket it cannot make: out of fds
+                acceptor.close()
+                raise OSError(errno.EMFILE, "no socket left for the vm's ssh server")
             PORTS.hold(acceptor.get_port())
             return acceptor
         raise AssertionError("unreachable")

@@ -204,3 +204,48 @@ def test_the_ephemeral_range_is_read_from_the_kernel_else_linux_default(
     path.write_text(text)
     assert ephemeral_range(path) == expected
     assert ephemeral_range(tmp_path / "missing") == (32768, 60999)
+
+
+OUT_OF_FDS = textwrap.dedent(
+    """
+    import asyncio, errno, resource, socket, sys
+    from pathlib import Path
+    from adapters.localgrid_machine import VmMachine
+
+    async def main() -> None:
+        warm = VmMachine(name="w", root=Path(sys.argv[1]) / "w", authorized_keys=frozenset())
+        await warm.boot()  # everything a boot imports is imported now
+        await warm.halt()
+        machine = VmMachine(name="m", root=Path(sys.argv[1]) / "m", authorized_keys=frozenset())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+        held = []
+        try:
+            while True:
+                held.append(socket.socket())
+        except OSError:
+            pass
+        try:
+            await machine.boot()
+        except OSError as exc:
+            print("refused", errno.errorcode[exc.errno], flush=True)
+        else:
+            print("booted on", machine.ssh_port, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_machine_out_of_file_descriptors_fails_its_boot_rather_than_listen_on_no_port(
+    tmp_path: Path,
+) -> None:
+    run = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        OUT_OF_FDS,
+        str(tmp_path / "m"),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await run.communicate()
+    assert out.decode().split() == ["refused", "EMFILE"]
