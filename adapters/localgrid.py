@@ -28,7 +28,7 @@ from adapters.localgrid_gateway import GatewayRoute, GatewayServer, parse_backen
 from adapters.localgrid_ledger import Ledger, LedgerInUse, VmRecord
 from adapters.localgrid_machine import WEB_PORT, Machine, VmMachine
 from adapters.localgrid_nodes import LocalNode, Node, Nodes, default_nodes
-from adapters.localgrid_remote import MachineHost
+from adapters.localgrid_remote import MachinePool
 from adapters.localgrid_vm import Busy, GridVm, authorized_keys, mycelium_ip, view
 from core.gateway_names import GRID_GATEWAY_NAME
 from core.ports import (
@@ -95,7 +95,7 @@ class LocalGrid:
         self._gateway = GatewayServer(self._web_port_for, gateway_port)
         self._gateway_lock = asyncio.Lock()
         self._ledger = Ledger(data_dir / "localgrid" / "ledger.jsonl")
-        self._host = MachineHost(nice=10) if own_process and ssh else None
+        self._host = MachinePool(nice=10) if own_process and ssh else None
         self._closed = False
         self.calls: list[tuple[str, str]] = []
 

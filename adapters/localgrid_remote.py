@@ -38,6 +38,35 @@ from adapters.localgrid_host import (
 from core.ports import BackendError
 
 _GONE = "the local grid's machine process is not running"
+MACHINES_PER_PROCESS = 8_000
+"""A socket or more per VM: well within a process's usual 20,000 file descriptors."""
+
+
+class MachinePool:
+    """The machine processes of one grid: a new one once the last holds its share of VMs."""
+
+    def __init__(self, *, nice: int = 0) -> None:
+        self._nice = nice
+        self._hosts = [MachineHost(nice=nice)]
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the children that run."""
+        return [host.pid for host in self._hosts if host.pid is not None]
+
+    async def start(self) -> None:
+        """Starts the first child (the others start with their first machine)."""
+        await self._hosts[0].start()
+
+    async def close(self) -> None:
+        """Closes every child."""
+        await asyncio.gather(*(host.close() for host in self._hosts))
+
+    def machine(self, name: str, root: Path, authorized_keys: frozenset[bytes]) -> RemoteMachine:
+        """A new machine for a VM, in the last child, or in a new one if that one is full."""
+        if self._hosts[-1].held >= MACHINES_PER_PROCESS:
+            self._hosts.append(MachineHost(nice=self._nice))
+        return self._hosts[-1].machine(name, root, authorized_keys)
 
 
 class MachineHost:
@@ -55,6 +84,13 @@ class MachineHost:
         self._ids = itertools.count(1)
         self._handles = itertools.count(1)
         self._encoder = msgspec.msgpack.Encoder()
+        self._starting = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        """How many machines this side still holds a handle of."""
+        return len(self._machines)
 
     @property
     def pid(self) -> int | None:
@@ -82,6 +118,7 @@ class MachineHost:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Closes the socket: the child halts every machine and exits (killed after `timeout`)."""
+        self._closed = True
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
@@ -104,7 +141,13 @@ class MachineHost:
         return machine
 
     async def call(self, request: Callable[[int], ToHost]) -> FromHost:
-        """Sends `request(id)` and returns the child's reply; ConnectionError if it is gone."""
+        """Sends `request(id)` and returns the child's reply; ConnectionError if it is gone.
+
+        A child not started yet (and not closed) is started first.
+        """
+        async with self._starting:
+            if self._process is None and not self._closed:
+                await self.start()
         if self._writer is None or self._writer.is_closing():
             raise ConnectionError(_GONE)
         number = next(self._ids)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import adapters.localgrid_machine
+import adapters.localgrid_remote
 from adapters.localgrid import LocalGrid
 from adapters.localgrid_machine import VmMachine
 from adapters.localgrid_ports import PortCursor, ephemeral_range
@@ -112,11 +113,29 @@ async def test_a_grid_of_its_own_process_restarts_with_the_same_host_key_and_web
 async def test_the_machine_process_ends_with_the_grid(tmp_path: Path, key: asyncssh.SSHKey) -> None:
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, own_process=True) as g:
         vm = await ssh_vm(g, key)
-        assert g._host is not None and g._host.pid is not None
-        pid = g._host.pid
+        assert g._host is not None and len(g._host.pids) == 1
+        pid = g._host.pids[0]
         assert pid != os.getpid()
     await exited(pid)  # close() has already waited for it
     assert await refused(vm.ssh_port)
+
+
+async def test_a_full_machine_process_is_joined_by_another(
+    tmp_path: Path, key: asyncssh.SSHKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapters.localgrid_remote, "MACHINES_PER_PROCESS", 2)
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, own_process=True) as g:
+        vms = [await ssh_vm(g, key, name) for name in ("a", "b", "c")]
+        for vm in vms:
+            async with connect(vm, key) as conn:
+                assert (await conn.run("echo $LOCALGRID_VM")).stdout == f"{vm.name}\n"
+        assert g._host is not None
+        pids = g._host.pids
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+    for pid in pids:
+        await exited(pid)
+    for vm in vms:
+        assert await refused(vm.ssh_port)
 
 
 CHILD = textwrap.dedent(
@@ -130,7 +149,7 @@ CHILD = textwrap.dedent(
         async with LocalGrid(data_dir=Path(sys.argv[1]), deploy_delay=0, own_process=True) as g:
             spec = VmSpec(name="vm1", cpu_count=1, memory_gb=1, disk_gb=1, rootfs_gb=1)
             vm = await g.deploy_vm(spec)
-            print(g._host.pid, vm.ssh_port, flush=True)
+            print(g._host.pids[0], vm.ssh_port, flush=True)
             await asyncio.Event().wait()
 
     asyncio.run(main())
