@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Self
 
 import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import api
 from nats.js.client import JetStreamContext
 
 from adapters.event_chain import GENESIS
-from adapters.jetstream_batch import Pending, stage
+from adapters.jetstream_batch import Pending, stage, take
+from adapters.jetstream_follow import head_past, landed, watch
 from adapters.jetstream_idempotency import IdempotencyKeys
 from adapters.jetstream_log import (
     ALL,
@@ -40,7 +39,6 @@ from adapters.jetstream_log import (
     direct_get,
     find_header,
     json_page_between,
-    message_at,
     publish_atomic,
     read_events,
     stream_config,
@@ -90,9 +88,7 @@ class JetStreamEventStore:
         await self.open()
         return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def open(self) -> None:
@@ -103,16 +99,7 @@ class JetStreamEventStore:
             await self._js.add_stream(stream_config(self._replicas))
         await self.keys.open()
         await self._refresh_head()
-        self._watcher = await self._js.subscribe(
-            ALL,
-            stream=STREAM,
-            ordered_consumer=True,
-            headers_only=True,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=api.ConsumerConfig(opt_start_seq=self._head + 1),
-            cb=self._observe,
-            idle_heartbeat=1.0,  # a watcher lost with its server is noticed and made again
-        )
+        self._watcher = await watch(self._js, self._head, self._observe)
         self._writer = asyncio.create_task(self._write_loop(), name="eventstore-jetstream-writer")
         self._poller = asyncio.create_task(self._poll_head(), name="eventstore-jetstream-head")
 
@@ -178,13 +165,7 @@ class JetStreamEventStore:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                batch: list[Pending] = []
-                size = 0
-                while self._pending and (
-                    not batch or size + _size(self._pending[0]) <= self._max_batch
-                ):
-                    size += _size(self._pending[0])
-                    batch.append(self._pending.pop(0))
+                batch = take(self._pending, self._max_batch)
                 try:
                     await self._commit(batch)
                 except Exception as error:  # the store must outlive any one bad batch
@@ -212,7 +193,8 @@ class JetStreamEventStore:
                 for a in (a for p in pending for a in p.appends):
                     self._versions.pop(a.stream, None)
             await self._load_versions(pending)
-            pending = self._stage(pending)  # the losers are told here
+            # the losers are told here
+            pending = stage(pending, self._head, self._head_hash, self._versions)
             if not pending:
                 return
             try:
@@ -258,23 +240,12 @@ class JetStreamEventStore:
         try:
             seq = await publish_atomic(self._nc, messages, self._timeout)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
-            if not await self._landed(last.position, staged[-1].chain):
+            if not await landed(self._nc, last.position, staged[-1].chain, self._timeout):
                 raise OutcomeUnknown("the event log did not answer; the append may land") from error
             seq = last.position
         if seq != last.position:
             raise Unavailable(f"the log placed the batch at {seq}, not {last.position}")
         self._accepted(staged)
-
-    async def _landed(self, position: int, chain: bytes) -> bool:
-        """Whether the event this store hashed `chain` is at `position` (after a lost reply)."""
-        try:
-            msg = await direct_get(self._nc, {"seq": position}, self._timeout)
-        except (nats.errors.Error, Unavailable):
-            return False
-        return msg is not None and (msg.headers or {}).get(H_HASH) == chain.hex()
-
-    def _stage(self, batch: list[Pending]) -> list[Pending]:
-        return stage(batch, self._head, self._head_hash, self._versions)
 
     def _accepted(self, staged: list[Pending]) -> None:
         for pending in staged:
@@ -339,16 +310,9 @@ class JetStreamEventStore:
 
     async def _refresh_head(self) -> None:
         """Takes the log's last position and its hash from the server."""
-        try:
-            info = await self._js.stream_info(STREAM)
-        except (nats.errors.Error, nats.js.errors.Error) as error:
-            raise Unavailable("the event log cannot be reached") from error
-        last = info.state.last_seq
-        if last > self._head:
-            # the head moves only with the hash read at it: a stream peer behind the leader
-            # answers 404 for `last`, and chaining onto any other hash would break the chain
-            msg = await message_at(self._nc, last, self._timeout)
-            self._advance(last, bytes.fromhex((msg.headers or {})[H_HASH]))
+        head = await head_past(self._js, self._nc, self._head, self._timeout)
+        if head is not None:
+            self._advance(*head)
 
     async def _poll_head(self) -> None:
         """Reads the head now and then as well, in case the watcher is being made again."""
@@ -419,7 +383,3 @@ class JetStreamEventStore:
     async def _find_commit(self, token: str, since: float) -> int | None:
         """The position of the event carrying a reservation's token, searching from `since`."""
         return await find_header(self._nc, H_COMMIT, token, since, self._timeout)
-
-
-def _size(pending: Pending) -> int:
-    return sum(len(a.events) for a in pending.appends)

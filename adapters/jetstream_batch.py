@@ -92,3 +92,18 @@ def _check(
     if pending.reservation is not None and pending.reservation.hashed in keys:
         return Conflict("idempotency key is in use by a concurrent request")
     return None
+
+
+def take(pending: list[Pending], max_batch: int) -> list[Pending]:
+    """Takes the next batch off `pending`: appends in order while their events fit in
+    `max_batch`, and always the first."""
+    batch: list[Pending] = []
+    size = 0
+    while pending and (not batch or size + _size(pending[0]) <= max_batch):
+        size += _size(pending[0])
+        batch.append(pending.pop(0))
+    return batch
+
+
+def _size(pending: Pending) -> int:
+    return sum(len(a.events) for a in pending.appends)
