@@ -9,44 +9,22 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
 
-import aiosqlite
 import structlog
 from nats.aio.client import Client
 
-from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.keyfiles import load_or_create_key
-from adapters.lease_jetstream import (
-    CHECKPOINTS,
-    LEASES,
-    KvCheckpoints,
-    KvLease,
-    LeasedSource,
-    bucket,
-)
-from adapters.sealing import AesGcmSealer
-from adapters.sqlite_events import Synchronous
-from adapters.vault_sqlite import SqliteSecretVault
+from adapters.lease_jetstream import KvCheckpoints, KvLease, LeasedSource
 from bus.edge import ServiceEdge
 from bus.publisher import StatusPublisher
 from core.domain import USERS, VMS
 from core.gateway_names import check_prefix
 from core.operations import Operation
-from core.ports import (
-    BackendError,
-    ComputeBackend,
-    Forge,
-    HealthProbe,
-    NodeDirectory,
-    RemoteShell,
-    SecretVault,
-)
+from core.ports import ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
 from core.secrets import Fingerprinter
 from hero_deployer import VERSION
-from hero_deployer.app import vm_handlers
+from hero_deployer.app import configured, vm_handlers
 from hero_deployer.app.aggregates import Aggregates, KeyedLocks
-from hero_deployer.app.backends import build_backend, gridproxy_url
 from hero_deployer.app.deps import Deps, ServiceStore
 from hero_deployer.app.operations import operations as bound_operations
 from hero_deployer.app.parts import setup_parts
@@ -106,20 +84,22 @@ class FromSettings(enum.Enum):
 
 FROM_SETTINGS = FromSettings.TOKEN
 
+Lease = tuple[KvLease, KvCheckpoints] | None
+"""Beside a jetstream log: the side-effects lease and the checkpoints every replica shares."""
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _configured_backend(settings: Settings, stack: AsyncExitStack) -> ComputeBackend:
-    """The configured backend; a real one must pass its check before the service starts."""
-    backend = await build_backend(settings, stack)
-    check = getattr(backend, "check", None)
-    if settings.backend != "local" and check is not None:
-        problems: list[str] = await check()
-        if problems:
-            raise BackendError(f"backend {settings.backend} is not usable: " + "; ".join(problems))
-    return backend
+@dataclass(slots=True)
+class _Views:
+    """The views database's runner, its two query views and the followers' checkpoints."""
+
+    runner: ProjectionRunner
+    vms: VmView
+    users: UserView
+    checkpoints: Checkpoints
 
 
 @asynccontextmanager
@@ -141,139 +121,189 @@ async def bootstrap(
     from the backend); left out, they follow `forge_url` and `gridproxy_url`. `on_connect`
     is told of every connection that writes events.db or views.db (see `ConnectionHook`).
     """
-    data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        backend = compute if compute is not None else await _configured_backend(settings, stack)
-        store = await _event_store(settings, nc, stack, on_connect)
-        if settings.store == "jetstream":
-            if store.position:
-                require_shared_keys(settings)
-            settings = settings.with_token()
-        views_db = data_dir / "views.db"
-        views_conn = await connect_views(views_db, on_connect=on_connect)
-        stack.push_async_callback(views_conn.close)
-        query_conn = await connect_views(views_db, on_connect=on_connect)
-        stack.push_async_callback(query_conn.close)
-        checkpoint_conn = await connect_views(views_db, on_connect=on_connect)
-        stack.push_async_callback(checkpoint_conn.close)
-        reader = connect_views_reader(views_db)
-        stack.callback(reader.close)
-
-        projections = PROJECTIONS()
-        if stale := await outdated(views_conn, projections):
-            # views written with an older layout of their tables, or none yet: from the log
-            if store.position:
-                log.info("views.rebuilding", views=stale, events=store.position)
-            await rebuild(store, views_conn, projections)
-        runner = await stack.enter_async_context(ProjectionRunner(store, views_conn, projections))
-        key = load_or_create_key(
-            data_dir / "fingerprint.key", os.environ.get("HERO_DEPLOYER_FINGERPRINT_KEY")
+        backend = compute if compute is not None else await configured.backend(settings, stack)
+        store = await configured.event_store(settings, nc, stack, on_connect)
+        settings = _joined(settings, store)
+        views = await _views(settings, store, stack, on_connect)
+        deps = await _deps(settings, nc, store, views, stack)
+        lease = await configured.side_effects_lease(settings, nc, stack)  # jetstream: one replica
+        reactor = await _reactor(deps, backend, retry, views.checkpoints, lease, stack)
+        ports = await _ports(
+            settings,
+            stack,
+            backend,
+            deps,
+            shell=shell,
+            probe=probe,
+            forge=forge,
+            directory=directory,
         )
-        vault = await _vault(settings, stack, nc)
-        locks = KeyedLocks()  # one per stream, whichever aggregate's
-        deps = Deps(
-            store=store,
-            views=runner,
-            vm_view=VmView(reader),
-            vms=Aggregates(store, VMS, locks=locks),
-            users=Aggregates(store, USERS, locks=locks),
-            user_view=UserView(query_conn),
-            vault=vault,
-            fingerprint=Fingerprinter(key),
-            clock=utc_now,
-            version=VERSION,
-            require_secret=settings.require_secret,
-        )
-
-        recorder = vm_handlers.OutcomeRecorder(deps)
-        stack.push_async_callback(recorder.close)
-        reactor = VmReactor(
-            backend, deps.vms, recorder.record, retry=retry, ssh_keys=ssh_keys_for(deps)
-        )
-        checkpoints = Checkpoints(checkpoint_conn)
-        stack.push_async_callback(reactor.close)
-        lease = await _lease(settings, nc, stack)  # jetstream: one replica runs side effects
-        await stack.enter_async_context(_side_effects(store, checkpoints, lease, reactor))
-
-        ports = Ports(
-            backend=backend,
-            shell=shell if shell is not None else _shell(),
-            probe=probe if probe is not None else await _probe(stack),
-            vault=vault,
-            forge=await _forge(settings, stack) if forge is FROM_SETTINGS else forge,
-            directory=(
-                await _directory(settings, stack) if directory is FROM_SETTINGS else directory
-            ),
-        )
-        deps.parts = setup_parts(
-            settings, forge=ports.forge is not None, grid_proxy=ports.directory is not None
-        )
-        manager = UserManager(deps, ports, manager_config(settings))
-        stack.push_async_callback(manager.close)
-        await stack.enter_async_context(_side_effects(store, checkpoints, lease, manager))
-        if lease is None:
-            manager.start()
-        else:
-            waiting = asyncio.create_task(_when_held(lease[0], manager.start))
-            stack.push_async_callback(stop_tasks, [waiting])
-
+        manager = await _manager(settings, deps, ports, views.checkpoints, lease, stack)
         operations = bound_operations(deps)
-        edge: ServiceEdge | None = None
+        edge = None
         if nc is not None:
-            await stack.enter_async_context(
-                _side_effects(
-                    ProjectedEvents(store, runner),
-                    checkpoints,
-                    lease,
-                    StatusPublisher(nc, settings.prefix, deps.set_aside),
-                )
-            )
-            edge = ServiceEdge(
-                nc,
-                operations,
-                prefix=settings.prefix,
-                token=settings.token,
-                exempt=settings.exempt,
-                version=VERSION,
-            )
-            await edge.start()
-            stack.push_async_callback(edge.stop, settings.shutdown_timeout)
+            edge = await _edge(settings, nc, deps, operations, views.checkpoints, lease, stack)
+        held = lease[0] if lease is not None else None
         yield App(
-            settings=settings,
-            deps=deps,
-            store=store,
-            views=runner,
-            backend=backend,
-            reactor=reactor,
-            manager=manager,
-            edge=edge,
-            operations=operations,
-            lease=lease[0] if lease is not None else None,
+            settings, deps, store, views.runner, backend, reactor, manager, edge, operations, held
         )
 
 
-async def _event_store(
-    settings: Settings, nc: Client | None, stack: AsyncExitStack, on_connect: ConnectionHook | None
-) -> ServiceStore:
-    """DIR/events.db, or the JetStream stream on the cluster `nc` is connected to."""
-    if settings.store == "sqlite":
-        return await stack.enter_async_context(
-            SqliteEventStore(
-                settings.data_dir / "events.db",
-                synchronous=cast(Synchronous, settings.synchronous),
-                on_connect=on_connect,
-            )
-        )
+def _joined(settings: Settings, store: ServiceStore) -> Settings:
+    """Beside a jetstream log: the shared keys checked (once it has events) and the token read."""
     if settings.store != "jetstream":
-        raise ValueError(f"unknown store {settings.store!r}: sqlite or jetstream")
-    if nc is None:
-        raise ValueError("the jetstream store needs a NATS connection")
-    from adapters.eventstore_jetstream import JetStreamEventStore
+        return settings
+    if store.position:
+        require_shared_keys(settings)
+    return settings.with_token()
 
-    store = JetStreamEventStore(nc, replicas=settings.replicas)
-    store.keys.stale_after = settings.reservation_stale_after
-    return await stack.enter_async_context(store)
+
+async def _views(
+    settings: Settings,
+    store: ServiceStore,
+    stack: AsyncExitStack,
+    on_connect: ConnectionHook | None,
+) -> _Views:
+    """DIR/views.db, rebuilt from the log when its tables are outdated, and its runner started."""
+    views_db = settings.data_dir / "views.db"
+    views_conn = await connect_views(views_db, on_connect=on_connect)
+    stack.push_async_callback(views_conn.close)
+    query_conn = await connect_views(views_db, on_connect=on_connect)
+    stack.push_async_callback(query_conn.close)
+    checkpoint_conn = await connect_views(views_db, on_connect=on_connect)
+    stack.push_async_callback(checkpoint_conn.close)
+    reader = connect_views_reader(views_db)
+    stack.callback(reader.close)
+    projections = PROJECTIONS()
+    if stale := await outdated(views_conn, projections):
+        # views written with an older layout of their tables, or none yet: from the log
+        if store.position:
+            log.info("views.rebuilding", views=stale, events=store.position)
+        await rebuild(store, views_conn, projections)
+    runner = await stack.enter_async_context(ProjectionRunner(store, views_conn, projections))
+    return _Views(runner, VmView(reader), UserView(query_conn), Checkpoints(checkpoint_conn))
+
+
+async def _deps(
+    settings: Settings,
+    nc: Client | None,
+    store: ServiceStore,
+    views: _Views,
+    stack: AsyncExitStack,
+) -> Deps:
+    """What every handler and side effect reads: the store, views, vault, keys and clock."""
+    key = load_or_create_key(
+        settings.data_dir / "fingerprint.key", os.environ.get("HERO_DEPLOYER_FINGERPRINT_KEY")
+    )
+    vault = await configured.vault(settings, stack, nc)
+    locks = KeyedLocks()  # one per stream, whichever aggregate's
+    return Deps(
+        store=store,
+        views=views.runner,
+        vm_view=views.vms,
+        vms=Aggregates(store, VMS, locks=locks),
+        users=Aggregates(store, USERS, locks=locks),
+        user_view=views.users,
+        vault=vault,
+        fingerprint=Fingerprinter(key),
+        clock=utc_now,
+        version=VERSION,
+        require_secret=settings.require_secret,
+    )
+
+
+async def _reactor(
+    deps: Deps,
+    backend: ComputeBackend,
+    retry: RetryPolicy | None,
+    checkpoints: Checkpoints,
+    lease: Lease,
+    stack: AsyncExitStack,
+) -> VmReactor:
+    """The VM reactor, following the log and recording each backend call's outcome."""
+    recorder = vm_handlers.OutcomeRecorder(deps)
+    stack.push_async_callback(recorder.close)
+    reactor = VmReactor(
+        backend, deps.vms, recorder.record, retry=retry, ssh_keys=ssh_keys_for(deps)
+    )
+    stack.push_async_callback(reactor.close)
+    await stack.enter_async_context(_side_effects(deps.store, checkpoints, lease, reactor))
+    return reactor
+
+
+async def _ports(
+    settings: Settings,
+    stack: AsyncExitStack,
+    backend: ComputeBackend,
+    deps: Deps,
+    *,
+    shell: RemoteShell | None,
+    probe: HealthProbe | None,
+    forge: Forge | FromSettings | None,
+    directory: NodeDirectory | FromSettings | None,
+) -> Ports:
+    """What the process manager reaches outside: the given ones, or those the settings describe."""
+    return Ports(
+        backend=backend,
+        shell=shell if shell is not None else configured.shell(),
+        probe=probe if probe is not None else await configured.probe(stack),
+        vault=deps.vault,
+        forge=await configured.forge(settings, stack) if forge is FROM_SETTINGS else forge,
+        directory=(
+            await configured.directory(settings, stack) if directory is FROM_SETTINGS else directory
+        ),
+    )
+
+
+async def _manager(
+    settings: Settings,
+    deps: Deps,
+    ports: Ports,
+    checkpoints: Checkpoints,
+    lease: Lease,
+    stack: AsyncExitStack,
+) -> UserManager:
+    """The user process manager, following the log; beside a jetstream log, once leased."""
+    deps.parts = setup_parts(
+        settings, forge=ports.forge is not None, grid_proxy=ports.directory is not None
+    )
+    manager = UserManager(deps, ports, manager_config(settings))
+    stack.push_async_callback(manager.close)
+    await stack.enter_async_context(_side_effects(deps.store, checkpoints, lease, manager))
+    if lease is None:
+        manager.start()
+    else:
+        waiting = asyncio.create_task(_when_held(lease[0], manager.start))
+        stack.push_async_callback(stop_tasks, [waiting])
+    return manager
+
+
+async def _edge(
+    settings: Settings,
+    nc: Client,
+    deps: Deps,
+    operations: list[Operation],
+    checkpoints: Checkpoints,
+    lease: Lease,
+    stack: AsyncExitStack,
+) -> ServiceEdge:
+    """The status publisher and the NATS edge that serves `operations`."""
+    publisher = StatusPublisher(nc, settings.prefix, deps.set_aside)
+    projected = ProjectedEvents(deps.store, deps.views)
+    await stack.enter_async_context(_side_effects(projected, checkpoints, lease, publisher))
+    edge = ServiceEdge(
+        nc,
+        operations,
+        prefix=settings.prefix,
+        token=settings.token,
+        exempt=settings.exempt,
+        version=VERSION,
+    )
+    await edge.start()
+    stack.push_async_callback(edge.stop, settings.shutdown_timeout)
+    return edge
 
 
 SHARED_KEYS = (
@@ -306,24 +336,10 @@ def require_shared_keys(settings: Settings) -> None:
         )
 
 
-async def _lease(
-    settings: Settings, nc: Client | None, stack: AsyncExitStack
-) -> tuple[KvLease, KvCheckpoints] | None:
-    """Beside a jetstream log: the lease that makes one replica at a time run side effects, and
-    the checkpoints all replicas share (docs/scale-out.md)."""
-    if settings.store != "jetstream" or nc is None:
-        return None
-    js = nc.jetstream()
-    leases = await bucket(js, LEASES, replicas=settings.replicas, ttl=settings.lease_ttl)
-    lease = await stack.enter_async_context(KvLease(leases, "side-effects", ttl=settings.lease_ttl))
-    shared = await bucket(js, CHECKPOINTS, replicas=settings.replicas)
-    return lease, KvCheckpoints(shared, lease)
-
-
 def _side_effects(
     store: EventSource,
     checkpoints: Checkpoints,
-    lease: tuple[KvLease, KvCheckpoints] | None,
+    lease: Lease,
     handler: Handler,
 ) -> Follower:
     """The follower of a handler with side effects (the reactor, the process manager, the status
@@ -359,57 +375,3 @@ def manager_config(settings: Settings) -> ManagerConfig:
         forge_email_domain=settings.forge_email_domain,
         policy=policy,
     )
-
-
-async def _vault(settings: Settings, stack: AsyncExitStack, nc: Client | None) -> SecretVault:
-    """Sealed secrets in `DIR/vault.db` (beside a jetstream log: in its cluster's HERO_VAULT
-    bucket, which every replica shares), under the master key."""
-    master = load_or_create_key(
-        settings.data_dir / "master.key", os.environ.get("HERO_DEPLOYER_MASTER_KEY")
-    )
-    if settings.store == "jetstream" and nc is not None:
-        from adapters.vault_jetstream import JetStreamSecretVault
-
-        return await JetStreamSecretVault.open(
-            nc.jetstream(), AesGcmSealer(master), replicas=settings.replicas
-        )
-    conn = await aiosqlite.connect(settings.data_dir / "vault.db")
-    stack.push_async_callback(conn.close)
-    await conn.execute("PRAGMA busy_timeout=5000")
-    return SqliteSecretVault(conn, AesGcmSealer(master))
-
-
-def _shell() -> RemoteShell:
-    from adapters.ssh_asyncssh import AsyncsshShell
-
-    return AsyncsshShell()
-
-
-async def _probe(stack: AsyncExitStack) -> HealthProbe:
-    from adapters.health_http import HttpxHealthProbe
-
-    return await stack.enter_async_context(HttpxHealthProbe())
-
-
-async def _forge(settings: Settings, stack: AsyncExitStack) -> Forge | None:
-    if not settings.forge_url:
-        return None
-    from adapters.forge_http import ForgejoClient
-
-    client = ForgejoClient(
-        settings.forge_url,
-        admin_user=settings.forge_admin_user,
-        admin_password=settings.forge_admin_password or None,
-        admin_token=settings.forge_admin_token or None,
-    )
-    return await stack.enter_async_context(client)
-
-
-async def _directory(settings: Settings, stack: AsyncExitStack) -> NodeDirectory | None:
-    """The grid proxy: configured, or the OpenTofu network's; none for the other backends."""
-    url = gridproxy_url(settings)
-    if not url:
-        return None
-    from adapters.gridproxy_http import GridProxyDirectory
-
-    return await stack.enter_async_context(GridProxyDirectory(url))
