@@ -21,10 +21,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from core.contract import DeployVm
+from core.contract import DeployVm, VmRef
+from core.registry import OPERATIONS
 from hero_deployer import VERSION, cli
 from hero_deployer.app.natsserver import free_port
 from hero_deployer.cli.main import build_parser
+from hero_deployer.cli.parsing import operation_summary
 from hero_deployer.cli.secret_input import (
     NEW_SECRET,
     NEW_SECRET_ENV,
@@ -155,6 +157,18 @@ def test_every_command_has_a_summary_a_description_and_help_on_each_flag() -> No
         for action in parser._actions:
             if not isinstance(action, argparse._SubParsersAction):
                 assert action.help, f"{path} {action.option_strings or action.dest}"
+
+
+def test_the_vm_subcommands_are_the_registrys_rows_that_name_one_vm() -> None:
+    commands = {path: (parser, summary) for path, parser, summary in _commands(build_parser())}
+    rows = [op for op in OPERATIONS if issubclass(op.request, VmRef)]
+    assert len(rows) == 5
+    for op in rows:
+        parser, summary = commands[f"vms {op.name.split('_')[0]}"]
+        assert summary == operation_summary(op.request) and summary
+        assert [a.dest for a in parser._actions if not a.option_strings] == ["sid"]
+    verbs = {path.split()[1] for path in commands if path.startswith("vms ")}
+    assert verbs == {"deploy", "list"} | {op.name.split("_")[0] for op in rows}
 
 
 def test_flags_show_the_request_types_defaults_and_bounds(up: Up) -> None:

@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from hero_deployer.app.context import SERVER_NAME_FILE, expected_server_name
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.errors import NoService, NoToken
@@ -105,3 +107,8 @@ async def call(args: argparse.Namespace, settings: Settings, operation: str, bod
     """One request on a connection of its own; its result as plain JSON values."""
     async with connected(args, settings) as client:
         return await client.call(operation, body)
+
+
+async def send(client: Any, request: msgspec.Struct) -> Any:
+    """Sends `request` and returns its result as the plain JSON values the output prints."""
+    return msgspec.to_builtins(await client.send(request))

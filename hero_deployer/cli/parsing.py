@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from core.registry import OPERATIONS
+import msgspec
+
+from core.registry import OPERATIONS, Op
 from hero_deployer.cli.validation import bounds, field_type
 
 
@@ -105,9 +107,14 @@ def group(sub: Any, name: str, summary: str, *, dest: str, epilog: str) -> Any:
     return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
 
 
-def operation_summary(operation: str) -> str:
+def row(request: type[msgspec.Struct]) -> Op:
+    """The registry's row whose request type is `request`."""
+    return next(op for op in OPERATIONS if op.request is request)
+
+
+def operation_summary(request: type[msgspec.Struct]) -> str:
     """The contract's one description of an operation, as a subcommand's summary."""
-    text = OPERATIONS[operation].summary.rstrip(".").replace("`secret`", "the secret")
+    text = row(request).summary.rstrip(".").replace("`secret`", "the secret")
     return text[0].lower() + text[1:]
 
 

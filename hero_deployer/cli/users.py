@@ -6,13 +6,26 @@ import argparse
 from datetime import datetime
 from typing import Any
 
-from core.contract import ProvisionUser
+from core.contract import (
+    DecommissionUser,
+    GetUser,
+    ListUsers,
+    ProvisionUser,
+    RevealInitialPassword,
+)
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
-from hero_deployer.cli.connect import connected
+from hero_deployer.cli.connect import connected, send
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_users
-from hero_deployer.cli.parsing import Options, command, field_option, group, operation_summary
+from hero_deployer.cli.parsing import (
+    Options,
+    command,
+    field_option,
+    group,
+    operation_summary,
+    row,
+)
 from hero_deployer.cli.progress import Wait, describe_user_event, follow
 from hero_deployer.cli.validation import field_type, rule_of
 
@@ -37,13 +50,13 @@ def add_commands(sub: Any, opts: Options) -> None:
         epilog=USERS_EPILOG,
     )
     _add_provision(users, opts)
-    command(users, "list", operation_summary("list_users"), parents=opts.client)
-    get = command(users, "get", operation_summary("get_user"), parents=opts.client)
+    command(users, "list", operation_summary(ListUsers), parents=opts.client)
+    get = command(users, "get", operation_summary(GetUser), parents=opts.client)
     get.add_argument("username", help="the user's name")
     decommission = command(
         users,
         "decommission",
-        operation_summary("decommission_user") + ": its VM, gateway and account",
+        operation_summary(DecommissionUser) + ": its VM, gateway and account",
         parents=opts.client,
     )
     decommission.add_argument("username", help="the user's name")
@@ -51,7 +64,7 @@ def add_commands(sub: Any, opts: Options) -> None:
     _wait_timeout(decommission)
     add_yes_argument(decommission)
     reveal = command(
-        users, "reveal-password", operation_summary("reveal_initial_password"), parents=opts.client
+        users, "reveal-password", operation_summary(RevealInitialPassword), parents=opts.client
     )
     reveal.add_argument("username", help="the user's name")
     for parser in users.choices.values():
@@ -63,7 +76,7 @@ def _add_provision(users: Any, opts: Options) -> None:
     provision = command(
         users,
         "provision",
-        operation_summary("provision_user") + ", showing each step live",
+        operation_summary(ProvisionUser) + ", showing each step live",
         parents=opts.client,
     )
     rule = rule_of(field_type(ProvisionUser, "username")[0])
@@ -103,14 +116,13 @@ async def _users(args: argparse.Namespace, settings: Settings) -> None:
         require_answer(args, "users decommission")
     async with connected(args, settings) as client:
         if action == "list":
-            result = await client.call("list_users", {})
+            result = await send(client, ListUsers())
             print_users(args, result["users"], many=True)
         elif action == "get":
-            user = await client.call("get_user", {"username": args.username})
+            user = await send(client, GetUser(username=args.username))
             print_users(args, [user], many=False)
         elif action == "reveal-password":
-            body = {"username": args.username}
-            result = await client.call("reveal_initial_password", body)
+            result = await send(client, RevealInitialPassword(username=args.username))
             if args.json:
                 print_json(result)
             else:
@@ -127,8 +139,8 @@ async def _provision(args: argparse.Namespace, client: Any) -> None:
     for field in ("display_name", "forge_email", "profile"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
-    before = (await client.call("health", {}))["position"]
-    user = await client.call("provision_user", body)
+    before = (await client.health()).position
+    user = await client.call(row(ProvisionUser).name, body)
     if args.no_wait or user["status"] != "provisioning":
         print_users(args, [user], many=False)
         return
@@ -139,7 +151,7 @@ async def _provision(args: argparse.Namespace, client: Any) -> None:
         f"user:{name}", before, began, "ProvisioningCompleted", "StepFailed", describe_user_event
     )
     failure = await follow(args, client, wait)
-    user = await client.call("get_user", {"username": name})
+    user = await send(client, GetUser(username=name))
     if args.json:
         print_json(user)
     elif failure is None:
@@ -152,10 +164,10 @@ async def _provision(args: argparse.Namespace, client: Any) -> None:
 
 async def _decommission(args: argparse.Namespace, client: Any) -> None:
     name = args.username
-    current = await client.call("get_user", {"username": name})
+    current = await send(client, GetUser(username=name))
     await confirm(args, f"Decommission {name} ({current['status']}): delete its VM and gateway?")
-    before = (await client.call("health", {}))["position"]
-    user = await client.call("decommission_user", {"username": name})
+    before = (await client.health()).position
+    user = await send(client, DecommissionUser(username=name))
     if not args.wait or user["status"] != "decommissioning":
         print_users(args, [user], many=False)
         return
@@ -164,7 +176,7 @@ async def _decommission(args: argparse.Namespace, client: Any) -> None:
     began = datetime.fromisoformat(user["updated_at"])
     wait = Wait(f"user:{name}", before, began, "UserDecommissioned", "", describe_user_event)
     await follow(args, client, wait)
-    user = await client.call("get_user", {"username": name})
+    user = await send(client, GetUser(username=name))
     if args.json:
         print_json(user)
     else:

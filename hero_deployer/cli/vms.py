@@ -6,13 +6,21 @@ import argparse
 from datetime import datetime
 from typing import Any
 
-from core.contract import DeployVm
+from core.contract import DeployVm, GetVm, ListVms, MigrateSecret, VmRef
+from core.registry import OPERATIONS, Op
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
-from hero_deployer.cli.connect import connected
+from hero_deployer.cli.connect import connected, send
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_vms
-from hero_deployer.cli.parsing import Options, command, field_option, group, operation_summary
+from hero_deployer.cli.parsing import (
+    Options,
+    command,
+    field_option,
+    group,
+    operation_summary,
+    row,
+)
 from hero_deployer.cli.progress import Wait, describe_vm_event, follow
 from hero_deployer.cli.secret_input import (
     NEW_SECRET,
@@ -48,20 +56,30 @@ SIZE_FLAGS = (
 )
 
 
+def _verb(op: Op) -> str:
+    """A VM operation's subcommand: its name without the noun (`stop_vm` -> `stop`)."""
+    return op.name.split("_")[0]
+
+
+VM_ACTIONS = {_verb(op): op for op in OPERATIONS if issubclass(op.request, VmRef)}
+"""`vms get|start|…`: every operation whose request names one VM by (sid, secret)."""
+DEPLOY, LIST = row(DeployVm), row(ListVms)
+
+
 def add_commands(sub: Any, opts: Options) -> None:
     """Adds `vms deploy|list|get|start|stop|restart|delete` and `migrate-secret`."""
     vms = group(sub, "vms", "a tenant's VMs, by secret", dest="vm_action", epilog=VMS_EPILOG)
-    deploy = command(vms, "deploy", operation_summary("deploy_vm"), parents=opts.client)
+    deploy = command(vms, _verb(DEPLOY), operation_summary(DeployVm), parents=opts.client)
     deploy.add_argument("name", help=f"the VM's name: {rule_of(field_type(DeployVm, 'name')[0])}")
     add_secret_arguments(deploy, SECRET)
     for flag, field, text, kind in SIZE_FLAGS:
         field_option(deploy, flag, DeployVm, field, text, type=kind)
     _wait_arguments(deploy, "follow the deploy until the VM runs or fails")
     add_secret_arguments(
-        command(vms, "list", operation_summary("list_vms"), parents=opts.client), SECRET
+        command(vms, _verb(LIST), operation_summary(ListVms), parents=opts.client), SECRET
     )
-    for action in ("get", "start", "stop", "restart", "delete"):
-        parser = command(vms, action, operation_summary(f"{action}_vm"), parents=opts.client)
+    for action, op in VM_ACTIONS.items():
+        parser = command(vms, action, operation_summary(op.request), parents=opts.client)
         parser.add_argument("sid", help="the VM's sid (vm_…), as deploy and list show it")
         add_secret_arguments(parser, SECRET)
         if action == "delete":
@@ -94,32 +112,31 @@ async def _vms(args: argparse.Namespace, settings: Settings) -> None:
     if action == "delete":
         require_answer(args, "vms delete")
     async with connected(args, settings) as client:
-        if action == "deploy":
+        if action == _verb(DEPLOY):
             await _deploy(args, client, secret)
-        elif action == "list":
-            result = await client.call("list_vms", {"secret": secret})
+        elif action == _verb(LIST):
+            result = await send(client, ListVms(secret=secret))
             print_vms(args, result["vms"], many=True)
         else:
-            body = {"sid": args.sid, "secret": secret}
             if action == "delete":
-                vm = await client.call("get_vm", body)
+                vm = await send(client, GetVm(sid=args.sid, secret=secret))
                 await confirm(args, f"Delete VM {vm['name']} ({vm['sid']}, {vm['status']})?")
-            operation = "get_vm" if action == "get" else f"{action}_vm"
-            print_vms(args, [await client.call(operation, body)], many=False)
+            request = VM_ACTIONS[action].request(sid=args.sid, secret=secret)
+            print_vms(args, [await send(client, request)], many=False)
 
 
 async def _deploy(args: argparse.Namespace, client: Any, secret: str) -> None:
     body: dict[str, Any] = {"name": args.name, "secret": secret}
     body.update({f: getattr(args, f) for _, f, _, _ in SIZE_FLAGS if getattr(args, f) is not None})
-    before = (await client.call("health", {}))["position"] if args.wait else 0
-    vm = await client.call("deploy_vm", body)
+    before = (await client.health()).position if args.wait else 0
+    vm = await client.call(DEPLOY.name, body)
     if not args.wait or vm["status"] != "deploying":
         print_vms(args, [vm], many=False)
         return
     began = datetime.fromisoformat(vm["updated_at"])
     wait = Wait(f"vm:{vm['sid']}", before, began, "VmDeployed", "VmDeployFailed", describe_vm_event)
     failure = await follow(args, client, wait)
-    vm = await client.call("get_vm", {"sid": vm["sid"], "secret": secret})
+    vm = await send(client, GetVm(sid=vm["sid"], secret=secret))
     print_vms(args, [vm], many=False)
     if failure is not None:
         raise CommandFailed(f"{vm['name']} failed to deploy: {failure['data']['error']}")
@@ -129,7 +146,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
     old = resolve_secret(args, OLD_SECRET, what="migrate-secret")
     new = resolve_secret(args, NEW_SECRET, what="migrate-secret")
     async with connected(args, settings) as client:
-        result = await client.call("migrate_secret", {"old_secret": old, "new_secret": new})
+        result = await send(client, MigrateSecret(old_secret=old, new_secret=new))
     if args.json:
         print_json(result)
     else:
