@@ -18,6 +18,7 @@ import playwright.async_api as playwright_api
 import pytest_asyncio
 from nats.aio.client import Client
 
+from core.registry import OPERATIONS
 from hero_deployer.web import web_server
 from tests.conftest import TOKEN
 from tests.fakes.forgejo import FakeForgejo
@@ -267,7 +268,10 @@ async def test_tenant_deploys_stops_starts_and_changes_the_secret(
     await page.go_back()
     row = page.locator("#vm-rows tr", has_text="web-1")
     await expect(row.locator(".badge")).to_have_text("running")
-    await row.locator("button[data-action=stop]").click()
+    stop = row.locator("button[data-action=stop]")  # labelled from the registry's row
+    await expect(stop).to_have_text("Stop")
+    await expect(stop).to_have_attribute("title", OPERATIONS["stop_vm"].summary)
+    await stop.click()
     await expect(row.locator(".badge")).to_have_text("stopped", timeout=LIVE)
     await row.locator("button[data-action=start]").click()
     await expect(row.locator(".badge")).to_have_text("running", timeout=LIVE)

@@ -17,7 +17,14 @@ from urllib.parse import quote
 import structlog
 from aiohttp import web
 
-from core.contract import UserStatus
+from core.contract import (
+    DecommissionUser,
+    GetUser,
+    ListUsers,
+    ProvisionUser,
+    RevealInitialPassword,
+    UserStatus,
+)
 from core.usernames import UserRefName
 from hero_deployer.sdk.client import DomainError, EventOut, HeroDeployerClient, NotFound, UserOut
 from hero_deployer.web import audit, streams, tenant
@@ -117,7 +124,7 @@ async def _users_context(request: web.Request) -> dict[str, Any]:
     status = request.query.get("status", "")
     status = status if status in USER_STATUSES else ""
     try:
-        users = await acting(request).list_users()
+        users = (await acting(request).send(ListUsers())).users
         error = ""
     except DomainError as failure:
         users, error = [], words(failure)
@@ -153,11 +160,13 @@ async def provision(request: web.Request) -> web.StreamResponse:
     values = {k: str(form.get(k, "")).strip() for k in ("username", "display_name", "email")}
     profile = str(form.get("profile", "")).strip() or "demo"
     try:
-        await acting(request).provision_user(
-            values["username"],
-            display_name=values["display_name"],
-            forge_email=values["email"],
-            profile=profile,
+        await acting(request).send(
+            ProvisionUser(
+                username=values["username"],
+                display_name=values["display_name"],
+                forge_email=values["email"],
+                profile=profile,
+            )
         )
     except DomainError as error:
         context = await _users_context(request)
@@ -187,7 +196,7 @@ async def _all_events(client: HeroDeployerClient, stream: str) -> list[EventOut]
 
 async def _user_context(request: web.Request, name: str) -> dict[str, Any]:
     client = acting(request)
-    user: UserOut = await client.get_user(name)
+    user: UserOut = await client.send(GetUser(username=name))
     events = await _all_events(client, f"user:{name}")
     revealed_at = [e for e in events if e.type == "InitialPasswordRevealed"]
     return {
@@ -232,10 +241,10 @@ async def user_action(request: web.Request) -> web.StreamResponse:
     session = session_of(request)
     try:
         if action == "provision":
-            await client.provision_user(name)
+            await client.send(ProvisionUser(username=name))
             session.flash = f"Provisioning of {name} resumed."
         elif action == "decommission":
-            await client.decommission_user(name)
+            await client.send(DecommissionUser(username=name))
             session.flash = f"Decommissioning {name}."
         else:
             raise web.HTTPNotFound()
@@ -254,7 +263,7 @@ async def reveal_password(request: web.Request) -> web.StreamResponse:
     name = _username(request)
     session = session_of(request)
     try:
-        revealed = await acting(request).reveal_initial_password(name)
+        revealed = await acting(request).send(RevealInitialPassword(username=name))
     except NotFound:
         session.flash = (
             "The initial password was already revealed, or this service did not create it."

@@ -10,7 +10,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from core.contract import AuditEvent, StreamName
+from core.contract import AuditEvent, AuditEventsRequest, StreamName
 from hero_deployer.sdk.client import AuditPage, DomainError
 from hero_deployer.web.forms import conforms
 from hero_deployer.web.render import (
@@ -104,8 +104,8 @@ async def _read(request: web.Request, filters: Filters) -> dict[str, Any]:
         after = 0
     else:
         after = max(0, head - filters.limit)
-    page: AuditPage = await client.audit_events(
-        stream=filters.stream or None, after=after, limit=filters.limit
+    page: AuditPage = await client.send(
+        AuditEventsRequest(stream=filters.stream or None, after=after, limit=filters.limit)
     )
     since = datetime.now(UTC) - WITHIN[filters.within] if filters.within else None
     shown = [

@@ -8,7 +8,8 @@ from typing import Any, Final, Literal
 import msgspec
 from aiohttp import web
 
-from core.contract import DeleteVm, DeployVm, RestartVm, Sid, StartVm, StopVm, VmRef
+from core.contract import DeployVm, GetVm, ListVms, MigrateSecret, Sid, VmRef
+from core.registry import OPERATIONS
 from hero_deployer.sdk.client import DomainError, NotFound, VmOut
 from hero_deployer.web.forms import conforms, number_fields
 from hero_deployer.web.middleware import CONFIG_KEY, error_json
@@ -57,13 +58,18 @@ class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     action: Literal["start", "stop", "restart", "delete"]
 
 
-# A tenant's action, and the contract's request that performs it
-ACTIONS: Final[dict[str, type[VmRef]]] = {
-    "start": StartVm,
-    "stop": StopVm,
-    "restart": RestartVm,
-    "delete": DeleteVm,
+# A tenant's action (the operation's name without `_vm`), and the contract's request that
+# performs it: every operation that changes one VM named by (sid, secret)
+ROWS: Final = {
+    op.name.split("_")[0]: op for op in OPERATIONS if issubclass(op.request, VmRef) and op.mutates
 }
+ACTIONS: Final[dict[str, type[VmRef]]] = {
+    action: kind for action, op in ROWS.items() if issubclass(kind := op.request, VmRef)
+}
+BUTTONS: Final = {
+    action: {"label": action.capitalize(), "title": op.summary} for action, op in ROWS.items()
+}
+"""Each action's button: its label and its tooltip, the row's one-line summary."""
 
 
 class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -85,7 +91,7 @@ def vm_json(vm: VmOut) -> Any:
 
 
 async def tenant_page(request: web.Request) -> web.StreamResponse:
-    return render(request, "tenant.html", {"sizes": SIZES})
+    return render(request, "tenant.html", {"sizes": SIZES, "buttons": BUTTONS})
 
 
 async def tenant_vm_page(request: web.Request) -> web.StreamResponse:
@@ -93,7 +99,7 @@ async def tenant_vm_page(request: web.Request) -> web.StreamResponse:
     sid = request.match_info["sid"]
     if not conforms(sid, Sid):
         return render(request, "not_found.html", {"what": "There is no such VM."}, status=404)
-    return render(request, "tenant_vm.html", {"sid": sid})
+    return render(request, "tenant_vm.html", {"sid": sid, "buttons": BUTTONS})
 
 
 async def _tenant_call(
@@ -141,7 +147,7 @@ async def tenant_vms(request: web.Request) -> web.StreamResponse:
     limiter, address = request.app[CONFIG_KEY].tenant_limiter, client_key(request)
 
     async def call(body: TenantRequest) -> web.Response:
-        vms = await client.list_vms(body.secret)
+        vms = (await client.send(ListVms(secret=body.secret))).vms
         if vms:  # a wrong secret lists nothing: that is a failed guess, counted once per window
             limiter.succeeded(address, body.secret)
         else:
@@ -157,7 +163,7 @@ async def tenant_vm(request: web.Request) -> web.StreamResponse:
     browser, watches = session_of(request).id, request.app[CONFIG_KEY].watches
 
     async def call(body: VmRequest) -> web.Response:
-        vm = await client.get_vm(body.sid, body.secret)
+        vm = await client.send(GetVm(sid=body.sid, secret=body.secret))
         watches.show(browser, [vm.sid])
         return json_response(vm_json(vm))
 
@@ -171,7 +177,7 @@ async def tenant_deploy(request: web.Request) -> web.StreamResponse:
     async def call(body: DeployRequest) -> web.Response:
         sizes = {f.name: getattr(body, f.name) for f in SIZES}
         given = {name: value for name, value in sizes.items() if value is not None}
-        vm = await client.deploy_vm(name=body.name, secret=body.secret, **given)
+        vm = await client.send(DeployVm(name=body.name, secret=body.secret, **given))
         watches.add(browser, vm.sid)
         return json_response(vm_json(vm))
 
@@ -192,7 +198,9 @@ async def tenant_migrate(request: web.Request) -> web.StreamResponse:
     client = acting(request)
 
     async def call(body: MigrateRequest) -> web.Response:
-        result = await client.migrate_secret(body.old_secret, body.new_secret)
+        result = await client.send(
+            MigrateSecret(old_secret=body.old_secret, new_secret=body.new_secret)
+        )
         return json_response(msgspec.to_builtins(result))
 
     return await _tenant_call(request, MigrateRequest, call, proves=False)

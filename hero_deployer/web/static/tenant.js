@@ -11,7 +11,8 @@
     deploying: ["delete"],
     failed: ["delete"],
   };
-  const LABELS = { start: "Start", stop: "Stop", restart: "Restart", delete: "Delete" };
+  // Each action's label and tooltip, from the registry's row (tenant.py BUTTONS)
+  const BUTTONS = JSON.parse(document.currentScript.dataset.buttons);
 
   const getSecret = () => localStorage.getItem(KEY);
   const setSecret = (value) => localStorage.setItem(KEY, value);
@@ -68,7 +69,8 @@
     for (const action of ACTIONS[vm.status] || []) {
       const button = document.createElement("button");
       button.type = "button";
-      button.textContent = LABELS[action];
+      button.textContent = BUTTONS[action].label;
+      button.title = BUTTONS[action].title;
       button.dataset.action = action;
       if (action === "delete") button.className = "danger";
       button.addEventListener("click", () => act(vm, action, after));
