@@ -22,7 +22,7 @@ USERNAME_MAX: Final = 40
 # never two of `-` `_` in a row. `\Z`, not `$`: `$` also matches before a final newline.
 USERNAME_PATTERN: Final = r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*\Z"
 # What a user recorded before the rule above was enforced may be called: such a user stays
-# reachable (get_user, decommission_user) though no new one is provisioned under that name.
+# reachable (read and decommissioned) though no new one is provisioned under that name.
 USER_REF_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9_-]*\Z"
 
 # forgejo/forgejo models/user/user.go `reservedUsernames` (Forgejo 11/12, then older), lower case.

@@ -55,7 +55,7 @@ class RecordOperationFailed(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RekeyVm(msgspec.Struct, frozen=True, kw_only=True):
-    """One VM's share of a `migrate_secret`: moves it from the caller's owner to a new one."""
+    """One VM's share of a secret migration: moves it from the caller's owner to a new one."""
 
     sid: str
     new_owner: str

@@ -1,4 +1,4 @@
-"""The user view: one row per user, for `get_user`, `list_users` and the process manager's start."""
+"""The user view: one row per user, for reading one user or all, and the process manager's start."""
 
 from __future__ import annotations
 

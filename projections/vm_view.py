@@ -1,4 +1,4 @@
-"""The VM view: one row per VM, indexed by owner fingerprint, for `get_vm` and `list_vms`."""
+"""The VM view: one row per VM, indexed by owner fingerprint, for reading one VM or an owner's."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS vms (
 INDEX = "CREATE INDEX IF NOT EXISTS vms_by_owner ON vms (owner, created_at, sid)"
 # A row is what the queries select and order by, and the Vm resource as JSON: a reply is the
 # stored JSON as is, and the few columns are cheap to write. `vms_by_owner` gives one owner's VMs
-# in the order `list_vms` replies with, without a sort.
+# in the order an owner's listing replies with, without a sort.
 
 VERSION = 2
 """The layout of the table above; a view written with another is rebuilt (1: a column a field)."""

@@ -39,7 +39,7 @@ async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes
     return _encoder.encode(EventsPage(events=[r.wire() for r in recorded], last=last))
 
 
-async def audit_events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
+async def audit_page(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
     """A page of events with the request id and the actor of the command behind each."""
     recorded, last = await _page(request, deps)
     rows = [
@@ -77,21 +77,21 @@ async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
 HANDLERS: Final[
     dict[type[msgspec.Struct], Callable[[Any, RequestMeta, Deps], Awaitable[bytes]]]
 ] = {
-    c.DeployVm: vm_handlers.deploy_vm,
-    c.ListVms: vm_handlers.list_vms,
-    c.GetVm: vm_handlers.get_vm,
+    c.DeployVm: vm_handlers.deploy,
+    c.ListVms: vm_handlers.owned_vms,
+    c.GetVm: vm_handlers.one_vm,
     c.StartVm: vm_handlers.vm_action,
     c.StopVm: vm_handlers.vm_action,
     c.RestartVm: vm_handlers.vm_action,
     c.DeleteVm: vm_handlers.vm_action,
-    c.MigrateSecret: vm_handlers.migrate_secret,
-    c.ProvisionUser: user_handlers.provision_user,
-    c.DecommissionUser: user_handlers.decommission_user,
-    c.GetUser: user_handlers.get_user,
-    c.ListUsers: user_handlers.list_users,
-    c.RevealInitialPassword: user_handlers.reveal_initial_password,
+    c.MigrateSecret: vm_handlers.migrate,
+    c.ProvisionUser: user_handlers.user_command,
+    c.DecommissionUser: user_handlers.user_command,
+    c.GetUser: user_handlers.one_user,
+    c.ListUsers: user_handlers.all_users,
+    c.RevealInitialPassword: user_handlers.reveal_password,
     c.EventsRequest: events,
-    c.AuditEventsRequest: audit_events,
+    c.AuditEventsRequest: audit_page,
     c.Empty: health,
 }
 
@@ -99,8 +99,8 @@ HANDLERS: Final[
 def operations(deps: Deps) -> list[Operation]:
     """Every operation of the registry, bound to its handler and `deps`.
 
-    `reveal_initial_password` changes state but takes no Idempotency-Key: a stored reply would
-    keep the password, and a repeat is NotFound by design.
+    Revealing the initial password changes state but takes no Idempotency-Key: a stored reply
+    would keep the password, and a repeat is NotFound by design.
     """
     return [_bound(op, deps) for op in OPERATIONS]
 

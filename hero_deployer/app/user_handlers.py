@@ -41,17 +41,14 @@ def user_reply(decided: list[Decided]) -> bytes:
 async def user_command(
     request: ProvisionUser | DecommissionUser, meta: RequestMeta, deps: Deps
 ) -> bytes:
-    """provision_user (starts, or resumes a failed user; one provisioning is left alone) and
-    decommission_user."""
+    """Provisions (starts, or resumes a failed user; one provisioning is left alone) or
+    decommissions a user."""
     command = Command(deps.users, request.username, request, Context(now=deps.clock()))
 
     async def once(record: Record | None) -> bytes:
         return await run(deps, [command], meta, record, reply=user_reply)
 
     return await idempotent(deps, meta, request, once)
-
-
-provision_user = decommission_user = user_command
 
 
 async def record_user_outcome(
@@ -62,7 +59,7 @@ async def record_user_outcome(
     await run(deps, [Command(deps.users, username, command, Context(now=deps.clock()))], meta)
 
 
-async def get_user(request: GetUser, meta: RequestMeta, deps: Deps) -> bytes:
+async def one_user(request: GetUser, meta: RequestMeta, deps: Deps) -> bytes:
     await consistent_views(deps)
     user = await deps.user_view.get(request.username)
     if user is None:
@@ -70,15 +67,13 @@ async def get_user(request: GetUser, meta: RequestMeta, deps: Deps) -> bytes:
     return _encoder.encode(user.public())
 
 
-async def list_users(request: ListUsers, meta: RequestMeta, deps: Deps) -> bytes:
+async def all_users(request: ListUsers, meta: RequestMeta, deps: Deps) -> bytes:
     await consistent_views(deps)
     users = await deps.user_view.all()
     return _encoder.encode(UserList(users=[user.public() for user in users]))
 
 
-async def reveal_initial_password(
-    request: RevealInitialPassword, meta: RequestMeta, deps: Deps
-) -> bytes:
+async def reveal_password(request: RevealInitialPassword, meta: RequestMeta, deps: Deps) -> bytes:
     """Hands out the sealed initial Forge password once: read, record the reveal, destroy.
 
     There is no idempotency record for this operation: a replayable reply would store the

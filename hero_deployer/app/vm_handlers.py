@@ -101,7 +101,7 @@ def vm_reply(decided: list[Decided]) -> bytes:
     return _encoder.encode(vm.public())
 
 
-async def deploy_vm(request: DeployVm, meta: RequestMeta, deps: Deps) -> bytes:
+async def deploy(request: DeployVm, meta: RequestMeta, deps: Deps) -> bytes:
     ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret), new_sid=new_sid())
     command = Command(deps.vms, ctx.new_sid, request, ctx, new=True)
 
@@ -112,7 +112,7 @@ async def deploy_vm(request: DeployVm, meta: RequestMeta, deps: Deps) -> bytes:
 
 
 async def vm_action(request: VmCommand, meta: RequestMeta, deps: Deps) -> bytes:
-    """start_vm, stop_vm, restart_vm, delete_vm: the secret first, then the state."""
+    """A start, stop, restart or delete of one VM: the secret first, then the state."""
     assert not isinstance(request, DeployVm | OutcomeCommand | RekeyVm)
     ctx = Context(now=deps.clock(), owner=owner_of(deps, request.secret))
     if await surely_absent(deps, request.sid):
@@ -232,7 +232,7 @@ class OutcomeRecorder:
         await run(deps, [Command(deps.vms, c.sid, c, ctx) for c in commands], meta)
 
 
-async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
+async def one_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
     owner = owner_of(deps, request.secret)
     await consistent_views(deps)
     found = await deps.vm_view.get_json(request.sid)
@@ -241,13 +241,13 @@ async def get_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
     return found[1]
 
 
-async def list_vms(request: ListVms, meta: RequestMeta, deps: Deps) -> bytes:
+async def owned_vms(request: ListVms, meta: RequestMeta, deps: Deps) -> bytes:
     owner = owner_of(deps, request.secret)
     await consistent_views(deps)
     return b'{"vms":[' + b",".join(await deps.vm_view.list_json(owner)) + b"]}"
 
 
-async def migrate_secret(request: MigrateSecret, meta: RequestMeta, deps: Deps) -> bytes:
+async def migrate(request: MigrateSecret, meta: RequestMeta, deps: Deps) -> bytes:
     """Re-keys every live VM of the old secret to the new one, all in one transaction."""
     if not request.new_secret:
         raise InvalidInput("new_secret must not be empty")

@@ -57,7 +57,7 @@ SIZE_FLAGS = (
 
 
 def _verb(op: Op) -> str:
-    """A VM operation's subcommand: its name without the noun (`stop_vm` -> `stop`)."""
+    """A VM operation's subcommand: the first word of its name, the verb."""
     return op.name.split("_")[0]
 
 
