@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -30,20 +31,23 @@ from nats.errors import NoRespondersError, TimeoutError
 
 from bench.run import TOKEN
 from bench.serve import served
+from core import contract as c
 from hero_deployer.sdk.client import OPERATIONS
 
 PREFIX = "hero.v1"
 SECRETS = ["", "alpha", "beta", "gamma"]
 USERNAMES = ["fza", "fzb", "fzc"]
+PAGE = ("after", "limit")  # a page's bounds, drawn though they have defaults
+NAME = {op.request: op.name for op in OPERATIONS}  # the registry's name of each request type
 COMMAND_EVENTS = {  # event type -> the operation whose ok reply must explain it
-    "VmDeployRequested": "deploy_vm",
-    "VmStarted": "start_vm",
-    "VmStopped": "stop_vm",
-    "VmRestarted": "restart_vm",
-    "VmDeleteRequested": "delete_vm",
-    "ProvisioningRequested": "provision_user",
-    "ProvisioningResumed": "provision_user",
-    "DecommissionRequested": "decommission_user",
+    "VmDeployRequested": NAME[c.DeployVm],
+    "VmStarted": NAME[c.StartVm],
+    "VmStopped": NAME[c.StopVm],
+    "VmRestarted": NAME[c.RestartVm],
+    "VmDeleteRequested": NAME[c.DeleteVm],
+    "ProvisioningRequested": NAME[c.ProvisionUser],
+    "ProvisioningResumed": NAME[c.ProvisionUser],
+    "DecommissionRequested": NAME[c.DecommissionUser],
 }
 ODD_VALUES: list[Any] = [
     None, True, 0, -1, 2**31, 2**70, -(2**70), 1.5, float("1e308"), "", " ", "web\n", "a\x00b",
@@ -59,23 +63,22 @@ class Fuzzer:
         self.sids = sids
 
     def valid_body(self, op: str) -> dict[str, Any]:
+        """A body `op` accepts: its request's required fields (and a page's bounds), at random."""
         r = self.rng
-        sid = r.choice(self.sids) if r.random() < 0.8 else f"vm_{r.getrandbits(64):016x}"
-        bodies: dict[str, dict[str, Any]] = {
-            "deploy_vm": {"name": f"fz-{r.getrandbits(20)}", "secret": r.choice(SECRETS)},
-            "list_vms": {"secret": r.choice(SECRETS)},
-            "migrate_secret": {"old_secret": r.choice(SECRETS), "new_secret": r.choice(SECRETS)},
-            "provision_user": {"username": r.choice(USERNAMES)},
-            "list_users": {},
-            "events": {"after": r.randrange(0, 50), "limit": r.randrange(1, 50)},
-            "audit_events": {"after": r.randrange(0, 50), "limit": r.randrange(1, 50)},
-            "health": {},
+        draw: dict[str, Callable[[], Any]] = {
+            "sid": lambda: (
+                r.choice(self.sids) if r.random() < 0.8 else f"vm_{r.getrandbits(64):016x}"
+            ),
+            "name": lambda: f"fz-{r.getrandbits(20)}",
+            "secret": lambda: r.choice(SECRETS),
+            "old_secret": lambda: r.choice(SECRETS),
+            "new_secret": lambda: r.choice(SECRETS),
+            "username": lambda: r.choice(USERNAMES),
+            "after": lambda: r.randrange(0, 50),
+            "limit": lambda: r.randrange(1, 50),
         }
-        if op in ("get_vm", "start_vm", "stop_vm", "restart_vm", "delete_vm"):
-            return {"sid": sid, "secret": r.choice(SECRETS)}
-        if op in ("decommission_user", "get_user", "reveal_initial_password"):
-            return {"username": r.choice(USERNAMES)}
-        return bodies[op]
+        fields = msgspec.structs.fields(OPERATIONS[op].request)
+        return {f.name: draw[f.name]() for f in fields if f.required or f.name in PAGE}
 
     def body(self, op: str) -> bytes:
         r = self.rng
@@ -169,12 +172,12 @@ class Tally:
             return
         self.codes["ok"] += 1
         result = reply["result"]
-        if op == "migrate_secret":
+        if op == NAME[c.MigrateSecret]:
             self.migrated += result["migrated_count"]
         elif isinstance(result, dict) and "updated_at" in result:
             key = result.get("sid") or result.get("username")
             self.explained.setdefault(op, set()).add((key, result["updated_at"]))
-            if op == "deploy_vm":
+            if op == NAME[c.DeployVm]:
                 self.deployed.add(result["sid"])
 
 
@@ -241,7 +244,7 @@ async def _call(nc: Client, op: str, body: dict[str, Any]) -> Any:
 async def run(requests: int, seed: int, in_flight: int) -> None:
     async with served(HERO_DEPLOYER_LOCAL_DEPLOY_DELAY="0") as nc:
         sids = [
-            (await _call(nc, "deploy_vm", {"name": f"seed{i}", "secret": s}))["sid"]
+            (await _call(nc, NAME[c.DeployVm], {"name": f"seed{i}", "secret": s}))["sid"]
             for i, s in enumerate(SECRETS * 3)
         ]
         tally = Tally()

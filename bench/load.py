@@ -13,6 +13,11 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import nats
 
+from core.contract import ListVms
+from core.registry import OPERATIONS
+
+LIST = OPERATIONS.row(ListVms).name  # the listing a tenant's secret reads
+
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
     nc = await nats.connect(args.url, **({"nkeys_seed": args.nkey} if args.nkey else {}))
@@ -31,7 +36,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             return msgspec.json.encode(
                 {"name": f"bench-{i}", "secret": f"tenant-{i % args.tenants}"}
             )
-        if op == "list_vms":
+        if op == LIST:
             return msgspec.json.encode({"secret": f"tenant-{i % args.tenants}"})
         if op == "noop":
             return b"{}"
@@ -133,7 +138,7 @@ def main() -> None:
     parser.add_argument("--sids", help="a JSON file of VM sids for start/stop")
     parser.add_argument("--secret-of", default="bench", help="secret for sid i")
     parser.add_argument(
-        "--tenants", type=int, default=1000, help="deploy_vm and list_vms use tenant-{i %% tenants}"
+        "--tenants", type=int, default=1000, help="deploys and listings use tenant-{i %% tenants}"
     )
     args = parser.parse_args()
     try:

@@ -28,9 +28,13 @@ import nats
 from nats.aio.client import Client
 
 from bench.run import TOKEN, ServiceProcess
+from core.contract import DeployVm, GetVm, VmRef
+from core.registry import OPERATIONS as REGISTRY
 from hero_deployer.app.natsserver import NatsServer, free_port
 
-OPERATIONS = ("get_vm", "start_vm", "stop_vm", "restart_vm", "delete_vm")
+# Every operation that names one VM by (sid, secret), from the registry
+OPERATIONS = tuple(op.name for op in REGISTRY if issubclass(op.request, VmRef))
+DEPLOY, GET = (next(op.name for op in REGISTRY if op.request is kind) for kind in (DeployVm, GetVm))
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -75,16 +79,16 @@ async def _live_vm(nc: Client, prefix: str) -> str:
     """Deploys a VM and waits until it runs; returns its sid."""
     body = msgspec.json.encode({"name": "timing", "secret": "the-owner"})
     reply = msgspec.json.decode(
-        (await nc.request(f"{prefix}.deploy_vm", body, timeout=10, headers=HEADERS)).data
+        (await nc.request(f"{prefix}.{DEPLOY}", body, timeout=10, headers=HEADERS)).data
     )
     if not reply.get("ok"):
-        raise SystemExit(f"deploy_vm failed: {reply}")
+        raise SystemExit(f"{DEPLOY} failed: {reply}")
     sid: str = reply["result"]["sid"]
     get = msgspec.json.encode({"sid": sid, "secret": "the-owner"})
     async with asyncio.timeout(30):
         while True:
             vm = msgspec.json.decode(
-                (await nc.request(f"{prefix}.get_vm", get, timeout=10, headers=HEADERS)).data
+                (await nc.request(f"{prefix}.{GET}", get, timeout=10, headers=HEADERS)).data
             )
             if vm["result"]["status"] == "running":
                 return sid

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.serve import start_serve
+from core.contract import ProvisionUser
 from hero_deployer.app.natsserver import NatsServer, free_port
 from hero_deployer.cli.progress import STEP_EVENTS
 from hero_deployer.sdk.client import HeroDeployerClient
@@ -80,7 +81,7 @@ async def _measure(client: HeroDeployerClient, pid: int, users: int) -> None:
     idle = _memory_kib(pid)
     started = time.perf_counter()
     async with client.subscribe(after=before) as events:
-        await asyncio.gather(*(client.call("provision_user", {"username": n}) for n in names))
+        await asyncio.gather(*(client.send(ProvisionUser(username=n)) for n in names))
         finished: dict[str, float] = {}
         failed: dict[str, str] = {}
         steps: dict[str, list[float]] = {}

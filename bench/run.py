@@ -16,7 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
+
 from adapters.sqlite_runtime import disable_memory_statistics
+from core.contract import DeployVm, ListVms, StartVm, StopVm
+from core.registry import OPERATIONS
 from hero_deployer.app.natsserver import NatsServer, free_port
 
 TOKEN = "bench-token-" + "b" * 32
@@ -24,6 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FIGURES: dict[str, float] = {}
 """Figures later benchmarks compare with, by name (`deploy_vm`: requests per second)."""
+
+
+def name_of(request: type[msgspec.Struct]) -> str:
+    """The registry's name of the operation whose request type is `request`."""
+    return OPERATIONS.row(request).name
 
 
 def _python() -> str:
@@ -177,7 +186,7 @@ def service_figures(url: str, n: int, deploy_delay: str) -> None:
             cpu = service.cpu_seconds()
             flips = load(
                 url,
-                "stop_vm,start_vm",
+                f"{name_of(StopVm)},{name_of(StartVm)}",
                 n - n % (2 * len(sids)) or n,
                 sids=sids_file,
                 secret_of="stopstart",
@@ -186,13 +195,17 @@ def service_figures(url: str, n: int, deploy_delay: str) -> None:
             flips["cpu_us"] = (
                 (service.cpu_seconds() - cpu) / (flips["requests"] + flips["warmup"]) * 1e6
             )
-            show("stop_vm/start_vm (existing VMs)", flips, baseline["per_second"])
+            show(
+                f"{name_of(StopVm)}/{name_of(StartVm)} (existing VMs)",
+                flips,
+                baseline["per_second"],
+            )
             cpu = service.cpu_seconds()
-            listing = load(url, "list_vms", n // 4)
+            listing = load(url, name_of(ListVms), n // 4)
             listing["cpu_us"] = (
                 (service.cpu_seconds() - cpu) / (listing["requests"] + listing["warmup"]) * 1e6
             )
-            show("list_vms", listing, baseline["per_second"])
+            show(name_of(ListVms), listing, baseline["per_second"])
 
 
 async def _running_sids(url: str, count: int) -> list[str]:
@@ -204,13 +217,13 @@ async def _running_sids(url: str, count: int) -> list[str]:
 
     async def one(i: int) -> str:
         async with sem:
-            vm = await client.call("deploy_vm", {"name": f"flip-{i}", "secret": "stopstart"})
-            return str(vm["sid"])
+            vm = await client.send(DeployVm(name=f"flip-{i}", secret="stopstart"))
+            return str(vm.sid)
 
     sids = await asyncio.gather(*(one(i) for i in range(count)))
     while True:
-        vms = (await client.call("list_vms", {"secret": "stopstart"}))["vms"]
-        if all(vm["status"] == "running" for vm in vms):
+        vms = (await client.send(ListVms(secret="stopstart"))).vms
+        if all(vm.status == "running" for vm in vms):
             break
         await asyncio.sleep(0.2)  # a benchmark's set-up poll, not a test
     await client.close()
@@ -223,7 +236,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=30000, help="requests per service benchmark")
     parser.add_argument("--only", default="service,eventsourcing,rebuild,list")
     parser.add_argument("--events", type=int, default=1_000_000, help="events for rebuild")
-    parser.add_argument("--vms", type=int, default=100_000, help="VMs in the view for list_vms")
+    parser.add_argument(
+        "--vms", type=int, default=100_000, help="VMs in the view the listing reads"
+    )
     parser.add_argument("--deploy-delay", default="0.05", help="local grid delay, seconds")
     args = parser.parse_args()
     only = set(args.only.split(","))

@@ -27,7 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from bench.serve import start_serve
+from core.contract import DecommissionUser, ListUsers, ProvisionUser
 from hero_deployer.app.natsserver import NatsServer, free_port
 from hero_deployer.sdk.client import HeroDeployerClient
 
@@ -53,7 +56,7 @@ async def _random_point(
     events = await client.nc.subscribe(f"{PREFIX}.events.user.{name}.>")
     target, seen, last = rng.randrange(1, len(STEP_EVENTS) + 1), 0, "ProvisioningRequested?"
     try:
-        await client.call("provision_user", {"username": name})
+        await client.send(ProvisionUser(username=name))
         async with asyncio.timeout(max_wait):
             async for msg in events.messages:
                 seen, last = seen + 1, msg.subject.rsplit(".", 1)[1]
@@ -68,7 +71,8 @@ async def _random_point(
 
 
 async def _users(client: HeroDeployerClient) -> dict[str, Any]:
-    return {u["username"]: u for u in (await client.call("list_users"))["users"]}
+    users = msgspec.to_builtins(await client.send(ListUsers()))["users"]
+    return {u["username"]: u for u in users}
 
 
 async def run(
@@ -128,7 +132,7 @@ async def _retire_oldest(client: HeroDeployerClient, upto: int, retired: list[st
         name = f"soak{index:03d}"
         if users.get(name, {}).get("status") not in ("ready", "failed"):
             return  # still on its way: retired in a later round
-        await client.call("decommission_user", {"username": name})
+        await client.send(DecommissionUser(username=name))
         retired.append(name)
 
 

@@ -1,4 +1,4 @@
-"""The view benchmarks: `rebuild` over a generated log, and `list_vms` against the rebuilt view.
+"""The view benchmarks: `rebuild` over a generated log, and a tenant's listing on the rebuilt view.
 
 The log is written straight into a fresh `events.db` with the store's own schema and encoding
 (msgspec JSON of the core event Structs, metadata `{}`), so generating a million events takes
@@ -25,7 +25,9 @@ from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.keyfiles import load_or_create_key
 from adapters.sqlite_events import INSERT_EVENT, SCHEMA
 from adapters.sqlite_runtime import disable_memory_statistics
+from core.contract import ListVms
 from core.events import Event, event_data
+from core.registry import OPERATIONS
 from core.secrets import Fingerprinter
 from core.vm_events import (
     VmDeleted,
@@ -43,6 +45,9 @@ from hero_deployer.app.bootstrap import PROJECTIONS
 from hero_deployer.app.natsserver import NatsServer, free_port
 from projections.runner import connect_views, rebuild
 
+LIST = OPERATIONS.row(ListVms).name  # the listing a tenant's secret reads
+
+
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 SPAN = 90 * 24 * 3600.0
 """The log covers 90 days of activity."""
@@ -55,7 +60,7 @@ T = TypeVar("T")
 
 
 def tenant_secret(i: int) -> str:
-    """The secret of tenant `i`, as `bench.load` sends it for `list_vms`."""
+    """The secret of tenant `i`, as `bench.load` sends it for a listing."""
     return f"tenant-{i}"
 
 
@@ -206,7 +211,7 @@ def mark_followers_caught_up(data: Path, position: int) -> None:
     """Sets the reactor's and the publisher's checkpoints to the end of the log.
 
     The service then starts as one restarted with nothing left to do, instead of re-running the
-    side effects and re-publishing a million events while `list_vms` is being measured.
+    side effects and re-publishing a million events while the listing is being measured.
     """
     with sqlite3.connect(data / "views.db") as db:
         db.executemany(
@@ -234,8 +239,8 @@ def list_figures(data: Path, owners: int, requests: int) -> None:
     def measure() -> None:
         with ServiceProcess(url, data):
             for in_flight in (1, 64):
-                figures = load(url, "list_vms", requests, concurrency=in_flight, tenants=owners)
-                show(f"list_vms, {in_flight} in flight", figures)
+                figures = load(url, LIST, requests, concurrency=in_flight, tenants=owners)
+                show(f"{LIST}, {in_flight} in flight", figures)
 
     async def serve_nats() -> None:
         async with NatsServer(port=port, data_dir=data / "nats", config=None):
@@ -253,7 +258,7 @@ def rebuild_and_list(
     requests: int = 2000,
     keep: Path | None = None,
 ) -> float:
-    """Generates a log, times its rebuild, and optionally `list_vms` on the result."""
+    """Generates a log, times its rebuild, and optionally the listing on the result."""
     with tempfile.TemporaryDirectory() as tmp:
         data = keep or Path(tmp)
         data.mkdir(parents=True, exist_ok=True)
@@ -281,7 +286,7 @@ def rebuild_and_list(
             )
         print(f"    view: {sum(statuses.values()):,} VMs {dict(statuses)}", flush=True)
         if do_list:
-            print("    list_vms query plan: " + "; ".join(query_plan(data)), flush=True)
+            print(f"    {LIST} query plan: " + "; ".join(query_plan(data)), flush=True)
             mark_followers_caught_up(data, applied)
             list_figures(data, owners, requests)
         return per_second
@@ -293,7 +298,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--vms", type=int, default=100_000)
     parser.add_argument("--owners", type=int, default=10_000)
-    parser.add_argument("--requests", type=int, default=2000, help="list_vms requests per run")
+    parser.add_argument("--requests", type=int, default=2000, help="listing requests per run")
     parser.add_argument("--no-list", action="store_true", help="time the rebuild only")
     parser.add_argument("--keep", type=Path, help="a data dir to leave the log and views in")
     args = parser.parse_args()

@@ -60,6 +60,10 @@ class Registry:
         """The operation whose body `request` is."""
         return self._by_request[type(request)]
 
+    def row(self, request: type[msgspec.Struct]) -> Op:
+        """The operation whose request type is `request`."""
+        return self._by_request[request]
+
     @property
     def mutating(self) -> frozenset[str]:
         return frozenset(op.name for op in self if op.mutates)

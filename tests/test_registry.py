@@ -57,6 +57,10 @@ def test_an_operation_is_found_by_its_name_and_by_its_request() -> None:
     assert OPERATIONS.of(AuditEventsRequest()).name == "audit_events"
     assert OPERATIONS.of(EventsRequest()).name == "events"
     assert "restart_vm" in OPERATIONS and "reboot_vm" not in OPERATIONS
+    assert OPERATIONS.row(RestartVm).name == "restart_vm"
+    assert OPERATIONS.row(AuditEventsRequest).name == "audit_events"
+    with pytest.raises(KeyError):
+        OPERATIONS.row(VmOut)  # a result type is no operation's request
 
 
 def test_a_registry_refuses_two_rows_with_one_name_or_one_request() -> None:

@@ -109,7 +109,7 @@ def group(sub: Any, name: str, summary: str, *, dest: str, epilog: str) -> Any:
 
 def row(request: type[msgspec.Struct]) -> Op:
     """The registry's row whose request type is `request`."""
-    return next(op for op in OPERATIONS if op.request is request)
+    return OPERATIONS.row(request)
 
 
 def operation_summary(request: type[msgspec.Struct]) -> str:
