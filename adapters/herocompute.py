@@ -149,17 +149,17 @@ class HeroComputeBackend(HttpxOwner):
             )
         return vm
 
-    async def get_vm(self, name: str) -> BackendVm | None:
+    async def find_vm(self, name: str) -> BackendVm | None:
         record = await self._find(name)
         return None if record is None else _vm(record)
 
-    async def start_vm(self, name: str) -> None:
+    async def boot_vm(self, name: str) -> None:
         await self._act("start_vm", name)
 
-    async def stop_vm(self, name: str) -> None:
+    async def shutdown_vm(self, name: str) -> None:
         await self._act("stop_vm", name)
 
-    async def restart_vm(self, name: str) -> None:
+    async def reboot_vm(self, name: str) -> None:
         await self._act("restart_vm", name)
 
     async def delete_vm(self, name: str) -> None:

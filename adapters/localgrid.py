@@ -199,12 +199,12 @@ class LocalGrid:
             busy.set_result(None)
         return view(vm)
 
-    async def get_vm(self, name: str) -> BackendVm | None:
+    async def find_vm(self, name: str) -> BackendVm | None:
         self._enter("get_vm", name)
         vm = self._vms.get(name)
         return None if vm is None else view(vm)
 
-    async def start_vm(self, name: str) -> None:
+    async def boot_vm(self, name: str) -> None:
         """Starts a stopped VM (its SSH server and web service); a running one stays so."""
         self._enter("start_vm", name)
         vm = await self._existing(name)
@@ -214,7 +214,7 @@ class LocalGrid:
                 await self._boot(vm.machine)
             self._set_status(vm, "running")
 
-    async def stop_vm(self, name: str) -> None:
+    async def shutdown_vm(self, name: str) -> None:
         """Stops the VM: its SSH server and web service go silent; it keeps its capacity."""
         self._enter("stop_vm", name)
         vm = await self._existing(name)
@@ -224,7 +224,7 @@ class LocalGrid:
                 await vm.machine.halt()
             self._set_status(vm, "stopped")
 
-    async def restart_vm(self, name: str) -> None:
+    async def reboot_vm(self, name: str) -> None:
         """Stops and starts the VM; a web service that was set up comes back."""
         self._enter("restart_vm", name)
         vm = await self._existing(name)

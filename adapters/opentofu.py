@@ -107,7 +107,7 @@ class OpenTofuBackend:
             raise BackendError(f"tofu applied vm {spec.name} but output no address", retryable=True)
         return vm
 
-    async def get_vm(self, name: str) -> BackendVm | None:
+    async def find_vm(self, name: str) -> BackendVm | None:
         work = self._vm_dir(name)
         if not _configured(work):
             return None
@@ -118,13 +118,13 @@ class OpenTofuBackend:
         status: BackendVmStatus = "deploying" if lock is not None and lock.locked() else "failed"
         return BackendVm(name=name, node_id=0, mycelium_ip="", status=status)
 
-    async def start_vm(self, name: str) -> None:
+    async def boot_vm(self, name: str) -> None:
         await self._unsupported("start", name)
 
-    async def stop_vm(self, name: str) -> None:
+    async def shutdown_vm(self, name: str) -> None:
         await self._unsupported("stop", name)
 
-    async def restart_vm(self, name: str) -> None:
+    async def reboot_vm(self, name: str) -> None:
         await self._unsupported("restart", name)
 
     async def delete_vm(self, name: str) -> None:
@@ -248,7 +248,7 @@ class OpenTofuBackend:
             ) from None
 
     async def _unsupported(self, verb: str, name: str) -> None:
-        if await self.get_vm(name) is None:
+        if await self.find_vm(name) is None:
             raise BackendNotFound(f"no vm named {name}")
         raise BackendError(f"{verb} {UNSUPPORTED.format(verb)}")
 

@@ -43,7 +43,12 @@ class ComputeBackendContract:
         raise NotImplementedError("a contract subclass provides the backend")
 
     async def _power(self, backend: ComputeBackend, action: str, name: str) -> None:
-        await getattr(backend, f"{action}_vm")(name)
+        methods = {
+            "start": backend.boot_vm,
+            "stop": backend.shutdown_vm,
+            "restart": backend.reboot_vm,
+        }
+        await methods[action](name)
 
     # VMs -------------------------------------------------------------------------------------
 
@@ -72,12 +77,12 @@ class ComputeBackendContract:
         two = await backend.deploy_vm(small_vm("contract-c2"))
 
         assert one.mycelium_ip != two.mycelium_ip
-        assert (await backend.get_vm("contract-c1")) == one
+        assert (await backend.find_vm("contract-c1")) == one
 
     async def test_get_vm_reports_a_deployed_vm(self, backend: ComputeBackend) -> None:
         deployed = await backend.deploy_vm(small_vm("contract-d"))
 
-        got = await backend.get_vm("contract-d")
+        got = await backend.find_vm("contract-d")
 
         assert isinstance(got, BackendVm)
         assert got.status == "running"
@@ -88,7 +93,7 @@ class ComputeBackendContract:
         )
 
     async def test_get_vm_of_an_unknown_name_is_none(self, backend: ComputeBackend) -> None:
-        assert await backend.get_vm("contract-never-deployed") is None
+        assert await backend.find_vm("contract-never-deployed") is None
 
     async def test_stop_start_restart_change_the_status(self, backend: ComputeBackend) -> None:
         await backend.deploy_vm(small_vm("contract-e"))
@@ -98,7 +103,7 @@ class ComputeBackendContract:
             if action in self.unsupported:
                 continue
             await self._power(backend, action, "contract-e")
-            vm = await backend.get_vm("contract-e")
+            vm = await backend.find_vm("contract-e")
             assert vm is not None
             assert vm.status == expected[action], action
 
@@ -113,7 +118,7 @@ class ComputeBackendContract:
             assert not raised.value.retryable, action
             assert not isinstance(raised.value, BackendNotFound), action
 
-        assert await backend.get_vm("contract-f") == before
+        assert await backend.find_vm("contract-f") == before
         assert set(self.unsupported) <= set(POWER_ACTIONS)
 
     @pytest.mark.parametrize("action", POWER_ACTIONS)
@@ -129,9 +134,9 @@ class ComputeBackendContract:
         await backend.deploy_vm(small_vm("contract-g"))
 
         await backend.delete_vm("contract-g")
-        assert await backend.get_vm("contract-g") is None
+        assert await backend.find_vm("contract-g") is None
         await backend.delete_vm("contract-g")
-        assert await backend.get_vm("contract-g") is None
+        assert await backend.find_vm("contract-g") is None
 
     async def test_deleting_a_vm_never_deployed_is_fine(self, backend: ComputeBackend) -> None:
         await backend.delete_vm("contract-never-deployed")
@@ -143,7 +148,7 @@ class ComputeBackendContract:
         vm = await backend.deploy_vm(small_vm("contract-h"))
 
         assert vm.status == "running"
-        assert await backend.get_vm("contract-h") == vm
+        assert await backend.find_vm("contract-h") == vm
 
     # Gateways --------------------------------------------------------------------------------
 

@@ -101,9 +101,9 @@ async def test_every_request_is_json_rpc_2_with_named_params_and_the_owner_secre
     rpc: HeroComputeRpc, client: HeroComputeBackend
 ) -> None:
     await client.deploy_vm(small_vm("bob"))
-    await client.stop_vm("bob")
-    await client.start_vm("bob")
-    await client.restart_vm("bob")
+    await client.shutdown_vm("bob")
+    await client.boot_vm("bob")
+    await client.reboot_vm("bob")
     await client.deploy_gateway(GatewaySpec(name="bob", node_id=13, backend_url="http://[4::1]:80"))
     await client.delete_gateway("bob")
     await client.delete_vm("bob")
@@ -136,9 +136,9 @@ async def test_a_vm_of_another_owner_is_invisible(rpc: HeroComputeRpc) -> None:
     ):
         await mine.deploy_vm(small_vm("dave"))
 
-        assert await theirs.get_vm("dave") is None
+        assert await theirs.find_vm("dave") is None
         with pytest.raises(BackendNotFound):
-            await theirs.stop_vm("dave")
+            await theirs.shutdown_vm("dave")
 
 
 async def test_list_nodes_is_empty_when_hero_compute_has_no_node_list(
@@ -153,7 +153,7 @@ async def test_status_mapping_of_a_stopped_vm(
     await client.deploy_vm(small_vm("erin"))
     rpc.vm_named("erin").status = "halted"  # type: ignore[union-attr]
 
-    assert (await client.get_vm("erin")).status == "stopped"  # type: ignore[union-attr]
+    assert (await client.find_vm("erin")).status == "stopped"  # type: ignore[union-attr]
 
 
 # Error mapping ------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ async def test_a_not_found_rpc_error_is_backend_not_found(
     rpc.fail_next("stop_vm", NOT_FOUND, "vm not found")
 
     with pytest.raises(BackendNotFound, match="vm not found"):
-        await client.stop_vm("frank")
+        await client.shutdown_vm("frank")
 
 
 async def test_another_rpc_error_is_a_backend_error_with_the_servers_message(
@@ -176,7 +176,7 @@ async def test_another_rpc_error_is_a_backend_error_with_the_servers_message(
     rpc.fail_next("restart_vm", INVALID_STATE, "cannot restart a stopped vm")
 
     with pytest.raises(BackendError, match="cannot restart a stopped vm") as raised:
-        await client.restart_vm("grace")
+        await client.reboot_vm("grace")
 
     assert type(raised.value) is BackendError
     assert not raised.value.retryable
@@ -199,7 +199,7 @@ async def test_http_5xx_is_unavailable(rpc: HeroComputeRpc, client: HeroComputeB
     await rpc.go_down("503")
 
     with pytest.raises(BackendUnavailable) as raised:
-        await client.get_vm("ivan")
+        await client.find_vm("ivan")
 
     assert raised.value.retryable
 
@@ -216,7 +216,7 @@ async def test_a_request_timeout_is_unavailable(rpc: HeroComputeRpc) -> None:
     rpc.hang("list_vms")
     async with HeroComputeBackend(url=rpc.url, owner_secret=SECRET, timeout=0.2) as client:
         with pytest.raises(BackendUnavailable, match="timed out"):
-            await client.get_vm("ken")
+            await client.find_vm("ken")
 
 
 async def test_a_response_that_is_not_json_rpc_is_a_backend_error() -> None:
@@ -226,7 +226,7 @@ async def test_a_response_that_is_not_json_rpc_is_a_backend_error() -> None:
     transport = httpx.MockTransport(answer)
     async with HeroComputeBackend(url="http://hc", owner_secret=SECRET, transport=transport) as c:
         with pytest.raises(BackendError, match="without a JSON-RPC body") as raised:
-            await c.get_vm("leo")
+            await c.find_vm("leo")
 
     assert not isinstance(raised.value, BackendUnavailable)
 
@@ -240,7 +240,7 @@ async def test_a_vm_that_fails_to_deploy_is_a_permanent_error() -> None:
             await client.deploy_vm(small_vm("mallory"))
 
         assert not raised.value.retryable
-        assert (await client.get_vm("mallory")).status == "failed"  # type: ignore[union-attr]
+        assert (await client.find_vm("mallory")).status == "failed"  # type: ignore[union-attr]
 
 
 async def test_no_address_within_the_deadline_is_a_retryable_error() -> None:

@@ -366,7 +366,7 @@ async def test_a_failed_apply_is_a_retryable_error_with_tofus_words(
 
     assert raised.value.retryable
     assert "tofu apply failed (exit 1)" in raised.value.message
-    assert (await backend.get_vm("erin")).status == "failed"  # type: ignore[union-attr]
+    assert (await backend.find_vm("erin")).status == "failed"  # type: ignore[union-attr]
 
 
 async def test_an_apply_past_the_deadline_is_stopped_and_retryable(

@@ -125,7 +125,7 @@ async def test_default_grid_takes_a_benchmark_load(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, ssh=False, deploy_delay=0, action_delay=0) as g:
         for i in range(3000):
             await g.deploy_vm(VmSpec(name=f"bench{i}"))
-        assert len({(await g.get_vm(f"bench{i}")).node_id for i in range(3000)}) == 4  # type: ignore[union-attr]
+        assert len({(await g.find_vm(f"bench{i}")).node_id for i in range(3000)}) == 4  # type: ignore[union-attr]
 
 
 async def test_default_nodes_enforce_capacity_when_asked(tmp_path: Path):
@@ -148,7 +148,7 @@ async def test_free_capacity_counts_live_vms_and_delete_gives_it_back(grid: Loca
     await grid.delete_vm("a")
     node1 = (await grid.list_nodes())[0]
     assert (node1.free_cpu, node1.free_memory_gb, node1.free_disk_gb) == (8, 16.0, 100.0)
-    assert await grid.get_vm("a") is None
+    assert await grid.find_vm("a") is None
 
 
 async def test_pinned_node_is_honoured(grid: LocalGrid):
@@ -164,7 +164,7 @@ async def test_bad_pinned_node_is_a_permanent_error(grid: LocalGrid, node_id: in
     with pytest.raises(BackendError, match=message) as info:
         await grid.deploy_vm(spec("a", node_id=node_id, memory_gb=17))
     assert not info.value.retryable
-    assert await grid.get_vm("a") is None
+    assert await grid.find_vm("a") is None
 
 
 async def test_no_room_anywhere_is_a_permanent_error(grid: LocalGrid):
@@ -212,9 +212,9 @@ async def test_zero_delay_never_sleeps(tmp_path: Path):
         data_dir=tmp_path, deploy_delay=0, action_delay=0, ssh=False, sleep=no_sleep
     ) as g:
         await g.deploy_vm(spec("a"))
-        await g.stop_vm("a")
-        await g.start_vm("a")
-        await g.restart_vm("a")
+        await g.shutdown_vm("a")
+        await g.boot_vm("a")
+        await g.reboot_vm("a")
         await g.delete_vm("a")
 
 
@@ -228,18 +228,18 @@ async def test_delays_sleep_within_the_jitter(tmp_path: Path):
         data_dir=tmp_path, deploy_delay=1.0, action_delay=0.2, jitter=0.1, ssh=False, sleep=record
     ) as g:
         await g.deploy_vm(spec("a"))
-        await g.stop_vm("a")
+        await g.shutdown_vm("a")
     assert 0.9 <= slept[0] <= 1.1 and 0.18 <= slept[1] <= 0.22
 
 
 async def test_actions_change_status(grid: LocalGrid):
     await grid.deploy_vm(spec("a"))
-    await grid.stop_vm("a")
-    assert (await grid.get_vm("a")).status == "stopped"  # type: ignore[union-attr]
-    await grid.start_vm("a")
-    assert (await grid.get_vm("a")).status == "running"  # type: ignore[union-attr]
-    await grid.restart_vm("a")
-    assert (await grid.get_vm("a")).status == "running"  # type: ignore[union-attr]
+    await grid.shutdown_vm("a")
+    assert (await grid.find_vm("a")).status == "stopped"  # type: ignore[union-attr]
+    await grid.boot_vm("a")
+    assert (await grid.find_vm("a")).status == "running"  # type: ignore[union-attr]
+    await grid.reboot_vm("a")
+    assert (await grid.find_vm("a")).status == "running"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("name", ["..", "x" * 37, "a/b", "vm\n"])
@@ -266,10 +266,10 @@ async def test_fail_next_touches_only_its_operation(grid: LocalGrid):
     grid.fail_next("stop_vm", "nope")
     await grid.deploy_vm(spec("a"))
     with pytest.raises(BackendError, match="nope") as info:
-        await grid.stop_vm("a")
+        await grid.shutdown_vm("a")
     assert not info.value.retryable
-    assert (await grid.get_vm("a")).status == "running"  # type: ignore[union-attr]
-    await grid.stop_vm("a")
+    assert (await grid.find_vm("a")).status == "running"  # type: ignore[union-attr]
+    await grid.shutdown_vm("a")
 
 
 async def test_fail_next_rejects_unknown_operations(grid: LocalGrid):
@@ -282,7 +282,7 @@ async def test_unavailable_mode_refuses_every_call(grid: LocalGrid):
     for call in (
         grid.list_nodes(),
         grid.deploy_vm(spec("a")),
-        grid.get_vm("a"),
+        grid.find_vm("a"),
         grid.delete_vm("a"),
         grid.deploy_gateway(GatewaySpec(name="g", node_id=1, backend_url="http://[400::1]:9988")),
     ):
@@ -290,7 +290,7 @@ async def test_unavailable_mode_refuses_every_call(grid: LocalGrid):
             await call
         assert info.value.retryable
     grid.set_unavailable(False)
-    assert await grid.get_vm("a") is None
+    assert await grid.find_vm("a") is None
 
 
 async def test_a_closed_grid_is_unavailable(tmp_path: Path):
@@ -448,9 +448,9 @@ async def test_setup_brings_up_the_web_service_behind_the_gateway(
             f"http://127.0.0.1:{ssh_grid.gateway_port}/health", headers={"Host": gw.fqdn}
         )
         assert by_host.status_code == 200
-        await ssh_grid.stop_vm("vm1")
+        await ssh_grid.shutdown_vm("vm1")
         assert (await http.get(gw.url + "/health")).status_code == 502
-        await ssh_grid.start_vm("vm1")
+        await ssh_grid.boot_vm("vm1")
         assert (await http.get(gw.url + "/health")).status_code == 200
         await ssh_grid.delete_gateway("vm1")
         assert (await http.get(gw.url + "/health")).status_code == 404
@@ -490,7 +490,7 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:
         vm = await ssh_vm(g, key, "web")
         await ssh_vm(g, key, "idle")
-        await g.stop_vm("idle")
+        await g.shutdown_vm("idle")
         await ssh_vm(g, key, "gone")
         await g.delete_vm("gone")
         gw = await g.deploy_gateway(
@@ -504,10 +504,10 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
         used = {n.node_id: n.free_memory_gb for n in await g.list_nodes()}
 
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:
-        web, idle = await g.get_vm("web"), await g.get_vm("idle")
+        web, idle = await g.find_vm("web"), await g.find_vm("idle")
         assert web is not None and idle is not None
         assert (web.status, idle.status) == ("running", "stopped")
-        assert await g.get_vm("gone") is None
+        assert await g.find_vm("gone") is None
         assert {n.node_id: n.free_memory_gb for n in await g.list_nodes()} == used
         async with connect(web, key) as conn:
             assert conn.get_server_host_key().export_public_key() == host_key
@@ -516,11 +516,11 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
         async with httpx.AsyncClient(trust_env=False) as http:
             health = await http.get(gw.url + "/health")
         assert health.status_code == 200 and health.json()["vm"] == "web"
-        await g.start_vm("idle")
+        await g.boot_vm("idle")
         await g.delete_gateway("web")
 
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:
-        assert (await g.get_vm("idle")).status == "running"  # type: ignore[union-attr]
+        assert (await g.find_vm("idle")).status == "running"  # type: ignore[union-attr]
         assert await refused(port)  # no gateway left: the gateway server does not even start
 
 
@@ -532,7 +532,7 @@ async def test_one_data_dir_serves_one_grid_at_a_time(tmp_path: Path):
                 pass
         await first.deploy_vm(spec("b"))  # the refused grid changed nothing
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as again:
-        assert [await again.get_vm(n) is not None for n in "ab"] == [True, True]
+        assert [await again.find_vm(n) is not None for n in "ab"] == [True, True]
 
 
 async def test_a_torn_ledger_line_is_dropped_and_the_rest_kept(tmp_path: Path):
@@ -543,10 +543,10 @@ async def test_a_torn_ledger_line_is_dropped_and_the_rest_kept(tmp_path: Path):
     ledger.write_bytes(ledger.read_bytes() + b'{"vm":"c","record":{"spe')  # a crash mid-write
 
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
-        assert [await g.get_vm(name) is not None for name in "abc"] == [True, True, False]
+        assert [await g.find_vm(name) is not None for name in "abc"] == [True, True, False]
         await g.deploy_vm(spec("d"))
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
-        assert [await g.get_vm(name) is not None for name in "abcd"] == [True, True, False, True]
+        assert [await g.find_vm(name) is not None for name in "abcd"] == [True, True, False, True]
     assert len(ledger.read_bytes().splitlines()) == 3  # compacted: one line per VM
 
 
@@ -561,7 +561,7 @@ async def test_ssh_is_not_up_before_the_deploy_delay_ends(tmp_path: Path, key: a
     async with LocalGrid(data_dir=tmp_path, deploy_delay=1.0, sleep=held) as g:
         task = asyncio.create_task(ssh_vm(g, key))
         await sleeping.wait()
-        assert (await g.get_vm("vm1")).status == "deploying"  # type: ignore[union-attr]
+        assert (await g.find_vm("vm1")).status == "deploying"  # type: ignore[union-attr]
         assert not g.vm_folder("vm1").exists()
         again = asyncio.create_task(ssh_vm(g, key))
         wake.set_result(None)

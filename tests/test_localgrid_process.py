@@ -78,7 +78,7 @@ async def test_a_sandbox_that_cannot_be_read_fails_the_boot_for_a_retry(
     with pytest.raises(BackendError, match="vm vm1 failed to boot") as raised:
         await ssh_vm(grid, key)
     assert raised.value.retryable
-    assert await grid.get_vm("vm1") is None
+    assert await grid.find_vm("vm1") is None
 
 
 async def test_a_grid_of_its_own_process_restarts_with_the_same_host_key_and_web_service(
@@ -101,7 +101,7 @@ async def test_a_grid_of_its_own_process_restarts_with_the_same_host_key_and_web
     async with LocalGrid(
         data_dir=tmp_path, deploy_delay=0, own_process=True, gateway_port=port
     ) as g:
-        vm = await g.get_vm("vm1")  # type: ignore[assignment]
+        vm = await g.find_vm("vm1")  # type: ignore[assignment]
         assert vm is not None and vm.status == "running"
         async with connect(vm, key) as conn:
             assert conn.get_server_host_key().export_public_key() == host_key

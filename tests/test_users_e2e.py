@@ -343,7 +343,7 @@ async def test_decommission_from_ready_keeps_forge_account_and_log(
         assert (got["status"], got["error"]) == ("decommissioned", "")
         vm_types = [e["type"] for e in await stream_events(svc.client, f"vm:{user['vm_sid']}")]
         assert vm_types[-2:] == ["VmDeleteRequested", "VmDeleted"]
-        assert await svc.grid.get_vm(user["vm_sid"]) is None
+        assert await svc.grid.find_vm(user["vm_sid"]) is None
         async with httpx.AsyncClient() as http:
             gone = await http.get(user["gateway_url"] + "/health")
         assert gone.status_code == 404
@@ -456,7 +456,7 @@ async def test_ssh_never_up_fails_at_wait_ssh_within_its_deadline_then_decommiss
             svc.client, "carol", after=failed["position"], types=frozenset({"UserDecommissioned"})
         )
         assert done["type"] == "UserDecommissioned"
-        assert await svc.grid.get_vm(user["vm_sid"]) is None
+        assert await svc.grid.find_vm(user["vm_sid"]) is None
         got = await svc.call("get_user", {"username": "carol"})
         assert got["status"] == "decommissioned"
 

@@ -214,7 +214,7 @@ class Effects:
         folder) on the local one.
         """
         backend = self._ports.backend
-        found = await backend.get_vm(sid)
+        found = await backend.find_vm(sid)
         if found is not None and found.status == "running":
             return found
         vm, _ = await self._deps.vms.load(vm_stream(sid))
@@ -225,8 +225,8 @@ class Effects:
             keys = await ssh_keys_for(self._deps)(sid)
             return await backend.deploy_vm(vm_spec(vm, keys))
         if found.status == "stopped":
-            await backend.start_vm(sid)
-            again = await backend.get_vm(sid)
+            await backend.boot_vm(sid)
+            again = await backend.find_vm(sid)
             if again is not None:
                 return again
         raise StepError(f"vm {sid} is {found.status}", retryable=True)

@@ -122,11 +122,11 @@ class VmReactor:
             case VmDeployRequested():
                 await self._deploy(event, request_id)
             case VmStarted():
-                await self._act("start", sid, self._backend.start_vm, request_id)
+                await self._act("start", sid, self._backend.boot_vm, request_id)
             case VmStopped():
-                await self._act("stop", sid, self._backend.stop_vm, request_id)
+                await self._act("stop", sid, self._backend.shutdown_vm, request_id)
             case VmRestarted():
-                await self._act("restart", sid, self._backend.restart_vm, request_id)
+                await self._act("restart", sid, self._backend.reboot_vm, request_id)
             case VmDeleteRequested():
                 if await self._act("delete", sid, self._backend.delete_vm, request_id):
                     await self._outcome(RecordDeleted(sid=sid), request_id)
