@@ -357,7 +357,7 @@ class UserManager:
         requested = UserVmDeployRequested(username=name, vm_sid=sid, at=now)
         commands: list[Command[Any]] = [
             Command(self._deps.users, name, requested, UserContext(now=now)),
-            Command(self._deps.vms, sid, deploy, vm_ctx),
+            Command(self._deps.vms, sid, deploy, vm_ctx, new=True),
         ]
         meta = RequestMeta(operation="record_outcome", request_id=f"user-manager-{sid}")
         # both or neither: when the step moved on meanwhile, no VM is requested
