@@ -45,6 +45,9 @@ HELD_WAIT = 10.0
 """Seconds a lookup waits for a key held by another replica's append (one commit takes at most
 the store's 5 s timeout, and a few more when it retries at a moving head)."""
 
+BACKGROUND_TRIES = 8
+"""Tries of a confirmation, release or settlement left to the background; then others settle it."""
+
 WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErr, nats-server server/errors.json
 
 FindCommit = Callable[[str, float], Awaitable[int | None]]
@@ -78,6 +81,11 @@ class Reservation:
     token: str
     revision: int
     stored: Stored
+
+
+def background_pause(attempt: int) -> float:
+    """The pause before a background try: 0.25 s, doubling, up to 5 s."""
+    return min(0.25 * 2.0**attempt, 5.0)
 
 
 def hashed(key: str) -> str:
@@ -153,8 +161,8 @@ class IdempotencyKeys:
             self._background(self._confirm_retrying(held, final), f"confirm-{held.token}")
 
     async def _confirm_retrying(self, held: Reservation, final: Stored) -> None:
-        for attempt in range(8):
-            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+        for attempt in range(BACKGROUND_TRIES):
+            await asyncio.sleep(background_pause(attempt))
             try:
                 await self.kv.update(held.hashed, encode_stored(final), last=held.revision)
                 return
@@ -178,8 +186,8 @@ class IdempotencyKeys:
         self._mine.discard(held.token)
 
     async def _release_retrying(self, held: Reservation) -> None:
-        for attempt in range(8):
-            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+        for attempt in range(BACKGROUND_TRIES):
+            await asyncio.sleep(background_pause(attempt))
             try:
                 await self.kv.delete(held.hashed, last=held.revision)
                 break
@@ -197,12 +205,12 @@ class IdempotencyKeys:
     async def _settle_own(self, held: Reservation) -> None:
         await asyncio.sleep(SETTLE_DELAY)
         self._mine.discard(held.token)
-        for attempt in range(8):
+        for attempt in range(BACKGROUND_TRIES):
             try:
                 await self._settle(held.hashed, held.stored, held.revision, own=True)
                 return
             except (Unavailable, nats.errors.Error, nats.js.errors.Error):
-                await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+                await asyncio.sleep(background_pause(attempt))
         log.warning("idempotency.settle_deferred")  # others settle it once it is stale
 
     def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
