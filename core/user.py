@@ -105,6 +105,10 @@ OUTCOME_STEP: Final[dict[type[StepOutcome], Step]] = {
     SetupCompleted: "run_setup",
     HealthVerified: "verify_health",
 }
+STEP_EVENTS: Final[dict[str, str]] = {
+    t.__name__: step for t, step in OUTCOME_STEP.items() if t is not UserVmDeployRequested
+}
+"""The type of the event that finishes each provisioning step, and the step."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from core.events import Event
 from core.gateway_names import gateway_name
 from core.user import (
     PASSWORD_NOT_FOUND,
+    STEP_EVENTS,
     Context,
     RecordDecommissionFailed,
     RecordStepFailed,
@@ -862,3 +863,9 @@ def test_event_round_trips_through_json(event: Event) -> None:
     data = msgspec.json.encode(event)
     assert msgspec.json.Decoder(type(event)).decode(data) == event
     assert not re.search(rb"password|private|secret", data)
+
+
+def test_each_provisioning_step_but_done_has_one_event_that_finishes_it() -> None:
+    assert sorted(STEP_EVENTS.values()) == sorted(s for s in STEPS if s != "done")
+    assert STEP_EVENTS["UserVmDeployed"] == "deploy_vm"
+    assert "UserVmDeployRequested" not in STEP_EVENTS  # it starts the step, the CLI shows it apart

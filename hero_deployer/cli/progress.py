@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from core.user import STEP_EVENTS
 from hero_deployer.cli.output import colour_on, paint, print_json
 
 # A line about an event, given the seconds since the clock last restarted, and whether this
@@ -62,18 +63,6 @@ def event_time(event: dict[str, Any]) -> datetime:
 
 # Users -------------------------------------------------------------------------------------
 
-# The event that finishes each provisioning step, and the step's name.
-STEP_EVENTS: Final[dict[str, str]] = {
-    "ForgeUserEnsured": "forge_user",
-    "SshKeyGenerated": "ssh_key",
-    "NodeSelected": "select_node",
-    "UserVmDeployed": "deploy_vm",
-    "GatewayDeployed": "deploy_gateway",
-    "SshReachable": "wait_ssh",
-    "ManifestUploaded": "upload_manifest",
-    "SetupCompleted": "run_setup",
-    "HealthVerified": "verify_health",
-}
 BEGIN_EVENTS: Final = ("ProvisioningRequested", "ProvisioningResumed", "DecommissionRequested")
 DECOMMISSION_EVENTS: Final = ("GatewayDeleted", "UserVmDeleted", "DecommissionActionFailed")
 

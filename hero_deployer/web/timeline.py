@@ -9,20 +9,8 @@ from typing import Any, Final
 import msgspec
 
 from core.contract import STEPS
+from core.user import STEP_EVENTS
 from hero_deployer.sdk.client import EventOut, UserOut
-
-# The event that finishes each provisioning step.
-STEP_EVENTS: Final[dict[str, str]] = {
-    "ForgeUserEnsured": "forge_user",
-    "SshKeyGenerated": "ssh_key",
-    "NodeSelected": "select_node",
-    "UserVmDeployed": "deploy_vm",
-    "GatewayDeployed": "deploy_gateway",
-    "SshReachable": "wait_ssh",
-    "ManifestUploaded": "upload_manifest",
-    "SetupCompleted": "run_setup",
-    "HealthVerified": "verify_health",
-}
 
 STEP_LABELS: Final[dict[str, str]] = {
     "forge_user": "Forge account",
