@@ -220,7 +220,7 @@ class UserList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class InitialPassword(msgspec.Struct, frozen=True, kw_only=True):
-    """The reply of `reveal_initial_password`: the only place the password ever appears."""
+    """The revealed initial password of a user: the only place the password ever appears."""
 
     username: str
     initial_password: str
@@ -298,7 +298,7 @@ class Health(msgspec.Struct, frozen=True):
 
 
 class AuditEventsRequest(EventsRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The body of `audit_events`: the fields of `events`."""
+    """The body of an audit log page: the fields of `EventsRequest`."""
 
 
 # Headers a request carries ------------------------------------------------------------------

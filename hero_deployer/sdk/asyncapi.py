@@ -121,7 +121,7 @@ def _request_headers(op: Op) -> Json:
         "pattern": ecma_pattern(ACTOR_PATTERN),
         "description": (
             "Optional. Who sends the request (`dashboard op-3f2a`, `cli alice@host`, `sdk`): "
-            "kept with the events it records and shown by `audit_events`; never a secret."
+            "kept with the events it records and shown in the audit log; never a secret."
         ),
     }
     schema: Json = {"type": "object", "properties": properties}
