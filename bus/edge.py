@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig
 
+from core.contract import ACTOR_HEADER, AUTHORIZATION_HEADER, IDEMPOTENCY_HEADER
 from core.errors import DomainError, Internal, InvalidInput, Unauthorized
 from core.operations import (
     ACTOR_PATTERN,
@@ -37,8 +38,6 @@ SERVICE_NAME = "hero-deployer"
 QUEUE_GROUP = "hero-deployer"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-ACTOR_HEADER = "Hero-Actor"
 # nats-py micro's handlers of `$SRV.PING/INFO/STATS` (nats/micro/service.py, Service.start)
 _CONTROL_HANDLERS = ("_handle_ping_request", "_handle_info_request", "_handle_stats_request")
 
@@ -166,7 +165,7 @@ class ServiceEdge:
         try:
             headers = request.headers or {}
             if operation.name not in self._exempt:
-                self._authenticate(headers.get("Authorization"))
+                self._authenticate(headers.get(AUTHORIZATION_HEADER))
             key = headers.get(IDEMPOTENCY_HEADER)
             if key is not None and not _valid_idempotency_key(key):
                 raise InvalidInput("Idempotency-Key must be 1..128 printable ASCII characters")
