@@ -65,6 +65,19 @@ class Stored(msgspec.Struct, frozen=True, kw_only=True):
     token: str = ""  # set while reserved, cleared once confirmed
     created: float = 0.0
 
+    @classmethod
+    def of(cls, record: IdempotencyRecord, *, position: int = 0, token: str = "") -> Stored:
+        """The bucket's form of `record`, created now."""
+        return cls(
+            key=record.key,
+            operation=record.operation,
+            body_hash=record.body_hash,
+            reply=record.reply,
+            position=position,
+            token=token,
+            created=time.time(),
+        )
+
     def record(self) -> IdempotencyRecord:
         return IdempotencyRecord(self.key, self.operation, self.body_hash, self.reply)
 
@@ -124,14 +137,7 @@ class IdempotencyKeys:
         """Holds the key for one append; Conflict if it is taken or held."""
         name = hashed(record.key)
         token = uuid.uuid4().hex
-        stored = Stored(
-            key=record.key,
-            operation=record.operation,
-            body_hash=record.body_hash,
-            reply=record.reply,
-            token=token,
-            created=time.time(),
-        )
+        stored = Stored.of(record, token=token)
         for _ in range(3):
             try:
                 revision = await self._call(self.kv.create(name, encode_stored(stored)))
@@ -227,14 +233,7 @@ class IdempotencyKeys:
 
     async def record(self, record: IdempotencyRecord, position: int) -> None:
         """Stores the record of a keyed request that appended nothing; Conflict if taken."""
-        stored = Stored(
-            key=record.key,
-            operation=record.operation,
-            body_hash=record.body_hash,
-            reply=record.reply,
-            position=position,
-            created=time.time(),
-        )
+        stored = Stored.of(record, position=position)
         name = hashed(record.key)
         try:
             await self._call(self.kv.create(name, encode_stored(stored)))
