@@ -16,6 +16,7 @@ from hero_deployer import VERSION
 from hero_deployer.app import user_handlers, vm_handlers
 from hero_deployer.app.commands import consistent_views
 from hero_deployer.app.deps import Deps
+from projections.runner import ProjectedEvents
 
 _encoder = msgspec.json.Encoder()
 
@@ -23,13 +24,8 @@ _encoder = msgspec.json.Encoder()
 async def _page(request: EventsRequest, deps: Deps) -> tuple[list[RecordedEvent], int]:
     """Events the views already reflect, so a reader can query what it has just seen."""
     await consistent_views(deps)
-    ceiling = deps.views.position
-    recorded: list[RecordedEvent] = []
-    if request.after < ceiling:
-        recorded = await deps.store.read_all(
-            after=request.after, limit=request.limit, stream=request.stream
-        )
-        recorded = [r for r in recorded if r.position <= ceiling]
+    projected = ProjectedEvents(deps.store, deps.views)
+    recorded = await projected.read_all(request.after, request.limit, request.stream)
     return recorded, recorded[-1].position if recorded else request.after
 
 
