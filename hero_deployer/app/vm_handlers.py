@@ -7,7 +7,7 @@ import hmac
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
@@ -141,8 +141,16 @@ async def surely_absent(deps: Deps, sid: str) -> bool:
 
 async def record_outcome(deps: Deps, command: OutcomeCommand, request_id: str) -> None:
     """Records what a side effect did to a VM; used by the VM reactor."""
+    await record_outcomes(deps, [command], request_id)
+
+
+async def record_outcomes(
+    deps: Deps, commands: Sequence[OutcomeCommand], request_id: str = ""
+) -> None:
+    """One append over the streams of `commands`, which name each VM at most once."""
+    ctx = Context(now=deps.clock())
     meta = RequestMeta(operation="record_outcome", request_id=request_id)
-    await run(deps, [Command(deps.vms, command.sid, command, Context(now=deps.clock()))], meta)
+    await run(deps, [Command(deps.vms, c.sid, c, ctx) for c in commands], meta)
 
 
 class OutcomeRecorder:
@@ -185,7 +193,7 @@ class OutcomeRecorder:
             while self._waiting:
                 batch = self._next_batch()
                 try:
-                    await self._record_batch([command for command, _ in batch])
+                    await record_outcomes(self._deps, [command for command, _ in batch])
                 except REFUSALS as error:  # kept waiting, in order, for the next try
                     refused += 1
                     log.warning("outcomes.refused", outcomes=len(batch), error=str(error))
@@ -223,13 +231,6 @@ class OutcomeRecorder:
                 future.set_exception(error)
             else:
                 future.set_result(None)
-
-    async def _record_batch(self, commands: list[OutcomeCommand]) -> None:
-        """One append over the streams of `commands`, which name each VM at most once."""
-        deps = self._deps
-        ctx = Context(now=deps.clock())
-        meta = RequestMeta(operation="record_outcome", request_id="")
-        await run(deps, [Command(deps.vms, c.sid, c, ctx) for c in commands], meta)
 
 
 async def one_vm(request: GetVm, meta: RequestMeta, deps: Deps) -> bytes:
