@@ -140,7 +140,7 @@ class IdempotencyKeys:
         stored = Stored.of(record, token=token)
         for _ in range(3):
             try:
-                revision = await self._call(self.kv.create(name, encode_stored(stored)))
+                revision = await self._create(name, stored)
             except KeyWrongLastSequenceError:
                 found = await self._get(name)
                 if found is None:
@@ -236,7 +236,7 @@ class IdempotencyKeys:
         stored = Stored.of(record, position=position)
         name = hashed(record.key)
         try:
-            await self._call(self.kv.create(name, encode_stored(stored)))
+            await self._create(name, stored)
         except KeyWrongLastSequenceError:
             found = await self._get(name)
             if found is not None and found[0].token and await self._settle(name, *found):
@@ -279,6 +279,18 @@ class IdempotencyKeys:
             pass  # another writer settled it first
         log.info("idempotency.settled", committed=position is not None)
         return True
+
+    async def _create(self, name: str, stored: Stored) -> int:
+        """Creates the key's record; KeyWrongLastSequenceError if the key exists.
+
+        nats-py's KeyValue.create (nats/js/kv.py) reads the key back when the stream refuses the
+        create with a wrong last sequence; a read that does not see the other writer's record
+        yet raises KeyNotFoundError, which then means the same: the key exists.
+        """
+        try:
+            return await self._call(self.kv.create(name, encode_stored(stored)))
+        except KeyNotFoundError:
+            raise KeyWrongLastSequenceError(description="the key exists") from None
 
     async def _get(self, name: str) -> tuple[Stored, int] | None:
         try:
