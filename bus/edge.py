@@ -22,7 +22,15 @@ from nats.aio.msg import Msg
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig
 
-from core.contract import ACTOR_HEADER, AUTHORIZATION_HEADER, IDEMPOTENCY_HEADER
+from core.contract import (
+    ACTOR_HEADER,
+    AUTHORIZATION_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    IDEMPOTENCY_HEADER,
+    QUEUE_GROUP,
+    SERVICE_NAME,
+)
 from core.errors import DomainError, Internal, InvalidInput, Unauthorized
 from core.operations import (
     ACTOR_PATTERN,
@@ -34,10 +42,6 @@ from core.operations import (
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = "hero-deployer"
-QUEUE_GROUP = "hero-deployer"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-ERROR_HEADER = "Nats-Service-Error"
 # nats-py micro's handlers of `$SRV.PING/INFO/STATS` (nats/micro/service.py, Service.start)
 _CONTROL_HANDLERS = ("_handle_ping_request", "_handle_info_request", "_handle_stats_request")
 

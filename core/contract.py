@@ -306,4 +306,11 @@ class AuditEventsRequest(EventsRequest, frozen=True, kw_only=True, forbid_unknow
 AUTHORIZATION_HEADER: Final = "Authorization"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 ACTOR_HEADER: Final = "Hero-Actor"
+
+# The NATS micro service and the headers of its error replies -------------------------------
+
+SERVICE_NAME: Final = "hero-deployer"
+QUEUE_GROUP: Final = "hero-deployer"
+ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
+ERROR_HEADER: Final = "Nats-Service-Error"
 DEFAULT_PREFIX: Final = "hero.v1"

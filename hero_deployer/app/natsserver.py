@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Self
 
 from adapters.keyfiles import load_or_create_nkey
-from bus.edge import QUEUE_GROUP
+from core.contract import QUEUE_GROUP
 from hero_deployer.app.context import record_server_name
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "nats.conf"

@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
-from core.contract import ACTOR_HEADER, AUTHORIZATION_HEADER, DEFAULT_PREFIX, IDEMPOTENCY_HEADER
+from core.contract import (
+    ACTOR_HEADER,
+    AUTHORIZATION_HEADER,
+    DEFAULT_PREFIX,
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    IDEMPOTENCY_HEADER,
+    QUEUE_GROUP,
+    SERVICE_NAME,
+)
 from core.errors import (
     Conflict,
     DomainError,
@@ -38,10 +47,6 @@ Json = dict[str, Any]
 
 SCHEMAS: Final = "#/components/schemas/"
 MESSAGES: Final = "#/components/messages/"
-SERVICE_NAME: Final = "hero-deployer"
-QUEUE_GROUP: Final = "hero-deployer"
-ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
-ERROR_HEADER: Final = "Nats-Service-Error"
 
 ERRORS: Final[tuple[tuple[type[DomainError], str], ...]] = (
     (
