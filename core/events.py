@@ -129,11 +129,3 @@ def stream_parts(stream: str) -> tuple[str, str]:
     """The kind and the aggregate id of a stream id (`vm:vm_0123` → `vm`, `vm_0123`)."""
     kind, _, id = stream.partition(":")
     return kind, id
-
-
-def vm_stream(sid: str) -> str:
-    return stream_name("vm", sid)
-
-
-def user_stream(username: str) -> str:
-    return stream_name("user", username)

@@ -17,8 +17,9 @@ from nats.aio.client import Client
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
 from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm
+from core.domain import VMS
 from core.errors import DomainError
-from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend, vm_stream
+from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend
 from core.vm import (
     Context,
     RecordDeleted,
@@ -351,7 +352,7 @@ async def drive(store: SqliteEventStore, steps: int, *, seed: int) -> None:
         if not events:
             continue
         await store.append(
-            [StreamAppend(vm_stream(sid), version, tuple(NewEvent.of(e) for e in events))]
+            [StreamAppend(VMS.stream(sid), version, tuple(NewEvent.of(e) for e in events))]
         )
         for event in events:
             vm = evolve(vm, event)

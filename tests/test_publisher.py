@@ -22,7 +22,8 @@ from structlog.testing import capture_logs
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
 from bus.publisher import StatusPublisher
-from core.events import NewEvent, RecordedEvent, StreamAppend, vm_stream
+from core.domain import VMS
+from core.events import NewEvent, RecordedEvent, StreamAppend
 from core.vm_events import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.settings import Settings
@@ -180,7 +181,7 @@ async def append_quiet_history(
     ]
     if deleted:
         events += [VmDeleteRequested(sid=sid, at=at), VmDeleted(sid=sid, at=at)]
-    await store.append([StreamAppend(vm_stream(sid), 0, tuple(NewEvent.of(e) for e in events))])
+    await store.append([StreamAppend(VMS.stream(sid), 0, tuple(NewEvent.of(e) for e in events))])
 
 
 async def append_quiet_histories(store: SqliteEventStore, count: int, *, tag: str) -> None:
@@ -281,7 +282,7 @@ async def test_events_no_retry_can_publish_are_set_aside_and_the_events_after_th
         await append_quiet_histories(store, 4, tag="after")
         last = await store.last_position()
         log = await full_log(store)
-    poison_streams = {vm_stream(sid) for sid in POISON_SIDS}
+    poison_streams = {VMS.stream(sid) for sid in POISON_SIDS}
     huge_position = next(p for p, e in log.items() if huge.encode() in e.data)
     poison = sorted([*(p for p, e in log.items() if e.stream in poison_streams), huge_position])
     assert len(poison) == 2 * len(POISON_SIDS) + 1

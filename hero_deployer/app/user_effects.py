@@ -18,7 +18,7 @@ import structlog
 from adapters.forge_http import generate_password
 from adapters.sshkeys import generate_ed25519
 from core.contract import DeleteVm
-from core.events import vm_stream
+from core.domain import VMS
 from core.gateway_names import gateway_name
 from core.manifest import render_services_toml, sha256_hex
 from core.operations import RequestMeta
@@ -217,7 +217,7 @@ class Effects:
         found = await backend.find_vm(sid)
         if found is not None and found.status == "running":
             return found
-        vm, _ = await self._deps.vms.load(vm_stream(sid))
+        vm, _ = await self._deps.vms.load(VMS.stream(sid))
         if vm is None or vm.status not in ("running", "stopped"):
             raise StepError(f"vm {sid} is {vm.status if vm else 'missing'}")
         if found is None:
@@ -330,7 +330,7 @@ class Effects:
         """Deletes the VM through the VM commands and waits (on `changed`, set when the VM's
         events arrive) until it is deleted; if the reactor cannot, deletes it directly."""
         name, sid = action.username, action.vm_sid
-        vm, _ = await self._deps.vms.load(vm_stream(sid))
+        vm, _ = await self._deps.vms.load(VMS.stream(sid))
         if vm is not None and vm.status not in ("deleted", "deleting"):
             sealed = await self._ports.vault.get(name, VM_SECRET)
             owner = self._deps.fingerprint(sealed.decode()) if sealed is not None else vm.owner
@@ -344,7 +344,7 @@ class Effects:
         closes = loop.time() + deadline
         while True:
             changed.clear()
-            vm, _ = await self._deps.vms.load(vm_stream(sid))
+            vm, _ = await self._deps.vms.load(VMS.stream(sid))
             if vm is None or vm.status == "deleted":
                 return UserVmDeleted(**self.stamp(name), vm_sid=sid)
             failed = bool(vm.error) and (baseline is None or vm.updated_at > baseline)

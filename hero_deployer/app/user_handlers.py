@@ -15,8 +15,8 @@ from core.contract import (
     RevealInitialPassword,
     UserList,
 )
+from core.domain import USERS
 from core.errors import USER_NOT_FOUND, NotFound
-from core.events import user_stream
 from core.operations import RequestMeta
 from core.user import PASSWORD_NOT_FOUND, Context, OutcomeCommand
 from core.user_state import User
@@ -81,7 +81,7 @@ async def reveal_password(request: RevealInitialPassword, meta: RequestMeta, dep
     NotFound.
     """
     username = request.username
-    user, _ = await deps.users.load(user_stream(username))
+    user, _ = await deps.users.load(USERS.stream(username))
     if user is None:
         raise NotFound(USER_NOT_FOUND)
     if not user.initial_password_available:

@@ -26,7 +26,7 @@ import structlog
 
 from core.contract import DeployVm
 from core.domain import USERS, VMS
-from core.events import RecordedEvent, stream_parts, user_stream, vm_stream
+from core.events import RecordedEvent, stream_parts
 from core.operations import RequestMeta
 from core.ports import BackendError, ExternalError
 from core.retry import step_policy as step_policy  # where the bootstrap takes it
@@ -168,7 +168,7 @@ class UserManager:
 
     async def _step(self, username: str) -> bool:
         """Performs the user's next action; True if it may have left more to do."""
-        user, _ = await self._deps.users.load(user_stream(username))
+        user, _ = await self._deps.users.load(USERS.stream(username))
         if user is None:
             return False
         for sid in user.all_vm_sids:
@@ -293,7 +293,7 @@ class UserManager:
         tries = action.tries
         while True:
             changed.clear()
-            vm, _ = await self._deps.vms.load(vm_stream(sid))
+            vm, _ = await self._deps.vms.load(VMS.stream(sid))
             status = vm.status if vm is not None else "missing"
             if vm is not None and status in ("running", "stopped"):
                 found = await self._record_deployed(name, vm)
@@ -323,7 +323,7 @@ class UserManager:
             await asyncio.sleep(delay)
             if not replace:
                 continue
-            fresh, _ = await self._deps.users.load(user_stream(name))
+            fresh, _ = await self._deps.users.load(USERS.stream(name))
             if fresh is not None and fresh.status == "provisioning" and fresh.step == "deploy_vm":
                 await self._request_vm(fresh, action)
             return
