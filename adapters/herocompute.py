@@ -124,7 +124,7 @@ class HeroComputeBackend(HttpxOwner):
         nodes = result.get("nodes", []) if isinstance(result, dict) else result
         return [_node(n) for n in nodes if isinstance(n, dict)]
 
-    async def deploy_vm(self, spec: VmSpec) -> BackendVm:
+    async def create_vm(self, spec: VmSpec) -> BackendVm:
         """Deploys the VM unless one of that name exists, then waits until it has an address."""
         record = await self._find(spec.name)
         if record is None:
@@ -162,7 +162,7 @@ class HeroComputeBackend(HttpxOwner):
     async def reboot_vm(self, name: str) -> None:
         await self._act("restart_vm", name)
 
-    async def delete_vm(self, name: str) -> None:
+    async def destroy_vm(self, name: str) -> None:
         """Deletes the VM; one already gone (or deleted meanwhile) counts as deleted."""
         try:
             await self._act("delete_vm", name)

@@ -4,7 +4,7 @@ Which VMs and gateways exist is kept in `data_dir/localgrid/ledger.jsonl` (see
 `localgrid_ledger`): a grid entered again on the same data dir has them back, running VMs with
 their SSH server (same host key) and web service, stopped ones stopped, gateways routing. Sandbox
 folders and host keys on disk are reused when a VM of the same name is deployed again;
-`delete_vm` removes them. A grid used without `async with` keeps its state in memory only.
+`destroy_vm` removes them. A grid used without `async with` keeps its state in memory only.
 
 Capacity: nodes you pass are enforced. The default nodes are realistic, but unless you say
 `unlimited=False` they do not refuse work, so benchmarks can deploy 100,000 VMs; their free
@@ -169,7 +169,7 @@ class LocalGrid:
         self._enter("list_nodes", "")
         return self._nodes.infos()
 
-    async def deploy_vm(self, spec: VmSpec) -> BackendVm:
+    async def create_vm(self, spec: VmSpec) -> BackendVm:
         """Deploys (or finds) the VM named `spec.name`; returns once it runs, else raises."""
         self._enter("deploy_vm", spec.name)
         existing = await self._settled(spec.name)
@@ -235,7 +235,7 @@ class LocalGrid:
                 await self._boot(vm.machine)
             self._set_status(vm, "running")
 
-    async def delete_vm(self, name: str) -> None:
+    async def destroy_vm(self, name: str) -> None:
         """Deletes the VM with its sandbox folder; one already gone counts as deleted."""
         self._enter("delete_vm", name)
         vm = await self._settled(name)

@@ -92,7 +92,7 @@ class OpenTofuBackend:
         """No node list from here: nodes come from the grid proxy (NodeDirectory)."""
         return []
 
-    async def deploy_vm(self, spec: VmSpec) -> BackendVm:
+    async def create_vm(self, spec: VmSpec) -> BackendVm:
         """Applies the VM's configuration unless its state already holds it; returns it running."""
         config = render_vm(spec, network=self._network)
         work = self._vm_dir(spec.name)
@@ -127,7 +127,7 @@ class OpenTofuBackend:
     async def reboot_vm(self, name: str) -> None:
         await self._unsupported("restart", name)
 
-    async def delete_vm(self, name: str) -> None:
+    async def destroy_vm(self, name: str) -> None:
         """Destroys the VM's deployment and network; one never deployed counts as deleted."""
         await self._destroy(self._vm_dir(name), f"deleting vm {name}")
 

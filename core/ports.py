@@ -145,7 +145,7 @@ class ComputeBackend(Protocol):
 
     async def list_nodes(self) -> list[NodeInfo]: ...
 
-    async def deploy_vm(self, spec: VmSpec) -> BackendVm:
+    async def create_vm(self, spec: VmSpec) -> BackendVm:
         """Deploys (or finds) the VM named `spec.name`; returns once it runs, else raises."""
         ...
 
@@ -157,7 +157,7 @@ class ComputeBackend(Protocol):
 
     async def reboot_vm(self, name: str) -> None: ...
 
-    async def delete_vm(self, name: str) -> None:
+    async def destroy_vm(self, name: str) -> None:
         """Deletes the VM; one already gone counts as deleted."""
         ...
 

@@ -55,7 +55,7 @@ class ComputeBackendContract:
     async def test_deploy_returns_a_running_vm_with_an_address(
         self, backend: ComputeBackend
     ) -> None:
-        vm = await backend.deploy_vm(small_vm("contract-a"))
+        vm = await backend.create_vm(small_vm("contract-a"))
 
         assert vm.name == "contract-a"
         assert vm.status == "running"
@@ -67,20 +67,20 @@ class ComputeBackendContract:
     async def test_deploying_the_same_name_again_finds_the_same_vm(
         self, backend: ComputeBackend
     ) -> None:
-        first = await backend.deploy_vm(small_vm("contract-b"))
-        again = await backend.deploy_vm(small_vm("contract-b"))
+        first = await backend.create_vm(small_vm("contract-b"))
+        again = await backend.create_vm(small_vm("contract-b"))
 
         assert again == first
 
     async def test_two_names_are_two_vms(self, backend: ComputeBackend) -> None:
-        one = await backend.deploy_vm(small_vm("contract-c1"))
-        two = await backend.deploy_vm(small_vm("contract-c2"))
+        one = await backend.create_vm(small_vm("contract-c1"))
+        two = await backend.create_vm(small_vm("contract-c2"))
 
         assert one.mycelium_ip != two.mycelium_ip
         assert (await backend.find_vm("contract-c1")) == one
 
     async def test_get_vm_reports_a_deployed_vm(self, backend: ComputeBackend) -> None:
-        deployed = await backend.deploy_vm(small_vm("contract-d"))
+        deployed = await backend.create_vm(small_vm("contract-d"))
 
         got = await backend.find_vm("contract-d")
 
@@ -96,7 +96,7 @@ class ComputeBackendContract:
         assert await backend.find_vm("contract-never-deployed") is None
 
     async def test_stop_start_restart_change_the_status(self, backend: ComputeBackend) -> None:
-        await backend.deploy_vm(small_vm("contract-e"))
+        await backend.create_vm(small_vm("contract-e"))
         expected = {"stop": "stopped", "start": "running", "restart": "running"}
 
         for action in ("stop", "start", "restart"):
@@ -110,7 +110,7 @@ class ComputeBackendContract:
     async def test_unsupported_power_actions_say_so_and_change_nothing(
         self, backend: ComputeBackend
     ) -> None:
-        before = await backend.deploy_vm(small_vm("contract-f"))
+        before = await backend.create_vm(small_vm("contract-f"))
 
         for action in sorted(self.unsupported):
             with pytest.raises(BackendError, match="not supported") as raised:
@@ -131,21 +131,21 @@ class ComputeBackendContract:
     async def test_delete_removes_the_vm_and_a_second_delete_is_fine(
         self, backend: ComputeBackend
     ) -> None:
-        await backend.deploy_vm(small_vm("contract-g"))
+        await backend.create_vm(small_vm("contract-g"))
 
-        await backend.delete_vm("contract-g")
+        await backend.destroy_vm("contract-g")
         assert await backend.find_vm("contract-g") is None
-        await backend.delete_vm("contract-g")
+        await backend.destroy_vm("contract-g")
         assert await backend.find_vm("contract-g") is None
 
     async def test_deleting_a_vm_never_deployed_is_fine(self, backend: ComputeBackend) -> None:
-        await backend.delete_vm("contract-never-deployed")
+        await backend.destroy_vm("contract-never-deployed")
 
     async def test_a_deleted_name_can_be_deployed_again(self, backend: ComputeBackend) -> None:
-        await backend.deploy_vm(small_vm("contract-h"))
-        await backend.delete_vm("contract-h")
+        await backend.create_vm(small_vm("contract-h"))
+        await backend.destroy_vm("contract-h")
 
-        vm = await backend.deploy_vm(small_vm("contract-h"))
+        vm = await backend.create_vm(small_vm("contract-h"))
 
         assert vm.status == "running"
         assert await backend.find_vm("contract-h") == vm
@@ -155,7 +155,7 @@ class ComputeBackendContract:
     async def test_gateway_deploy_is_idempotent_and_names_its_fqdn(
         self, backend: ComputeBackend
     ) -> None:
-        vm = await backend.deploy_vm(small_vm("contract-i"))
+        vm = await backend.create_vm(small_vm("contract-i"))
         spec = GatewaySpec(
             name="contractgw", node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:8080"
         )
@@ -170,7 +170,7 @@ class ComputeBackendContract:
         assert again == gateway
 
     async def test_gateway_delete_is_idempotent(self, backend: ComputeBackend) -> None:
-        vm = await backend.deploy_vm(small_vm("contract-j"))
+        vm = await backend.create_vm(small_vm("contract-j"))
         spec = GatewaySpec(
             name="contractgwj", node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:80"
         )

@@ -62,7 +62,7 @@ async def test_deploy_lists_then_deploys_then_polls_until_the_address_appears(
 ) -> None:
     spec = small_vm("alice", node_id=21, ssh_keys=("ssh-ed25519 AAAA alice",))
 
-    vm = await client.deploy_vm(spec)
+    vm = await client.create_vm(spec)
 
     assert rpc.methods == [
         "list_vms",
@@ -100,13 +100,13 @@ async def test_deploy_lists_then_deploys_then_polls_until_the_address_appears(
 async def test_every_request_is_json_rpc_2_with_named_params_and_the_owner_secret(
     rpc: HeroComputeRpc, client: HeroComputeBackend
 ) -> None:
-    await client.deploy_vm(small_vm("bob"))
+    await client.create_vm(small_vm("bob"))
     await client.shutdown_vm("bob")
     await client.boot_vm("bob")
     await client.reboot_vm("bob")
     await client.deploy_gateway(GatewaySpec(name="bob", node_id=13, backend_url="http://[4::1]:80"))
     await client.delete_gateway("bob")
-    await client.delete_vm("bob")
+    await client.destroy_vm("bob")
 
     bodies = [json.loads(b) for b in rpc.raw_bodies]
     assert {b["jsonrpc"] for b in bodies} == {"2.0"}
@@ -121,10 +121,10 @@ async def test_every_request_is_json_rpc_2_with_named_params_and_the_owner_secre
 async def test_redeploy_of_a_running_vm_deploys_nothing(
     rpc: HeroComputeRpc, client: HeroComputeBackend
 ) -> None:
-    await client.deploy_vm(small_vm("carol", ssh_keys=()))
+    await client.create_vm(small_vm("carol", ssh_keys=()))
     rpc.calls.clear()
 
-    await client.deploy_vm(small_vm("carol", ssh_keys=()))
+    await client.create_vm(small_vm("carol", ssh_keys=()))
 
     assert rpc.methods == ["list_vms", "get_vm"]
 
@@ -134,7 +134,7 @@ async def test_a_vm_of_another_owner_is_invisible(rpc: HeroComputeRpc) -> None:
         HeroComputeBackend(url=rpc.url, owner_secret=SECRET, poll_interval=0) as mine,
         HeroComputeBackend(url=rpc.url, owner_secret="someone-else", poll_interval=0) as theirs,
     ):
-        await mine.deploy_vm(small_vm("dave"))
+        await mine.create_vm(small_vm("dave"))
 
         assert await theirs.find_vm("dave") is None
         with pytest.raises(BackendNotFound):
@@ -150,7 +150,7 @@ async def test_list_nodes_is_empty_when_hero_compute_has_no_node_list(
 async def test_status_mapping_of_a_stopped_vm(
     rpc: HeroComputeRpc, client: HeroComputeBackend
 ) -> None:
-    await client.deploy_vm(small_vm("erin"))
+    await client.create_vm(small_vm("erin"))
     rpc.vm_named("erin").status = "halted"  # type: ignore[union-attr]
 
     assert (await client.find_vm("erin")).status == "stopped"  # type: ignore[union-attr]
@@ -162,7 +162,7 @@ async def test_status_mapping_of_a_stopped_vm(
 async def test_a_not_found_rpc_error_is_backend_not_found(
     rpc: HeroComputeRpc, client: HeroComputeBackend
 ) -> None:
-    await client.deploy_vm(small_vm("frank"))
+    await client.create_vm(small_vm("frank"))
     rpc.fail_next("stop_vm", NOT_FOUND, "vm not found")
 
     with pytest.raises(BackendNotFound, match="vm not found"):
@@ -172,7 +172,7 @@ async def test_a_not_found_rpc_error_is_backend_not_found(
 async def test_another_rpc_error_is_a_backend_error_with_the_servers_message(
     rpc: HeroComputeRpc, client: HeroComputeBackend
 ) -> None:
-    await client.deploy_vm(small_vm("grace"))
+    await client.create_vm(small_vm("grace"))
     rpc.fail_next("restart_vm", INVALID_STATE, "cannot restart a stopped vm")
 
     with pytest.raises(BackendError, match="cannot restart a stopped vm") as raised:
@@ -188,7 +188,7 @@ async def test_the_owner_secret_never_appears_in_an_error(
     rpc.fail_next("deploy_vm", -32000, f"quota exceeded for owner {SECRET}")
 
     with pytest.raises(BackendError) as raised:
-        await client.deploy_vm(small_vm("heidi"))
+        await client.create_vm(small_vm("heidi"))
 
     assert "quota exceeded" in str(raised.value)
     assert SECRET not in str(raised.value)
@@ -209,7 +209,7 @@ async def test_a_refused_connection_is_unavailable(rpc: HeroComputeRpc) -> None:
         await rpc.go_down("closed")
 
         with pytest.raises(BackendUnavailable):
-            await client.delete_vm("judy")
+            await client.destroy_vm("judy")
 
 
 async def test_a_request_timeout_is_unavailable(rpc: HeroComputeRpc) -> None:
@@ -237,7 +237,7 @@ async def test_a_vm_that_fails_to_deploy_is_a_permanent_error() -> None:
         HeroComputeBackend(url=rpc.url, owner_secret=SECRET, poll_interval=0) as client,
     ):
         with pytest.raises(BackendError, match="no capacity on node 13") as raised:
-            await client.deploy_vm(small_vm("mallory"))
+            await client.create_vm(small_vm("mallory"))
 
         assert not raised.value.retryable
         assert (await client.find_vm("mallory")).status == "failed"  # type: ignore[union-attr]
@@ -251,7 +251,7 @@ async def test_no_address_within_the_deadline_is_a_retryable_error() -> None:
         ) as client,
     ):
         with pytest.raises(BackendError, match="no mycelium address") as raised:
-            await client.deploy_vm(small_vm("niaj"))
+            await client.create_vm(small_vm("niaj"))
 
     assert raised.value.retryable
 

@@ -309,7 +309,7 @@ class TestOpenTofuContract(ComputeBackendContract):
 async def test_deploy_writes_one_dir_runs_init_apply_output_and_streams_the_log(
     tmp_path: Path, opentofu: OpenTofuBackend, calls_log: Path, log_lines: list[str]
 ) -> None:
-    vm = await opentofu.deploy_vm(small_vm("alice", node_id=21))
+    vm = await opentofu.create_vm(small_vm("alice", node_id=21))
 
     work = tmp_path / "tofu" / "vm_alice"
     assert (work / "main.tf").read_text() == render_vm(
@@ -328,15 +328,15 @@ async def test_deploy_writes_one_dir_runs_init_apply_output_and_streams_the_log(
 async def test_redeploy_of_an_applied_vm_only_reads_its_outputs(
     opentofu: OpenTofuBackend, calls_log: Path
 ) -> None:
-    first = await opentofu.deploy_vm(small_vm("bob"))
+    first = await opentofu.create_vm(small_vm("bob"))
     calls_log.unlink()
 
-    assert await opentofu.deploy_vm(small_vm("bob")) == first
+    assert await opentofu.create_vm(small_vm("bob")) == first
     assert [c["args"][0] for c in calls(calls_log)] == ["output"]  # type: ignore[index]
 
 
 async def test_a_vm_without_a_node_gets_one_from_the_scheduler(opentofu: OpenTofuBackend) -> None:
-    vm = await opentofu.deploy_vm(small_vm("carol"))
+    vm = await opentofu.create_vm(small_vm("carol"))
 
     assert vm.node_id == 42
 
@@ -344,10 +344,10 @@ async def test_a_vm_without_a_node_gets_one_from_the_scheduler(opentofu: OpenTof
 async def test_delete_destroys_and_removes_the_working_dir(
     tmp_path: Path, opentofu: OpenTofuBackend, calls_log: Path
 ) -> None:
-    await opentofu.deploy_vm(small_vm("dave"))
+    await opentofu.create_vm(small_vm("dave"))
     calls_log.unlink()
 
-    await opentofu.delete_vm("dave")
+    await opentofu.destroy_vm("dave")
 
     assert [c["args"][:2] for c in calls(calls_log)] == [  # type: ignore[index]
         ["init", "-input=false"],
@@ -362,7 +362,7 @@ async def test_a_failed_apply_is_a_retryable_error_with_tofus_words(
     backend = backend_of(FAKE_TOFU_FAIL_APPLY="1")
 
     with pytest.raises(BackendError, match="not enough capacity") as raised:
-        await backend.deploy_vm(small_vm("erin"))
+        await backend.create_vm(small_vm("erin"))
 
     assert raised.value.retryable
     assert "tofu apply failed (exit 1)" in raised.value.message
@@ -375,7 +375,7 @@ async def test_an_apply_past_the_deadline_is_stopped_and_retryable(
     backend = backend_of(timeout=5.0, FAKE_TOFU_HANG_APPLY="1")
 
     with pytest.raises(BackendError, match="took longer than 5s") as raised:
-        await backend.deploy_vm(small_vm("frank"))
+        await backend.create_vm(small_vm("frank"))
 
     assert raised.value.retryable
     apply = next(c for c in calls(calls_log) if c["args"][0] == "apply")  # type: ignore[index]
@@ -388,7 +388,7 @@ async def test_the_mnemonic_never_reaches_main_tf_or_the_log(
 ) -> None:
     backend = backend_of(FAKE_TOFU_ECHO_MNEMONIC="1")
 
-    await backend.deploy_vm(small_vm("grace"))
+    await backend.create_vm(small_vm("grace"))
 
     assert "provider grid configured for ***" in log_lines
     assert not any(MNEMONIC in line for line in log_lines)
@@ -445,7 +445,7 @@ async def test_check_names_a_missing_mnemonic(tmp_path: Path, tofu: Path, calls_
         "environment variable TFGRID_MNEMONIC (the grid mnemonic) is not set"
     ]
     with pytest.raises(BackendError, match="TFGRID_MNEMONIC is not set"):
-        await backend.deploy_vm(small_vm("heidi"))
+        await backend.create_vm(small_vm("heidi"))
 
 
 # The generated main.tf -----------------------------------------------------------------------
@@ -676,7 +676,7 @@ def test_the_stand_in_refuses_a_private_backend_outside_its_network(
 async def test_a_gateway_reaches_its_vm_on_the_vms_private_network_by_default(
     tmp_path: Path, opentofu: OpenTofuBackend
 ) -> None:
-    vm = await opentofu.deploy_vm(small_vm("vm_0193aa", node_id=7))
+    vm = await opentofu.create_vm(small_vm("vm_0193aa", node_id=7))
     spec = GatewaySpec(
         name="hd_alice",
         node_id=vm.node_id,
@@ -694,7 +694,7 @@ async def test_a_gateway_reaches_its_vm_on_the_vms_private_network_by_default(
 
 async def test_the_mycelium_form_is_an_option(tmp_path: Path, backend_of) -> None:
     backend = backend_of(gateway_backend="mycelium")
-    vm = await backend.deploy_vm(small_vm("vm_0193bb", node_id=7))
+    vm = await backend.create_vm(small_vm("vm_0193bb", node_id=7))
     url = f"http://[{vm.mycelium_ip}]:9988"
 
     await backend.deploy_gateway(

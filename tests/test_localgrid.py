@@ -80,7 +80,7 @@ def connect(vm: BackendVm, key: asyncssh.SSHKey | None, username: str = "root", 
 
 
 async def ssh_vm(grid: LocalGrid, key: asyncssh.SSHKey, name: str = "vm1") -> BackendVm:
-    return await grid.deploy_vm(spec(name, ssh_keys=(key.export_public_key().decode(),)))
+    return await grid.create_vm(spec(name, ssh_keys=(key.export_public_key().decode(),)))
 
 
 async def refused(port: int) -> bool:
@@ -124,35 +124,35 @@ async def test_default_nodes_are_four_differing_nodes_with_gateway_domains(tmp_p
 async def test_default_grid_takes_a_benchmark_load(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, ssh=False, deploy_delay=0, action_delay=0) as g:
         for i in range(3000):
-            await g.deploy_vm(VmSpec(name=f"bench{i}"))
+            await g.create_vm(VmSpec(name=f"bench{i}"))
         assert len({(await g.find_vm(f"bench{i}")).node_id for i in range(3000)}) == 4  # type: ignore[union-attr]
 
 
 async def test_default_nodes_enforce_capacity_when_asked(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, ssh=False, deploy_delay=0, unlimited=False) as g:
         with pytest.raises(BackendError, match="no up node has room"):
-            await g.deploy_vm(VmSpec(name="huge", memory_gb=1024))
+            await g.create_vm(VmSpec(name="huge", memory_gb=1024))
 
 
 async def test_picks_the_up_node_with_most_free_memory_then_disk(grid: LocalGrid):
-    vm = await grid.deploy_vm(spec("a"))
+    vm = await grid.create_vm(spec("a"))
     assert vm.node_id == 3
-    second = await grid.deploy_vm(spec("b"))
+    second = await grid.create_vm(spec("b"))
     assert second.node_id == 2  # node 3 now has 31 GB free, node 2 still 32
 
 
 async def test_free_capacity_counts_live_vms_and_delete_gives_it_back(grid: LocalGrid):
-    await grid.deploy_vm(spec("a", node_id=1, cpu_count=2, memory_gb=4, disk_gb=10, rootfs_gb=2))
+    await grid.create_vm(spec("a", node_id=1, cpu_count=2, memory_gb=4, disk_gb=10, rootfs_gb=2))
     node1 = (await grid.list_nodes())[0]
     assert (node1.free_cpu, node1.free_memory_gb, node1.free_disk_gb) == (6, 12.0, 88.0)
-    await grid.delete_vm("a")
+    await grid.destroy_vm("a")
     node1 = (await grid.list_nodes())[0]
     assert (node1.free_cpu, node1.free_memory_gb, node1.free_disk_gb) == (8, 16.0, 100.0)
     assert await grid.find_vm("a") is None
 
 
 async def test_pinned_node_is_honoured(grid: LocalGrid):
-    vm = await grid.deploy_vm(spec("a", node_id=1))
+    vm = await grid.create_vm(spec("a", node_id=1))
     assert vm.node_id == 1
 
 
@@ -162,21 +162,21 @@ async def test_pinned_node_is_honoured(grid: LocalGrid):
 )
 async def test_bad_pinned_node_is_a_permanent_error(grid: LocalGrid, node_id: int, message: str):
     with pytest.raises(BackendError, match=message) as info:
-        await grid.deploy_vm(spec("a", node_id=node_id, memory_gb=17))
+        await grid.create_vm(spec("a", node_id=node_id, memory_gb=17))
     assert not info.value.retryable
     assert await grid.find_vm("a") is None
 
 
 async def test_no_room_anywhere_is_a_permanent_error(grid: LocalGrid):
     with pytest.raises(BackendError, match="no up node has room") as info:
-        await grid.deploy_vm(spec("a", memory_gb=33))
+        await grid.create_vm(spec("a", memory_gb=33))
     assert not info.value.retryable
 
 
 async def test_a_node_taken_down_gets_no_new_vms(grid: LocalGrid):
     grid.set_node_up(3, False)
     grid.set_node_up(2, False)
-    assert (await grid.deploy_vm(spec("a"))).node_id == 1
+    assert (await grid.create_vm(spec("a"))).node_id == 1
     assert [n.up for n in await grid.list_nodes()] == [True, False, False, False]
 
 
@@ -184,8 +184,8 @@ async def test_a_node_taken_down_gets_no_new_vms(grid: LocalGrid):
 
 
 async def test_deploy_is_idempotent_by_name(grid: LocalGrid):
-    first = await grid.deploy_vm(spec("a", node_id=1))
-    again = await grid.deploy_vm(spec("a", node_id=2))
+    first = await grid.create_vm(spec("a", node_id=1))
+    again = await grid.create_vm(spec("a", node_id=2))
     assert again == first
     assert (await grid.list_nodes())[0].free_memory_gb == 15.0
     assert grid.calls == [("deploy_vm", "a"), ("deploy_vm", "a"), ("list_nodes", "")]
@@ -193,13 +193,13 @@ async def test_deploy_is_idempotent_by_name(grid: LocalGrid):
 
 async def test_concurrent_deploys_of_one_name_make_one_vm(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, nodes=NODES, deploy_delay=0.01, ssh=False) as g:
-        a, b = await asyncio.gather(g.deploy_vm(spec("a")), g.deploy_vm(spec("a")))
+        a, b = await asyncio.gather(g.create_vm(spec("a")), g.create_vm(spec("a")))
         assert a == b and a.status == "running"
         assert sum(n.free_memory_gb for n in await g.list_nodes()) == 16 + 32 + 32 + 512 - 1
 
 
 async def test_mycelium_ip_is_deterministic_and_in_400_7(grid: LocalGrid):
-    vm = await grid.deploy_vm(spec("a"))
+    vm = await grid.create_vm(spec("a"))
     assert vm.mycelium_ip == mycelium_ip("a") != mycelium_ip("b")
     assert ipaddress.IPv6Address(vm.mycelium_ip) in ipaddress.IPv6Network("400::/7")
 
@@ -211,11 +211,11 @@ async def test_zero_delay_never_sleeps(tmp_path: Path):
     async with LocalGrid(
         data_dir=tmp_path, deploy_delay=0, action_delay=0, ssh=False, sleep=no_sleep
     ) as g:
-        await g.deploy_vm(spec("a"))
+        await g.create_vm(spec("a"))
         await g.shutdown_vm("a")
         await g.boot_vm("a")
         await g.reboot_vm("a")
-        await g.delete_vm("a")
+        await g.destroy_vm("a")
 
 
 async def test_delays_sleep_within_the_jitter(tmp_path: Path):
@@ -227,13 +227,13 @@ async def test_delays_sleep_within_the_jitter(tmp_path: Path):
     async with LocalGrid(
         data_dir=tmp_path, deploy_delay=1.0, action_delay=0.2, jitter=0.1, ssh=False, sleep=record
     ) as g:
-        await g.deploy_vm(spec("a"))
+        await g.create_vm(spec("a"))
         await g.shutdown_vm("a")
     assert 0.9 <= slept[0] <= 1.1 and 0.18 <= slept[1] <= 0.22
 
 
 async def test_actions_change_status(grid: LocalGrid):
-    await grid.deploy_vm(spec("a"))
+    await grid.create_vm(spec("a"))
     await grid.shutdown_vm("a")
     assert (await grid.find_vm("a")).status == "stopped"  # type: ignore[union-attr]
     await grid.boot_vm("a")
@@ -246,7 +246,7 @@ async def test_actions_change_status(grid: LocalGrid):
 async def test_invalid_vm_name_is_refused(grid: LocalGrid, name: str):
     # 37: the node refuses workload names over 36 (zosbase pkg/gridtypes/id.go)
     with pytest.raises(BackendError, match="invalid vm name"):
-        await grid.deploy_vm(spec(name))
+        await grid.create_vm(spec(name))
 
 
 # Failure injection ---------------------------------------------------------------------------
@@ -256,15 +256,15 @@ async def test_fail_next_fails_that_many_calls_then_recovers(grid: LocalGrid):
     grid.fail_next("deploy_vm", "boom", retryable=True, times=2)
     for _ in range(2):
         with pytest.raises(BackendError, match="boom") as info:
-            await grid.deploy_vm(spec("a"))
+            await grid.create_vm(spec("a"))
         assert info.value.retryable
-    assert (await grid.deploy_vm(spec("a"))).status == "running"
+    assert (await grid.create_vm(spec("a"))).status == "running"
     assert grid.calls == [("deploy_vm", "a")] * 3
 
 
 async def test_fail_next_touches_only_its_operation(grid: LocalGrid):
     grid.fail_next("stop_vm", "nope")
-    await grid.deploy_vm(spec("a"))
+    await grid.create_vm(spec("a"))
     with pytest.raises(BackendError, match="nope") as info:
         await grid.shutdown_vm("a")
     assert not info.value.retryable
@@ -281,9 +281,9 @@ async def test_unavailable_mode_refuses_every_call(grid: LocalGrid):
     grid.set_unavailable(True)
     for call in (
         grid.list_nodes(),
-        grid.deploy_vm(spec("a")),
+        grid.create_vm(spec("a")),
         grid.find_vm("a"),
-        grid.delete_vm("a"),
+        grid.destroy_vm("a"),
         grid.deploy_gateway(GatewaySpec(name="g", node_id=1, backend_url="http://[400::1]:9988")),
     ):
         with pytest.raises(BackendUnavailable) as info:
@@ -332,7 +332,7 @@ async def test_gateway_refusals(grid: LocalGrid, name: str, node_id: int, url: s
 
 
 async def test_gateway_answers_502_while_nothing_listens(grid: LocalGrid):
-    vm = await grid.deploy_vm(spec("a"))
+    vm = await grid.create_vm(spec("a"))
     gw = await grid.deploy_gateway(
         GatewaySpec(name="gwa", node_id=1, backend_url=f"http://[{vm.mycelium_ip}]:9988")
     )
@@ -381,14 +381,14 @@ async def test_ssh_refuses_other_keys_and_passwords(
 
 
 async def test_vm_without_ssh_keys_admits_nobody(ssh_grid: LocalGrid, key: asyncssh.SSHKey):
-    vm = await ssh_grid.deploy_vm(spec("nokeys"))
+    vm = await ssh_grid.create_vm(spec("nokeys"))
     with pytest.raises(asyncssh.PermissionDenied):
         async with connect(vm, key):
             pass
 
 
 async def test_unparseable_ssh_keys_authorize_nobody(ssh_grid: LocalGrid, key: asyncssh.SSHKey):
-    vm = await ssh_grid.deploy_vm(spec("bad", ssh_keys=("ssh-ed25519 nope",)))
+    vm = await ssh_grid.create_vm(spec("bad", ssh_keys=("ssh-ed25519 nope",)))
     assert vm.status == "running"
     with pytest.raises(asyncssh.PermissionDenied):
         async with connect(vm, key):
@@ -464,7 +464,7 @@ async def test_delete_stops_the_servers_and_wipes_the_sandbox(
         await conn.run("sh setup-binaries.sh", check=True)
     web_port = ssh_grid.web_port("vm1")
     assert web_port is not None
-    await ssh_grid.delete_vm("vm1")
+    await ssh_grid.destroy_vm("vm1")
     assert await refused(vm.ssh_port) and await refused(web_port)
     assert not ssh_grid.vm_folder("vm1").exists()
 
@@ -492,7 +492,7 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
         await ssh_vm(g, key, "idle")
         await g.shutdown_vm("idle")
         await ssh_vm(g, key, "gone")
-        await g.delete_vm("gone")
+        await g.destroy_vm("gone")
         gw = await g.deploy_gateway(
             GatewaySpec(
                 name="web", node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:9988"
@@ -526,25 +526,25 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
 
 async def test_one_data_dir_serves_one_grid_at_a_time(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as first:
-        await first.deploy_vm(spec("a"))
+        await first.create_vm(spec("a"))
         with pytest.raises(BackendError, match="in use by another local grid"):
             async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False):
                 pass
-        await first.deploy_vm(spec("b"))  # the refused grid changed nothing
+        await first.create_vm(spec("b"))  # the refused grid changed nothing
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as again:
         assert [await again.find_vm(n) is not None for n in "ab"] == [True, True]
 
 
 async def test_a_torn_ledger_line_is_dropped_and_the_rest_kept(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
-        await g.deploy_vm(spec("a"))
-        await g.deploy_vm(spec("b"))
+        await g.create_vm(spec("a"))
+        await g.create_vm(spec("b"))
     ledger = tmp_path / "localgrid" / "ledger.jsonl"
     ledger.write_bytes(ledger.read_bytes() + b'{"vm":"c","record":{"spe')  # a crash mid-write
 
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
         assert [await g.find_vm(name) is not None for name in "abc"] == [True, True, False]
-        await g.deploy_vm(spec("d"))
+        await g.create_vm(spec("d"))
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
         assert [await g.find_vm(name) is not None for name in "abcd"] == [True, True, False, True]
     assert len(ledger.read_bytes().splitlines()) == 3  # compacted: one line per VM

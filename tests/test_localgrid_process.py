@@ -148,7 +148,7 @@ CHILD = textwrap.dedent(
     async def main() -> None:
         async with LocalGrid(data_dir=Path(sys.argv[1]), deploy_delay=0, own_process=True) as g:
             spec = VmSpec(name="vm1", cpu_count=1, memory_gb=1, disk_gb=1, rootfs_gb=1)
-            vm = await g.deploy_vm(spec)
+            vm = await g.create_vm(spec)
             print(g._host.pids[0], vm.ssh_port, flush=True)
             await asyncio.Event().wait()
 

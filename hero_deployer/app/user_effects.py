@@ -223,7 +223,7 @@ class Effects:
         if found is None:
             log.warning("user_manager.vm_redeployed", sid=sid)
             keys = await ssh_keys_for(self._deps)(sid)
-            return await backend.deploy_vm(vm_spec(vm, keys))
+            return await backend.create_vm(vm_spec(vm, keys))
         if found.status == "stopped":
             await backend.boot_vm(sid)
             again = await backend.find_vm(sid)
@@ -356,7 +356,7 @@ class Effects:
                     await changed.wait()
         # The reactor gave up (or is stuck): delete it here; one already gone counts as deleted.
         with contextlib.suppress(BackendNotFound):
-            await self._ports.backend.delete_vm(sid)
+            await self._ports.backend.destroy_vm(sid)
         await vm_handlers.record_outcome(self._deps, RecordDeleted(sid=sid), f"user-manager-{sid}")
         return UserVmDeleted(**self.stamp(name), vm_sid=sid)
 

@@ -128,14 +128,14 @@ class VmReactor:
             case VmRestarted():
                 await self._act("restart", sid, self._backend.reboot_vm, request_id)
             case VmDeleteRequested():
-                if await self._act("delete", sid, self._backend.delete_vm, request_id):
+                if await self._act("delete", sid, self._backend.destroy_vm, request_id):
                     await self._outcome(RecordDeleted(sid=sid), request_id)
 
     async def _deploy(self, event: VmDeployRequested, request_id: str) -> None:
         keys = await self._ssh_keys(event.sid) if self._ssh_keys else ()
         spec = vm_spec(event, keys)
         try:
-            vm = await self._with_retries(lambda: self._backend.deploy_vm(spec))
+            vm = await self._with_retries(lambda: self._backend.create_vm(spec))
         except BackendError as error:
             await self._outcome(RecordDeployFailed(sid=event.sid, error=error.message), request_id)
             return
