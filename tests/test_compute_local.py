@@ -1,43 +1,25 @@
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from adapters.localgrid import LocalGrid
 from tests.compute_contract import ComputeBackendContract
 
-
-@pytest.fixture
-async def local_grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, ssh=False) as grid:
-        yield grid
+# How LocalGrid runs: without SSH, with a real SSH server per VM, in a process of its own
+LOCAL_GRIDS = [
+    pytest.param({"ssh": False}, id="no-ssh"),
+    pytest.param({"ssh": True}, id="with-ssh"),
+    pytest.param({"own_process": True}, id="own-process"),
+]
 
 
 class TestLocalGridContract(ComputeBackendContract):
-    @pytest.fixture
-    async def backend(self, local_grid: LocalGrid) -> LocalGrid:
-        return local_grid
-
-
-@pytest.fixture
-async def local_grid_with_ssh(tmp_path: Path) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, ssh=True) as grid:
-        yield grid
-
-
-class TestLocalGridWithSshContract(ComputeBackendContract):
-    @pytest.fixture
-    async def backend(self, local_grid_with_ssh: LocalGrid) -> LocalGrid:
-        return local_grid_with_ssh
-
-
-@pytest.fixture
-async def local_grid_own_process(tmp_path: Path) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, own_process=True) as g:
-        yield g
-
-
-class TestLocalGridOwnProcessContract(ComputeBackendContract):
-    @pytest.fixture
-    async def backend(self, local_grid_own_process: LocalGrid) -> LocalGrid:
-        return local_grid_own_process
+    @pytest.fixture(params=LOCAL_GRIDS)
+    async def backend(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> AsyncIterator[LocalGrid]:
+        options: dict[str, Any] = request.param
+        async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, **options) as grid:
+            yield grid

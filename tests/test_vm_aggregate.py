@@ -123,43 +123,38 @@ STOP = StopVm(sid=SID, secret="s")
 RESTART = RestartVm(sid=SID, secret="s")
 DELETE = DeleteVm(sid=SID, secret="s")
 
+# command -> (the command, the events it records in each status that allows it); every other
+# status refuses it with `refusal`
+DELETE_REQUESTED: list[Event] = [VmDeleteRequested(sid=SID, at=NOW)]
+ALLOWED: dict[str, tuple[VmCommand, dict[str, list[Event]]]] = {
+    "start": (START, {"stopped": [VmStarted(sid=SID, at=NOW)]}),  # only a stopped VM starts
+    "stop": (STOP, {"running": [VmStopped(sid=SID, at=NOW)]}),  # only a running VM stops
+    "restart": (RESTART, {"running": [VmRestarted(sid=SID, at=NOW)]}),  # running -> running
+    # delete: any but deleted -> deleting; deleting again records nothing new
+    "delete": (
+        DELETE,
+        {
+            "deploying": DELETE_REQUESTED,
+            "running": DELETE_REQUESTED,
+            "failed": DELETE_REQUESTED,
+            "stopped": DELETE_REQUESTED,
+            "deleting": [],
+        },
+    ),
+    "deploy": (DEPLOY, {}),  # only where there is no VM yet
+}
+
+
+def refusal(name: str, status: str) -> str:
+    """The InvalidState message a command refused in `status` raises."""
+    return "vm already exists" if name == "deploy" else f"cannot {name} a {status} vm"
+
+
 # (command, status) -> the events it records, or the InvalidState message it raises
 TENANT_SPEC: list[tuple[str, VmCommand, str, list[Event] | str]] = [
-    # start: only a stopped VM starts
-    ("start", START, "deploying", "cannot start a deploying vm"),
-    ("start", START, "running", "cannot start a running vm"),
-    ("start", START, "failed", "cannot start a failed vm"),
-    ("start", START, "stopped", [VmStarted(sid=SID, at=NOW)]),
-    ("start", START, "deleting", "cannot start a deleting vm"),
-    ("start", START, "deleted", "cannot start a deleted vm"),
-    # stop: only a running VM stops
-    ("stop", STOP, "deploying", "cannot stop a deploying vm"),
-    ("stop", STOP, "running", [VmStopped(sid=SID, at=NOW)]),
-    ("stop", STOP, "failed", "cannot stop a failed vm"),
-    ("stop", STOP, "stopped", "cannot stop a stopped vm"),
-    ("stop", STOP, "deleting", "cannot stop a deleting vm"),
-    ("stop", STOP, "deleted", "cannot stop a deleted vm"),
-    # restart: running -> running
-    ("restart", RESTART, "deploying", "cannot restart a deploying vm"),
-    ("restart", RESTART, "running", [VmRestarted(sid=SID, at=NOW)]),
-    ("restart", RESTART, "failed", "cannot restart a failed vm"),
-    ("restart", RESTART, "stopped", "cannot restart a stopped vm"),
-    ("restart", RESTART, "deleting", "cannot restart a deleting vm"),
-    ("restart", RESTART, "deleted", "cannot restart a deleted vm"),
-    # delete: any but deleted -> deleting; deleting again records nothing new
-    ("delete", DELETE, "deploying", [VmDeleteRequested(sid=SID, at=NOW)]),
-    ("delete", DELETE, "running", [VmDeleteRequested(sid=SID, at=NOW)]),
-    ("delete", DELETE, "failed", [VmDeleteRequested(sid=SID, at=NOW)]),
-    ("delete", DELETE, "stopped", [VmDeleteRequested(sid=SID, at=NOW)]),
-    ("delete", DELETE, "deleting", []),
-    ("delete", DELETE, "deleted", "cannot delete a deleted vm"),
-    # deploy: only where there is no VM yet
-    ("deploy", DEPLOY, "deploying", "vm already exists"),
-    ("deploy", DEPLOY, "running", "vm already exists"),
-    ("deploy", DEPLOY, "failed", "vm already exists"),
-    ("deploy", DEPLOY, "stopped", "vm already exists"),
-    ("deploy", DEPLOY, "deleting", "vm already exists"),
-    ("deploy", DEPLOY, "deleted", "vm already exists"),
+    (name, command, s, allowed.get(s, refusal(name, s)))
+    for name, (command, allowed) in ALLOWED.items()
+    for s in STATUSES
 ]
 
 
