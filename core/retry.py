@@ -1,4 +1,4 @@
-"""The one retry policy: bounded tries, exponential backoff with jitter, a deadline per step."""
+"""The one retry policy: bounded tries, exponential backoff, optional jitter, per-step deadlines."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from core.contract import STEPS
 class RetryPolicy:
     """How often and how long to try again; per-step overrides name a step (or an effect).
 
-    The VM reactor, the user manager's steps and a store that refuses a write all use it.
+    The VM reactor, the user manager's steps, a store that refuses a write, the views' runner,
+    the SDK's requests and the dashboard's failure limiter all use it; `jitter=False` pauses
+    exactly the ceiling (for a caller whose pauses must be foreseeable).
     """
 
     retries: int = 4
@@ -22,6 +24,7 @@ class RetryPolicy:
     deadline: float = 600.0
     deadlines: Mapping[str, float] = field(default_factory=dict)
     retries_by_step: Mapping[str, int] = field(default_factory=dict)
+    jitter: bool = True
 
     def deadline_of(self, step: str) -> float:
         return self.deadlines.get(step, self.deadline)
@@ -31,10 +34,10 @@ class RetryPolicy:
         return 1 + max(0, int(self.retries_by_step.get(step, self.retries)))
 
     def delay(self, failures: int) -> float:
-        """The pause after `failures` failures in a row: doubling from `base_delay`, jittered
-        between half and all of it, capped at `max_delay`."""
+        """The pause after `failures` failures in a row: doubling from `base_delay`, capped at
+        `max_delay`, jittered between half and all of it."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
 
 
 def step_policy(

@@ -15,6 +15,7 @@ import structlog
 
 from core.errors import Unavailable
 from core.events import Event, RecordedEvent
+from core.retry import RetryPolicy
 from projections.base import CHECKPOINTS as CHECKPOINTS
 from projections.base import VIEWS_CHECKPOINT
 from projections.base import ConnectionHook as ConnectionHook
@@ -62,8 +63,7 @@ class ProjectionRunner:
         self._conn = conn
         self._projections = projections
         self._batch_size = batch_size
-        self._retry_delay = retry_delay
-        self._max_retry_delay = max_retry_delay
+        self._retry = RetryPolicy(base_delay=retry_delay, max_delay=max_retry_delay, jitter=False)
         self._patience = patience
         self._applied = 0  # batches committed, to tell a slow runner from a stuck one
         self._position = 0
@@ -187,9 +187,8 @@ class ProjectionRunner:
                         failures=failures + 1,
                         error=str(error),
                     )
-                delay = min(self._max_retry_delay, self._retry_delay * 2**failures)
-                failures += 1
-                await asyncio.sleep(delay)  # back off, then retry from the committed checkpoint
+                failures += 1  # back off, then retry from the committed checkpoint
+                await asyncio.sleep(self._retry.delay(failures))
 
     async def _apply(self, events: Sequence[RecordedEvent]) -> None:
         conn = self._conn

@@ -41,6 +41,12 @@ def test_step_policy_backoff_doubles_with_jitter_up_to_its_ceiling() -> None:
     assert policy.tries_of("run_setup") == 1
 
 
+def test_a_policy_without_jitter_pauses_exactly_its_doubling_ceiling() -> None:
+    policy = RetryPolicy(base_delay=0.5, max_delay=10.0, jitter=False)
+    expected = {0: 0.5, 1: 0.5, 2: 1.0, 3: 2.0, 5: 8.0, 6: 10.0, 9: 10.0}
+    assert {failures: policy.delay(failures) for failures in expected} == expected
+
+
 def test_step_settings_parse_and_name_real_steps() -> None:
     assert per_step("wait_ssh=2, run_setup=60", float) == {"wait_ssh": 2.0, "run_setup": 60.0}
     with pytest.raises(ValueError, match="step=value"):

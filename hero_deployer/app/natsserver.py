@@ -21,7 +21,6 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from adapters.keyfiles import load_or_create_nkey
@@ -185,9 +184,7 @@ class NatsServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     async def start(self, timeout: float = 10.0) -> None:

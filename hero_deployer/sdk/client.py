@@ -13,7 +13,6 @@ import copy
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 import msgspec
@@ -72,6 +71,7 @@ from core.errors import (
 from core.events import EventOut
 from core.ports import DEFAULT_VM
 from core.registry import OPERATIONS, Op
+from core.retry import RetryPolicy
 from hero_deployer.sdk.subscription import EventSubscription
 from hero_deployer.sdk.wire import (
     NatsIdentity,
@@ -148,8 +148,9 @@ class HeroDeployerClient:
         self.actor = actor
         self._token = token
         self._timeout = timeout
-        self._retries = retries
-        self._retry_delay = retry_delay
+        self._retry = RetryPolicy(
+            retries=retries, base_delay=retry_delay, max_delay=2.0, jitter=False
+        )
         self._owns_connection = False
 
     @classmethod
@@ -189,12 +190,7 @@ class HeroDeployerClient:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # The untyped path (the CLI's) ---------------------------------------------------------------
@@ -218,7 +214,7 @@ class HeroDeployerClient:
         payload = msgspec.json.encode(body if body is not None else {})
         subject = f"{self.prefix}.{operation}"
         failure: Unavailable = Unavailable("no attempt was made")
-        retries = 0 if operation in NOT_RETRIED else self._retries
+        retries = 0 if operation in NOT_RETRIED else self._retry.retries
         for attempt in range(retries + 1):
             try:
                 msg = await self.nc.request(
@@ -236,7 +232,7 @@ class HeroDeployerClient:
             else:
                 return result_of(msg.data)
             if attempt < retries:
-                await asyncio.sleep(min(self._retry_delay * 2**attempt, 2.0))
+                await asyncio.sleep(self._retry.delay(attempt + 1))
         raise failure
 
     async def send(self, request: msgspec.Struct, *, idempotency_key: str | None = None) -> Any:

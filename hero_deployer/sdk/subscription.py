@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from types import TracebackType
 from typing import Protocol, Self
 
 import msgspec
@@ -15,8 +14,11 @@ from nats.errors import ConnectionClosedError
 from core.contract import EventsPage
 from core.errors import Unavailable
 from core.events import EventOut
+from core.retry import RetryPolicy
 
 _event_decoder = msgspec.json.Decoder(EventOut)
+# The pauses while a lagging replica's views catch up to a live event: 20 ms doubling to 0.5 s
+FILL_RETRY = RetryPolicy(retries=19, base_delay=0.02, max_delay=0.5, jitter=False)
 
 
 class Pages(Protocol):
@@ -92,12 +94,7 @@ class EventSubscription:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     def __aiter__(self) -> Self:
@@ -162,17 +159,15 @@ class EventSubscription:
             if len(page.events) < self._page_size:
                 return
 
-    async def _fill(self, live: EventOut, attempts: int = 20) -> None:
+    async def _fill(self, live: EventOut) -> None:
         """Fetches what lies between the tail and the live event.
 
         The service publishes an event only once `events` returns it; the retries cover a
         replica whose views lag behind the one that published.
         """
-        delay = 0.02
-        for _ in range(attempts):
+        for tries in range(1, FILL_RETRY.tries_of() + 1):
             await self._fetch(before=live.position)
             if not self._is_gap(live) or (self._stream is not None and self._tail_version is None):
                 return  # no gap left, or a stream resumed mid-way whose version is unknown
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            await asyncio.sleep(FILL_RETRY.delay(tries))
         raise Unavailable(f"events before position {live.position} could not be read")

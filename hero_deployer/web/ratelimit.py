@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from core.retry import RetryPolicy
+
 V = TypeVar("V")
 
 
@@ -40,8 +42,7 @@ class FailureLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._allowance = allowance
-        self._base_delay = base_delay
-        self._max_delay = max_delay
+        self._backoff = RetryPolicy(base_delay=base_delay, max_delay=max_delay, jitter=False)
         self._decay = decay
         self._capacity = capacity
         self._clock = clock
@@ -62,8 +63,7 @@ class FailureLimiter:
         record.updated = now
         excess = round(record.failures) - self._allowance
         if excess > 0:
-            delay = min(self._base_delay * 2 ** (excess - 1), self._max_delay)
-            record.blocked_until = now + delay
+            record.blocked_until = now + self._backoff.delay(excess)
         self._records[client] = record
         while len(self._records) > self._capacity:
             self._records.popitem(last=False)
