@@ -25,7 +25,7 @@ from adapters.eventstore_jetstream import JetStreamEventStore
 from adapters.jetstream_log import STREAM, verify_chain
 from adapters.keyfiles import load_or_create_nkey
 from adapters.localgrid import LocalGrid
-from hero_deployer.app.bootstrap import SHARED_KEYS, SharedKeyMissing, bootstrap
+from hero_deployer.app.bootstrap import SHARED_KEYS, App, SharedKeyMissing, bootstrap
 from hero_deployer.app.natsserver import NatsServer
 from hero_deployer.app.settings import Settings
 from hero_deployer.app.vm_reactor import RetryPolicy
@@ -64,11 +64,34 @@ def replica(data_dir: Path, prefix: str, **overrides: object) -> Settings:
     return make_settings(data_dir, **{**values, **overrides})
 
 
-async def test_the_service_keeps_its_log_in_jetstream(tmp_path: Path, nc: Client) -> None:
-    settings = replica(tmp_path / "first", "js1.v1")
-    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
-    async with grid, bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
-        client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+@pytest.fixture
+async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
+    async with LocalGrid(
+        data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False
+    ) as local_grid:
+        yield local_grid
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, nc: Client, grid: LocalGrid
+) -> AsyncIterator[tuple[App, HeroDeployerClient]]:
+    """A replica bootstrapped on `nc` and `grid`, with a client on its prefix."""
+    async with bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app:
+        yield app, HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
+
+
+def copy_shared_keys(source: Path, target: Path) -> None:
+    """Gives a second replica's DIR the first one's keys, as an operator would copy them."""
+    target.mkdir(mode=0o700)
+    for name in ("fingerprint.key", "master.key"):
+        shutil.copy2(source / name, target / name)
+
+
+async def test_the_service_keeps_its_log_in_jetstream(
+    tmp_path: Path, nc: Client, grid: LocalGrid
+) -> None:
+    async with serving(replica(tmp_path / "first", "js1.v1"), nc, grid) as (_, client):
         sid = await deploy_running(client, SECRET)
         health = await client.call("health", {})
 
@@ -85,47 +108,38 @@ async def test_the_service_keeps_its_log_in_jetstream(tmp_path: Path, nc: Client
 
 
 async def test_a_replica_without_the_shared_keys_refuses_to_start(
-    tmp_path: Path, nc: Client
+    tmp_path: Path, nc: Client, grid: LocalGrid
 ) -> None:
     """It would otherwise make new keys, and the log's fingerprints and secrets would not open."""
     first = replica(tmp_path / "first", "js2.v1")
-    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
-    async with grid:
-        async with bootstrap(first, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
-            client = HeroDeployerClient(nc, token=TOKEN, prefix=first.prefix)
-            await deploy_running(client, SECRET)
+    async with serving(first, nc, grid) as (_, client):
+        await deploy_running(client, SECRET)
 
-        second_dir = tmp_path / "second"
-        second = replica(second_dir, first.prefix, token="")
-        with pytest.raises(SharedKeyMissing) as refused:
-            async with bootstrap(second, nc, compute=grid):
-                pass
-        for name, variable in SHARED_KEYS:
-            assert str(second_dir / name) in str(refused.value)
-            assert variable in str(refused.value)
-            assert not (second_dir / name).exists(), "a replica generated a key"
+    second_dir = tmp_path / "second"
+    second = replica(second_dir, first.prefix, token="")
+    with pytest.raises(SharedKeyMissing) as refused:
+        async with bootstrap(second, nc, compute=grid):
+            pass
+    for name, variable in SHARED_KEYS:
+        assert str(second_dir / name) in str(refused.value)
+        assert variable in str(refused.value)
+        assert not (second_dir / name).exists(), "a replica generated a key"
 
 
 async def test_a_replica_with_the_copied_keys_answers_from_the_log(
-    tmp_path: Path, nc: Client
+    tmp_path: Path, nc: Client, grid: LocalGrid
 ) -> None:
     """The second replica's views come from the shared log; its fingerprints match the first's."""
     first = replica(tmp_path / "first", "js3.v1")
-    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
-    async with grid:
-        async with bootstrap(first, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
-            client = HeroDeployerClient(nc, token=TOKEN, prefix=first.prefix)
-            sid = await deploy_running(client, SECRET)
-            before = await client.call("get_vm", {"sid": sid, "secret": SECRET})
+    async with serving(first, nc, grid) as (_, client):
+        sid = await deploy_running(client, SECRET)
+        before = await client.call("get_vm", {"sid": sid, "secret": SECRET})
 
-        second_dir = tmp_path / "second"
-        second_dir.mkdir(mode=0o700)
-        for name in ("fingerprint.key", "master.key"):
-            shutil.copy2(tmp_path / "first" / name, second_dir / name)
-        second = replica(second_dir, first.prefix)  # the token given, as HERO_DEPLOYER_TOKEN
-        async with bootstrap(second, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
-            after = await client.call("get_vm", {"sid": sid, "secret": SECRET})
-            listed = await client.call("list_vms", {"secret": SECRET})
+    copy_shared_keys(tmp_path / "first", tmp_path / "second")
+    second = replica(tmp_path / "second", first.prefix)  # the token given, as HERO_DEPLOYER_TOKEN
+    async with serving(second, nc, grid):
+        after = await client.call("get_vm", {"sid": sid, "secret": SECRET})
+        listed = await client.call("list_vms", {"secret": SECRET})
     assert after == before
     assert [vm["sid"] for vm in listed["vms"]] == [sid]
 
@@ -174,9 +188,7 @@ async def test_killing_a_node_under_load_loses_and_doubles_no_deploy(tmp_path: P
         replicas = [serve(first, urls)]
         try:
             await ready(replicas[0])
-            second.mkdir(mode=0o700)
-            for name in ("fingerprint.key", "master.key"):
-                shutil.copy2(first / name, second / name)
+            copy_shared_keys(first, second)
             replicas.append(serve(second, urls))
             await ready(replicas[1])
             acknowledged, killed = await deploy_under_a_node_kill(urls, nodes, replicas[0])
@@ -313,31 +325,28 @@ def hero_deployer(*args: str, env: dict[str, str] | None = None) -> subprocess.P
 
 
 async def test_migrate_store_moves_a_served_log_into_jetstream(
-    tmp_path: Path, log_server: NatsServer, nc: Client
+    tmp_path: Path, log_server: NatsServer, nc: Client, grid: LocalGrid
 ) -> None:
     """A log written by `serve` on SQLite, moved by the CLI, then served from JetStream."""
     data_dir = tmp_path / "data"
     settings = make_settings(data_dir, prefix="mv.v1")
-    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
-    async with grid:
-        async with bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app:
-            client = HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
-            sid = await deploy_running(client, SECRET)
-            head, count = app.store.head_hash, app.store.position
+    async with serving(settings, nc, grid) as (app, client):
+        sid = await deploy_running(client, SECRET)
+        head, count = app.store.head_hash, app.store.position
 
-        process = hero_deployer(
-            "migrate-store", "--from", f"sqlite:{data_dir}", "--to", f"jetstream:{log_server.url}",
-            "--replicas", "1",
-        )  # fmt: skip
-        stdout, stderr = await asyncio.to_thread(process.communicate, None, 60)
-        assert process.returncode == 0, stderr
-        assert stdout.startswith(f"moved {count} events (head {head}), 1 idempotency records")
+    process = hero_deployer(
+        "migrate-store", "--from", f"sqlite:{data_dir}", "--to", f"jetstream:{log_server.url}",
+        "--replicas", "1",
+    )  # fmt: skip
+    stdout, stderr = await asyncio.to_thread(process.communicate, None, 60)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith(f"moved {count} events (head {head}), 1 idempotency records")
 
-        moved = replica(data_dir, settings.prefix)  # the same keys, the log now in JetStream
-        async with bootstrap(moved, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app:
-            assert (app.store.position, app.store.head_hash) == (count, head)
-            vm = await client.call("get_vm", {"sid": sid, "secret": SECRET})
-            assert vm["sid"] == sid
+    moved = replica(data_dir, settings.prefix)  # the same keys, the log now in JetStream
+    async with serving(moved, nc, grid) as (app, client):
+        assert (app.store.position, app.store.head_hash) == (count, head)
+        vm = await client.call("get_vm", {"sid": sid, "secret": SECRET})
+        assert vm["sid"] == sid
 
     again = hero_deployer(
         "migrate-store", "--from", f"sqlite:{data_dir}", "--to", f"jetstream:{log_server.url}"
@@ -404,20 +413,14 @@ async def test_the_documented_permissions_serve_a_jetstream_log_and_keep_clients
 
 
 async def test_a_replica_answers_with_what_another_replica_just_wrote(
-    tmp_path: Path, nc: Client
+    tmp_path: Path, nc: Client, grid: LocalGrid
 ) -> None:
     """Read your writes across replicas: each query waits for its views to reach the log's head."""
-    grid = LocalGrid(data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False)
     first = replica(tmp_path / "first", "ryw-a.v1")
-    async with grid, bootstrap(first, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
-        second_dir = tmp_path / "second"
-        second_dir.mkdir(mode=0o700)
-        for name in ("fingerprint.key", "master.key"):
-            shutil.copy2(tmp_path / "first" / name, second_dir / name)
-        second = replica(second_dir, "ryw-b.v1")  # its own subjects: it alone answers them
-        async with bootstrap(second, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)):
-            writer = HeroDeployerClient(nc, token=TOKEN, prefix=first.prefix)
-            reader = HeroDeployerClient(nc, token=TOKEN, prefix=second.prefix)
+    async with serving(first, nc, grid) as (_, writer):
+        copy_shared_keys(tmp_path / "first", tmp_path / "second")
+        second = replica(tmp_path / "second", "ryw-b.v1")  # its own subjects: it alone answers
+        async with serving(second, nc, grid) as (_, reader):
             for n in range(30):
                 vm = await writer.call("deploy_vm", {"name": f"r{n}", "secret": SECRET})
                 seen = await reader.call("get_vm", {"sid": vm["sid"], "secret": SECRET})
