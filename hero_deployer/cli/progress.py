@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from core.user import STEP_EVENTS
 from hero_deployer.cli.output import colour_on, paint, print_json
+from hero_deployer.sdk.steps import BEGIN_EVENTS, STEP_EVENTS, step_detail
 
 # A line about an event, given the seconds since the clock last restarted, and whether this
 # event restarts it (it began or finished something); None: nothing to say about it.
@@ -63,7 +63,6 @@ def event_time(event: dict[str, Any]) -> datetime:
 
 # Users -------------------------------------------------------------------------------------
 
-BEGIN_EVENTS: Final = ("ProvisioningRequested", "ProvisioningResumed", "DecommissionRequested")
 DECOMMISSION_EVENTS: Final = ("GatewayDeleted", "UserVmDeleted", "DecommissionActionFailed")
 
 
@@ -73,7 +72,7 @@ def describe_user_event(event: dict[str, Any], elapsed: float) -> tuple[str, boo
     if kind in BEGIN_EVENTS:
         return kind, True
     if kind in STEP_EVENTS:
-        return f"  {STEP_EVENTS[kind]:<16} done   {elapsed:6.1f}s  {step_detail(event)}", True
+        return f"  {STEP_EVENTS[kind]:<16} done   {elapsed:6.1f}s  {step_detail(kind, data)}", True
     if kind == "UserVmDeployRequested":
         return f"  {'deploy_vm':<16} ...            vm {data['vm_sid']} requested", False
     if kind == "StepRetried":
@@ -84,29 +83,6 @@ def describe_user_event(event: dict[str, Any], elapsed: float) -> tuple[str, boo
         what = data.get("name") or data.get("vm_sid") or data.get("reason", "")
         return f"  {kind:<24} {what}", False
     return None
-
-
-def step_detail(event: dict[str, Any]) -> str:
-    """What a finished step produced, in a few words."""
-    data = event["data"]
-    match event["type"]:
-        case "ForgeUserEnsured":
-            if data.get("skipped_reason"):
-                return f"skipped: {data['skipped_reason']}"
-            return "account created" if data.get("created") else "account exists"
-        case "NodeSelected":
-            return f"node {data['node_id']} ({data['gateway_domain']})"
-        case "UserVmDeployed":
-            return f"{data['vm_sid']} at {data['mycelium_ip']}"
-        case "GatewayDeployed":
-            return str(data["url"])
-        case "ManifestUploaded":
-            return f"{data['path']} sha256 {str(data['sha256'])[:12]}"
-        case "SetupCompleted":
-            return f"exit status {data['exit_status']}"
-        case "HealthVerified":
-            return f"answered {data['status_code']}"
-    return ""
 
 
 # VMs ---------------------------------------------------------------------------------------

@@ -23,16 +23,7 @@ from core.contract import (
     QUEUE_GROUP,
     SERVICE_NAME,
 )
-from core.errors import (
-    Conflict,
-    DomainError,
-    Internal,
-    InvalidInput,
-    InvalidState,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from core.errors import ERRORS_BY_CODE, DomainError
 from core.events import Event
 from core.operations import ACTOR_PATTERN, BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
 from core.registry import OPERATIONS, Op
@@ -48,28 +39,22 @@ Json = dict[str, Any]
 SCHEMAS: Final = "#/components/schemas/"
 MESSAGES: Final = "#/components/messages/"
 
-ERRORS: Final[tuple[tuple[type[DomainError], str], ...]] = (
-    (
-        InvalidInput,
-        "malformed JSON, unknown or missing field, wrong type, value out of range, rule broken "
-        "(empty new secret, old == new)",
-    ),
-    (Unauthorized, "missing, malformed (not `Bearer <token>`) or wrong token"),
-    (
-        NotFound,
-        "no such VM or user, or the secret does not match: the two are indistinguishable, in "
-        "body, headers and timing",
-    ),
-    (
-        Conflict,
-        "concurrent change lost the race after retries; idempotency key reused with another body",
-    ),
-    (
-        InvalidState,
-        "the action is not valid in the resource's current state (only after the secret matched)",
-    ),
-    (Unavailable, "a dependency is down; nothing was recorded"),
-    (Internal, "a bug; the message carries no secret, key or stack trace"),
+# When each of the contract's errors is the reply, by its code
+WHEN: Final[dict[str, str]] = {
+    "InvalidInput": "malformed JSON, unknown or missing field, wrong type, value out of range, "
+    "rule broken (empty new secret, old == new)",
+    "Unauthorized": "missing, malformed (not `Bearer <token>`) or wrong token",
+    "NotFound": "no such VM or user, or the secret does not match: the two are "
+    "indistinguishable, in body, headers and timing",
+    "Conflict": "concurrent change lost the race after retries; idempotency key reused with "
+    "another body",
+    "InvalidState": "the action is not valid in the resource's current state (only after the "
+    "secret matched)",
+    "Unavailable": "a dependency is down; nothing was recorded",
+    "Internal": "a bug; the message carries no secret, key or stack trace",
+}
+ERRORS: Final[tuple[tuple[type[DomainError], str], ...]] = tuple(
+    (cls, WHEN[code]) for code, cls in ERRORS_BY_CODE.items()
 )
 
 INFO_DESCRIPTION: Final = """\

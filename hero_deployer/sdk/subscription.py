@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol, Self
 
 import msgspec
@@ -32,6 +33,7 @@ class Pages(Protocol):
     ) -> EventsPage: ...
 
 
+@dataclass(eq=False)
 class EventSubscription:
     """Catches up through `events`, then follows the status stream; an async iterator.
 
@@ -42,43 +44,38 @@ class EventSubscription:
     which covers a lost tail (after a reconnect, or messages dropped for a slow consumer).
     """
 
-    def __init__(
-        self,
-        client: Pages,
-        *,
-        stream: str | None,
-        after: int,
-        page_size: int,
-        poll_interval: float | None,
-        pending_limit: int,
-    ) -> None:
-        self._client = client
-        self._stream = stream
-        self._page_size = page_size
-        self._poll_interval = poll_interval
-        self._pending_limit = pending_limit
-        self.position = after
-        """The position of the last event delivered (or `after`): where to resume from."""
-        self._tail = after  # the last position delivered or queued
-        self._tail_version: int | None = None  # for one stream: the version at `_tail`
-        self._ready: deque[EventOut] = deque()
-        self._sub: Subscription | None = None
-        self._closed = False
+    client: Pages
+    _: KW_ONLY
+    stream: str | None
+    after: int
+    page_size: int
+    poll_interval: float | None
+    pending_limit: int
+    position: int = field(init=False)
+    """The position of the last event delivered (or `after`): where to resume from."""
+    _tail: int = field(init=False)  # the last position delivered or queued
+    _tail_version: int | None = field(init=False, default=None)  # one stream's version at _tail
+    _ready: deque[EventOut] = field(init=False, default_factory=deque)
+    _sub: Subscription | None = field(init=False, default=None)
+    _closed: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.position = self._tail = self.after
 
     @property
     def subject(self) -> str:
-        prefix = self._client.prefix
-        if self._stream is None:
+        prefix = self.client.prefix
+        if self.stream is None:
             return f"{prefix}.events.>"
-        kind, _, ident = self._stream.partition(":")
+        kind, _, ident = self.stream.partition(":")
         return f"{prefix}.events.{kind}.{ident}.*"
 
     async def start(self) -> None:
         """Subscribes to the live subject and catches up; the first `__anext__` does it too."""
         if self._sub is not None or self._closed:
             return
-        nc = self._client.nc
-        self._sub = await nc.subscribe(self.subject, pending_msgs_limit=self._pending_limit)
+        nc = self.client.nc
+        self._sub = await nc.subscribe(self.subject, pending_msgs_limit=self.pending_limit)
         await nc.flush()
         await self._fetch()
 
@@ -87,7 +84,7 @@ class EventSubscription:
         self._ready.clear()
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            if not self._client.nc.is_closed:
+            if not self.client.nc.is_closed:
                 await sub.unsubscribe()
 
     async def __aenter__(self) -> Self:
@@ -112,7 +109,7 @@ class EventSubscription:
             try:
                 # The silence is timed here, not by next_msg: its own timeout uses Python
                 # 3.11's wait_for, which can swallow a cancellation of the caller.
-                async with asyncio.timeout(self._poll_interval):
+                async with asyncio.timeout(self.poll_interval):
                     msg = await self._sub.next_msg(timeout=None)
             except TimeoutError:
                 await self._fetch()  # a silence: pick up anything the live stream lost
@@ -135,7 +132,7 @@ class EventSubscription:
             self._push(event)
 
     def _is_gap(self, event: EventOut) -> bool:
-        if self._stream is None:
+        if self.stream is None:
             return event.position != self._tail + 1
         if self._tail_version is None:
             return event.version != 1
@@ -149,14 +146,14 @@ class EventSubscription:
     async def _fetch(self, before: int | None = None) -> None:
         """Queues every event after the tail (below `before`, when given) from `events`."""
         while True:
-            page = await self._client.events(
-                stream=self._stream, after=self._tail, limit=self._page_size
+            page = await self.client.events(
+                stream=self.stream, after=self._tail, limit=self.page_size
             )
             for event in page.events:
                 if before is not None and event.position >= before:
                     return
                 self._push(event)
-            if len(page.events) < self._page_size:
+            if len(page.events) < self.page_size:
                 return
 
     async def _fill(self, live: EventOut) -> None:
@@ -167,7 +164,7 @@ class EventSubscription:
         """
         for tries in range(1, FILL_RETRY.tries_of() + 1):
             await self._fetch(before=live.position)
-            if not self._is_gap(live) or (self._stream is not None and self._tail_version is None):
+            if not self._is_gap(live) or (self.stream is not None and self._tail_version is None):
                 return  # no gap left, or a stream resumed mid-way whose version is unknown
             await asyncio.sleep(FILL_RETRY.delay(tries))
         raise Unavailable(f"events before position {live.position} could not be read")

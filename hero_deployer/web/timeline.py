@@ -9,21 +9,8 @@ from typing import Any, Final
 import msgspec
 
 from core.contract import STEPS
-from core.user import STEP_EVENTS
 from hero_deployer.sdk.client import EventOut, UserOut
-
-STEP_LABELS: Final[dict[str, str]] = {
-    "forge_user": "Forge account",
-    "ssh_key": "SSH key",
-    "select_node": "Select node",
-    "deploy_vm": "Deploy VM",
-    "deploy_gateway": "Deploy gateway",
-    "wait_ssh": "Wait for SSH",
-    "upload_manifest": "Upload manifest",
-    "run_setup": "Run setup",
-    "verify_health": "Verify health",
-    "done": "Done",
-}
+from hero_deployer.sdk.steps import BEGIN_EVENTS, STEP_EVENTS, STEP_LABELS, step_detail
 
 _LIFECYCLE: Final[dict[str, str]] = {
     "ProvisioningRequested": "Provisioning requested",
@@ -63,34 +50,6 @@ def _at(event: EventOut, data: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(raw) if isinstance(raw, str) else event.recorded_at
 
 
-def _detail(kind: str, data: dict[str, Any]) -> str:
-    match kind:
-        case "ForgeUserEnsured":
-            if data.get("skipped_reason"):
-                return f"skipped: {data['skipped_reason']}"
-            return "account created" if data.get("created") else "account exists"
-        case "NodeSelected":
-            domain = data.get("gateway_domain") or "no gateway domain"
-            return f"node {data.get('node_id')} ({domain})"
-        case "UserVmDeployed":
-            return f"{data.get('vm_sid')} at {data.get('mycelium_ip')}"
-        case "GatewayDeployed":
-            return str(data.get("url", ""))
-        case "ManifestUploaded":
-            return str(data.get("path", ""))
-        case "SetupCompleted":
-            return f"exit status {data.get('exit_status')}"
-        case "HealthVerified":
-            return f"answered {data.get('status_code')}"
-        case "UserVmDeployRequested":
-            return f"VM {data.get('vm_sid')} requested"
-        case "GatewayDeleted":
-            return str(data.get("name", ""))
-        case "UserVmDeleted":
-            return str(data.get("vm_sid", ""))
-    return ""
-
-
 def timeline(events: list[EventOut], user: UserOut, now: datetime) -> list[Entry]:
     """The user's history as timeline entries, with each step's duration and error."""
     entries: list[Entry] = []
@@ -99,13 +58,13 @@ def timeline(events: list[EventOut], user: UserOut, now: datetime) -> list[Entry
         data: dict[str, Any] = msgspec.json.decode(event.data)
         at = _at(event, data)
         kind = event.type
-        if kind in ("ProvisioningRequested", "ProvisioningResumed", "DecommissionRequested"):
+        if kind in BEGIN_EVENTS:
             began = at
         if kind in STEP_EVENTS:
             step = STEP_EVENTS[kind]
             seconds = (at - began).total_seconds() if began else None
             entries.append(
-                Entry("step", STEP_LABELS[step], at, seconds, _detail(kind, data), step=step)
+                Entry("step", STEP_LABELS[step], at, seconds, step_detail(kind, data), step=step)
             )
             began = at
         elif kind == "StepRetried":
@@ -122,9 +81,9 @@ def timeline(events: list[EventOut], user: UserOut, now: datetime) -> list[Entry
         elif kind == "DecommissionActionFailed":
             entries.append(Entry("failed", _LIFECYCLE[kind], at, error=str(data.get("reason", ""))))
         elif kind in _LIFECYCLE:
-            entries.append(Entry("event", _LIFECYCLE[kind], at, detail=_detail(kind, data)))
+            entries.append(Entry("event", _LIFECYCLE[kind], at, detail=step_detail(kind, data)))
         elif kind == "UserVmDeployRequested":
-            entries.append(Entry("event", "VM requested", at, detail=_detail(kind, data)))
+            entries.append(Entry("event", "VM requested", at, detail=step_detail(kind, data)))
     if user.status == "provisioning" and began is not None:
         label = f"{STEP_LABELS.get(user.step, user.step)}: in progress"
         seconds = max(0.0, (now - began).total_seconds())
