@@ -329,23 +329,34 @@ def create_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/favicon.ico", favicon)
-    app.router.add_get("/login", login_page)
-    app.router.add_post("/login", login)
-    app.router.add_get("/logout", logout_page)
-    app.router.add_post("/logout", logout)
-    app.router.add_get("/users", users_page)
-    app.router.add_post("/users", provision)
-    app.router.add_get("/users/_rows", users_rows)
-    app.router.add_get("/users/{name}", user_page)
-    app.router.add_get("/users/{name}/_detail", user_detail)
-    app.router.add_post("/users/{name}/reveal", reveal_password)
-    app.router.add_post("/users/{name}/{action:provision|decommission}", user_action)
-    app.router.add_get("/audit", audit.audit_page)
-    app.router.add_get("/audit/_rows", audit.audit_rows)
-    app.router.add_get("/live", streams.operator_live)
-    app.router.add_get("/tenant/live", streams.tenant_live)
-    tenant.add_routes(app)
-    app.router.add_static("/static/", HERE / "static", name="static")
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    """Every page and API of the dashboard, the operator's and the tenant's."""
+    app.router.add_routes(
+        [
+            web.get("/", index),
+            web.get("/favicon.ico", favicon),
+            web.get("/login", login_page),
+            web.post("/login", login),
+            web.get("/logout", logout_page),
+            web.post("/logout", logout),
+            web.get("/users", users_page),
+            web.post("/users", provision),
+            web.get("/users/_rows", users_rows),
+            web.get("/users/{name}", user_page),
+            web.get("/users/{name}/_detail", user_detail),
+            web.post("/users/{name}/reveal", reveal_password),
+            web.post("/users/{name}/{action:provision|decommission}", user_action),
+            web.get("/audit", audit.audit_page),
+            web.get("/audit/_rows", audit.audit_rows),
+            web.get("/live", streams.operator_live),
+            web.get("/tenant/live", streams.tenant_live),
+            web.get("/tenant", tenant.tenant_page),
+            web.get("/tenant/vms/{sid}", tenant.tenant_vm_page),
+            web.post("/tenant/api/vms", tenant.tenant_vms),
+            web.post("/tenant/api/vm", tenant.tenant_vm),
+            web.post("/tenant/api/deploy", tenant.tenant_deploy),
+            web.post("/tenant/api/action", tenant.tenant_action),
+            web.post("/tenant/api/migrate", tenant.tenant_migrate),
+            web.static("/static/", HERE / "static", name="static"),
+            web.route("*", "/{tail:.*}", _not_found),
+        ]
+    )

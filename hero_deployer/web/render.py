@@ -98,7 +98,11 @@ def environment() -> jinja2.Environment:
 def render(
     request: web.Request, template: str, context: dict[str, Any], *, status: int = 200
 ) -> web.Response:
-    """Renders a template with the session's CSRF token and flash message."""
+    """Renders a template with the session's CSRF token and flash message.
+
+    The page's name (`<body data-page>`, what operator.js keys on) is the template's: "tenant-vm"
+    for tenant_vm.html.
+    """
     session = session_of(request)
     flash, session.flash = session.flash, ""
     html = (
@@ -109,6 +113,7 @@ def render(
             operator=session.operator,
             flash=flash,
             path=request.path,
+            page=template.removesuffix(".html").replace("_", "-"),
             live_after=request.get(LIVE_AFTER_KEY, ""),
             banners=context.pop("banners", []),
             **context,

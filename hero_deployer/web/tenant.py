@@ -204,14 +204,3 @@ async def tenant_migrate(request: web.Request) -> web.StreamResponse:
         return json_response(msgspec.to_builtins(result))
 
     return await _tenant_call(request, MigrateRequest, call, proves=False)
-
-
-def add_routes(app: web.Application) -> None:
-    """The tenant pages and API."""
-    app.router.add_get("/tenant", tenant_page)
-    app.router.add_get("/tenant/vms/{sid}", tenant_vm_page)
-    app.router.add_post("/tenant/api/vms", tenant_vms)
-    app.router.add_post("/tenant/api/vm", tenant_vm)
-    app.router.add_post("/tenant/api/deploy", tenant_deploy)
-    app.router.add_post("/tenant/api/action", tenant_action)
-    app.router.add_post("/tenant/api/migrate", tenant_migrate)
