@@ -137,6 +137,13 @@ def jetstream_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list
         yield running.urls
 
 
+def copy_shared_keys(source: Path, target: Path) -> None:
+    """Gives a second replica's DIR the first one's keys, as docs/scale-out.md copies them."""
+    target.mkdir(mode=0o700)
+    for name in ("fingerprint.key", "master.key"):
+        shutil.copy2(source / name, target / name)
+
+
 @dataclass
 class Place:
     """Where a service under test runs: `serve` starts it there; callers use `nc`."""
@@ -165,9 +172,7 @@ class Place:
                 if n == 0:
                     assert apps[0].lease is not None
                     await asyncio.wait_for(apps[0].lease.until_held(), 30)
-                    other.data_dir.mkdir(mode=0o700)
-                    for key in ("fingerprint.key", "master.key"):  # docs/scale-out.md
-                        shutil.copy2(settings.data_dir / key, other.data_dir / key)
+                    copy_shared_keys(settings.data_dir, other.data_dir)
             yield apps
 
 
@@ -191,6 +196,15 @@ async def place(request: pytest.FixtureRequest) -> AsyncIterator[Place]:
         await delete_log(nc)
     finally:
         await nc.close()
+
+
+@pytest_asyncio.fixture
+async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
+    """A LocalGrid in `tmp_path/grid` that acts at once, without SSH."""
+    async with LocalGrid(
+        data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False
+    ) as local_grid:
+        yield local_grid
 
 
 @pytest_asyncio.fixture

@@ -30,7 +30,7 @@ from hero_deployer.app.natsserver import NatsServer
 from hero_deployer.app.settings import Settings
 from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import Conflict, HeroDeployerClient, Unavailable
-from tests.conftest import TOKEN, make_settings
+from tests.conftest import TOKEN, copy_shared_keys, make_settings
 from tests.helpers import deploy_running
 from tests.jetstream_cluster import (
     connect,
@@ -64,14 +64,6 @@ def replica(data_dir: Path, prefix: str, **overrides: object) -> Settings:
     return make_settings(data_dir, **{**values, **overrides})
 
 
-@pytest.fixture
-async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(
-        data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False
-    ) as local_grid:
-        yield local_grid
-
-
 @contextlib.asynccontextmanager
 async def serving(
     settings: Settings, nc: Client, grid: LocalGrid
@@ -79,13 +71,6 @@ async def serving(
     """A replica bootstrapped on `nc` and `grid`, with a client on its prefix."""
     async with bootstrap(settings, nc, compute=grid, retry=RetryPolicy(base_delay=0.01)) as app:
         yield app, HeroDeployerClient(nc, token=TOKEN, prefix=settings.prefix)
-
-
-def copy_shared_keys(source: Path, target: Path) -> None:
-    """Gives a second replica's DIR the first one's keys, as an operator would copy them."""
-    target.mkdir(mode=0o700)
-    for name in ("fingerprint.key", "master.key"):
-        shutil.copy2(source / name, target / name)
 
 
 async def test_the_service_keeps_its_log_in_jetstream(

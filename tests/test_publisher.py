@@ -195,14 +195,6 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path / "data")
 
 
-@pytest.fixture
-async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(
-        data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False
-    ) as grid:
-        yield grid
-
-
 def publisher_checkpoint(settings: Settings) -> int | None:
     with sqlite3.connect(settings.data_dir / "views.db") as db:
         row = db.execute("SELECT position FROM checkpoints WHERE name = 'publisher'").fetchone()
