@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import msgspec
 
+from core.registry import OPERATIONS
 from hero_deployer.app.context import SERVER_NAME_FILE, expected_server_name
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.errors import NoService, NoToken
@@ -107,6 +108,19 @@ async def call(args: argparse.Namespace, settings: Settings, operation: str, bod
     """One request on a connection of its own; its result as plain JSON values."""
     async with connected(args, settings) as client:
         return await client.call(operation, body)
+
+
+async def send_given(
+    client: Any,
+    request: type[msgspec.Struct],
+    args: argparse.Namespace,
+    fields: Iterable[str],
+    **body: Any,
+) -> Any:
+    """Sends `request` with `body` and each of `fields` the command line gave (the service's
+    defaults stand for the others); returns the result as plain JSON values."""
+    body.update({f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    return await client.call(OPERATIONS.row(request).name, body)
 
 
 async def send(client: Any, request: msgspec.Struct) -> Any:

@@ -56,6 +56,14 @@ async def follow(args: argparse.Namespace, client: Any, wait: Wait) -> dict[str,
     return None
 
 
+def add_wait_arguments(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """Adds `flag` (`--wait` or `--no-wait`) and the `--wait-timeout` that `follow` obeys."""
+    parser.add_argument(flag, action="store_true", help=text)
+    parser.add_argument(
+        "--wait-timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after"
+    )
+
+
 def event_time(event: dict[str, Any]) -> datetime:
     """When the event happened: its data's `at`, else when it was recorded."""
     return datetime.fromisoformat(str(event["data"].get("at") or event["recorded_at"]))

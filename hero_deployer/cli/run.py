@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,9 @@ from hero_deployer.cli.parsing import Options, command
 
 if TYPE_CHECKING:
     from hero_deployer.sdk.client import NatsIdentity
+
+# What a command runs, with its parsed arguments and the settings they make
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[None]]
 
 BACKENDS = ["local", "hero-compute", "opentofu"]
 UP_EPILOG = """\
@@ -29,17 +32,11 @@ examples:
 
 def add_commands(sub: Any, opts: Options) -> None:
     """Adds `up`, `serve`, `web` and `rebuild`."""
-    up = command(
-        sub,
-        "up",
-        "run everything here: its own NATS, the service, the dashboard",
-        parents=[opts.data_dir],
-        epilog=UP_EPILOG,
-    )
+    summary = "run everything here: its own NATS, the service, the dashboard"
+    up = _here(sub, opts, "up", summary, _up, epilog=UP_EPILOG)
     up.add_argument("--nats-port", type=int, metavar="PORT", help=_of("nats_port", "its NATS port"))
     _backend(up)
     _web_port(up, "dashboard port on 127.0.0.1, 0 for none")
-    up.set_defaults(handler=_up)
     _add_serve(sub, opts)
     web = command(
         sub,
@@ -55,23 +52,12 @@ def add_commands(sub: Any, opts: Options) -> None:
             metavar="URL",
             help="https://host[:port] browsers use (via a proxy): only that Host, Secure cookies",
         )
-    rebuild = command(
-        sub,
-        "rebuild",
-        "rebuild every view from the event log (service stopped)",
-        parents=[opts.data_dir],
-    )
-    rebuild.set_defaults(handler=_rebuild)
+    _here(sub, opts, "rebuild", "rebuild every view from the event log (service stopped)", _rebuild)
 
 
 def _add_serve(sub: Any, opts: Options) -> None:
-    serve_p = command(
-        sub,
-        "serve",
-        "run the service alone on an existing NATS",
-        parents=[opts.data_dir],
-        epilog=SERVE_EPILOG,
-    )
+    summary = "run the service alone on an existing NATS"
+    serve_p = _here(sub, opts, "serve", summary, _serve, epilog=SERVE_EPILOG)
     urls = _of("nats_url", "the NATS server's URL, or a cluster's URLs with commas between")
     serve_p.add_argument("--nats", metavar="URL", help=urls)
     _backend(serve_p)
@@ -83,7 +69,15 @@ def _add_serve(sub: Any, opts: Options) -> None:
     serve_p.add_argument("--store", choices=["sqlite", "jetstream"], help=store)
     replicas = _of("replicas", "copies of a jetstream log")
     serve_p.add_argument("--replicas", type=int, metavar="N", help=replicas)
-    serve_p.set_defaults(handler=_serve)
+
+
+def _here(
+    sub: Any, opts: Options, name: str, summary: str, handler: Handler, *, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """A command that works on the data dir of this machine, run by `handler`."""
+    parser = command(sub, name, summary, parents=[opts.data_dir], epilog=epilog)
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def _of(setting: str, text: str) -> str:

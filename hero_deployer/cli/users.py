@@ -15,7 +15,7 @@ from core.contract import (
 )
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
-from hero_deployer.cli.connect import connected, send
+from hero_deployer.cli.connect import connected, send, send_given
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_users
 from hero_deployer.cli.parsing import (
@@ -24,9 +24,8 @@ from hero_deployer.cli.parsing import (
     field_option,
     group,
     operation_summary,
-    row,
 )
-from hero_deployer.cli.progress import Wait, describe_user_event, follow
+from hero_deployer.cli.progress import Wait, add_wait_arguments, describe_user_event, follow
 from hero_deployer.cli.validation import field_type, rule_of
 
 USERS_EPILOG = """\
@@ -60,8 +59,7 @@ def add_commands(sub: Any, opts: Options) -> None:
         parents=opts.client,
     )
     decommission.add_argument("username", help="the user's name")
-    decommission.add_argument("--wait", action="store_true", help="follow until decommissioned")
-    _wait_timeout(decommission)
+    add_wait_arguments(decommission, "--wait", "follow until decommissioned")
     add_yes_argument(decommission)
     reveal = command(
         users, "reveal-password", operation_summary(RevealInitialPassword), parents=opts.client
@@ -100,14 +98,7 @@ def _add_provision(users: Any, opts: Options) -> None:
         "what the VM is set up with",
         metavar="NAME",
     )
-    provision.add_argument("--no-wait", action="store_true", help="do not follow the progress")
-    _wait_timeout(provision)
-
-
-def _wait_timeout(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--wait-timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after"
-    )
+    add_wait_arguments(provision, "--no-wait", "do not follow the progress")
 
 
 async def _users(args: argparse.Namespace, settings: Settings) -> None:
@@ -135,12 +126,9 @@ async def _users(args: argparse.Namespace, settings: Settings) -> None:
 
 async def _provision(args: argparse.Namespace, client: Any) -> None:
     name = args.username
-    body: dict[str, Any] = {"username": name}
-    for field in ("display_name", "forge_email", "profile"):
-        if getattr(args, field) is not None:
-            body[field] = getattr(args, field)
     before = (await client.health()).position
-    user = await client.call(row(ProvisionUser).name, body)
+    fields = ("display_name", "forge_email", "profile")
+    user = await send_given(client, ProvisionUser, args, fields, username=name)
     if args.no_wait or user["status"] != "provisioning":
         print_users(args, [user], many=False)
         return

@@ -10,7 +10,7 @@ from core.contract import DeployVm, GetVm, ListVms, MigrateSecret, VmRef
 from core.registry import OPERATIONS, Op
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.confirm import add_yes_argument, confirm, require_answer
-from hero_deployer.cli.connect import connected, send
+from hero_deployer.cli.connect import connected, send, send_given
 from hero_deployer.cli.errors import CommandFailed
 from hero_deployer.cli.output import print_json, print_vms
 from hero_deployer.cli.parsing import (
@@ -21,7 +21,7 @@ from hero_deployer.cli.parsing import (
     operation_summary,
     row,
 )
-from hero_deployer.cli.progress import Wait, describe_vm_event, follow
+from hero_deployer.cli.progress import Wait, add_wait_arguments, describe_vm_event, follow
 from hero_deployer.cli.secret_input import (
     NEW_SECRET,
     OLD_SECRET,
@@ -74,7 +74,7 @@ def add_commands(sub: Any, opts: Options) -> None:
     add_secret_arguments(deploy, SECRET)
     for flag, field, text, kind in SIZE_FLAGS:
         field_option(deploy, flag, DeployVm, field, text, type=kind)
-    _wait_arguments(deploy, "follow the deploy until the VM runs or fails")
+    add_wait_arguments(deploy, "--wait", "follow the deploy until the VM runs or fails")
     add_secret_arguments(
         command(vms, _verb(LIST), operation_summary(ListVms), parents=opts.client), SECRET
     )
@@ -99,13 +99,6 @@ def add_commands(sub: Any, opts: Options) -> None:
     migrate.set_defaults(handler=_migrate)
 
 
-def _wait_arguments(parser: argparse.ArgumentParser, text: str) -> None:
-    parser.add_argument("--wait", action="store_true", help=text)
-    parser.add_argument(
-        "--wait-timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after"
-    )
-
-
 async def _vms(args: argparse.Namespace, settings: Settings) -> None:
     action = args.vm_action
     secret = resolve_secret(args, SECRET, what=f"vms {action}")
@@ -126,10 +119,9 @@ async def _vms(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _deploy(args: argparse.Namespace, client: Any, secret: str) -> None:
-    body: dict[str, Any] = {"name": args.name, "secret": secret}
-    body.update({f: getattr(args, f) for _, f, _, _ in SIZE_FLAGS if getattr(args, f) is not None})
     before = (await client.health()).position if args.wait else 0
-    vm = await client.call(DEPLOY.name, body)
+    fields = [field for _, field, _, _ in SIZE_FLAGS]
+    vm = await send_given(client, DeployVm, args, fields, name=args.name, secret=secret)
     if not args.wait or vm["status"] != "deploying":
         print_vms(args, [vm], many=False)
         return
