@@ -9,6 +9,7 @@ import msgspec
 
 from core.events import EventOut
 from core.ports import DEFAULT_VM
+from core.structs import Frozen
 from core.usernames import Username, UserRefName, check_username
 
 # VMs ----------------------------------------------------------------------------------------
@@ -31,14 +32,14 @@ SliceSid = Annotated[str, msgspec.Meta(max_length=64)]
 VmStatus = Literal["deploying", "running", "failed", "stopped", "deleting", "deleted"]
 
 
-class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Request(Frozen, forbid_unknown_fields=True):
     """Base of every request body: unknown fields are rejected."""
 
 
 # Commands a tenant sends --------------------------------------------------------------------
 
 
-class DeployVm(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeployVm(Request):
     name: Name
     secret: Secret
     image: Image = DEFAULT_VM.image
@@ -50,38 +51,38 @@ class DeployVm(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node_id: NodeId | None = None
 
 
-class VmRef(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class VmRef(Request):
     """A request that names one VM and proves ownership with its secret."""
 
     sid: Sid
     secret: Secret
 
 
-class GetVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class GetVm(VmRef):
     pass
 
 
-class StartVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class StartVm(VmRef):
     pass
 
 
-class StopVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class StopVm(VmRef):
     pass
 
 
-class RestartVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RestartVm(VmRef):
     pass
 
 
-class DeleteVm(VmRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeleteVm(VmRef):
     pass
 
 
-class ListVms(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ListVms(Request):
     secret: Secret
 
 
-class MigrateSecret(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class MigrateSecret(Request):
     old_secret: Secret
     new_secret: Secret
 
@@ -89,7 +90,7 @@ class MigrateSecret(Request, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 # VM results ---------------------------------------------------------------------------------
 
 
-class VmOut(msgspec.Struct, frozen=True, kw_only=True):
+class VmOut(Frozen):
     """The contract's Vm resource: everything but the owner."""
 
     sid: str
@@ -108,11 +109,11 @@ class VmOut(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
-class VmList(msgspec.Struct, frozen=True, kw_only=True):
+class VmList(Frozen):
     vms: list[VmOut]
 
 
-class MigrateResult(msgspec.Struct, frozen=True, kw_only=True):
+class MigrateResult(Frozen):
     migrated_count: int
     failed_count: int = 0
 
@@ -160,7 +161,7 @@ DEFAULT_PROFILE: Final = "demo"
 # Commands an operator sends -----------------------------------------------------------------
 
 
-class ProvisionUser(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ProvisionUser(Request):
     username: Username
     display_name: DisplayName = ""
     forge_email: ForgeEmail = ""
@@ -172,32 +173,32 @@ class ProvisionUser(Request, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         check_username(self.username)
 
 
-class UserRef(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class UserRef(Request):
     """A request that names one user (also one recorded before Forgejo's rule was enforced)."""
 
     username: UserRefName
 
 
-class DecommissionUser(UserRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DecommissionUser(UserRef):
     pass
 
 
-class GetUser(UserRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class GetUser(UserRef):
     pass
 
 
-class RevealInitialPassword(UserRef, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RevealInitialPassword(UserRef):
     pass
 
 
-class ListUsers(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ListUsers(Request):
     pass
 
 
 # User results -------------------------------------------------------------------------------
 
 
-class UserOut(msgspec.Struct, frozen=True, kw_only=True):
+class UserOut(Frozen):
     """The contract's User resource."""
 
     username: str
@@ -215,11 +216,11 @@ class UserOut(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
-class UserList(msgspec.Struct, frozen=True, kw_only=True):
+class UserList(Frozen):
     users: list[UserOut]
 
 
-class InitialPassword(msgspec.Struct, frozen=True, kw_only=True):
+class InitialPassword(Frozen):
     """The revealed initial password of a user: the only place the password ever appears."""
 
     username: str
@@ -246,7 +247,7 @@ STREAM_PATTERN = r"^(vm|user):[A-Za-z0-9._-]{1,64}\Z"
 StreamName = Annotated[str, msgspec.Meta(pattern=STREAM_PATTERN, max_length=70)]
 
 
-class EventsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class EventsRequest(Frozen, forbid_unknown_fields=True):
     stream: StreamName | None = None
     after: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
@@ -257,7 +258,7 @@ class EventsPage(msgspec.Struct, frozen=True):
     last: int
 
 
-class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+class AuditEvent(Frozen):
     """An event with the request that recorded it: its id and its sender's `Hero-Actor` label.
 
     `actor` is empty for what the service records itself (a side effect's outcome).
@@ -297,7 +298,7 @@ class Health(msgspec.Struct, frozen=True):
     parts: list[Part] = msgspec.field(default_factory=list)
 
 
-class AuditEventsRequest(EventsRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class AuditEventsRequest(EventsRequest):
     """The body of an audit log page: the fields of `EventsRequest`."""
 
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import msgspec
 
+from core.structs import Frozen
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+
+class Event(Frozen, tag_field="type", tag=True):
     """Base of every domain event: named in the past tense, never renamed, fields only added.
 
     Tagged by its class name under `type`, so a union of events is one msgspec tagged union.

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-import msgspec
 from msgspec.structs import replace
 
 from core.contract import DecommissionUser, ProvisionUser, RevealInitialPassword, Step
 from core.errors import USER_NOT_FOUND, InvalidInput, InvalidState, NotFound
 from core.manifest import PROFILES
+from core.structs import Frozen
 from core.user_events import (
     DecommissionActionFailed,
     DecommissionPart,
@@ -55,21 +55,21 @@ PASSWORD_NOT_FOUND: Final = "initial password not found"  # noqa: S105  (a messa
 # Commands the process manager sends when a try fails ----------------------------------------
 
 
-class RecordStepRetried(msgspec.Struct, frozen=True, kw_only=True):
+class RecordStepRetried(Frozen):
     """One try of `step` failed and another follows."""
 
     step: Step
     reason: str
 
 
-class RecordStepFailed(msgspec.Struct, frozen=True, kw_only=True):
+class RecordStepFailed(Frozen):
     """`step` ran out of tries or time: the user becomes `failed`."""
 
     step: Step
     reason: str
 
 
-class RecordDecommissionFailed(msgspec.Struct, frozen=True, kw_only=True):
+class RecordDecommissionFailed(Frozen):
     """One decommission action failed; the user stays `decommissioning` and it is retried."""
 
     part: DecommissionPart

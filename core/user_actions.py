@@ -9,22 +9,21 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TypedDict
 
-import msgspec
-
 from core.contract import Step
 from core.gateway_names import gateway_name
 from core.ports import DEFAULT_VM, NodeInfo
+from core.structs import Frozen
 from core.user_events import DecommissionPart
 from core.user_state import User, backend_url_for, pending_decommission, vm_name_for
 
 
-class Action(msgspec.Struct, frozen=True, kw_only=True):
+class Action(Frozen):
     """Work the process manager must do now for one user."""
 
     username: str
 
 
-class StepAction(Action, frozen=True, kw_only=True):
+class StepAction(Action):
     """Run one provisioning step; `tries` failed already, the step began at `started_at`."""
 
     step: Step
@@ -33,22 +32,22 @@ class StepAction(Action, frozen=True, kw_only=True):
     started_at: datetime
 
 
-class EnsureForgeUser(StepAction, frozen=True, kw_only=True):
+class EnsureForgeUser(StepAction):
     """Find or create the Forge account, then its access token; seal a new password first."""
 
     display_name: str
     forge_email: str
 
 
-class GenerateSshKey(StepAction, frozen=True, kw_only=True):
+class GenerateSshKey(StepAction):
     """Make an ED25519 key pair, seal the private key, record the public one."""
 
 
-class SelectNode(StepAction, frozen=True, kw_only=True):
+class SelectNode(StepAction):
     """Pick the candidate node with the most headroom that is up and gateway-capable."""
 
 
-class DeployUserVm(StepAction, frozen=True, kw_only=True):
+class DeployUserVm(StepAction):
     """Request the VM (`vm_sid` empty: pick a sid, record it with the VM's deploy) or await it."""
 
     vm_sid: str
@@ -57,7 +56,7 @@ class DeployUserVm(StepAction, frozen=True, kw_only=True):
     ssh_public_key: str
 
 
-class DeployGateway(StepAction, frozen=True, kw_only=True):
+class DeployGateway(StepAction):
     """Deploy the gateway `name` on the node, forwarding to `backend_url`."""
 
     name: str
@@ -68,14 +67,14 @@ class DeployGateway(StepAction, frozen=True, kw_only=True):
     backend_url: str
 
 
-class WaitSsh(StepAction, frozen=True, kw_only=True):
+class WaitSsh(StepAction):
     """Poll until the VM accepts SSH with the user's key."""
 
     ssh_host: str
     ssh_port: int
 
 
-class UploadManifest(StepAction, frozen=True, kw_only=True):
+class UploadManifest(StepAction):
     """Render the profile's services.toml and upload it over SFTP."""
 
     profile: str
@@ -84,39 +83,39 @@ class UploadManifest(StepAction, frozen=True, kw_only=True):
     ssh_port: int
 
 
-class RunSetup(StepAction, frozen=True, kw_only=True):
+class RunSetup(StepAction):
     """Run the setup script over SSH."""
 
     ssh_host: str
     ssh_port: int
 
 
-class VerifyHealth(StepAction, frozen=True, kw_only=True):
+class VerifyHealth(StepAction):
     """GET `<gateway_url>/health` until it answers 200."""
 
     gateway_url: str
 
 
-class DecommissionAction(Action, frozen=True, kw_only=True):
+class DecommissionAction(Action):
     """One part of taking the user down; `failures` counts failed decommission actions so far."""
 
     part: DecommissionPart
     failures: int
 
 
-class DeleteGateway(DecommissionAction, frozen=True, kw_only=True):
+class DeleteGateway(DecommissionAction):
     """Delete the gateway `name`; one already gone counts as deleted."""
 
     name: str
 
 
-class DeleteUserVm(DecommissionAction, frozen=True, kw_only=True):
+class DeleteUserVm(DecommissionAction):
     """Delete the VM `vm_sid` through the VM commands; one already gone counts as deleted."""
 
     vm_sid: str
 
 
-class FinishDecommission(DecommissionAction, frozen=True, kw_only=True):
+class FinishDecommission(DecommissionAction):
     """Destroy the user's sealed key and VM secret, then record RecordDecommissioned."""
 
 

@@ -15,8 +15,13 @@ from core.events import Event
 DecommissionPart = Literal["delete_gateway", "delete_vm", "finish"]
 
 
-class ProvisioningRequested(Event, frozen=True, kw_only=True):
+class UserEventBase(Event):
+    """Base of every user event: the user's name, first in the stored JSON as base fields are."""
+
     username: str
+
+
+class ProvisioningRequested(UserEventBase):
     display_name: str
     forge_email: str
     profile: str
@@ -24,14 +29,12 @@ class ProvisioningRequested(Event, frozen=True, kw_only=True):
     at: datetime
 
 
-class ProvisioningResumed(Event, frozen=True, kw_only=True):
-    username: str
+class ProvisioningResumed(UserEventBase):
     from_step: Step
     at: datetime
 
 
-class ForgeUserEnsured(Event, frozen=True, kw_only=True):
-    username: str
+class ForgeUserEnsured(UserEventBase):
     created: bool
     forge_user_id: int | None
     skipped_reason: str = ""
@@ -39,27 +42,23 @@ class ForgeUserEnsured(Event, frozen=True, kw_only=True):
     at: datetime
 
 
-class SshKeyGenerated(Event, frozen=True, kw_only=True):
-    username: str
+class SshKeyGenerated(UserEventBase):
     public_key: str
     at: datetime
 
 
-class NodeSelected(Event, frozen=True, kw_only=True):
-    username: str
+class NodeSelected(UserEventBase):
     node_id: int
     gateway_domain: str
     at: datetime
 
 
-class UserVmDeployRequested(Event, frozen=True, kw_only=True):
-    username: str
+class UserVmDeployRequested(UserEventBase):
     vm_sid: str
     at: datetime
 
 
-class UserVmDeployed(Event, frozen=True, kw_only=True):
-    username: str
+class UserVmDeployed(UserEventBase):
     vm_sid: str
     mycelium_ip: str
     ssh_host: str
@@ -67,94 +66,80 @@ class UserVmDeployed(Event, frozen=True, kw_only=True):
     at: datetime
 
 
-class GatewayDeployed(Event, frozen=True, kw_only=True):
-    username: str
+class GatewayDeployed(UserEventBase):
     name: str
     fqdn: str
     url: str
     at: datetime
 
 
-class SshReachable(Event, frozen=True, kw_only=True):
-    username: str
+class SshReachable(UserEventBase):
     at: datetime
 
 
-class ManifestUploaded(Event, frozen=True, kw_only=True):
-    username: str
+class ManifestUploaded(UserEventBase):
     path: str
     sha256: str
     at: datetime
 
 
-class SetupCompleted(Event, frozen=True, kw_only=True):
-    username: str
+class SetupCompleted(UserEventBase):
     exit_status: int
     output_tail: str
     at: datetime
 
 
-class HealthVerified(Event, frozen=True, kw_only=True):
-    username: str
+class HealthVerified(UserEventBase):
     status_code: int
     at: datetime
 
 
-class ProvisioningCompleted(Event, frozen=True, kw_only=True):
-    username: str
+class ProvisioningCompleted(UserEventBase):
     at: datetime
 
 
-class StepRetried(Event, frozen=True, kw_only=True):
-    username: str
+class StepRetried(UserEventBase):
     step: Step
     attempt: int
     reason: str
     at: datetime
 
 
-class StepFailed(Event, frozen=True, kw_only=True):
-    username: str
+class StepFailed(UserEventBase):
     step: Step
     reason: str
     attempts: int
     at: datetime
 
 
-class DecommissionRequested(Event, frozen=True, kw_only=True):
-    username: str
+class DecommissionRequested(UserEventBase):
     at: datetime
 
 
-class GatewayDeleted(Event, frozen=True, kw_only=True):
-    username: str
+class GatewayDeleted(UserEventBase):
     name: str
     at: datetime
 
 
-class UserVmDeleted(Event, frozen=True, kw_only=True):
-    username: str
+class UserVmDeleted(UserEventBase):
     vm_sid: str
     at: datetime
 
 
-class DecommissionActionFailed(Event, frozen=True, kw_only=True):
-    username: str
+class DecommissionActionFailed(UserEventBase):
     part: DecommissionPart
     reason: str
     attempts: int
     at: datetime
 
 
-class UserDecommissioned(Event, frozen=True, kw_only=True):
-    username: str
+class UserDecommissioned(UserEventBase):
     at: datetime
 
 
-class InitialPasswordRevealed(Event, frozen=True, kw_only=True):
+class InitialPasswordRevealed(UserEventBase):
     """The initial Forge password was handed out once; the event never holds it."""
 
-    username: str
     at: datetime
 
 

@@ -12,6 +12,7 @@ from msgspec.structs import replace
 
 from core.contract import STEPS, Step, UserOut, UserStatus
 from core.events import Event
+from core.structs import Frozen
 from core.user_events import (
     DecommissionActionFailed,
     DecommissionPart,
@@ -33,7 +34,7 @@ from core.user_events import (
 WEB_PORT: Final = 9988
 
 
-class User(msgspec.Struct, frozen=True, kw_only=True):
+class User(Frozen):
     """The user as its events made it: the contract's User plus what the process manager needs."""
 
     username: str

@@ -9,13 +9,13 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final
 
-import msgspec
 from msgspec.structs import replace
 
 from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmOut, VmStatus
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 from core.ports import VmSpec
+from core.structs import Frozen
 from core.vm_events import (
     VmDeleted,
     VmDeleteRequested,
@@ -33,28 +33,28 @@ from core.vm_events import (
 # Commands the process manager sends when a side effect finishes ------------------------------
 
 
-class RecordDeployed(msgspec.Struct, frozen=True, kw_only=True):
+class RecordDeployed(Frozen):
     sid: str
     node_id: int
     mycelium_ip: str
 
 
-class RecordDeployFailed(msgspec.Struct, frozen=True, kw_only=True):
+class RecordDeployFailed(Frozen):
     sid: str
     error: str
 
 
-class RecordDeleted(msgspec.Struct, frozen=True, kw_only=True):
+class RecordDeleted(Frozen):
     sid: str
 
 
-class RecordOperationFailed(msgspec.Struct, frozen=True, kw_only=True):
+class RecordOperationFailed(Frozen):
     sid: str
     operation: str
     error: str
 
 
-class RekeyVm(msgspec.Struct, frozen=True, kw_only=True):
+class RekeyVm(Frozen):
     """One VM's share of a secret migration: moves it from the caller's owner to a new one."""
 
     sid: str
@@ -69,7 +69,7 @@ VmCommand = TenantCommand | OutcomeCommand | RekeyVm
 # State --------------------------------------------------------------------------------------
 
 
-class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class Vm(Frozen, gc=False):
     """The VM as its events made it; `owner` is the keyed fingerprint of its secret."""
 
     sid: str

@@ -7,8 +7,13 @@ from datetime import datetime
 from core.events import Event
 
 
-class VmDeployRequested(Event, frozen=True, kw_only=True):
+class VmEventBase(Event):
+    """Base of every VM event: the VM's sid, first in the stored JSON as base fields are."""
+
     sid: str
+
+
+class VmDeployRequested(VmEventBase):
     name: str
     owner: str
     image: str
@@ -21,53 +26,44 @@ class VmDeployRequested(Event, frozen=True, kw_only=True):
     at: datetime
 
 
-class VmDeployed(Event, frozen=True, kw_only=True):
-    sid: str
+class VmDeployed(VmEventBase):
     node_id: int
     mycelium_ip: str
     at: datetime
 
 
-class VmDeployFailed(Event, frozen=True, kw_only=True):
-    sid: str
+class VmDeployFailed(VmEventBase):
     error: str
     at: datetime
 
 
-class VmStarted(Event, frozen=True, kw_only=True):
-    sid: str
+class VmStarted(VmEventBase):
     at: datetime
 
 
-class VmStopped(Event, frozen=True, kw_only=True):
-    sid: str
+class VmStopped(VmEventBase):
     at: datetime
 
 
-class VmRestarted(Event, frozen=True, kw_only=True):
-    sid: str
+class VmRestarted(VmEventBase):
     at: datetime
 
 
-class VmDeleteRequested(Event, frozen=True, kw_only=True):
-    sid: str
+class VmDeleteRequested(VmEventBase):
     at: datetime
 
 
-class VmDeleted(Event, frozen=True, kw_only=True):
-    sid: str
+class VmDeleted(VmEventBase):
     at: datetime
 
 
-class VmOperationFailed(Event, frozen=True, kw_only=True):
-    sid: str
+class VmOperationFailed(VmEventBase):
     operation: str
     error: str
     at: datetime
 
 
-class VmSecretMigrated(Event, frozen=True, kw_only=True):
-    sid: str
+class VmSecretMigrated(VmEventBase):
     owner: str
     at: datetime
 
