@@ -1,4 +1,4 @@
-"""Small helpers for end-to-end tests: wait for events on the real status stream, run the CLI."""
+"""Small helpers tests share: wait for events on the real status stream, run the CLI, walk JSON."""
 
 from __future__ import annotations
 
@@ -29,6 +29,36 @@ async def deploy_running(client: HeroDeployerClient, secret: str, name: str = "w
     await wait_for_event(client, f"vm:{vm['sid']}", "VmDeployed")
     return str(vm["sid"])
 
+
+def strings_under(key: str, node: Any) -> list[str]:
+    """Every string value of `key` anywhere in a JSON document, depth first."""
+    if isinstance(node, dict):
+        own = [node[key]] if isinstance(node.get(key), str) else []
+        return own + [s for v in node.values() for s in strings_under(key, v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings_under(key, v)]
+    return []
+
+
+# One body per operation that decodes as its request type (test_registry adds a `type` to it)
+REQUEST_BODIES: dict[str, dict[str, Any]] = {
+    "deploy_vm": {"name": "web", "secret": "s"},
+    "list_vms": {"secret": "s"},
+    "get_vm": {"sid": "vm_x", "secret": "s"},
+    "start_vm": {"sid": "vm_x", "secret": "s"},
+    "stop_vm": {"sid": "vm_x", "secret": "s"},
+    "restart_vm": {"sid": "vm_x", "secret": "s"},
+    "delete_vm": {"sid": "vm_x", "secret": "s"},
+    "migrate_secret": {"old_secret": "a", "new_secret": "b"},
+    "provision_user": {"username": "alice"},
+    "decommission_user": {"username": "alice"},
+    "get_user": {"username": "alice"},
+    "reveal_initial_password": {"username": "alice"},
+    "list_users": {},
+    "events": {},
+    "audit_events": {},
+    "health": {},
+}
 
 HERO_DEPLOYER = (sys.executable, "-m", "hero_deployer")
 

@@ -15,6 +15,7 @@ from core.vm_events import VM_EVENT_TYPES
 from hero_deployer.sdk.asyncapi import build_spec, render_spec
 from hero_deployer.sdk.client import OPERATIONS
 from tests.conftest import TOKEN, Service
+from tests.helpers import strings_under
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED_IN = ROOT / "docs" / "asyncapi.json"
@@ -39,15 +40,6 @@ def test_the_document_is_valid_asyncapi_3(prefix: str) -> None:
     assert errors == []
 
 
-def _refs(value: Any) -> list[str]:
-    if isinstance(value, dict):
-        found = [value["$ref"]] if isinstance(value.get("$ref"), str) else []
-        return found + [r for v in value.values() for r in _refs(v)]
-    if isinstance(value, list):
-        return [r for v in value for r in _refs(v)]
-    return []
-
-
 def _resolve(document: dict[str, Any], ref: str) -> Any:
     assert ref.startswith("#/"), ref
     node: Any = document
@@ -58,7 +50,7 @@ def _resolve(document: dict[str, Any], ref: str) -> Any:
 
 def test_every_reference_resolves() -> None:
     spec = build_spec()
-    for ref in _refs(spec):
+    for ref in strings_under("$ref", spec):
         _resolve(spec, ref)
 
 

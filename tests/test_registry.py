@@ -9,45 +9,26 @@ from core.contract import AuditEventsRequest, EventsRequest, GetVm, RestartVm, V
 from core.registry import OPERATIONS, Op, Registry
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, Service
+from tests.helpers import REQUEST_BODIES
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-# One body per operation that decodes as its request type (the `type` field is added below)
-BODIES = {
-    "deploy_vm": {"name": "web", "secret": "s"},
-    "list_vms": {"secret": "s"},
-    "get_vm": {"sid": "vm_x", "secret": "s"},
-    "start_vm": {"sid": "vm_x", "secret": "s"},
-    "stop_vm": {"sid": "vm_x", "secret": "s"},
-    "restart_vm": {"sid": "vm_x", "secret": "s"},
-    "delete_vm": {"sid": "vm_x", "secret": "s"},
-    "migrate_secret": {"old_secret": "a", "new_secret": "b"},
-    "provision_user": {"username": "alice"},
-    "decommission_user": {"username": "alice"},
-    "get_user": {"username": "alice"},
-    "reveal_initial_password": {"username": "alice"},
-    "list_users": {},
-    "events": {},
-    "audit_events": {},
-    "health": {},
-}
-
 
 def test_every_operation_has_a_body_here() -> None:
-    assert set(BODIES) == {op.name for op in OPERATIONS}
+    assert set(REQUEST_BODIES) == {op.name for op in OPERATIONS}
 
 
 @pytest.mark.parametrize("op", list(OPERATIONS), ids=lambda op: op.name)
 def test_a_request_type_takes_its_body_and_refuses_a_type_field(op: Op) -> None:
     decoder = msgspec.json.Decoder(op.request)
-    assert isinstance(decoder.decode(msgspec.json.encode(BODIES[op.name])), op.request)
+    assert isinstance(decoder.decode(msgspec.json.encode(REQUEST_BODIES[op.name])), op.request)
     with pytest.raises(msgspec.ValidationError, match="unknown field `type`"):
-        decoder.decode(msgspec.json.encode({**BODIES[op.name], "type": op.name}))
+        decoder.decode(msgspec.json.encode({**REQUEST_BODIES[op.name], "type": op.name}))
 
 
 @pytest.mark.parametrize("op", list(OPERATIONS), ids=lambda op: op.name)
 def test_a_request_encodes_without_a_type_field(op: Op) -> None:
-    request = msgspec.json.decode(msgspec.json.encode(BODIES[op.name]), type=op.request)
+    request = msgspec.json.decode(msgspec.json.encode(REQUEST_BODIES[op.name]), type=op.request)
     assert "type" not in msgspec.json.decode(msgspec.json.encode(request))
 
 
@@ -80,7 +61,9 @@ def test_mutating_operations_are_those_the_rows_say() -> None:
 async def test_the_service_answers_each_row_on_its_own_subject(service: Service) -> None:
     assert [op.name for op in service.app.operations] == [op.name for op in OPERATIONS]
     for op in OPERATIONS:
-        reply, _ = await service.request(op.name, msgspec.json.encode(BODIES[op.name]), AUTH)
+        reply, _ = await service.request(
+            op.name, msgspec.json.encode(REQUEST_BODIES[op.name]), AUTH
+        )
         if reply["ok"]:
             continue  # a body of the row's type was taken
         error = reply["error"]

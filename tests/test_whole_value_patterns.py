@@ -20,19 +20,11 @@ from core.operations import BEARER_PATTERN, IDEMPOTENCY_KEY_PATTERN
 from hero_deployer.sdk.asyncapi import build_spec, ecma_pattern
 from hero_deployer.sdk.client import OPERATIONS_BY_NAME
 from tests.conftest import TOKEN, Service
+from tests.helpers import REQUEST_BODIES, strings_under
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-# A valid request per operation, and a valid value per field that has a pattern.
-BODIES: dict[str, dict[str, Any]] = {
-    "deploy_vm": {"name": "web", "secret": "s"},
-    "provision_user": {"username": "alice"},
-    "decommission_user": {"username": "alice"},
-    "get_user": {"username": "alice"},
-    "reveal_initial_password": {"username": "alice"},
-    "events": {},
-    "audit_events": {},
-}
+# A valid value per field that has a pattern (REQUEST_BODIES: a valid request per operation).
 VALUES: dict[str, str] = {
     "name": "web",
     "image": "ubuntu-24.04",
@@ -103,7 +95,7 @@ def test_every_field_with_a_pattern_is_tried_here() -> None:
 def test_the_valid_value_decodes(op: str, field: str) -> None:
     """The baseline: the same request with the clean value is accepted."""
     decoder = msgspec.json.Decoder(OPERATIONS_BY_NAME[op].request)
-    decoded = decoder.decode(msgspec.json.encode({**BODIES[op], field: VALUES[field]}))
+    decoded = decoder.decode(msgspec.json.encode({**REQUEST_BODIES[op], field: VALUES[field]}))
     assert getattr(decoded, field) == VALUES[field]
 
 
@@ -111,7 +103,7 @@ def test_the_valid_value_decodes(op: str, field: str) -> None:
 def test_the_decoder_refuses_it(op: str, field: str, bad: str) -> None:
     decoder = msgspec.json.Decoder(OPERATIONS_BY_NAME[op].request)
     with pytest.raises((msgspec.ValidationError, InvalidInput)):
-        decoder.decode(msgspec.json.encode({**BODIES[op], field: bad}))
+        decoder.decode(msgspec.json.encode({**REQUEST_BODIES[op], field: bad}))
 
 
 @pytest.mark.parametrize(("op", "field", "bad"), CASES)
@@ -119,7 +111,7 @@ async def test_the_service_refuses_it_and_appends_nothing(
     service: Service, op: str, field: str, bad: str
 ) -> None:
     before = await service.app.store.last_position()
-    body = msgspec.json.encode({**BODIES[op], field: bad})
+    body = msgspec.json.encode({**REQUEST_BODIES[op], field: bad})
     reply, headers = await service.request(op, body, AUTH)
     assert reply["ok"] is False
     assert reply["error"]["code"] == "InvalidInput", reply
@@ -170,7 +162,7 @@ async def test_a_control_character_in_a_header_is_refused_over_the_wire(
     service: Service, inside: bytes
 ) -> None:
     subject = f"{service.settings.prefix}.deploy_vm"
-    body = msgspec.json.encode(BODIES["deploy_vm"])
+    body = msgspec.json.encode(REQUEST_BODIES["deploy_vm"])
     bearer = f"Bearer {TOKEN}".encode()
     before = await service.app.store.last_position()
 
@@ -196,7 +188,7 @@ async def test_a_trailing_newline_in_a_header_never_reaches_the_edge(service: Se
     each value; the edge's rules then see no trailing whitespace at all.
     """
     subject = f"{service.settings.prefix}.deploy_vm"
-    body = msgspec.json.encode(BODIES["deploy_vm"])
+    body = msgspec.json.encode(REQUEST_BODIES["deploy_vm"])
     auth = {"Authorization": f"Bearer {TOKEN}".encode()}
     first, _ = await raw_request(service.nc, subject, {**auth, "Idempotency-Key": b"k1\n"}, body)
     again, _ = await raw_request(service.nc, subject, {**auth, "Idempotency-Key": b"k1"}, body)
@@ -208,18 +200,9 @@ async def test_a_trailing_newline_in_a_header_never_reaches_the_edge(service: Se
 # The AsyncAPI document ------------------------------------------------------------------------
 
 
-def all_patterns(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        own = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
-        return own + [p for v in node.values() for p in all_patterns(v)]
-    if isinstance(node, list):
-        return [p for v in node for p in all_patterns(v)]
-    return []
-
-
 def test_the_document_gives_every_pattern_in_its_ecma_262_whole_value_form() -> None:
     """ECMA-262 has no `\\Z`; its `^…$` without the m flag already spans the whole value."""
-    patterns = all_patterns(build_spec())
+    patterns = strings_under("pattern", build_spec())
     assert patterns
     for pattern in patterns:
         assert "\\Z" not in pattern and "\\A" not in pattern, pattern
