@@ -37,6 +37,7 @@ from hero_deployer.web.middleware import (
     JINJA_KEY,
     MIDDLEWARES,
     SESSION_KEY,
+    Handler,
     WebConfig,
 )
 from hero_deployer.web.ratelimit import FailureLimiter, TenantLimiter
@@ -329,34 +330,42 @@ def create_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    """Every page and API of the dashboard, the operator's and the tenant's."""
-    app.router.add_routes(
-        [
-            web.get("/", index),
-            web.get("/favicon.ico", favicon),
-            web.get("/login", login_page),
-            web.post("/login", login),
-            web.get("/logout", logout_page),
-            web.post("/logout", logout),
-            web.get("/users", users_page),
-            web.post("/users", provision),
-            web.get("/users/_rows", users_rows),
-            web.get("/users/{name}", user_page),
-            web.get("/users/{name}/_detail", user_detail),
-            web.post("/users/{name}/reveal", reveal_password),
-            web.post("/users/{name}/{action:provision|decommission}", user_action),
-            web.get("/audit", audit.audit_page),
-            web.get("/audit/_rows", audit.audit_rows),
-            web.get("/live", streams.operator_live),
-            web.get("/tenant/live", streams.tenant_live),
-            web.get("/tenant", tenant.tenant_page),
-            web.get("/tenant/vms/{sid}", tenant.tenant_vm_page),
-            web.post("/tenant/api/vms", tenant.tenant_vms),
-            web.post("/tenant/api/vm", tenant.tenant_vm),
-            web.post("/tenant/api/deploy", tenant.tenant_deploy),
-            web.post("/tenant/api/action", tenant.tenant_action),
-            web.post("/tenant/api/migrate", tenant.tenant_migrate),
-            web.static("/static/", HERE / "static", name="static"),
-            web.route("*", "/{tail:.*}", _not_found),
-        ]
-    )
+    """Every page and API of the dashboard, the operator's and the tenant's, in one table."""
+    for path, handler in PAGES.items():
+        app.router.add_get(path, handler)
+    for path, handler in ACTIONS.items():
+        app.router.add_post(path, handler)
+    app.router.add_static("/static/", HERE / "static", name="static")
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+
+
+# The dashboard's pages (GET), the operator's then the tenant's, by path
+PAGES: Final[dict[str, Handler]] = {
+    "/": index,
+    "/favicon.ico": favicon,
+    "/login": login_page,
+    "/logout": logout_page,
+    "/users": users_page,
+    "/users/_rows": users_rows,
+    "/users/{name}": user_page,
+    "/users/{name}/_detail": user_detail,
+    "/audit": audit.audit_page,
+    "/audit/_rows": audit.audit_rows,
+    "/live": streams.operator_live,
+    "/tenant/live": streams.tenant_live,
+    "/tenant": tenant.tenant_page,
+    "/tenant/vms/{sid}": tenant.tenant_vm_page,
+}
+# What its forms and scripts send (POST), by path
+ACTIONS: Final[dict[str, Handler]] = {
+    "/login": login,
+    "/logout": logout,
+    "/users": provision,
+    "/users/{name}/reveal": reveal_password,
+    "/users/{name}/{action:provision|decommission}": user_action,
+    "/tenant/api/vms": tenant.tenant_vms,
+    "/tenant/api/vm": tenant.tenant_vm,
+    "/tenant/api/deploy": tenant.tenant_deploy,
+    "/tenant/api/action": tenant.tenant_action,
+    "/tenant/api/migrate": tenant.tenant_migrate,
+}
