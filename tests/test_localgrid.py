@@ -15,6 +15,7 @@ from adapters.localgrid import LocalGrid, LocalNode, mycelium_ip
 from adapters.ssh_asyncssh import AsyncsshShell
 from core.ports import (
     BackendError,
+    BackendGateway,
     BackendUnavailable,
     BackendVm,
     ComputeBackend,
@@ -81,6 +82,19 @@ def connect(vm: BackendVm, key: asyncssh.SSHKey | None, username: str = "root", 
 
 async def ssh_vm(grid: LocalGrid, key: asyncssh.SSHKey, name: str = "vm1") -> BackendVm:
     return await grid.create_vm(spec(name, ssh_keys=(key.export_public_key().decode(),)))
+
+
+async def set_up_behind_a_gateway(
+    grid: LocalGrid, vm: BackendVm, key: asyncssh.SSHKey, name: str
+) -> tuple[BackendGateway, bytes]:
+    """Puts gateway `name` before the VM's web port and runs its setup; the gateway, host key."""
+    gw = await grid.deploy_gateway(
+        GatewaySpec(name=name, node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:9988")
+    )
+    async with connect(vm, key) as conn:
+        host_key = conn.get_server_host_key().export_public_key()
+        await conn.run("./setup-binaries.sh", check=True)
+    return gw, host_key
 
 
 async def refused(port: int) -> bool:
@@ -493,14 +507,7 @@ async def test_a_restarted_grid_has_its_vms_and_gateways_back(tmp_path: Path, ke
         await g.shutdown_vm("idle")
         await ssh_vm(g, key, "gone")
         await g.destroy_vm("gone")
-        gw = await g.deploy_gateway(
-            GatewaySpec(
-                name="web", node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:9988"
-            )
-        )
-        async with connect(vm, key) as conn:
-            host_key = conn.get_server_host_key().export_public_key()
-            await conn.run("./setup-binaries.sh", check=True)
+        gw, host_key = await set_up_behind_a_gateway(g, vm, key, "web")
         used = {n.node_id: n.free_memory_gb for n in await g.list_nodes()}
 
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, action_delay=0, gateway_port=port) as g:

@@ -20,9 +20,9 @@ import adapters.localgrid_remote
 from adapters.localgrid import LocalGrid
 from adapters.localgrid_machine import VmMachine
 from adapters.localgrid_ports import PortCursor, ephemeral_range
-from core.ports import BackendError, GatewaySpec
+from core.ports import BackendError
 from hero_deployer.app.natsserver import free_port
-from tests.test_localgrid import connect, refused, ssh_vm
+from tests.test_localgrid import connect, refused, set_up_behind_a_gateway, ssh_vm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,14 +89,7 @@ async def test_a_grid_of_its_own_process_restarts_with_the_same_host_key_and_web
         data_dir=tmp_path, deploy_delay=0, own_process=True, gateway_port=port
     ) as g:
         vm = await ssh_vm(g, key)
-        gw = await g.deploy_gateway(
-            GatewaySpec(
-                name="vm1", node_id=vm.node_id, backend_url=f"http://[{vm.mycelium_ip}]:9988"
-            )
-        )
-        async with connect(vm, key) as conn:
-            host_key = conn.get_server_host_key().export_public_key()
-            await conn.run("./setup-binaries.sh", check=True)
+        gw, host_key = await set_up_behind_a_gateway(g, vm, key, "vm1")
         assert g.web_port("vm1") is not None  # known here once the command has returned
     async with LocalGrid(
         data_dir=tmp_path, deploy_delay=0, own_process=True, gateway_port=port
