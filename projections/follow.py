@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol, Self
 
 import aiosqlite
@@ -53,33 +54,26 @@ class Handler(Protocol):
         ...
 
 
+@dataclass(eq=False)
 class Follower:
     """Feeds a handler every committed event from its checkpoint on; saves the checkpoint."""
 
-    def __init__(
-        self,
-        source: EventSource,
-        checkpoints: Checkpoints,
-        handler: Handler,
-        *,
-        batch_size: int = 256,
-        save_every: float = 0.5,
-    ) -> None:
-        self._source = source
-        self._checkpoints = checkpoints
-        self._handler = handler
-        self._batch_size = batch_size
-        self._save_every = save_every
-        self.position = 0
-        self._saved = 0
-        self._save_failures = 0
-        self._tasks: list[asyncio.Task[None]] = []
+    source: EventSource
+    checkpoints: Checkpoints
+    handler: Handler
+    _: KW_ONLY
+    batch_size: int = 256
+    save_every: float = 0.5
+    position: int = field(init=False, default=0)
+    _saved: int = field(init=False, default=0)
+    _save_failures: int = field(init=False, default=0)
+    _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     async def __aenter__(self) -> Self:
-        self.position = self._saved = await self._checkpoints.load(self._handler.name)
+        self.position = self._saved = await self.checkpoints.load(self.handler.name)
         self._tasks = [
-            asyncio.create_task(self._run(), name=f"{self._handler.name}-follow"),
-            asyncio.create_task(self._save_periodically(), name=f"{self._handler.name}-save"),
+            asyncio.create_task(self._run(), name=f"{self.handler.name}-follow"),
+            asyncio.create_task(self._save_periodically(), name=f"{self.handler.name}-save"),
         ]
         return self
 
@@ -88,42 +82,42 @@ class Follower:
         await self.save()
 
     async def save(self) -> None:
-        position = self._handler.safe_position(self.position)
+        position = self.handler.safe_position(self.position)
         if position != self._saved:
-            await self._checkpoints.save(self._handler.name, position)
+            await self.checkpoints.save(self.handler.name, position)
             self._saved = position
 
     async def catch_up(self) -> None:
-        while events := await self._source.read_all(after=self.position, limit=self._batch_size):
-            await self._handler.handle(events)
+        while events := await self.source.read_all(after=self.position, limit=self.batch_size):
+            await self.handler.handle(events)
             self.position = events[-1].position
 
     async def _run(self) -> None:
         while True:
             try:
                 await self.catch_up()
-                await self._source.wait_for_events_after(self.position)
+                await self.source.wait_for_events_after(self.position)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("follower.failed", follower=self._handler.name)
+                log.exception("follower.failed", follower=self.handler.name)
                 await asyncio.sleep(1.0)
 
     async def _save_periodically(self) -> None:
         """Saves the checkpoint every `save_every` seconds; a failing streak is logged once."""
         while True:
-            await asyncio.sleep(self._save_every)
+            await asyncio.sleep(self.save_every)
             try:
                 await self.save()
             except Exception:
                 self._save_failures += 1
                 if self._save_failures == 1:  # e.g. a full disk: the next save tries again
-                    log.exception("follower.checkpoint_failed", follower=self._handler.name)
+                    log.exception("follower.checkpoint_failed", follower=self.handler.name)
                 continue
             if self._save_failures:
                 log.info(
                     "follower.checkpoint_saved",
-                    follower=self._handler.name,
+                    follower=self.handler.name,
                     failures=self._save_failures,
                 )
                 self._save_failures = 0
