@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -130,30 +131,32 @@ Profile = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=PROFI
 
 UserStatus = Literal["provisioning", "ready", "failed", "decommissioning", "decommissioned"]
 
-Step = Literal[
-    "forge_user",
-    "ssh_key",
-    "select_node",
-    "deploy_vm",
-    "deploy_gateway",
-    "wait_ssh",
-    "upload_manifest",
-    "run_setup",
-    "verify_health",
-    "done",
-]
-STEPS: Final[tuple[Step, ...]] = (
-    "forge_user",
-    "ssh_key",
-    "select_node",
-    "deploy_vm",
-    "deploy_gateway",
-    "wait_ssh",
-    "upload_manifest",
-    "run_setup",
-    "verify_health",
-    "done",
-)
+
+class Step(StrEnum):
+    """A provisioning step, in order; its value is the name events and replies carry."""
+
+    FORGE_USER = "forge_user"
+    SSH_KEY = "ssh_key"
+    SELECT_NODE = "select_node"
+    DEPLOY_VM = "deploy_vm"
+    DEPLOY_GATEWAY = "deploy_gateway"
+    WAIT_SSH = "wait_ssh"
+    UPLOAD_MANIFEST = "upload_manifest"
+    RUN_SETUP = "run_setup"
+    VERIFY_HEALTH = "verify_health"
+    DONE = "done"
+
+
+STEPS: Final[tuple[Step, ...]] = tuple(Step)
+
+
+class DecommissionPart(StrEnum):
+    """A part of a decommission, in order; its value is the name events carry."""
+
+    DELETE_GATEWAY = "delete_gateway"
+    DELETE_VM = "delete_vm"
+    FINISH = "finish"
+
 
 DEFAULT_PROFILE: Final = "demo"
 

@@ -102,7 +102,7 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 DEFAULT_VM: Final = VmSpec(name="")
-"""The VM's defaults, said once: a tenant's deploy_vm without sizes and every user's VM."""
+"""The VM's defaults, said once: a tenant's VM request without sizes and every user's VM."""
 
 
 BackendVmStatus = Literal["deploying", "running", "stopped", "failed"]

@@ -6,7 +6,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from core.contract import STEPS
+from core.contract import STEPS, DecommissionPart
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ def step_policy(
     retries_by_step: Mapping[str, float],
 ) -> RetryPolicy:
     """A RetryPolicy whose per-step overrides name real steps (ValueError otherwise)."""
-    known: set[str] = {*STEPS, "delete_gateway", "delete_vm", "finish"}
+    known: set[str] = {*STEPS, *DecommissionPart}
     for name in (*deadlines, *retries_by_step):
         if name not in known:
             raise ValueError(f"unknown step {name!r} in the step settings")

@@ -16,13 +16,18 @@ from typing import Final
 
 from msgspec.structs import replace
 
-from core.contract import DecommissionUser, ProvisionUser, RevealInitialPassword, Step
+from core.contract import (
+    DecommissionPart,
+    DecommissionUser,
+    ProvisionUser,
+    RevealInitialPassword,
+    Step,
+)
 from core.errors import USER_NOT_FOUND, InvalidInput, InvalidState, NotFound
 from core.manifest import PROFILES
 from core.structs import Frozen
 from core.user_events import (
     DecommissionActionFailed,
-    DecommissionPart,
     DecommissionRequested,
     ForgeUserEnsured,
     GatewayDeleted,
@@ -94,16 +99,16 @@ OutcomeCommand = StepOutcome | RecordStepRetried | RecordStepFailed | Decommissi
 UserCommand = OperatorCommand | OutcomeCommand
 
 OUTCOME_STEP: Final[dict[type[StepOutcome], Step]] = {
-    ForgeUserEnsured: "forge_user",
-    SshKeyGenerated: "ssh_key",
-    NodeSelected: "select_node",
-    UserVmDeployRequested: "deploy_vm",
-    UserVmDeployed: "deploy_vm",
-    GatewayDeployed: "deploy_gateway",
-    SshReachable: "wait_ssh",
-    ManifestUploaded: "upload_manifest",
-    SetupCompleted: "run_setup",
-    HealthVerified: "verify_health",
+    ForgeUserEnsured: Step.FORGE_USER,
+    SshKeyGenerated: Step.SSH_KEY,
+    NodeSelected: Step.SELECT_NODE,
+    UserVmDeployRequested: Step.DEPLOY_VM,
+    UserVmDeployed: Step.DEPLOY_VM,
+    GatewayDeployed: Step.DEPLOY_GATEWAY,
+    SshReachable: Step.WAIT_SSH,
+    ManifestUploaded: Step.UPLOAD_MANIFEST,
+    SetupCompleted: Step.RUN_SETUP,
+    HealthVerified: Step.VERIFY_HEALTH,
 }
 STEP_EVENTS: Final[dict[str, str]] = {
     t.__name__: step for t, step in OUTCOME_STEP.items() if t is not UserVmDeployRequested
@@ -259,7 +264,7 @@ def _decide_decommission(
     pending = pending_decommission(user)
     match command:
         case GatewayDeleted():
-            if "delete_gateway" not in pending:
+            if DecommissionPart.DELETE_GATEWAY not in pending:
                 return []
             return [replace(command, username=user.username, at=now)]
         case UserVmDeleted():
@@ -277,6 +282,6 @@ def _decide_decommission(
                 )
             ]
         case UserDecommissioned():
-            if pending != ("finish",):
+            if pending != (DecommissionPart.FINISH,):
                 raise InvalidState(f"cannot finish decommissioning: {', '.join(pending)} pending")
             return [replace(command, username=user.username, at=now)]

@@ -9,11 +9,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TypedDict
 
-from core.contract import Step
+from core.contract import DecommissionPart, Step
 from core.gateway_names import gateway_name
 from core.ports import DEFAULT_VM, NodeInfo
 from core.structs import Frozen
-from core.user_events import DecommissionPart
 from core.user_state import User, backend_url_for, pending_decommission, vm_name_for
 
 
@@ -170,15 +169,15 @@ def _step_action(user: User) -> ProvisioningAction | None:
     )
     ssh = _SshFields(ssh_host=user.ssh_host, ssh_port=user.ssh_port)
     match user.step:
-        case "forge_user":
+        case Step.FORGE_USER:
             return EnsureForgeUser(
                 **base, display_name=user.display_name, forge_email=user.forge_email
             )
-        case "ssh_key":
+        case Step.SSH_KEY:
             return GenerateSshKey(**base)
-        case "select_node":
+        case Step.SELECT_NODE:
             return SelectNode(**base)
-        case "deploy_vm":
+        case Step.DEPLOY_VM:
             return DeployUserVm(
                 **base,
                 vm_sid=user.vm_sid,
@@ -186,7 +185,7 @@ def _step_action(user: User) -> ProvisioningAction | None:
                 node_id=user.node_id or 0,
                 ssh_public_key=user.ssh_public_key,
             )
-        case "deploy_gateway":
+        case Step.DEPLOY_GATEWAY:
             return DeployGateway(
                 **base,
                 name=gateway_name(user.username),
@@ -196,33 +195,37 @@ def _step_action(user: User) -> ProvisioningAction | None:
                 mycelium_ip=user.mycelium_ip,
                 backend_url=backend_url_for(user.mycelium_ip),
             )
-        case "wait_ssh":
+        case Step.WAIT_SSH:
             return WaitSsh(**base, **ssh)
-        case "upload_manifest":
+        case Step.UPLOAD_MANIFEST:
             return UploadManifest(**base, **ssh, profile=user.profile, gateway_url=user.gateway_url)
-        case "run_setup":
+        case Step.RUN_SETUP:
             return RunSetup(**base, **ssh)
-        case "verify_health":
+        case Step.VERIFY_HEALTH:
             return VerifyHealth(**base, gateway_url=user.gateway_url)
-        case "done":
+        case Step.DONE:
             return None
 
 
 def _decommission_action(user: User) -> DecommissioningAction:
     name, failures = user.username, user.decommission_failures
     match pending_decommission(user)[0]:
-        case "delete_gateway":
+        case DecommissionPart.DELETE_GATEWAY:
             return DeleteGateway(
                 username=name,
-                part="delete_gateway",
+                part=DecommissionPart.DELETE_GATEWAY,
                 failures=failures,
                 name=user.gateway_name or gateway_name(name),
             )
-        case "delete_vm":
+        case DecommissionPart.DELETE_VM:
             sid = next(s for s in user.all_vm_sids if s not in user.deleted_vm_sids)
-            return DeleteUserVm(username=name, part="delete_vm", failures=failures, vm_sid=sid)
-        case "finish":
-            return FinishDecommission(username=name, part="finish", failures=failures)
+            return DeleteUserVm(
+                username=name, part=DecommissionPart.DELETE_VM, failures=failures, vm_sid=sid
+            )
+        case DecommissionPart.FINISH:
+            return FinishDecommission(
+                username=name, part=DecommissionPart.FINISH, failures=failures
+            )
 
 
 def pick_node(nodes: Iterable[NodeInfo]) -> NodeInfo | None:

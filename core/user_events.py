@@ -7,12 +7,9 @@ outcome of a step as the event itself, which `core.user.decide` checks against t
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
-from core.contract import Step
+from core.contract import DecommissionPart, Step
 from core.events import Event
-
-DecommissionPart = Literal["delete_gateway", "delete_vm", "finish"]
 
 
 class UserEventBase(Event):

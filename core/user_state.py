@@ -10,12 +10,11 @@ from typing import Any, Final
 import msgspec
 from msgspec.structs import replace
 
-from core.contract import STEPS, Step, UserOut, UserStatus
+from core.contract import STEPS, DecommissionPart, Step, UserOut, UserStatus
 from core.events import Event
 from core.structs import Frozen
 from core.user_events import (
     DecommissionActionFailed,
-    DecommissionPart,
     ForgeUserEnsured,
     GatewayDeployed,
     HealthVerified,
@@ -50,7 +49,7 @@ class User(Frozen):
     forge_user_created: bool = False
     forge_skipped_reason: str = ""
     initial_password_available: bool = False
-    # ssh_key, select_node, deploy_vm
+    # ssh_key, select_node and the VM
     ssh_public_key: str = ""
     node_id: int | None = None
     gateway_domain: str = ""
@@ -125,10 +124,10 @@ def pending_decommission(user: User) -> tuple[DecommissionPart, ...]:
     """The parts of taking the user down still to do, in order; `finish` is always last."""
     pending: list[DecommissionPart] = []
     if user.node_id is not None and not user.gateway_deleted:
-        pending.append("delete_gateway")
+        pending.append(DecommissionPart.DELETE_GATEWAY)
     if any(sid not in user.deleted_vm_sids for sid in user.all_vm_sids):
-        pending.append("delete_vm")
-    pending.append("finish")
+        pending.append(DecommissionPart.DELETE_VM)
+    pending.append(DecommissionPart.FINISH)
     return tuple(pending)
 
 
@@ -166,16 +165,16 @@ def _forge_user(user: User, event: ForgeUserEnsured, at: datetime) -> User:
         forge_skipped_reason=event.skipped_reason,
         initial_password_available=user.initial_password_available or event.created,
     )
-    return _advance(user, "forge_user", at)
+    return _advance(user, Step.FORGE_USER, at)
 
 
 def _ssh_key(user: User, event: SshKeyGenerated, at: datetime) -> User:
-    return _advance(replace(user, ssh_public_key=event.public_key), "ssh_key", at)
+    return _advance(replace(user, ssh_public_key=event.public_key), Step.SSH_KEY, at)
 
 
 def _node(user: User, event: NodeSelected, at: datetime) -> User:
     user = replace(user, node_id=event.node_id, gateway_domain=event.gateway_domain)
-    return _advance(user, "select_node", at)
+    return _advance(user, Step.SELECT_NODE, at)
 
 
 def _vm_requested(user: User, event: UserVmDeployRequested, at: datetime) -> User:
@@ -194,28 +193,28 @@ def _vm_deployed(user: User, event: UserVmDeployed, at: datetime) -> User:
         ssh_host=event.ssh_host,
         ssh_port=event.ssh_port,
     )
-    return _advance(user, "deploy_vm", at)
+    return _advance(user, Step.DEPLOY_VM, at)
 
 
 def _gateway(user: User, event: GatewayDeployed, at: datetime) -> User:
     user = replace(user, gateway_name=event.name, gateway_fqdn=event.fqdn, gateway_url=event.url)
-    return _advance(user, "deploy_gateway", at)
+    return _advance(user, Step.DEPLOY_GATEWAY, at)
 
 
 def _manifest(user: User, event: ManifestUploaded, at: datetime) -> User:
     user = replace(user, manifest_path=event.path, manifest_sha256=event.sha256)
-    return _advance(user, "upload_manifest", at)
+    return _advance(user, Step.UPLOAD_MANIFEST, at)
 
 
 def _setup(user: User, event: SetupCompleted, at: datetime) -> User:
     user = replace(user, setup_exit_status=event.exit_status, setup_output_tail=event.output_tail)
     if event.exit_status != 0:
         return replace(user, updated_at=at)
-    return _advance(user, "run_setup", at)
+    return _advance(user, Step.RUN_SETUP, at)
 
 
 def _health(user: User, event: HealthVerified, at: datetime) -> User:
-    return _advance(replace(user, health_status=event.status_code), "verify_health", at)
+    return _advance(replace(user, health_status=event.status_code), Step.VERIFY_HEALTH, at)
 
 
 def _step_failed(user: User, event: StepFailed, at: datetime) -> User:
@@ -264,12 +263,12 @@ _STEPS: Final[Mapping[str, _Step]] = MappingProxyType(
         "UserVmDeployRequested": _vm_requested,
         "UserVmDeployed": _vm_deployed,
         "GatewayDeployed": _gateway,
-        "SshReachable": lambda user, event, at: _advance(user, "wait_ssh", at),
+        "SshReachable": lambda user, event, at: _advance(user, Step.WAIT_SSH, at),
         "ManifestUploaded": _manifest,
         "SetupCompleted": _setup,
         "HealthVerified": _health,
         "ProvisioningCompleted": lambda user, event, at: replace(
-            user, status="ready", step="done", error="", updated_at=at
+            user, status="ready", step=Step.DONE, error="", updated_at=at
         ),
         "StepRetried": lambda user, event, at: replace(
             user, step_tries=event.attempt, updated_at=at
@@ -301,13 +300,13 @@ def _requested(user: User | None, event: ProvisioningRequested) -> User:
         forge_email=event.forge_email,
         profile=event.profile,
         status="provisioning",
-        step="forge_user",
+        step=Step.FORGE_USER,
         attempt=event.attempt,
         forge_user_id=user.forge_user_id if user else None,
         forge_user_created=user.forge_user_created if user else False,
         initial_password_available=user.initial_password_available if user else False,
         step_started_at=at,
-        step_started={"forge_user": at},
+        step_started={Step.FORGE_USER: at},
         created_at=user.created_at if user else at,
         updated_at=at,
     )

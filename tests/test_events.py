@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from core.contract import DecommissionPart, Step
 from core.domain import EVENTS, USERS, VMS
 from core.events import Event, NewEvent, event_data, stream_name, stream_parts
 from core.user import UserEvent
+from core.user_events import DecommissionActionFailed, StepFailed
 from core.vm_events import VmEvent, VmStarted
 from tests.test_user_aggregate import SAMPLES as USER_SAMPLES
 from tests.test_vm_aggregate import SAMPLES as VM_SAMPLES
 
 SAMPLES = [*VM_SAMPLES, *USER_SAMPLES]
+AT = datetime(2025, 1, 1, 12, 16, 40, tzinfo=UTC)
 STORED = [  # (type, data) of one row of every event type, as the log held them at d932ac9
     tuple(line.split(b" ", 1))
     for line in (Path(__file__).parent / "stored_events.txt").read_bytes().splitlines()
@@ -80,3 +84,32 @@ def test_stream_ids_are_built_and_parsed_by_one_pair() -> None:
     assert USERS.id_of("user:alice") == "alice"
     assert VMS.id_of("user:alice") is None
     assert {t.__name__ for t in EVENTS.types} == {t.__name__ for t in (*VMS.types, *USERS.types)}
+
+
+@pytest.mark.parametrize(
+    ("built", "data", "name"),
+    [
+        (
+            StepFailed(username="alice", step=Step.DEPLOY_VM, reason="down", attempts=5, at=AT),
+            b'{"username":"alice","step":"deploy_vm","reason":"down","attempts":5,',
+            Step.DEPLOY_VM,
+        ),
+        (
+            DecommissionActionFailed(
+                username="alice", part=DecommissionPart.DELETE_VM, reason="x", attempts=1, at=AT
+            ),
+            b'{"username":"alice","part":"delete_vm","reason":"x","attempts":1,',
+            DecommissionPart.DELETE_VM,
+        ),
+    ],
+    ids=["step", "part"],
+)
+def test_a_step_or_part_is_stored_as_the_string_it_always_was(
+    built: StepFailed | DecommissionActionFailed, data: bytes, name: StrEnum
+) -> None:
+    """Step and DecommissionPart are StrEnums: the log holds their names, as it did before."""
+    stored = data + b'"at":"2025-01-01T12:16:40Z"}'
+    assert event_data(built) == stored
+    decoded = EVENTS.decode(type(built).__name__, stored)
+    assert decoded == built
+    assert type(decoded.step if isinstance(decoded, StepFailed) else decoded.part) is type(name)

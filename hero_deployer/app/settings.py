@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.keyfiles import load_or_create_token
+from core.contract import Step
 
 ENV_PREFIX = "HERO_DEPLOYER_"
 
@@ -52,7 +53,7 @@ class Settings:
     gateway_backend: str = "network"  # or "mycelium": how a gateway reaches its VM
     setup_command: str = "./setup-binaries.sh"
     step_deadline: float = 600.0
-    step_deadlines: str = "deploy_vm=1200,run_setup=1800"
+    step_deadlines: str = f"{Step.DEPLOY_VM}=1200,{Step.RUN_SETUP}=1800"
     step_retries: int = 4
     step_retries_by_step: str = ""
     step_base_delay: float = 0.5

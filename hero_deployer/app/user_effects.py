@@ -294,7 +294,7 @@ class Effects:
         """The user's gateway name in the operator's namespace (core.gateway_names)."""
         return gateway_name(username, self._config.gateway_prefix)
 
-    async def health(self, user: User, urls: list[str]) -> OutcomeCommand:
+    async def probe_health(self, user: User, urls: list[str]) -> OutcomeCommand:
         """One probe of the gateway's `/health`; 200 is the outcome, anything else a StepError.
 
         A gateway that does not answer at all is deployed again (idempotent, by name) with
@@ -324,7 +324,7 @@ class Effects:
             )
         return HealthVerified(**self.stamp(user.username), status_code=status)
 
-    async def delete_vm(
+    async def decommission_vm(
         self, action: DeleteUserVm, changed: asyncio.Event, deadline: float
     ) -> OutcomeCommand:
         """Deletes the VM through the VM commands and waits (on `changed`, set when the VM's

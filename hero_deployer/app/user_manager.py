@@ -205,8 +205,9 @@ class UserManager:
             case DeleteUserVm():
                 self._vm_owner[action.vm_sid] = action.username
                 changed = self._changed.setdefault(action.username, asyncio.Event())
-                deadline = self._policy.deadline_of("delete_vm")
-                await self._decommission(action, self._effects.delete_vm(action, changed, deadline))
+                deadline = self._policy.deadline_of(action.part)
+                effect = self._effects.decommission_vm(action, changed, deadline)
+                await self._decommission(action, effect)
             case FinishDecommission():
                 await self._decommission(action, self._effects.finish(action))
 
@@ -308,7 +309,7 @@ class UserManager:
                             await changed.wait()
                     continue
                 problem = f"vm {sid} was not deployed within the {deadline:g}s deadline"
-                await self._record(name, RecordStepFailed(step="deploy_vm", reason=problem))
+                await self._record(name, RecordStepFailed(step=action.step, reason=problem))
                 return
             else:
                 error = f": {vm.error}" if vm is not None and vm.error else ""
@@ -316,15 +317,15 @@ class UserManager:
             tries += 1
             delay = self._policy.delay(tries)
             _, remaining = self._remaining(action)
-            if tries >= self._policy.tries_of("deploy_vm") or remaining <= delay:
-                await self._record(name, RecordStepFailed(step="deploy_vm", reason=problem))
+            if tries >= self._policy.tries_of(action.step) or remaining <= delay:
+                await self._record(name, RecordStepFailed(step=action.step, reason=problem))
                 return
-            await self._record(name, RecordStepRetried(step="deploy_vm", reason=problem))
+            await self._record(name, RecordStepRetried(step=action.step, reason=problem))
             await asyncio.sleep(delay)
             if not replace:
                 continue
             fresh, _ = await self._deps.users.load(USERS.stream(name))
-            if fresh is not None and fresh.status == "provisioning" and fresh.step == "deploy_vm":
+            if fresh is not None and fresh.status == "provisioning" and fresh.step == action.step:
                 await self._request_vm(fresh, action)
             return
 
@@ -365,7 +366,7 @@ class UserManager:
 
     async def _verify_health(self, user: User, action: VerifyHealth) -> None:
         urls = [action.gateway_url]  # the gateway's URL, and any it answers at later
-        await self._attempts(action, lambda _: self._effects.health(user, urls))
+        await self._attempts(action, lambda _: self._effects.probe_health(user, urls))
 
     # Decommissioning ---------------------------------------------------------------------------
 

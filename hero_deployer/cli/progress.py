@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from core.contract import Step
 from hero_deployer.cli.output import colour_on, paint, print_json
 from hero_deployer.sdk.steps import BEGIN_EVENTS, STEP_EVENTS, step_detail
 
@@ -82,7 +83,7 @@ def describe_user_event(event: dict[str, Any], elapsed: float) -> tuple[str, boo
     if kind in STEP_EVENTS:
         return f"  {STEP_EVENTS[kind]:<16} done   {elapsed:6.1f}s  {step_detail(kind, data)}", True
     if kind == "UserVmDeployRequested":
-        return f"  {'deploy_vm':<16} ...            vm {data['vm_sid']} requested", False
+        return f"  {Step.DEPLOY_VM:<16} ...            vm {data['vm_sid']} requested", False
     if kind == "StepRetried":
         return f"  {data['step']:<16} retry  #{data['attempt']:<5}  {data['reason']}", False
     if kind == "StepFailed":
