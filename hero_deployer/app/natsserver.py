@@ -20,6 +20,7 @@ import socket
 import sys
 import sysconfig
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -153,23 +154,16 @@ def _die_with_parent() -> Callable[[], None] | None:
     return arm
 
 
+@dataclass(eq=False, kw_only=True)
 class NatsServer:
     """A nats-server child process on loopback; an async context manager."""
 
-    def __init__(
-        self,
-        *,
-        port: int,
-        data_dir: Path,
-        config: Path | None = None,
-        monitor_port: int | None = None,
-    ) -> None:
-        self.port = port
-        self._data_dir = data_dir
-        self._config = config
-        self._monitor_port = monitor_port
-        self._name = f"hero-deployer-{secrets.token_hex(8)}"
-        self._process: asyncio.subprocess.Process | None = None
+    port: int
+    data_dir: Path
+    config: Path | None = None
+    monitor_port: int | None = None
+    _name: str = field(init=False, default_factory=lambda: f"hero-deployer-{secrets.token_hex(8)}")
+    _process: asyncio.subprocess.Process | None = field(init=False, default=None)
 
     @property
     def url(self) -> str:
@@ -191,10 +185,10 @@ class NatsServer:
         """Starts the child; returns once it answers on the port as itself, else raises."""
         ensure_port_free(self.port)
         args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-n", self._name]
-        if self._config is not None:
-            args += ["-c", str(self._config), "-m", str(self._monitor_port or free_port())]
-        self._data_dir.mkdir(parents=True, exist_ok=True)
-        log = os.open(self._data_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if self.config is not None:
+            args += ["-c", str(self.config), "-m", str(self.monitor_port or free_port())]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = os.open(self.data_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *args,
@@ -215,7 +209,7 @@ class NatsServer:
             await self.stop()
             raise
         # the CLI sends nothing to a server on this URL that names itself otherwise (context.py)
-        record_server_name(self._data_dir, self.url, self._name)
+        record_server_name(self.data_dir, self.url, self._name)
 
     async def _until_answering(self) -> None:
         """Waits until the child answers on the port with its own name; raises if it exits."""
@@ -251,7 +245,7 @@ class NatsServer:
 
     def _last_log_line(self) -> str:
         try:
-            lines = (self._data_dir / LOG_NAME).read_text(errors="replace").splitlines()
+            lines = (self.data_dir / LOG_NAME).read_text(errors="replace").splitlines()
         except OSError:
             return "no log"
         return next((line for line in reversed(lines) if line.strip()), "no log").strip()
