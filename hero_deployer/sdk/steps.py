@@ -5,21 +5,22 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Final
 
+from core.contract import Step
 from core.user import STEP_EVENTS
 
 __all__ = ["BEGIN_EVENTS", "STEP_EVENTS", "STEP_LABELS", "step_detail"]
 
 STEP_LABELS: Final[dict[str, str]] = {
-    "forge_user": "Forge account",
-    "ssh_key": "SSH key",
-    "select_node": "Select node",
-    "deploy_vm": "Deploy VM",
-    "deploy_gateway": "Deploy gateway",
-    "wait_ssh": "Wait for SSH",
-    "upload_manifest": "Upload manifest",
-    "run_setup": "Run setup",
-    "verify_health": "Verify health",
-    "done": "Done",
+    Step.FORGE_USER: "Forge account",
+    Step.SSH_KEY: "SSH key",
+    Step.SELECT_NODE: "Select node",
+    Step.DEPLOY_VM: "Deploy VM",
+    Step.DEPLOY_GATEWAY: "Deploy gateway",
+    Step.WAIT_SSH: "Wait for SSH",
+    Step.UPLOAD_MANIFEST: "Upload manifest",
+    Step.RUN_SETUP: "Run setup",
+    Step.VERIFY_HEALTH: "Verify health",
+    Step.DONE: "Done",
 }
 
 # The events that start a provisioning or a decommission: the clock of its first step starts
