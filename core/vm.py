@@ -30,28 +30,7 @@ from core.vm_events import (
     VmStopped,
 )
 
-# Commands the process manager sends when a side effect finishes ------------------------------
-
-
-class RecordDeployed(Frozen):
-    sid: str
-    node_id: int
-    mycelium_ip: str
-
-
-class RecordDeployFailed(Frozen):
-    sid: str
-    error: str
-
-
-class RecordDeleted(Frozen):
-    sid: str
-
-
-class RecordOperationFailed(Frozen):
-    sid: str
-    operation: str
-    error: str
+# Commands beside the tenant's: a migration's share of one VM, and side effects' outcomes ------
 
 
 class RekeyVm(Frozen):
@@ -62,7 +41,8 @@ class RekeyVm(Frozen):
 
 
 TenantCommand = DeployVm | StartVm | StopVm | RestartVm | DeleteVm
-OutcomeCommand = RecordDeployed | RecordDeployFailed | RecordDeleted | RecordOperationFailed
+OutcomeCommand = VmDeployed | VmDeployFailed | VmDeleted | VmOperationFailed
+"""A side effect's outcome, recorded as the event it is; `decide` stamps it with its time."""
 VmCommand = TenantCommand | OutcomeCommand | RekeyVm
 
 
@@ -157,33 +137,16 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
             return _decide_outcome(_existing(vm), command, now)
 
 
-def _decide_outcome(vm: Vm, command: OutcomeCommand, now: datetime) -> list[VmEvent]:
-    """What a side effect's outcome records; a late or repeated outcome changes nothing."""
-    match command:
-        case RecordDeployed():
-            if vm.status != "deploying":
-                return []
-            return [
-                VmDeployed(
-                    sid=vm.sid, node_id=command.node_id, mycelium_ip=command.mycelium_ip, at=now
-                )
-            ]
-        case RecordDeployFailed():
-            if vm.status != "deploying":
-                return []
-            return [VmDeployFailed(sid=vm.sid, error=command.error, at=now)]
-        case RecordDeleted():
-            if vm.status != "deleting":
-                return []
-            return [VmDeleted(sid=vm.sid, at=now)]
-        case RecordOperationFailed():
-            if vm.status == "deleted":
-                return []  # deleted is final
-            return [
-                VmOperationFailed(
-                    sid=vm.sid, operation=command.operation, error=command.error, at=now
-                )
-            ]
+def _decide_outcome(vm: Vm, outcome: OutcomeCommand, now: datetime) -> list[VmEvent]:
+    """The outcome at the decision's time; a late or repeated outcome records nothing."""
+    match outcome:
+        case VmDeployed() | VmDeployFailed():
+            current = vm.status == "deploying"
+        case VmDeleted():
+            current = vm.status == "deleting"
+        case VmOperationFailed():
+            current = vm.status != "deleted"  # deleted is final
+    return [replace(outcome, sid=vm.sid, at=now)] if current else []
 
 
 def _decide_tenant_action(

@@ -13,6 +13,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from structlog.testing import capture_logs
 
 from adapters.localgrid import LocalGrid
 from core.errors import NotFound
-from core.vm import RecordOperationFailed
+from core.vm_events import VmOperationFailed
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.settings import Settings
 from hero_deployer.app.vm_handlers import OutcomeRecorder
@@ -317,11 +318,14 @@ async def test_outcomes_of_one_vm_keep_their_order_and_a_bad_one_fails_alone(
     """The recorder's batches name each VM once; an outcome the domain refuses fails alone."""
     sid = await deploy_running(service.client, "s")
     recorder = OutcomeRecorder(service.app.deps)
+    at = datetime.now(UTC)  # recording stamps the decision's time over it
     try:
         results = await asyncio.gather(
-            recorder.record(RecordOperationFailed(sid=sid, operation="stop", error="first")),
-            recorder.record(RecordOperationFailed(sid=sid, operation="stop", error="second")),
-            recorder.record(RecordOperationFailed(sid="vm_missing", operation="stop", error="x")),
+            recorder.record(VmOperationFailed(sid=sid, operation="stop", error="first", at=at)),
+            recorder.record(VmOperationFailed(sid=sid, operation="stop", error="second", at=at)),
+            recorder.record(
+                VmOperationFailed(sid="vm_missing", operation="stop", error="x", at=at)
+            ),
             return_exceptions=True,
         )
     finally:

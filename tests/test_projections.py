@@ -22,10 +22,6 @@ from core.errors import DomainError
 from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend
 from core.vm import (
     Context,
-    RecordDeleted,
-    RecordDeployed,
-    RecordDeployFailed,
-    RecordOperationFailed,
     RekeyVm,
     Vm,
     VmCommand,
@@ -33,7 +29,14 @@ from core.vm import (
     evolve,
     fold,
 )
-from core.vm_events import VM_EVENT_TYPES, VmDeployFailed, VmDeployRequested
+from core.vm_events import (
+    VM_EVENT_TYPES,
+    VmDeleted,
+    VmDeployed,
+    VmDeployFailed,
+    VmDeployRequested,
+    VmOperationFailed,
+)
 from hero_deployer.app.bootstrap import PROJECTIONS, bootstrap
 from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.cli import main
@@ -337,10 +340,10 @@ async def drive(store: SqliteEventStore, steps: int, *, seed: int) -> None:
                 (StopVm(sid=sid, secret=""), 6),
                 (RestartVm(sid=sid, secret=""), 3),
                 (DeleteVm(sid=sid, secret=""), 1),
-                (RecordDeployed(sid=sid, node_id=rng.randint(1, 50), mycelium_ip="5a1::1"), 6),
-                (RecordDeployFailed(sid=sid, error="full"), 1),
-                (RecordDeleted(sid=sid), 2),
-                (RecordOperationFailed(sid=sid, operation="stop", error="timeout"), 1),
+                (VmDeployed(sid=sid, node_id=rng.randint(1, 50), mycelium_ip="5a1::1", at=now), 6),
+                (VmDeployFailed(sid=sid, error="full", at=now), 1),
+                (VmDeleted(sid=sid, at=now), 2),
+                (VmOperationFailed(sid=sid, operation="stop", error="timeout", at=now), 1),
                 (RekeyVm(sid=sid, new_owner=rng.choice(OWNERS)), 1),
             ]
             (command,) = rng.choices([c for c, _ in commands], [w for _, w in commands])

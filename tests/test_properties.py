@@ -111,16 +111,17 @@ KEEP_STATUS = (vm_events.VmOperationFailed, vm_events.VmSecretMigrated)  # they 
 sid = st.sampled_from(SIDS)
 secret = st.sampled_from(SECRETS)
 text = st.text(max_size=20)
+at = st.just(START)  # an outcome's own time; decide stamps the decision's over it
 vm_commands = st.one_of(
     st.builds(vms.DeployVm, name=st.just("web"), secret=secret),
     *(
         st.builds(cls, sid=sid, secret=secret)
         for cls in (vms.StartVm, vms.StopVm, vms.RestartVm, vms.DeleteVm)
     ),
-    st.builds(vms.RecordDeployed, sid=sid, node_id=st.integers(1, 99), mycelium_ip=text),
-    st.builds(vms.RecordDeployFailed, sid=sid, error=text),
-    st.builds(vms.RecordDeleted, sid=sid),
-    st.builds(vms.RecordOperationFailed, sid=sid, operation=text, error=text),
+    st.builds(vm_events.VmDeployed, sid=sid, node_id=st.integers(1, 99), mycelium_ip=text, at=at),
+    st.builds(vm_events.VmDeployFailed, sid=sid, error=text, at=at),
+    st.builds(vm_events.VmDeleted, sid=sid, at=at),
+    st.builds(vm_events.VmOperationFailed, sid=sid, operation=text, error=text, at=at),
     st.builds(vms.RekeyVm, sid=sid, new_owner=secret.map(FINGERPRINT)),
 )
 

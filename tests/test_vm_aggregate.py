@@ -12,10 +12,6 @@ from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 from core.vm import (
     Context,
-    RecordDeleted,
-    RecordDeployed,
-    RecordDeployFailed,
-    RecordOperationFailed,
     RekeyVm,
     Vm,
     VmCommand,
@@ -306,10 +302,10 @@ def test_rekey_of_an_absent_vm_is_not_found() -> None:
 
 # Outcome commands: recorded where they fit, nothing elsewhere -------------------------------
 
-RECORD_DEPLOYED = RecordDeployed(sid=SID, node_id=21, mycelium_ip="5a1:9::7")
-RECORD_DEPLOY_FAILED = RecordDeployFailed(sid=SID, error="no capacity")
-RECORD_DELETED = RecordDeleted(sid=SID)
-RECORD_OPERATION_FAILED = RecordOperationFailed(sid=SID, operation="stop", error="timeout")
+RECORD_DEPLOYED = VmDeployed(sid=SID, node_id=21, mycelium_ip="5a1:9::7", at=T0)
+RECORD_DEPLOY_FAILED = VmDeployFailed(sid=SID, error="no capacity", at=T0)
+RECORD_DELETED = VmDeleted(sid=SID, at=T0)
+RECORD_OPERATION_FAILED = VmOperationFailed(sid=SID, operation="stop", error="timeout", at=T0)
 
 OUTCOME_FITS: list[tuple[str, VmCommand, dict[str, list[Event]]]] = [
     (

@@ -64,7 +64,8 @@ from core.user_events import (
 )
 from core.user_state import User, backend_url_for
 from core.vm import Context as VmContext
-from core.vm import RecordDeleted, vm_spec
+from core.vm import vm_spec
+from core.vm_events import VmDeleted
 from hero_deployer.app import vm_handlers
 from hero_deployer.app.commands import Command, run
 from hero_deployer.app.deps import Deps
@@ -357,7 +358,8 @@ class Effects:
         # The reactor gave up (or is stuck): delete it here; one already gone counts as deleted.
         with contextlib.suppress(BackendNotFound):
             await self._ports.backend.destroy_vm(sid)
-        await vm_handlers.record_outcome(self._deps, RecordDeleted(sid=sid), f"user-manager-{sid}")
+        deleted = VmDeleted(sid=sid, at=self._deps.clock())
+        await vm_handlers.record_outcome(self._deps, deleted, f"user-manager-{sid}")
         return UserVmDeleted(**self.stamp(name), vm_sid=sid)
 
     async def delete_gateway(self, user: User, action: DeleteGateway) -> OutcomeCommand:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import structlog
@@ -12,20 +13,28 @@ from core.domain import VMS
 from core.events import RecordedEvent
 from core.ports import BackendError, ComputeBackend
 from core.retry import RetryPolicy as RetryPolicy  # the one policy, where the tests take it
-from core.vm import (
-    OutcomeCommand,
-    RecordDeleted,
-    RecordDeployed,
-    RecordDeployFailed,
-    RecordOperationFailed,
-    Vm,
-    vm_spec,
+from core.vm import OutcomeCommand, Vm, vm_spec
+from core.vm_events import (
+    VmDeleted,
+    VmDeleteRequested,
+    VmDeployed,
+    VmDeployFailed,
+    VmDeployRequested,
+    VmOperationFailed,
+    VmRestarted,
+    VmStarted,
+    VmStopped,
 )
-from core.vm_events import VmDeleteRequested, VmDeployRequested, VmRestarted, VmStarted, VmStopped
 from hero_deployer.app.aggregates import Aggregates
 from hero_deployer.app.vm_handlers import until_taken
 
 log = structlog.get_logger(__name__)
+
+
+def _now() -> datetime:
+    """When an outcome is known; recording it stamps the decision's time over it."""
+    return datetime.now(UTC)
+
 
 T = TypeVar("T")
 
@@ -129,7 +138,7 @@ class VmReactor:
                 await self._act("restart", sid, self._backend.reboot_vm, request_id)
             case VmDeleteRequested():
                 if await self._act("delete", sid, self._backend.destroy_vm, request_id):
-                    await self._outcome(RecordDeleted(sid=sid), request_id)
+                    await self._outcome(VmDeleted(sid=sid, at=_now()), request_id)
 
     async def _deploy(self, event: VmDeployRequested, request_id: str) -> None:
         keys = await self._ssh_keys(event.sid) if self._ssh_keys else ()
@@ -137,10 +146,11 @@ class VmReactor:
         try:
             vm = await self._with_retries(lambda: self._backend.create_vm(spec))
         except BackendError as error:
-            await self._outcome(RecordDeployFailed(sid=event.sid, error=error.message), request_id)
+            failed = VmDeployFailed(sid=event.sid, error=error.message, at=_now())
+            await self._outcome(failed, request_id)
             return
         await self._outcome(
-            RecordDeployed(sid=event.sid, node_id=vm.node_id, mycelium_ip=vm.mycelium_ip),
+            VmDeployed(sid=event.sid, node_id=vm.node_id, mycelium_ip=vm.mycelium_ip, at=_now()),
             request_id,
         )
 
@@ -155,7 +165,7 @@ class VmReactor:
             await self._with_retries(lambda: call(sid))
         except BackendError as error:
             await self._outcome(
-                RecordOperationFailed(sid=sid, operation=operation, error=error.message),
+                VmOperationFailed(sid=sid, operation=operation, error=error.message, at=_now()),
                 request_id,
             )
             return False
