@@ -94,6 +94,14 @@ async def test_a_login_survives_a_restart_and_a_logout_ends_it_for_good(
         assert foreign.status == 302, "another key does not accept the cookie"
 
 
+def test_a_session_store_shows_no_session_id_csrf_token_or_key_in_its_repr() -> None:
+    store = SessionStore()
+    session = store.create(operator=True)
+    shown = repr(store)
+    assert session.id.split(".")[0] not in shown and session.csrf not in shown
+    assert store._key.hex() not in shown and repr(store._key) not in shown
+
+
 def test_signed_sessions_expire_and_refuse_tampering(tmp_path: Path) -> None:
     now = [1_000_000.0]
     store = SessionStore(max_age=100, clock=lambda: now[0], state_dir=tmp_path)

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -64,7 +64,7 @@ class Revocations:
 
     def __init__(self, path: Path | None, clock: Callable[[], float]) -> None:
         self._path = path
-        self._clock = clock
+        self.clock = clock
         self._until: dict[str, float] = {}
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -85,7 +85,7 @@ class Revocations:
             self._prune(rewrite=True)
 
     def _prune(self, *, rewrite: bool) -> None:
-        now = self._clock()
+        now = self.clock()
         self._until = {n: u for n, u in self._until.items() if u > now}
         if rewrite and self._path is not None:
             self._write("".join(f"{n} {int(u) + 1}\n" for n, u in self._until.items()))
@@ -98,6 +98,7 @@ class Revocations:
             f.write(text)
 
 
+@dataclass(eq=False, kw_only=True)
 class SessionStore:
     """Operator sessions: in memory while used (bounded, idle ones expire), signed in the cookie.
 
@@ -105,22 +106,21 @@ class SessionStore:
     sessions survive a restart; without it the key is random and they end with the process.
     """
 
-    def __init__(
-        self,
-        *,
-        idle_timeout: float = 8 * 3600,
-        max_age: float = 24 * 3600,
-        capacity: int = 10_000,
-        clock: Callable[[], float] = time.time,
-        state_dir: Path | None = None,
-    ) -> None:
-        self._idle_timeout = idle_timeout
-        self._max_age = max_age
-        self._capacity = capacity
-        self._clock = clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+    idle_timeout: float = 8 * 3600
+    max_age: float = 24 * 3600
+    capacity: int = 10_000
+    clock: Callable[[], float] = time.time
+    state_dir: InitVar[Path | None] = None
+    # left out of repr: session ids and the signing key are secrets
+    _sessions: OrderedDict[str, Session] = field(
+        init=False, repr=False, default_factory=OrderedDict
+    )
+    _key: bytes = field(init=False, repr=False)
+    _revoked: Revocations = field(init=False, repr=False)
+
+    def __post_init__(self, state_dir: Path | None) -> None:
         self._key = _load_key(state_dir)
-        self._revoked = Revocations(state_dir / REVOKED_FILE if state_dir else None, clock)
+        self._revoked = Revocations(state_dir / REVOKED_FILE if state_dir else None, self.clock)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -132,8 +132,8 @@ class SessionStore:
         session = self._sessions.get(session_id) or self._restore(session_id)
         if session is None:
             return None
-        now = self._clock()
-        if now - session.seen > self._idle_timeout or now - session.created > self._max_age:
+        now = self.clock()
+        if now - session.seen > self.idle_timeout or now - session.created > self.max_age:
             self._forget(session)
             return None
         session.seen = now
@@ -143,14 +143,14 @@ class SessionStore:
     def anonymous(self, cookie: str | None) -> Session:
         """An unstored session for the nonce in `cookie` (a fresh nonce when it has none)."""
         nonce = cookie if cookie and COOKIE_VALUE.fullmatch(cookie) else secrets.token_urlsafe(32)
-        now = self._clock()
+        now = self.clock()
         csrf = self._mac(b"csrf\0", nonce)
         return Session(id=nonce, csrf=csrf, created=now, seen=now, label=self._label(nonce))
 
     def create(self, *, operator: bool = False) -> Session:
         """A new stored session with a fresh random nonce, signed with its time of issue."""
         nonce = secrets.token_urlsafe(32)
-        issued = int(self._clock())
+        issued = int(self.clock())
         body = f"{nonce}.{issued}"
         mac = self._mac(b"session\0", body)
         return self._store(f"{body}.{mac}", nonce, issued, operator)
@@ -166,7 +166,7 @@ class SessionStore:
         return self.anonymous(None)
 
     def _store(self, cookie: str, nonce: str, issued: float, operator: bool) -> Session:
-        now = self._clock()
+        now = self.clock()
         session = Session(
             id=cookie,
             csrf=self._mac(b"csrf-operator\0", cookie),
@@ -176,7 +176,7 @@ class SessionStore:
             label=self._label(nonce),
         )
         self._sessions[cookie] = session
-        while len(self._sessions) > self._capacity:
+        while len(self._sessions) > self.capacity:
             self._forget(next(iter(self._sessions.values())))
         return session
 
@@ -189,7 +189,7 @@ class SessionStore:
         expected = self._mac(b"session\0", f"{nonce}.{issued}")
         if not hmac.compare_digest(mac.encode(), expected.encode()) or nonce in self._revoked:
             return None
-        if self._clock() - int(issued) > self._max_age:
+        if self.clock() - int(issued) > self.max_age:
             return None
         return self._store(cookie, nonce, int(issued), operator=True)
 
@@ -197,7 +197,7 @@ class SessionStore:
         self._sessions.pop(session.id, None)
         match = SIGNED_VALUE.fullmatch(session.id)
         if match is not None:
-            self._revoked.add(match.group(1), int(match.group(2)) + self._max_age)
+            self._revoked.add(match.group(1), int(match.group(2)) + self.max_age)
 
     def _mac(self, purpose: bytes, value: str) -> str:
         return _b64(hmac.new(self._key, purpose + value.encode(), hashlib.sha256).digest())
