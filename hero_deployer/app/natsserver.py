@@ -160,8 +160,8 @@ class NatsServer:
 
     port: int
     data_dir: Path
-    config: Path | None = None
-    monitor_port: int | None = None
+    config: Path | None = None  # a nats-server configuration file (-c), e.g. a cluster node's
+    monitor_port: int | None = None  # with `config`: its monitoring port (-m), else a free one
     _name: str = field(init=False, default_factory=lambda: f"hero-deployer-{secrets.token_hex(8)}")
     _process: asyncio.subprocess.Process | None = field(init=False, default=None)
 
