@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import nats
 import pytest
 import pytest_asyncio
@@ -205,6 +206,21 @@ async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
         data_dir=tmp_path / "grid", deploy_delay=0, action_delay=0, ssh=False
     ) as local_grid:
         yield local_grid
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["machines-here", "machines-in-own-process"])
+async def ssh_grid(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[LocalGrid]:
+    """A LocalGrid whose VMs take SSH logins, its machines in this process or one of their own."""
+    async with LocalGrid(
+        data_dir=tmp_path, deploy_delay=0, action_delay=0, own_process=request.param
+    ) as local_grid:
+        yield local_grid
+
+
+@pytest.fixture(scope="module")
+def key() -> asyncssh.SSHKey:
+    """An ed25519 key to log into local grid VMs with, one per test module."""
+    return asyncssh.generate_private_key("ssh-ed25519")
 
 
 @pytest_asyncio.fixture

@@ -45,19 +45,6 @@ async def grid(tmp_path: Path) -> AsyncIterator[LocalGrid]:
         yield g
 
 
-@pytest.fixture(params=[False, True], ids=["machines-here", "machines-in-own-process"])
-async def ssh_grid(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(
-        data_dir=tmp_path, deploy_delay=0, action_delay=0, own_process=request.param
-    ) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def key() -> asyncssh.SSHKey:
-    return asyncssh.generate_private_key("ssh-ed25519")
-
-
 @pytest.fixture(scope="module")
 def other_key() -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519")

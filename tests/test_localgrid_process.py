@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
@@ -25,19 +24,6 @@ from hero_deployer.app.natsserver import free_port
 from tests.test_localgrid import connect, refused, set_up_behind_a_gateway, ssh_vm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def key() -> asyncssh.SSHKey:
-    return asyncssh.generate_private_key("ssh-ed25519")
-
-
-@pytest.fixture(params=[False, True], ids=["machines-here", "machines-in-own-process"])
-async def grid(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[LocalGrid]:
-    async with LocalGrid(
-        data_dir=tmp_path, deploy_delay=0, action_delay=0, own_process=request.param
-    ) as g:
-        yield g
 
 
 async def exited(pid: int, timeout: float = 10.0) -> None:
@@ -58,27 +44,27 @@ async def exited(pid: int, timeout: float = 10.0) -> None:
 
 
 async def test_a_vm_never_logged_into_has_its_sandbox_made_at_the_first_login(
-    grid: LocalGrid, key: asyncssh.SSHKey
+    ssh_grid: LocalGrid, key: asyncssh.SSHKey
 ) -> None:
-    vm = await ssh_vm(grid, key)
-    assert not grid.vm_folder("vm1").exists()
+    vm = await ssh_vm(ssh_grid, key)
+    assert not ssh_grid.vm_folder("vm1").exists()
     async with connect(vm, key) as conn:
         presented = conn.get_server_host_key().public_data
         assert (await conn.run("cat /dev/null")).exit_status == 0
-    folder = grid.vm_folder("vm1")
+    folder = ssh_grid.vm_folder("vm1")
     assert (folder / "etc/passwd").read_text().startswith("root:x:0:0::/root:")
     stored = asyncssh.read_private_key(folder / "etc/ssh/ssh_host_ed25519_key")
     assert stored.public_data == presented
 
 
 async def test_a_sandbox_that_cannot_be_read_fails_the_boot_for_a_retry(
-    grid: LocalGrid, key: asyncssh.SSHKey
+    ssh_grid: LocalGrid, key: asyncssh.SSHKey
 ) -> None:
-    (grid.vm_folder("vm1") / "etc/ssh/ssh_host_ed25519_key").mkdir(parents=True)
+    (ssh_grid.vm_folder("vm1") / "etc/ssh/ssh_host_ed25519_key").mkdir(parents=True)
     with pytest.raises(BackendError, match="vm vm1 failed to boot") as raised:
-        await ssh_vm(grid, key)
+        await ssh_vm(ssh_grid, key)
     assert raised.value.retryable
-    assert await grid.find_vm("vm1") is None
+    assert await ssh_grid.find_vm("vm1") is None
 
 
 async def test_a_grid_of_its_own_process_restarts_with_the_same_host_key_and_web_service(
