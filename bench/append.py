@@ -1,7 +1,7 @@
 """The event store alone: append throughput (group commit, synchronous=FULL) and the chain's cost.
 
 In-process, without NATS. `--appenders` tasks each append one deploy-sized event at a time to
-new streams, as concurrent `deploy_vm` requests do; then one appender writes `--events` events
+new streams, as concurrent VM deploy requests do; then one appender writes `--events` events
 in appends of 100. Also prints the cost of hashing one event and of `audit verify` per event.
 """
 

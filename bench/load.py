@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import nats
 
-from core.contract import ListVms
+from core.contract import DeployVm, ListVms
 from core.registry import OPERATIONS
 
+DEPLOY = OPERATIONS.row(DeployVm).name  # the default load, and the op other benches load
 LIST = OPERATIONS.row(ListVms).name  # the listing a tenant's secret reads
 
 
@@ -32,7 +33,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
     def body(i: int) -> bytes:
         op = op_of(i)
-        if op == "deploy_vm":
+        if op == DEPLOY:
             return msgspec.json.encode(
                 {"name": f"bench-{i}", "secret": f"tenant-{i % args.tenants}"}
             )
@@ -65,7 +66,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     for _ in range(warmup):
         await nc.request(
             subject if len(ops) == 1 else f"{args.prefix}.{ops[0]}",
-            body(10**9 + _) if ops[0] == "deploy_vm" else body(_),
+            body(10**9 + _) if ops[0] == DEPLOY else body(_),
             timeout=30,
             headers=headers,
         )
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="hero.v1")
     parser.add_argument("--token", default="")
     parser.add_argument("--nkey", default="", help="an NKey seed file to connect with")
-    parser.add_argument("--op", default="deploy_vm")
+    parser.add_argument("--op", default=DEPLOY)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--sids", help="a JSON file of VM sids for start/stop")

@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from adapters.sqlite_runtime import disable_memory_statistics
+from bench.load import DEPLOY
 from core.contract import DeployVm, ListVms, StartVm, StopVm
 from core.registry import OPERATIONS
 from hero_deployer.app.natsserver import NatsServer, free_port
@@ -27,7 +28,7 @@ TOKEN = "bench-token-" + "b" * 32
 ROOT = Path(__file__).resolve().parents[1]
 
 FIGURES: dict[str, float] = {}
-"""Figures later benchmarks compare with, by name (`deploy_vm`: requests per second)."""
+"""Figures later benchmarks compare with, by operation name (deploys: requests per second)."""
 
 
 def name_of(request: type[msgspec.Struct]) -> str:
@@ -173,13 +174,13 @@ def service_figures(url: str, n: int, deploy_delay: str) -> None:
             HERO_DEPLOYER_LOCAL_ACTION_DELAY=deploy_delay,
         ) as service:
             cpu = service.cpu_seconds()
-            deploy = load(url, "deploy_vm", n)
+            deploy = load(url, DEPLOY, n)
             time.sleep(float(deploy_delay) + 1.0)  # let the outcomes of the last deploys land
             deploy["cpu_us"] = (
                 (service.cpu_seconds() - cpu) / (deploy["requests"] + deploy["warmup"]) * 1e6
             )
-            show("deploy_vm (whole pipeline)", deploy, baseline["per_second"])
-            FIGURES["deploy_vm"] = deploy["per_second"]
+            show(f"{DEPLOY} (whole pipeline)", deploy, baseline["per_second"])
+            FIGURES[DEPLOY] = deploy["per_second"]
             sids = asyncio.run(_running_sids(url, 2000))
             sids_file = data / "sids.json"
             sids_file.write_text(json.dumps(sids))
@@ -258,10 +259,10 @@ def main() -> None:
         from bench.eventsourcing_compare import compare
 
         saves = compare(args.n)
-        if "deploy_vm" in FIGURES:
+        if DEPLOY in FIGURES:
             print(
-                f"{'deploy_vm over NATS / eventsourcing':<34} {FIGURES['deploy_vm']:>9,.0f} req/s"
-                f" vs {saves:,.0f} saves/s = {FIGURES['deploy_vm'] / saves:.1f}x",
+                f"{DEPLOY + ' over NATS / eventsourcing':<34} {FIGURES[DEPLOY]:>9,.0f} req/s"
+                f" vs {saves:,.0f} saves/s = {FIGURES[DEPLOY] / saves:.1f}x",
                 flush=True,
             )
     if "rebuild" in only or "list" in only:

@@ -1,4 +1,4 @@
-"""deploy_vm on SQLite, then on a JetStream cluster of three (R3) with one and with two replicas.
+"""VM deploys on SQLite, then on a JetStream cluster of three (R3) with one and with two replicas.
 
     python -m bench.scale_out [--n 2000] [--concurrency 64]
 
@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bench.load import DEPLOY
 from bench.run import ServiceProcess, load, show
 from hero_deployer.app.natsserver import NatsServer, free_port
 from tests.jetstream_cluster import running_cluster, stream_created
@@ -28,9 +29,7 @@ SERVE_ENV = {"HERO_DEPLOYER_LOCAL_DEPLOY_DELAY": "0", "HERO_DEPLOYER_LOCAL_ACTIO
 async def sqlite_figure(tmp: Path, n: int, concurrency: int) -> dict[str, float]:
     async with NatsServer(port=free_port(), data_dir=tmp / "nats") as server:
         with ServiceProcess(server.url, tmp / "sqlite", **SERVE_ENV):
-            return await asyncio.to_thread(
-                load, server.url, "deploy_vm", n, concurrency=concurrency
-            )
+            return await asyncio.to_thread(load, server.url, DEPLOY, n, concurrency=concurrency)
 
 
 async def jetstream_figure(tmp: Path, replicas: int, n: int, concurrency: int) -> dict[str, float]:
@@ -50,11 +49,11 @@ async def jetstream_figure(tmp: Path, replicas: int, n: int, concurrency: int) -
                     shutil.copy2(first / name, data_dir / name)
                 process = ServiceProcess(",".join(urls), data_dir, **env)
                 await asyncio.to_thread(stack.enter_context, process)
-            return await asyncio.to_thread(load, urls[0], "deploy_vm", n, concurrency=concurrency)
+            return await asyncio.to_thread(load, urls[0], DEPLOY, n, concurrency=concurrency)
 
 
 async def main(n: int, concurrency: int) -> None:
-    print(f"deploy_vm, {n} requests, {concurrency} in flight", flush=True)
+    print(f"{DEPLOY}, {n} requests, {concurrency} in flight", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         show("SQLite (one process)", await sqlite_figure(Path(tmp) / "s", n, concurrency))
     for replicas in (1, 2):

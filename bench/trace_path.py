@@ -1,14 +1,14 @@
-"""Traces one `deploy_vm` from request to `VmDeployed` published and prints the files it crosses.
+"""Traces one VM deploy from request to `VmDeployed` published and prints the files it crosses.
 
 A real nats-server (a child on a free loopback port), the service bootstrapped in this process on
 a fresh SQLite data dir with the local grid, and a plain nats-py client that sends the request and
 waits for the event on the status subject. `sys.setprofile` (and `threading.setprofile` for the
 database threads) records every Python function called meanwhile. The same is done for one
-`provision_user` up to its `ProvisioningRequested` published (sent with an Idempotency-Key, so the
-idempotency path every mutating request may take shows as shared; the Forge it is given answers
-nobody, so the new user's process stays at its first step and reaches no VM): a function that one
-calls too is shared machinery, and the
-files of the functions only `deploy_vm` calls are its operation-specific files (adapters aside:
+user's provisioning request up to its `ProvisioningRequested` published (sent with an
+Idempotency-Key, so the idempotency path every mutating request may take shows as shared; the
+Forge it is given answers nobody, so the new user's process stays at its first step and reaches
+no VM): a function that one calls too is shared machinery, and the files of the functions only
+the deploy calls are its operation-specific files (adapters aside:
 a backend speaks its own protocol).
 
     .venv/bin/python -m bench.trace_path
@@ -32,10 +32,14 @@ import nats
 
 from adapters.localgrid import LocalGrid
 from adapters.sqlite_runtime import disable_memory_statistics
+from bench.load import DEPLOY
+from core.contract import ProvisionUser
+from core.registry import OPERATIONS
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.natsserver import NatsServer, free_port
 from hero_deployer.app.settings import Settings
 
+PROVISION = OPERATIONS.row(ProvisionUser).name  # the request the deploy's trace is set against
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "trace-token-" + "t" * 32
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -99,14 +103,14 @@ async def _until_published(
 
 
 def _deploy(nc: Any, prefix: str, name: str) -> Awaitable[None]:
-    """One deploy_vm, until its VmDeployed is published."""
+    """One VM deploy, until its VmDeployed is published."""
     return _until_published(
-        nc, prefix, "vm.*.VmDeployed", "deploy_vm", {"name": name, "secret": "trace"}
+        nc, prefix, "vm.*.VmDeployed", DEPLOY, {"name": name, "secret": "trace"}
     )
 
 
 async def trace(data_dir: Path) -> tuple[Trace, Trace]:
-    """One warm-up of each, then one traced deploy_vm and one traced provision_user."""
+    """One warm-up of each, then one traced VM deploy and one traced user provisioning."""
     async with NatsServer(port=free_port(), data_dir=data_dir / "nats") as server:
         nc = await nats.connect(server.url)
         settings = Settings(
@@ -133,7 +137,7 @@ async def trace(data_dir: Path) -> tuple[Trace, Trace]:
                     nc,
                     prefix,
                     "user.traced.ProvisioningRequested",
-                    "provision_user",
+                    PROVISION,
                     {"username": "traced"},
                     "trace-1",
                 )
@@ -143,7 +147,7 @@ async def trace(data_dir: Path) -> tuple[Trace, Trace]:
 
 
 def operation_specific(deploy: Trace, provision: Trace) -> dict[str, list[str]]:
-    """File → the functions in it that deploy_vm calls and provision_user does not (adapters
+    """File → the functions in it that the deploy calls and the provisioning does not (adapters
     and this script aside)."""
     specific: dict[str, list[str]] = {}
     for name, function in sorted(deploy.functions - provision.functions):
@@ -153,15 +157,15 @@ def operation_specific(deploy: Trace, provision: Trace) -> dict[str, list[str]]:
 
 
 def report(deploy: Trace, provision: Trace) -> None:
-    """Prints each file deploy_vm crosses, and the files of the functions only it calls."""
-    print(f"deploy_vm: {sum(deploy.calls.values())} calls of {len(deploy.functions)} functions")
+    """Prints each file the deploy crosses, and the files of the functions only it calls."""
+    print(f"{DEPLOY}: {sum(deploy.calls.values())} calls of {len(deploy.functions)} functions")
     print(f"in {len(deploy.calls)} project files:")
     specific = operation_specific(deploy, provision)
     for name, calls in sorted(deploy.calls.items()):
         mark = "operation-specific" if name in specific else ""
         print(f"  {name:<42} {calls:>6} calls   {mark}")
     print(
-        "operation-specific files (holding functions deploy_vm calls and provision_user does"
+        f"operation-specific files (holding functions {DEPLOY} calls and {PROVISION} does"
         f" not; adapters aside): {len(specific)}"
     )
     for name, functions in specific.items():

@@ -1,4 +1,4 @@
-"""`up` under load: N deploy_vm at C in flight against a real `hero-deployer up`, beside a bare
+"""`up` under load: N VM deploys at C in flight against a real `hero-deployer up`, beside a bare
 nats-py responder measured in the same run.
 
 `up` runs as an operator starts it: its own nats-server (NKey identities), a fresh data dir, the
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgspec
 
+from bench.load import DEPLOY
 from bench.run import ROOT, TOKEN, _python, load, noop_baseline, show
 from hero_deployer.app.natsserver import CLIENT_SEED, NatsServer, free_port
 
@@ -140,7 +141,7 @@ def measure_up(data: Path, label: str, n: int, baseline: float, **env: str) -> N
     """Runs the load against a fresh `up` on `data` and prints its figures."""
     with UpProcess(data, free_port(), free_port(), **env) as up:
         before = up.cpu_seconds()
-        figures = load(up.url, "deploy_vm", n, nkey=data / CLIENT_SEED)
+        figures = load(up.url, DEPLOY, n, nkey=data / CLIENT_SEED)
         show(label, figures, baseline)
         print(f"    p90 {figures['p90_ms']:.2f} ms   max {figures['max_ms']:.2f} ms")
         vms = int(figures["requests"] + figures["warmup"])
@@ -153,12 +154,12 @@ def measure_up(data: Path, label: str, n: int, baseline: float, **env: str) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=20_000, help="deploy_vm requests")
+    parser.add_argument("--n", type=int, default=20_000, help=f"{DEPLOY} requests")
     parser.add_argument(
         "--no-ssh", action="store_true", help="also run `up` without SSH sandboxes, for reference"
     )
     args = parser.parse_args()
-    print(f"up under load on {os.cpu_count()} cores: {args.n} deploy_vm, 64 in flight")
+    print(f"up under load on {os.cpu_count()} cores: {args.n} {DEPLOY}, 64 in flight")
     with tempfile.TemporaryDirectory(prefix="hero-up-load-") as tmp:
 
         async def baseline() -> dict[str, float]:
@@ -168,9 +169,9 @@ def main() -> None:
 
         base = asyncio.run(baseline())
         show("bare nats-py no-op responder", base)
-        measure_up(Path(tmp) / "up", "deploy_vm in up (ssh sandboxes)", args.n, base["per_second"])
+        measure_up(Path(tmp) / "up", f"{DEPLOY} in up (ssh sandboxes)", args.n, base["per_second"])
         if args.no_ssh:
-            label = "deploy_vm in up (no ssh)"
+            label = f"{DEPLOY} in up (no ssh)"
             no_ssh = {"HERO_DEPLOYER_LOCAL_SSH": "0"}
             measure_up(Path(tmp) / "up-no-ssh", label, args.n, base["per_second"], **no_ssh)
 
