@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from core import user_actions, user_events
 from core.contract import (
     STEPS,
     DecommissionUser,
@@ -31,47 +32,7 @@ from core.user import (
     UserCommand,
     decide,
 )
-from core.user_actions import (
-    DeleteGateway,
-    DeleteUserVm,
-    DeployGateway,
-    DeployUserVm,
-    EnsureForgeUser,
-    FinishDecommission,
-    GenerateSshKey,
-    RunSetup,
-    SelectNode,
-    StepAction,
-    UploadManifest,
-    UserAction,
-    VerifyHealth,
-    WaitSsh,
-    next_action,
-)
-from core.user_events import (
-    USER_EVENT_TYPES,
-    DecommissionActionFailed,
-    DecommissionRequested,
-    ForgeUserEnsured,
-    GatewayDeleted,
-    GatewayDeployed,
-    HealthVerified,
-    InitialPasswordRevealed,
-    ManifestUploaded,
-    NodeSelected,
-    ProvisioningCompleted,
-    ProvisioningRequested,
-    ProvisioningResumed,
-    SetupCompleted,
-    SshKeyGenerated,
-    SshReachable,
-    StepFailed,
-    StepRetried,
-    UserDecommissioned,
-    UserVmDeleted,
-    UserVmDeployed,
-    UserVmDeployRequested,
-)
+from core.user_actions import next_action
 from core.user_state import User, evolve, fold
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -101,7 +62,7 @@ def state(events: list[Event]) -> User:
 
 # Histories ----------------------------------------------------------------------------------
 
-REQUESTED = ProvisioningRequested(
+REQUESTED = user_events.ProvisioningRequested(
     username=NAME,
     display_name="Alice",
     forge_email="alice@example.com",
@@ -111,14 +72,16 @@ REQUESTED = ProvisioningRequested(
 )
 TO_DEPLOY_VM: list[Event] = [
     REQUESTED,
-    ForgeUserEnsured(username=NAME, created=True, forge_user_id=7, token_name="hero", at=at(1)),
-    SshKeyGenerated(username=NAME, public_key=PUBLIC_KEY, at=at(2)),
-    NodeSelected(username=NAME, node_id=13, gateway_domain="gw13.grid.test", at=at(3)),
+    user_events.ForgeUserEnsured(
+        username=NAME, created=True, forge_user_id=7, token_name="hero", at=at(1)
+    ),
+    user_events.SshKeyGenerated(username=NAME, public_key=PUBLIC_KEY, at=at(2)),
+    user_events.NodeSelected(username=NAME, node_id=13, gateway_domain="gw13.grid.test", at=at(3)),
 ]
 READY: list[Event] = [
     *TO_DEPLOY_VM,
-    UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4)),
-    UserVmDeployed(
+    user_events.UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4)),
+    user_events.UserVmDeployed(
         username=NAME,
         vm_sid="vm_1",
         mycelium_ip="5a1:2::1",
@@ -126,30 +89,36 @@ READY: list[Event] = [
         ssh_port=2201,
         at=at(5),
     ),
-    GatewayDeployed(
+    user_events.GatewayDeployed(
         username=NAME, name=GW_NAME, fqdn=f"{GW_NAME}.gw13.grid.test", url=GW_URL, at=at(6)
     ),
-    SshReachable(username=NAME, at=at(7)),
-    ManifestUploaded(username=NAME, path="hero/cfg/cockpit/services.toml", sha256="ab", at=at(8)),
-    SetupCompleted(username=NAME, exit_status=0, output_tail="ok", at=at(9)),
-    HealthVerified(username=NAME, status_code=200, at=at(10)),
-    ProvisioningCompleted(username=NAME, at=at(10)),
+    user_events.SshReachable(username=NAME, at=at(7)),
+    user_events.ManifestUploaded(
+        username=NAME, path="hero/cfg/cockpit/services.toml", sha256="ab", at=at(8)
+    ),
+    user_events.SetupCompleted(username=NAME, exit_status=0, output_tail="ok", at=at(9)),
+    user_events.HealthVerified(username=NAME, status_code=200, at=at(10)),
+    user_events.ProvisioningCompleted(username=NAME, at=at(10)),
 ]
 FAILED_AT_DEPLOY_VM: list[Event] = [
     *TO_DEPLOY_VM,
-    UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4)),
-    StepFailed(username=NAME, step="deploy_vm", reason="node down", attempts=3, at=at(5)),
+    user_events.UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4)),
+    user_events.StepFailed(
+        username=NAME, step="deploy_vm", reason="node down", attempts=3, at=at(5)
+    ),
 ]
 FAILED_AT_FORGE: list[Event] = [
     REQUESTED,
-    StepFailed(username=NAME, step="forge_user", reason="forge: 503", attempts=1, at=at(1)),
+    user_events.StepFailed(
+        username=NAME, step="forge_user", reason="forge: 503", attempts=1, at=at(1)
+    ),
 ]
-DECOMMISSIONING: list[Event] = [*READY, DecommissionRequested(username=NAME, at=at(20))]
+DECOMMISSIONING: list[Event] = [*READY, user_events.DecommissionRequested(username=NAME, at=at(20))]
 DECOMMISSIONED: list[Event] = [
     *DECOMMISSIONING,
-    GatewayDeleted(username=NAME, name=GW_NAME, at=at(21)),
-    UserVmDeleted(username=NAME, vm_sid="vm_1", at=at(22)),
-    UserDecommissioned(username=NAME, at=at(23)),
+    user_events.GatewayDeleted(username=NAME, name=GW_NAME, at=at(21)),
+    user_events.UserVmDeleted(username=NAME, vm_sid="vm_1", at=at(22)),
+    user_events.UserDecommissioned(username=NAME, at=at(23)),
 ]
 
 HISTORIES: dict[str, list[Event]] = {
@@ -227,7 +196,7 @@ PROVISION = ProvisionUser(username=NAME, display_name="Alice", forge_email="alic
 
 def test_provision_new_user_requests_attempt_1() -> None:
     assert when([], PROVISION) == [
-        ProvisioningRequested(
+        user_events.ProvisioningRequested(
             username=NAME,
             display_name="Alice",
             forge_email="alice@example.com",
@@ -254,7 +223,7 @@ def test_provision_decommissioning_user_is_invalid_state() -> None:
 
 def test_provision_failed_user_resumes_from_the_failed_step() -> None:
     assert when(FAILED_AT_DEPLOY_VM, PROVISION) == [
-        ProvisioningResumed(username=NAME, from_step="deploy_vm", at=NOW)
+        user_events.ProvisioningResumed(username=NAME, from_step="deploy_vm", at=NOW)
     ]
 
 
@@ -266,7 +235,7 @@ def test_provision_with_an_unknown_profile_is_invalid_input() -> None:
 def test_provision_decommissioned_user_starts_anew() -> None:
     command = ProvisionUser(username=NAME, display_name="Alice B")
     [event] = when(DECOMMISSIONED, command)
-    assert event == ProvisioningRequested(
+    assert event == user_events.ProvisioningRequested(
         username=NAME, display_name="Alice B", forge_email="", profile="demo", attempt=2, at=NOW
     )
     user = state([*DECOMMISSIONED, event])
@@ -288,7 +257,9 @@ def test_decommission_absent_user_is_not_found() -> None:
 
 @pytest.mark.parametrize("status", ["ready", "failed"])
 def test_decommission_ready_or_failed_user_is_requested(status: str) -> None:
-    assert when(HISTORIES[status], DECOMMISSION) == [DecommissionRequested(username=NAME, at=NOW)]
+    assert when(HISTORIES[status], DECOMMISSION) == [
+        user_events.DecommissionRequested(username=NAME, at=NOW)
+    ]
 
 
 def test_decommission_provisioning_user_is_invalid_state() -> None:
@@ -319,7 +290,7 @@ def test_reveal_absent_user_is_not_found() -> None:
 def test_reveal_created_password_once_in_any_later_state(status: str) -> None:
     given = HISTORIES[status]
     [event] = when(given, REVEAL)
-    assert event == InitialPasswordRevealed(username=NAME, at=NOW)
+    assert event == user_events.InitialPasswordRevealed(username=NAME, at=NOW)
     assert not msgspec.structs.asdict(event).keys() - {"username", "at"}
     with pytest.raises(NotFound, match=PASSWORD_NOT_FOUND):
         when([*given, event], REVEAL)
@@ -333,7 +304,7 @@ def test_reveal_before_the_forge_step_is_not_found() -> None:
 def test_reveal_for_an_account_found_not_created_is_not_found() -> None:
     given: list[Event] = [
         REQUESTED,
-        ForgeUserEnsured(username=NAME, created=False, forge_user_id=3, at=at(1)),
+        user_events.ForgeUserEnsured(username=NAME, created=False, forge_user_id=3, at=at(1)),
     ]
     assert not state(given).forge_user_created
     with pytest.raises(NotFound, match=PASSWORD_NOT_FOUND):
@@ -343,7 +314,7 @@ def test_reveal_for_an_account_found_not_created_is_not_found() -> None:
 def test_reveal_when_forge_was_skipped_is_not_found() -> None:
     given: list[Event] = [
         REQUESTED,
-        ForgeUserEnsured(
+        user_events.ForgeUserEnsured(
             username=NAME, created=False, forge_user_id=None, skipped_reason="no forge", at=at(1)
         ),
     ]
@@ -355,21 +326,23 @@ def test_reveal_when_forge_was_skipped_is_not_found() -> None:
 # The happy path, driven the way the process manager drives it ---------------------------------
 
 
-def outcome_for(action: UserAction) -> UserCommand:
+def outcome_for(action: user_actions.UserAction) -> UserCommand:
     """What a successful side effect reports for each action."""
     match action:
-        case EnsureForgeUser():
-            return ForgeUserEnsured(
+        case user_actions.EnsureForgeUser():
+            return user_events.ForgeUserEnsured(
                 username=NAME, at=NOW, created=True, forge_user_id=7, token_name="hero"
             )
-        case GenerateSshKey():
-            return SshKeyGenerated(username=NAME, at=NOW, public_key=PUBLIC_KEY)
-        case SelectNode():
-            return NodeSelected(username=NAME, at=NOW, node_id=13, gateway_domain="gw13.grid.test")
-        case DeployUserVm() if not action.vm_sid:
-            return UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")
-        case DeployUserVm():
-            return UserVmDeployed(
+        case user_actions.GenerateSshKey():
+            return user_events.SshKeyGenerated(username=NAME, at=NOW, public_key=PUBLIC_KEY)
+        case user_actions.SelectNode():
+            return user_events.NodeSelected(
+                username=NAME, at=NOW, node_id=13, gateway_domain="gw13.grid.test"
+            )
+        case user_actions.DeployUserVm() if not action.vm_sid:
+            return user_events.UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")
+        case user_actions.DeployUserVm():
+            return user_events.UserVmDeployed(
                 username=NAME,
                 at=NOW,
                 vm_sid=action.vm_sid,
@@ -377,34 +350,38 @@ def outcome_for(action: UserAction) -> UserCommand:
                 ssh_host="127.0.0.1",
                 ssh_port=2201,
             )
-        case DeployGateway():
+        case user_actions.DeployGateway():
             fqdn = f"{action.name}.{action.gateway_domain}"
-            return GatewayDeployed(
+            return user_events.GatewayDeployed(
                 username=NAME, at=NOW, name=action.name, fqdn=fqdn, url=f"https://{fqdn}"
             )
-        case WaitSsh():
-            return SshReachable(username=NAME, at=NOW)
-        case UploadManifest():
-            return ManifestUploaded(
+        case user_actions.WaitSsh():
+            return user_events.SshReachable(username=NAME, at=NOW)
+        case user_actions.UploadManifest():
+            return user_events.ManifestUploaded(
                 username=NAME, at=NOW, path="hero/cfg/cockpit/services.toml", sha256="ab"
             )
-        case RunSetup():
-            return SetupCompleted(username=NAME, at=NOW, exit_status=0, output_tail="ok")
-        case VerifyHealth():
-            return HealthVerified(username=NAME, at=NOW, status_code=200)
-        case DeleteGateway():
-            return GatewayDeleted(username=NAME, at=NOW, name=action.name)
-        case DeleteUserVm():
-            return UserVmDeleted(username=NAME, at=NOW, vm_sid=action.vm_sid)
-        case FinishDecommission():
-            return UserDecommissioned(username=NAME, at=NOW)
+        case user_actions.RunSetup():
+            return user_events.SetupCompleted(
+                username=NAME, at=NOW, exit_status=0, output_tail="ok"
+            )
+        case user_actions.VerifyHealth():
+            return user_events.HealthVerified(username=NAME, at=NOW, status_code=200)
+        case user_actions.DeleteGateway():
+            return user_events.GatewayDeleted(username=NAME, at=NOW, name=action.name)
+        case user_actions.DeleteUserVm():
+            return user_events.UserVmDeleted(username=NAME, at=NOW, vm_sid=action.vm_sid)
+        case user_actions.FinishDecommission():
+            return user_events.UserDecommissioned(username=NAME, at=NOW)
     raise AssertionError(action)
 
 
-def drive(events: list[Event], *, clock: int = 100) -> tuple[list[Event], list[UserAction]]:
+def drive(
+    events: list[Event], *, clock: int = 100
+) -> tuple[list[Event], list[user_actions.UserAction]]:
     """Runs next_action → outcome → decide until nothing is pending; returns events and actions."""
     events = list(events)
-    actions: list[UserAction] = []
+    actions: list[user_actions.UserAction] = []
     while (action := next_action(fold(events))) is not None:
         actions.append(action)
         assert len(actions) < 50
@@ -420,7 +397,7 @@ def test_happy_path_step_by_step() -> None:
     user = state(events)
     seen: list[str] = []
     while (action := next_action(user)) is not None:
-        assert isinstance(action, StepAction)
+        assert isinstance(action, user_actions.StepAction)
         assert action.step == user.step
         assert action.username == NAME and action.attempt == 1 and action.tries == 0
         assert action.started_at == user.step_started_at
@@ -471,8 +448,11 @@ def first_try(step: str, started: int) -> dict[str, Any]:
 
 
 def test_actions_carry_what_each_step_needs() -> None:
-    vm_requested = [*TO_DEPLOY_VM, UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4))]
-    deploy_vm = DeployUserVm(
+    vm_requested = [
+        *TO_DEPLOY_VM,
+        user_events.UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4)),
+    ]
+    deploy_vm = user_actions.DeployUserVm(
         **first_try("deploy_vm", 3),
         vm_sid="",
         vm_name="user-alice",
@@ -481,7 +461,7 @@ def test_actions_carry_what_each_step_needs() -> None:
     )
     assert next_action(state(TO_DEPLOY_VM)) == deploy_vm
     assert next_action(state(vm_requested)) == msgspec.structs.replace(deploy_vm, vm_sid="vm_1")
-    assert next_action(state(READY[:6])) == DeployGateway(
+    assert next_action(state(READY[:6])) == user_actions.DeployGateway(
         **first_try("deploy_gateway", 5),
         name=GW_NAME,
         node_id=13,
@@ -490,13 +470,13 @@ def test_actions_carry_what_each_step_needs() -> None:
         mycelium_ip="5a1:2::1",
         backend_url="http://[5a1:2::1]:9988",
     )
-    assert next_action(state(READY[:7])) == WaitSsh(
+    assert next_action(state(READY[:7])) == user_actions.WaitSsh(
         **first_try("wait_ssh", 6), ssh_host="127.0.0.1", ssh_port=2201
     )
     upload = next_action(state(READY[:8]))
-    assert isinstance(upload, UploadManifest)
+    assert isinstance(upload, user_actions.UploadManifest)
     assert (upload.profile, upload.gateway_url, upload.ssh_port) == ("demo", GW_URL, 2201)
-    assert next_action(state(READY[:10])) == VerifyHealth(
+    assert next_action(state(READY[:10])) == user_actions.VerifyHealth(
         **first_try("verify_health", 9), gateway_url=GW_URL
     )
 
@@ -517,51 +497,61 @@ def test_elapsed_time_per_step_is_in_the_state() -> None:
 
 
 def test_redelivered_outcome_is_ignored() -> None:
-    command = ForgeUserEnsured(username=NAME, at=NOW, created=True, forge_user_id=7)
+    command = user_events.ForgeUserEnsured(username=NAME, at=NOW, created=True, forge_user_id=7)
     given: list[Event] = [REQUESTED, *when([REQUESTED], command)]
     assert state(given).step == "ssh_key"
     assert when(given, command) == []
 
 
 def test_outcome_for_a_later_step_is_ignored() -> None:
-    assert when([REQUESTED], SshReachable(username=NAME, at=NOW)) == []
-    assert when([REQUESTED], HealthVerified(username=NAME, at=NOW, status_code=200)) == []
+    assert when([REQUESTED], user_events.SshReachable(username=NAME, at=NOW)) == []
+    assert (
+        when([REQUESTED], user_events.HealthVerified(username=NAME, at=NOW, status_code=200)) == []
+    )
 
 
 def test_redelivered_vm_request_is_ignored() -> None:
-    given = [*TO_DEPLOY_VM, UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4))]
-    assert when(given, UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")) == []
+    given = [
+        *TO_DEPLOY_VM,
+        user_events.UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=at(4)),
+    ]
+    assert (
+        when(given, user_events.UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")) == []
+    )
 
 
 def test_vm_deployed_for_another_sid_is_ignored() -> None:
-    given = [*TO_DEPLOY_VM, UserVmDeployRequested(username=NAME, vm_sid="vm_2", at=at(4))]
-    command = UserVmDeployed(
+    given = [
+        *TO_DEPLOY_VM,
+        user_events.UserVmDeployRequested(username=NAME, vm_sid="vm_2", at=at(4)),
+    ]
+    command = user_events.UserVmDeployed(
         username=NAME, at=NOW, vm_sid="vm_1", mycelium_ip="::1", ssh_host="h", ssh_port=22
     )
     assert when(given, command) == []
 
 
 ALL_OUTCOMES: list[UserCommand] = [
-    ForgeUserEnsured(username=NAME, at=NOW, created=True, forge_user_id=1),
-    SshKeyGenerated(username=NAME, at=NOW, public_key=PUBLIC_KEY),
-    NodeSelected(username=NAME, at=NOW, node_id=1, gateway_domain="d"),
-    UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_9"),
-    UserVmDeployed(
+    user_events.ForgeUserEnsured(username=NAME, at=NOW, created=True, forge_user_id=1),
+    user_events.SshKeyGenerated(username=NAME, at=NOW, public_key=PUBLIC_KEY),
+    user_events.NodeSelected(username=NAME, at=NOW, node_id=1, gateway_domain="d"),
+    user_events.UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_9"),
+    user_events.UserVmDeployed(
         username=NAME, at=NOW, vm_sid="vm_1", mycelium_ip="::1", ssh_host="h", ssh_port=22
     ),
-    GatewayDeployed(username=NAME, at=NOW, name="n", fqdn="n.d", url="https://n.d"),
-    SshReachable(username=NAME, at=NOW),
-    ManifestUploaded(username=NAME, at=NOW, path="p", sha256="s"),
-    SetupCompleted(username=NAME, at=NOW, exit_status=0, output_tail=""),
-    HealthVerified(username=NAME, at=NOW, status_code=200),
+    user_events.GatewayDeployed(username=NAME, at=NOW, name="n", fqdn="n.d", url="https://n.d"),
+    user_events.SshReachable(username=NAME, at=NOW),
+    user_events.ManifestUploaded(username=NAME, at=NOW, path="p", sha256="s"),
+    user_events.SetupCompleted(username=NAME, at=NOW, exit_status=0, output_tail=""),
+    user_events.HealthVerified(username=NAME, at=NOW, status_code=200),
     RecordStepRetried(step="deploy_vm", reason="x"),
     RecordStepFailed(step="deploy_vm", reason="x"),
 ]
 DECOMMISSION_OUTCOMES: list[UserCommand] = [
-    GatewayDeleted(username=NAME, at=NOW, name=GW_NAME),
-    UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_1"),
+    user_events.GatewayDeleted(username=NAME, at=NOW, name=GW_NAME),
+    user_events.UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_1"),
     RecordDecommissionFailed(part="delete_vm", reason="x"),
-    UserDecommissioned(username=NAME, at=NOW),
+    user_events.UserDecommissioned(username=NAME, at=NOW),
 ]
 
 
@@ -594,15 +584,19 @@ def test_retry_then_fail_counts_tries() -> None:
     given = [*TO_DEPLOY_VM]
     retried = when(given, RecordStepRetried(step="deploy_vm", reason="timeout"))
     assert retried == [
-        StepRetried(username=NAME, step="deploy_vm", attempt=1, reason="timeout", at=NOW)
+        user_events.StepRetried(
+            username=NAME, step="deploy_vm", attempt=1, reason="timeout", at=NOW
+        )
     ]
     given += retried
     action = next_action(state(given))
-    assert isinstance(action, DeployUserVm) and action.tries == 1
+    assert isinstance(action, user_actions.DeployUserVm) and action.tries == 1
     given += when(given, RecordStepRetried(step="deploy_vm", reason="timeout"))
     failed = when(given, RecordStepFailed(step="deploy_vm", reason="node 13 is down"))
     assert failed == [
-        StepFailed(username=NAME, step="deploy_vm", reason="node 13 is down", attempts=3, at=NOW)
+        user_events.StepFailed(
+            username=NAME, step="deploy_vm", reason="node 13 is down", attempts=3, at=NOW
+        )
     ]
     user = state([*given, *failed])
     assert (user.status, user.step, user.error) == (
@@ -620,7 +614,7 @@ def test_failure_for_another_step_is_ignored() -> None:
 
 def test_long_reasons_are_clipped() -> None:
     [event] = when([REQUESTED], RecordStepFailed(step="forge_user", reason="x" * 5000))
-    assert isinstance(event, StepFailed) and len(event.reason) <= 1000
+    assert isinstance(event, user_events.StepFailed) and len(event.reason) <= 1000
 
 
 def test_nonzero_setup_exit_records_the_output_and_fails() -> None:
@@ -628,21 +622,25 @@ def test_nonzero_setup_exit_records_the_output_and_fails() -> None:
     assert state(given).step == "run_setup"
     events = when(
         given,
-        SetupCompleted(username=NAME, at=NOW, exit_status=2, output_tail="y" * 10000 + "boom"),
+        user_events.SetupCompleted(
+            username=NAME, at=NOW, exit_status=2, output_tail="y" * 10000 + "boom"
+        ),
     )
-    assert [type(e) for e in events] == [SetupCompleted, StepFailed]
+    assert [type(e) for e in events] == [user_events.SetupCompleted, user_events.StepFailed]
     completed, failed = events
-    assert isinstance(completed, SetupCompleted) and completed.output_tail.endswith("boom")
+    assert isinstance(completed, user_events.SetupCompleted) and completed.output_tail.endswith(
+        "boom"
+    )
     assert len(completed.output_tail) <= 4000
-    assert isinstance(failed, StepFailed) and failed.step == "run_setup"
+    assert isinstance(failed, user_events.StepFailed) and failed.step == "run_setup"
     user = state([*given, *events])
     assert (user.status, user.step, user.setup_exit_status) == ("failed", "run_setup", 2)
 
 
 def test_unhealthy_answer_fails_verify_health() -> None:
     given = READY[:10]
-    [event] = when(given, HealthVerified(username=NAME, at=NOW, status_code=502))
-    assert isinstance(event, StepFailed) and event.step == "verify_health"
+    [event] = when(given, user_events.HealthVerified(username=NAME, at=NOW, status_code=502))
+    assert isinstance(event, user_events.StepFailed) and event.step == "verify_health"
     assert "502" in event.reason
 
 
@@ -657,34 +655,38 @@ def test_resume_continues_from_the_failed_step_with_what_was_done() -> None:
     )
     assert user.step_started_at == NOW
     action = next_action(user)
-    assert isinstance(action, DeployUserVm)
+    assert isinstance(action, user_actions.DeployUserVm)
     assert (action.vm_sid, action.node_id, action.ssh_public_key) == ("vm_1", 13, PUBLIC_KEY)
 
     events, actions = drive(given)
-    assert [a.step for a in actions if isinstance(a, EnsureForgeUser | SelectNode)] == []
+    assert [
+        a.step
+        for a in actions
+        if isinstance(a, user_actions.EnsureForgeUser | user_actions.SelectNode)
+    ] == []
     assert state(events).status == "ready"
 
 
 def test_a_failed_vm_can_be_replaced_and_both_are_deleted_on_decommission() -> None:
     given = [
         *FAILED_AT_DEPLOY_VM,
-        ProvisioningResumed(username=NAME, from_step="deploy_vm", at=at(6)),
+        user_events.ProvisioningResumed(username=NAME, from_step="deploy_vm", at=at(6)),
     ]
-    given += when(given, UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_2"))
+    given += when(given, user_events.UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_2"))
     user = state(given)
     assert (user.vm_sid, user.replaced_vm_sids) == ("vm_2", ("vm_1",))
     assert (
-        when(given, UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")) == []
+        when(given, user_events.UserVmDeployRequested(username=NAME, at=NOW, vm_sid="vm_1")) == []
     )  # a stale request
 
     events, _ = drive(given)
     events += when(events, DECOMMISSION)
     events, actions = drive(events)
     assert [(type(a), getattr(a, "vm_sid", "")) for a in actions] == [
-        (DeleteGateway, ""),
-        (DeleteUserVm, "vm_1"),
-        (DeleteUserVm, "vm_2"),
-        (FinishDecommission, ""),
+        (user_actions.DeleteGateway, ""),
+        (user_actions.DeleteUserVm, "vm_1"),
+        (user_actions.DeleteUserVm, "vm_2"),
+        (user_actions.FinishDecommission, ""),
     ]
     assert state(events).status == "decommissioned"
 
@@ -692,7 +694,10 @@ def test_a_failed_vm_can_be_replaced_and_both_are_deleted_on_decommission() -> N
 def test_resume_from_forge_failure_after_forge_came_back() -> None:
     given = [*FAILED_AT_FORGE, *when(FAILED_AT_FORGE, PROVISION)]
     action = next_action(state(given))
-    assert isinstance(action, EnsureForgeUser) and action.forge_email == "alice@example.com"
+    assert (
+        isinstance(action, user_actions.EnsureForgeUser)
+        and action.forge_email == "alice@example.com"
+    )
     events, _ = drive(given)
     assert state(events).status == "ready"
 
@@ -703,14 +708,14 @@ def test_resume_from_forge_failure_after_forge_came_back() -> None:
 def test_decommission_from_ready_deletes_gateway_then_vm_then_finishes() -> None:
     events, actions = drive(DECOMMISSIONING)
     assert actions == [
-        DeleteGateway(username=NAME, part="delete_gateway", failures=0, name=GW_NAME),
-        DeleteUserVm(username=NAME, part="delete_vm", failures=0, vm_sid="vm_1"),
-        FinishDecommission(username=NAME, part="finish", failures=0),
+        user_actions.DeleteGateway(username=NAME, part="delete_gateway", failures=0, name=GW_NAME),
+        user_actions.DeleteUserVm(username=NAME, part="delete_vm", failures=0, vm_sid="vm_1"),
+        user_actions.FinishDecommission(username=NAME, part="finish", failures=0),
     ]
     assert [type(e) for e in events[len(DECOMMISSIONING) :]] == [
-        GatewayDeleted,
-        UserVmDeleted,
-        UserDecommissioned,
+        user_events.GatewayDeleted,
+        user_events.UserVmDeleted,
+        user_events.UserDecommissioned,
     ]
     user = state(events)
     assert (user.status, user.step, user.error) == ("decommissioned", "done", "")
@@ -718,7 +723,9 @@ def test_decommission_from_ready_deletes_gateway_then_vm_then_finishes() -> None
 
 def test_decommission_from_failed_before_any_vm_just_finishes() -> None:
     given = [*FAILED_AT_FORGE, *when(FAILED_AT_FORGE, DECOMMISSION)]
-    assert next_action(state(given)) == FinishDecommission(username=NAME, part="finish", failures=0)
+    assert next_action(state(given)) == user_actions.FinishDecommission(
+        username=NAME, part="finish", failures=0
+    )
     events, _ = drive(given)
     assert state(events).status == "decommissioned"
 
@@ -728,9 +735,9 @@ def test_decommission_from_failed_deletes_the_gateway_by_its_deterministic_name(
     given = [*FAILED_AT_DEPLOY_VM, *when(FAILED_AT_DEPLOY_VM, DECOMMISSION)]
     events, actions = drive(given)
     assert actions == [
-        DeleteGateway(username=NAME, part="delete_gateway", failures=0, name=GW_NAME),
-        DeleteUserVm(username=NAME, part="delete_vm", failures=0, vm_sid="vm_1"),
-        FinishDecommission(username=NAME, part="finish", failures=0),
+        user_actions.DeleteGateway(username=NAME, part="delete_gateway", failures=0, name=GW_NAME),
+        user_actions.DeleteUserVm(username=NAME, part="delete_vm", failures=0, vm_sid="vm_1"),
+        user_actions.FinishDecommission(username=NAME, part="finish", failures=0),
     ]
     assert state(events).status == "decommissioned"
 
@@ -738,7 +745,7 @@ def test_decommission_from_failed_deletes_the_gateway_by_its_deterministic_name(
 def test_decommission_failure_keeps_decommissioning_and_retries_the_part() -> None:
     given = [*DECOMMISSIONING]
     given += when(given, RecordDecommissionFailed(part="delete_gateway", reason="grid down"))
-    assert given[-1] == DecommissionActionFailed(
+    assert given[-1] == user_events.DecommissionActionFailed(
         username=NAME, part="delete_gateway", reason="grid down", attempts=1, at=NOW
     )
     user = state(given)
@@ -746,7 +753,7 @@ def test_decommission_failure_keeps_decommissioning_and_retries_the_part() -> No
         "decommissioning",
         "decommission delete_gateway: grid down",
     )
-    assert next_action(user) == DeleteGateway(
+    assert next_action(user) == user_actions.DeleteGateway(
         username=NAME, part="delete_gateway", failures=1, name=GW_NAME
     )
     events, _ = drive(given)
@@ -754,22 +761,22 @@ def test_decommission_failure_keeps_decommissioning_and_retries_the_part() -> No
 
 
 def test_redelivered_decommission_outcomes_are_ignored() -> None:
-    given = [*DECOMMISSIONING, GatewayDeleted(username=NAME, name=GW_NAME, at=at(21))]
-    assert when(given, GatewayDeleted(username=NAME, at=NOW, name=GW_NAME)) == []
-    given.append(UserVmDeleted(username=NAME, vm_sid="vm_1", at=at(22)))
-    assert when(given, UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_1")) == []
-    assert when(given, UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_unknown")) == []
+    given = [*DECOMMISSIONING, user_events.GatewayDeleted(username=NAME, name=GW_NAME, at=at(21))]
+    assert when(given, user_events.GatewayDeleted(username=NAME, at=NOW, name=GW_NAME)) == []
+    given.append(user_events.UserVmDeleted(username=NAME, vm_sid="vm_1", at=at(22)))
+    assert when(given, user_events.UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_1")) == []
+    assert when(given, user_events.UserVmDeleted(username=NAME, at=NOW, vm_sid="vm_unknown")) == []
 
 
 def test_finishing_with_parts_pending_is_invalid_state() -> None:
     with pytest.raises(InvalidState, match="delete_gateway"):
-        when(DECOMMISSIONING, UserDecommissioned(username=NAME, at=NOW))
+        when(DECOMMISSIONING, user_events.UserDecommissioned(username=NAME, at=NOW))
 
 
 def test_provision_anew_after_decommissioned_runs_the_whole_flow_again() -> None:
     given = [*DECOMMISSIONED, *when(DECOMMISSIONED, PROVISION)]
     events, actions = drive(given)
-    assert isinstance(actions[0], EnsureForgeUser)
+    assert isinstance(actions[0], user_actions.EnsureForgeUser)
     user = state(events)
     assert (user.status, user.attempt, user.vm_sid) == ("ready", 2, "vm_1")
     assert user.replaced_vm_sids == ()
@@ -779,8 +786,8 @@ def test_provision_anew_after_decommissioned_runs_the_whole_flow_again() -> None
 
 
 def test_evolve_ignores_events_before_a_user_exists() -> None:
-    assert evolve(None, ProvisioningCompleted(username=NAME, at=NOW)) is None
-    assert fold([UserDecommissioned(username=NAME, at=NOW)]) is None
+    assert evolve(None, user_events.ProvisioningCompleted(username=NAME, at=NOW)) is None
+    assert fold([user_events.UserDecommissioned(username=NAME, at=NOW)]) is None
 
 
 def test_evolve_leaves_the_user_alone_on_foreign_events() -> None:
@@ -792,35 +799,39 @@ def test_evolve_leaves_the_user_alone_on_foreign_events() -> None:
 
 SAMPLES: list[Event] = [
     REQUESTED,
-    ProvisioningResumed(username=NAME, from_step="wait_ssh", at=NOW),
-    ForgeUserEnsured(
+    user_events.ProvisioningResumed(username=NAME, from_step="wait_ssh", at=NOW),
+    user_events.ForgeUserEnsured(
         username=NAME, created=False, forge_user_id=None, skipped_reason="none", at=NOW
     ),
-    SshKeyGenerated(username=NAME, public_key=PUBLIC_KEY, at=NOW),
-    NodeSelected(username=NAME, node_id=13, gateway_domain="gw.test", at=NOW),
-    UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=NOW),
-    UserVmDeployed(
+    user_events.SshKeyGenerated(username=NAME, public_key=PUBLIC_KEY, at=NOW),
+    user_events.NodeSelected(username=NAME, node_id=13, gateway_domain="gw.test", at=NOW),
+    user_events.UserVmDeployRequested(username=NAME, vm_sid="vm_1", at=NOW),
+    user_events.UserVmDeployed(
         username=NAME, vm_sid="vm_1", mycelium_ip="5a1::1", ssh_host="h", ssh_port=22, at=NOW
     ),
-    GatewayDeployed(username=NAME, name="alice", fqdn="alice.gw", url="https://alice.gw", at=NOW),
-    SshReachable(username=NAME, at=NOW),
-    ManifestUploaded(username=NAME, path="p", sha256="0" * 64, at=NOW),
-    SetupCompleted(username=NAME, exit_status=0, output_tail="done\n", at=NOW),
-    HealthVerified(username=NAME, status_code=200, at=NOW),
-    ProvisioningCompleted(username=NAME, at=NOW),
-    StepRetried(username=NAME, step="wait_ssh", attempt=2, reason="refused", at=NOW),
-    StepFailed(username=NAME, step="wait_ssh", reason="deadline", attempts=5, at=NOW),
-    DecommissionRequested(username=NAME, at=NOW),
-    GatewayDeleted(username=NAME, name="alice", at=NOW),
-    UserVmDeleted(username=NAME, vm_sid="vm_1", at=NOW),
-    DecommissionActionFailed(username=NAME, part="delete_vm", reason="x", attempts=1, at=NOW),
-    UserDecommissioned(username=NAME, at=NOW),
-    InitialPasswordRevealed(username=NAME, at=NOW),
+    user_events.GatewayDeployed(
+        username=NAME, name="alice", fqdn="alice.gw", url="https://alice.gw", at=NOW
+    ),
+    user_events.SshReachable(username=NAME, at=NOW),
+    user_events.ManifestUploaded(username=NAME, path="p", sha256="0" * 64, at=NOW),
+    user_events.SetupCompleted(username=NAME, exit_status=0, output_tail="done\n", at=NOW),
+    user_events.HealthVerified(username=NAME, status_code=200, at=NOW),
+    user_events.ProvisioningCompleted(username=NAME, at=NOW),
+    user_events.StepRetried(username=NAME, step="wait_ssh", attempt=2, reason="refused", at=NOW),
+    user_events.StepFailed(username=NAME, step="wait_ssh", reason="deadline", attempts=5, at=NOW),
+    user_events.DecommissionRequested(username=NAME, at=NOW),
+    user_events.GatewayDeleted(username=NAME, name="alice", at=NOW),
+    user_events.UserVmDeleted(username=NAME, vm_sid="vm_1", at=NOW),
+    user_events.DecommissionActionFailed(
+        username=NAME, part="delete_vm", reason="x", attempts=1, at=NOW
+    ),
+    user_events.UserDecommissioned(username=NAME, at=NOW),
+    user_events.InitialPasswordRevealed(username=NAME, at=NOW),
 ]
 
 
 def test_samples_cover_every_event_type() -> None:
-    assert [type(e) for e in SAMPLES] == list(USER_EVENT_TYPES)
+    assert [type(e) for e in SAMPLES] == list(user_events.USER_EVENT_TYPES)
 
 
 @pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
