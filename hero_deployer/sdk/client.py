@@ -57,6 +57,7 @@ from core.contract import (
     UserOut,
     VmList,
     VmOut,
+    VmRef,
 )
 from core.errors import (
     Conflict,
@@ -288,24 +289,26 @@ class HeroDeployerClient:
         return await self._send(GetVm(sid=sid, secret=secret), VmOut)
 
     async def start_vm(self, sid: str, secret: str, *, idempotency_key: str | None = None) -> VmOut:
-        body = StartVm(sid=sid, secret=secret)
-        return await self._send(body, VmOut, idempotency_key)
+        return await self._act(StartVm, sid, secret, idempotency_key)
 
     async def stop_vm(self, sid: str, secret: str, *, idempotency_key: str | None = None) -> VmOut:
-        body = StopVm(sid=sid, secret=secret)
-        return await self._send(body, VmOut, idempotency_key)
+        return await self._act(StopVm, sid, secret, idempotency_key)
 
     async def restart_vm(
         self, sid: str, secret: str, *, idempotency_key: str | None = None
     ) -> VmOut:
-        body = RestartVm(sid=sid, secret=secret)
-        return await self._send(body, VmOut, idempotency_key)
+        return await self._act(RestartVm, sid, secret, idempotency_key)
 
     async def delete_vm(
         self, sid: str, secret: str, *, idempotency_key: str | None = None
     ) -> VmOut:
-        body = DeleteVm(sid=sid, secret=secret)
-        return await self._send(body, VmOut, idempotency_key)
+        return await self._act(DeleteVm, sid, secret, idempotency_key)
+
+    async def _act(
+        self, request: type[VmRef], sid: str, secret: str, idempotency_key: str | None
+    ) -> VmOut:
+        """Sends a state-changing request about one VM (start, stop, restart, delete)."""
+        return await self._send(request(sid=sid, secret=secret), VmOut, idempotency_key)
 
     async def migrate_secret(
         self, old_secret: str, new_secret: str, *, idempotency_key: str | None = None
@@ -365,6 +368,21 @@ class HeroDeployerClient:
 
     async def health(self) -> Health:
         return await self._send(Empty(), Health)
+
+    async def position(self) -> int:
+        """The log's last position (from `health`): where to follow from after a request."""
+        return (await self.health()).position
+
+    async def pages(
+        self, *, stream: str | None = None, after: int = 0, page_size: int = 1000
+    ) -> AsyncIterator[EventsPage]:
+        """Pages of events after `after` (of `stream` if given), until one comes back short."""
+        while True:
+            page = await self.events(stream=stream, after=after, limit=page_size)
+            yield page
+            if len(page.events) < page_size:
+                return
+            after = page.last
 
     def subscribe(
         self,
