@@ -6,8 +6,11 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from hero_deployer.sdk.client import HeroDeployerClient
 
@@ -59,6 +62,22 @@ REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "audit_events": {},
     "health": {},
 }
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)  # the aggregate tests tell histories after it
+
+
+def at(seconds: int) -> datetime:
+    """The time `seconds` after T0."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def fields_but(struct: msgspec.Struct, *left_out: str) -> dict[str, Any]:
+    """A struct's fields by name, but those `left_out`."""
+    fields = msgspec.structs.asdict(struct)
+    for name in left_out:
+        del fields[name]
+    return fields
+
 
 HERO_DEPLOYER = (sys.executable, "-m", "hero_deployer")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -34,16 +33,12 @@ from core.user import (
 )
 from core.user_actions import next_action
 from core.user_state import User, evolve, fold
+from tests.helpers import at
 
-T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 NAME = "alice"
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF alice"
 GW_NAME = gateway_name(NAME)
 GW_URL = f"https://{GW_NAME}.gw13.grid.test"
-
-
-def at(seconds: int) -> datetime:
-    return T0 + timedelta(seconds=seconds)
 
 
 NOW = at(1000)

@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import msgspec
 import pytest
 
+from core import vm_events
 from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmStatus
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
-from core.vm import (
-    Context,
-    RekeyVm,
-    Vm,
-    VmCommand,
-    decide,
-    evolve,
-    fold,
-)
-from core.vm_events import (
-    VM_EVENT_TYPES,
-    VmDeleted,
-    VmDeleteRequested,
-    VmDeployed,
-    VmDeployFailed,
-    VmDeployRequested,
-    VmOperationFailed,
-    VmRestarted,
-    VmSecretMigrated,
-    VmStarted,
-    VmStopped,
-)
+from core.vm import Context, RekeyVm, Vm, VmCommand, decide, evolve, fold
+from tests.helpers import T0, at, fields_but
 
-T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 SID = "vm_0123456789abcdef"
 OWNER = "fp-owner"
 OTHER = "fp-somebody-else"
 NEW_OWNER = "fp-new-owner"
-
-
-def at(seconds: int) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
 NOW = at(1000)
 CTX = Context(now=NOW, owner=OWNER, new_sid="vm_fresh")
 WRONG_OWNER = Context(now=NOW, owner=OTHER, new_sid="vm_fresh")
@@ -51,7 +23,7 @@ WRONG_OWNER = Context(now=NOW, owner=OTHER, new_sid="vm_fresh")
 
 # Histories: one per status, each the way the service would really get there ------------------
 
-REQUESTED = VmDeployRequested(
+REQUESTED = vm_events.VmDeployRequested(
     sid=SID,
     name="web",
     owner=OWNER,
@@ -64,20 +36,20 @@ REQUESTED = VmDeployRequested(
     node_id=None,
     at=at(0),
 )
-DEPLOYED = VmDeployed(sid=SID, node_id=13, mycelium_ip="5a1:2::1", at=at(1))
+DEPLOYED = vm_events.VmDeployed(sid=SID, node_id=13, mycelium_ip="5a1:2::1", at=at(1))
 
 HISTORIES: dict[str, list[Event]] = {
     "absent": [],
     "deploying": [REQUESTED],
     "running": [REQUESTED, DEPLOYED],
-    "failed": [REQUESTED, VmDeployFailed(sid=SID, error="node 13 is full", at=at(1))],
-    "stopped": [REQUESTED, DEPLOYED, VmStopped(sid=SID, at=at(2))],
-    "deleting": [REQUESTED, DEPLOYED, VmDeleteRequested(sid=SID, at=at(3))],
+    "failed": [REQUESTED, vm_events.VmDeployFailed(sid=SID, error="node 13 is full", at=at(1))],
+    "stopped": [REQUESTED, DEPLOYED, vm_events.VmStopped(sid=SID, at=at(2))],
+    "deleting": [REQUESTED, DEPLOYED, vm_events.VmDeleteRequested(sid=SID, at=at(3))],
     "deleted": [
         REQUESTED,
         DEPLOYED,
-        VmDeleteRequested(sid=SID, at=at(3)),
-        VmDeleted(sid=SID, at=at(4)),
+        vm_events.VmDeleteRequested(sid=SID, at=at(3)),
+        vm_events.VmDeleted(sid=SID, at=at(4)),
     ],
 }
 STATUSES: list[VmStatus] = ["deploying", "running", "failed", "stopped", "deleting", "deleted"]
@@ -121,11 +93,14 @@ DELETE = DeleteVm(sid=SID, secret="s")
 
 # command -> (the command, the events it records in each status that allows it); every other
 # status refuses it with `refusal`
-DELETE_REQUESTED: list[Event] = [VmDeleteRequested(sid=SID, at=NOW)]
+DELETE_REQUESTED: list[Event] = [vm_events.VmDeleteRequested(sid=SID, at=NOW)]
 ALLOWED: dict[str, tuple[VmCommand, dict[str, list[Event]]]] = {
-    "start": (START, {"stopped": [VmStarted(sid=SID, at=NOW)]}),  # only a stopped VM starts
-    "stop": (STOP, {"running": [VmStopped(sid=SID, at=NOW)]}),  # only a running VM stops
-    "restart": (RESTART, {"running": [VmRestarted(sid=SID, at=NOW)]}),  # running -> running
+    # start: only a stopped VM starts
+    "start": (START, {"stopped": [vm_events.VmStarted(sid=SID, at=NOW)]}),
+    # stop: only a running VM stops
+    "stop": (STOP, {"running": [vm_events.VmStopped(sid=SID, at=NOW)]}),
+    # restart: running -> running
+    "restart": (RESTART, {"running": [vm_events.VmRestarted(sid=SID, at=NOW)]}),
     # delete: any but deleted -> deleting; deleting again records nothing new
     "delete": (
         DELETE,
@@ -137,7 +112,8 @@ ALLOWED: dict[str, tuple[VmCommand, dict[str, list[Event]]]] = {
             "deleting": [],
         },
     ),
-    "deploy": (DEPLOY, {}),  # only where there is no VM yet
+    # deploy: only where there is no VM yet
+    "deploy": (DEPLOY, {}),
 }
 
 
@@ -173,9 +149,11 @@ def test_tenant_command_in_every_status(
 def test_delete_is_requested_again_after_the_backend_failed_to_delete() -> None:
     failed_delete = [
         *HISTORIES["deleting"],
-        VmOperationFailed(sid=SID, operation="delete", error="node unreachable", at=at(4)),
+        vm_events.VmOperationFailed(
+            sid=SID, operation="delete", error="node unreachable", at=at(4)
+        ),
     ]
-    assert when(failed_delete, DELETE) == [VmDeleteRequested(sid=SID, at=NOW)]
+    assert when(failed_delete, DELETE) == [vm_events.VmDeleteRequested(sid=SID, at=NOW)]
 
 
 def test_the_tenant_table_covers_every_command_in_every_status() -> None:
@@ -185,26 +163,15 @@ def test_the_tenant_table_covers_every_command_in_every_status() -> None:
 
 
 def test_deploy_on_nothing_records_the_request_with_every_field() -> None:
+    asked = fields_but(DEPLOY, "secret")  # name, image, sizes, slice and node: none a default
     assert when([], DEPLOY) == [
-        VmDeployRequested(
-            sid="vm_fresh",
-            name="web",
-            owner=OWNER,
-            image="debian-12",
-            cpu_count=4,
-            memory_gb=16,
-            disk_gb=100,
-            rootfs_gb=20,
-            slice_sid="slice-9",
-            node_id=7,
-            at=NOW,
-        )
+        vm_events.VmDeployRequested(sid="vm_fresh", owner=OWNER, at=NOW, **asked)
     ]
 
 
 def test_deploy_defaults_reach_the_event() -> None:
     (event,) = when([], DeployVm(name="a", secret=""))
-    assert isinstance(event, VmDeployRequested)
+    assert isinstance(event, vm_events.VmDeployRequested)
     assert (event.image, event.cpu_count, event.memory_gb, event.disk_gb, event.rootfs_gb) == (
         "ubuntu-24.04",
         16,
@@ -267,7 +234,7 @@ def test_wrong_secret_on_a_deleted_vm_is_not_found_not_invalid_state() -> None:
 
 def test_the_empty_owner_is_an_owner_like_any_other() -> None:
     open_vm = [msgspec.structs.replace(REQUESTED, owner=""), DEPLOYED]
-    assert when(open_vm, STOP, Context(now=NOW, owner="")) == [VmStopped(sid=SID, at=NOW)]
+    assert when(open_vm, STOP, Context(now=NOW, owner="")) == [vm_events.VmStopped(sid=SID, at=NOW)]
     with pytest.raises(NotFound):
         when(open_vm, STOP, CTX)
     with pytest.raises(NotFound):
@@ -282,7 +249,7 @@ REKEY = RekeyVm(sid=SID, new_owner=NEW_OWNER)
 @pytest.mark.parametrize("status", [s for s in STATUSES if s != "deleted"])
 def test_rekey_moves_a_live_vm_to_the_new_owner(status: str) -> None:
     then = when(HISTORIES[status], REKEY)
-    assert then == [VmSecretMigrated(sid=SID, owner=NEW_OWNER, at=NOW)]
+    assert then == [vm_events.VmSecretMigrated(sid=SID, owner=NEW_OWNER, at=NOW)]
     after = state([*HISTORIES[status], *then])
     assert after.owner == NEW_OWNER
     assert after.status == status
@@ -302,28 +269,30 @@ def test_rekey_of_an_absent_vm_is_not_found() -> None:
 
 # Outcome commands: recorded where they fit, nothing elsewhere -------------------------------
 
-RECORD_DEPLOYED = VmDeployed(sid=SID, node_id=21, mycelium_ip="5a1:9::7", at=T0)
-RECORD_DEPLOY_FAILED = VmDeployFailed(sid=SID, error="no capacity", at=T0)
-RECORD_DELETED = VmDeleted(sid=SID, at=T0)
-RECORD_OPERATION_FAILED = VmOperationFailed(sid=SID, operation="stop", error="timeout", at=T0)
+RECORD_DEPLOYED = vm_events.VmDeployed(sid=SID, node_id=21, mycelium_ip="5a1:9::7", at=T0)
+RECORD_DEPLOY_FAILED = vm_events.VmDeployFailed(sid=SID, error="no capacity", at=T0)
+RECORD_DELETED = vm_events.VmDeleted(sid=SID, at=T0)
+RECORD_OPERATION_FAILED = vm_events.VmOperationFailed(
+    sid=SID, operation="stop", error="timeout", at=T0
+)
 
 OUTCOME_FITS: list[tuple[str, VmCommand, dict[str, list[Event]]]] = [
     (
         "deployed",
         RECORD_DEPLOYED,
-        {"deploying": [VmDeployed(sid=SID, node_id=21, mycelium_ip="5a1:9::7", at=NOW)]},
+        {"deploying": [vm_events.VmDeployed(sid=SID, node_id=21, mycelium_ip="5a1:9::7", at=NOW)]},
     ),
     (
         "deploy_failed",
         RECORD_DEPLOY_FAILED,
-        {"deploying": [VmDeployFailed(sid=SID, error="no capacity", at=NOW)]},
+        {"deploying": [vm_events.VmDeployFailed(sid=SID, error="no capacity", at=NOW)]},
     ),
-    ("deleted", RECORD_DELETED, {"deleting": [VmDeleted(sid=SID, at=NOW)]}),
+    ("deleted", RECORD_DELETED, {"deleting": [vm_events.VmDeleted(sid=SID, at=NOW)]}),
     (
         "operation_failed",
         RECORD_OPERATION_FAILED,
         {
-            s: [VmOperationFailed(sid=SID, operation="stop", error="timeout", at=NOW)]
+            s: [vm_events.VmOperationFailed(sid=SID, operation="stop", error="timeout", at=NOW)]
             for s in ("deploying", "running", "failed", "stopped", "deleting")
         },
     ),
@@ -404,24 +373,17 @@ def test_an_operation_failure_sets_the_error_and_keeps_the_status() -> None:
     given = HISTORIES["stopped"]
     vm = state([*given, *when(given, RECORD_OPERATION_FAILED)])
     assert (vm.status, vm.error) == ("stopped", "timeout")
-    failed = [*given, VmOperationFailed(sid=SID, operation="start", error="e", at=NOW)]
-    assert state([*failed, VmStarted(sid=SID, at=at(2000))]).error == ""  # a success clears it
+    failed = [*given, vm_events.VmOperationFailed(sid=SID, operation="start", error="e", at=NOW)]
+    assert (
+        state([*failed, vm_events.VmStarted(sid=SID, at=at(2000))]).error == ""
+    )  # a success clears it
 
 
 def test_the_fresh_vm_carries_the_request() -> None:
     vm = state(HISTORIES["deploying"])
     assert vm == Vm(
-        sid=SID,
-        name="web",
-        owner=OWNER,
-        slice_sid="slice-1",
-        image="ubuntu-24.04",
-        cpu_count=2,
-        memory_gb=4,
-        disk_gb=50,
-        rootfs_gb=8,
+        **fields_but(REQUESTED, "at"),  # sid, name, owner, image, sizes, slice, node: all of it
         status="deploying",
-        node_id=None,
         mycelium_ip="",
         error="",
         created_at=at(0),
@@ -435,26 +397,26 @@ def test_the_fresh_vm_carries_the_request() -> None:
 SAMPLES: list[Event] = [
     REQUESTED,
     DEPLOYED,
-    VmDeployFailed(sid=SID, error="boom", at=at(50)),
-    VmStarted(sid=SID, at=at(50)),
-    VmStopped(sid=SID, at=at(50)),
-    VmRestarted(sid=SID, at=at(50)),
-    VmDeleteRequested(sid=SID, at=at(50)),
-    VmDeleted(sid=SID, at=at(50)),
-    VmOperationFailed(sid=SID, operation="start", error="boom", at=at(50)),
-    VmSecretMigrated(sid=SID, owner=NEW_OWNER, at=at(50)),
+    vm_events.VmDeployFailed(sid=SID, error="boom", at=at(50)),
+    vm_events.VmStarted(sid=SID, at=at(50)),
+    vm_events.VmStopped(sid=SID, at=at(50)),
+    vm_events.VmRestarted(sid=SID, at=at(50)),
+    vm_events.VmDeleteRequested(sid=SID, at=at(50)),
+    vm_events.VmDeleted(sid=SID, at=at(50)),
+    vm_events.VmOperationFailed(sid=SID, operation="start", error="boom", at=at(50)),
+    vm_events.VmSecretMigrated(sid=SID, owner=NEW_OWNER, at=at(50)),
 ]
 
 
 def test_the_samples_cover_every_event_type() -> None:
-    assert [type(e) for e in SAMPLES] == list(VM_EVENT_TYPES)
+    assert [type(e) for e in SAMPLES] == list(vm_events.VM_EVENT_TYPES)
 
 
 @pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
 def test_evolve_on_nothing(event: Event) -> None:
     """Only a deploy request creates a VM; anything else on nothing stays nothing."""
     vm = evolve(None, event)
-    if isinstance(event, VmDeployRequested):
+    if isinstance(event, vm_events.VmDeployRequested):
         assert vm == state([event])
     else:
         assert vm is None
@@ -466,7 +428,7 @@ def test_evolve_on_nothing(event: Event) -> None:
         pytest.param(s, e, id=f"{type(e).__name__}-on-{s}")
         for s in STATUSES
         for e in SAMPLES
-        if not isinstance(e, VmDeployRequested)
+        if not isinstance(e, vm_events.VmDeployRequested)
     ],
 )
 def test_evolve_is_total_on_every_status(status: str, event: Event) -> None:
@@ -505,7 +467,7 @@ def test_a_subclass_of_an_event_folds_like_the_event(event: Event) -> None:
 def test_evolve_is_pure() -> None:
     before = state(HISTORIES["running"])
     copy = msgspec.structs.replace(before)
-    evolve(before, VmStopped(sid=SID, at=NOW))
+    evolve(before, vm_events.VmStopped(sid=SID, at=NOW))
     assert before == copy
 
 
@@ -520,7 +482,7 @@ def test_event_round_trips_through_json(event: Event) -> None:
     assert type(decoded) is type(event)
 
 
-@pytest.mark.parametrize("event_type", VM_EVENT_TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("event_type", vm_events.VM_EVENT_TYPES, ids=lambda t: t.__name__)
 def test_event_data_holds_no_secret_field(event_type: type[Event]) -> None:
     fields = {f.name for f in msgspec.structs.fields(event_type)}
     assert not fields & {"secret", "password", "private_key", "token"}
