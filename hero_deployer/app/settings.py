@@ -11,28 +11,31 @@ from typing import Any
 
 from adapters.keyfiles import load_or_create_token
 from core.contract import Step
+from core.registry import OPERATIONS
 
 ENV_PREFIX = "HERO_DEPLOYER_"
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    data_dir: Path = Path("var")
-    nats_url: str = "nats://127.0.0.1:4222"
-    nats_port: int = 4222
+    """Every setting of a process; `HERO_DEPLOYER_` + a name in capitals is its variable."""
+
+    data_dir: Path = Path("var")  # --data-dir: the token, keys and databases
+    nats_url: str = "nats://127.0.0.1:4222"  # serve --nats: a server's URL, or a cluster's
+    nats_port: int = 4222  # up --nats-port: the port of up's own nats-server
     # The NATS identity this process connects with: an NKey seed file or a creds file (`serve
     # --nkey/--creds`); the CLI and the dashboard default to DIR/client.nk when it exists.
     nats_nkey: str = ""
     nats_creds: str = ""
-    prefix: str = "hero.v1"
-    token: str = ""
-    exempt: frozenset[str] = field(default_factory=lambda: frozenset({"health"}))
+    prefix: str = "hero.v1"  # every subject of the contract begins with it
+    token: str = ""  # the bearer token; empty: the one in DIR/token (made on first use)
+    exempt: frozenset[str] = OPERATIONS.unauthenticated
     require_secret: bool = False
-    synchronous: str = "FULL"
+    synchronous: str = "FULL"  # SQLite's PRAGMA synchronous for the event log
     backend: str = "local"
-    local_deploy_delay: float = 2.0
-    local_action_delay: float = 0.3
-    local_ssh: bool = True
+    local_deploy_delay: float = 2.0  # seconds a local grid VM takes to deploy
+    local_action_delay: float = 0.3  # and to start, stop or restart
+    local_ssh: bool = True  # a local grid VM is an SSH sandbox on loopback
     log_level: str = "info"
     log_format: str = "console"
     shutdown_timeout: float = 10.0
