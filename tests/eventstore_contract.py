@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +37,13 @@ def to(stream: str, expected: int, *events: NewEvent) -> StreamAppend:
 
 def key(name: str, reply: bytes = b'{"ok":true}') -> IdempotencyRecord:
     return IdempotencyRecord(key=name, operation="deploy_vm", body_hash="h-" + name, reply=reply)
+
+
+async def race(
+    *appends: Awaitable[list[RecordedEvent]],
+) -> list[list[RecordedEvent] | BaseException]:
+    """Runs appends at once; each outcome is what it recorded or what it raised."""
+    return await asyncio.gather(*appends, return_exceptions=True)
 
 
 def essence(events: list[RecordedEvent]) -> list[tuple[int, str, int, str, bytes]]:
@@ -282,10 +289,9 @@ class EventStoreContract(abc.ABC):
         self, store: ClosableEventStore
     ) -> None:
         await store.append([to("vm:a", 0, payload(1))])
-        outcomes = await asyncio.gather(
+        outcomes = await race(
             store.append([to("vm:a", 1, payload(10))], request_id="left"),
             store.append([to("vm:a", 1, payload(20))], request_id="right"),
-            return_exceptions=True,
         )
         wins = [o for o in outcomes if isinstance(o, list)]
         losses = [o for o in outcomes if isinstance(o, BaseException)]
@@ -301,9 +307,8 @@ class EventStoreContract(abc.ABC):
         self, store: ClosableEventStore
     ) -> None:
         await store.append([to("vm:a", 0, payload(1))])
-        outcomes = await asyncio.gather(
+        outcomes = await race(
             *(store.append([to("vm:a", 1, payload(i), payload(i + 1))]) for i in range(50)),
-            return_exceptions=True,
         )
         assert sum(isinstance(o, list) for o in outcomes) == 1
         assert all(isinstance(o, ConcurrencyError) for o in outcomes if not isinstance(o, list))
@@ -316,10 +321,9 @@ class EventStoreContract(abc.ABC):
         self, store: ClosableEventStore
     ) -> None:
         await store.append([to("vm:a", 0, payload(1))])
-        outcomes = await asyncio.gather(
+        outcomes = await race(
             *(store.append([to("vm:a", 1, payload(i))]) for i in range(2, 6)),  # one wins
             *(store.append([to(f"vm:n{i}", 0, payload(i))]) for i in range(6, 10)),
-            return_exceptions=True,
         )
         won = [o for o in outcomes if isinstance(o, list)]
         assert len(won) == 5
@@ -362,12 +366,11 @@ class EventStoreContract(abc.ABC):
     async def test_a_key_used_twice_concurrently_records_once(
         self, store: ClosableEventStore
     ) -> None:
-        outcomes = await asyncio.gather(
+        outcomes = await race(
             *(
                 store.append([to(f"vm:{i}", 0, payload(i))], idempotency=key("same", b"%d" % i))
                 for i in range(10)
             ),
-            return_exceptions=True,
         )
         wins = [o for o in outcomes if isinstance(o, list)]
         assert len(wins) == 1

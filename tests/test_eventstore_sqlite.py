@@ -13,7 +13,7 @@ from adapters.event_chain import ChainReport, verify
 from adapters.eventstore_sqlite import SqliteEventStore
 from core.errors import ConcurrencyError, Conflict, Unavailable
 from core.events import Event, NewEvent
-from tests.eventstore_contract import EventStoreContract, essence, key, payload, to
+from tests.eventstore_contract import EventStoreContract, essence, key, payload, race, to
 
 
 class TestSqliteEventStore(EventStoreContract):
@@ -95,10 +95,9 @@ async def test_a_new_stream_another_writer_created_is_a_concurrency_error(
     first, second = two_processes
     await second.append([to("vm:a", 0, payload(1))], request_id="other-process")
 
-    outcomes = await asyncio.gather(
+    outcomes = await race(
         first.append([to("vm:a", 0, payload(2))], request_id="late"),
         first.append([to("vm:b", 0, payload(3))], request_id="fresh"),
-        return_exceptions=True,
     )
 
     assert isinstance(outcomes[0], ConcurrencyError)
@@ -118,11 +117,10 @@ async def test_a_batch_with_stale_and_fresh_appends_keeps_the_fresh_ones(
     await second.append([to("vm:a", 1, payload(2))])
     await second.append([to("vm:b", 0, payload(3))])  # positions 2 and 3 unknown to `first`
 
-    outcomes = await asyncio.gather(
+    outcomes = await race(
         first.append([to("vm:a", 1, payload(4))]),  # stale
         first.append([to("vm:c", 0, payload(5))]),  # fresh, but its cached position is stale
         first.append([to("vm:d", 0, payload(6)), to("vm:a", 1, payload(7))]),  # half stale
-        return_exceptions=True,
     )
     assert isinstance(outcomes[0], ConcurrencyError)
     assert isinstance(outcomes[2], ConcurrencyError)
