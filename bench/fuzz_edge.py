@@ -32,7 +32,8 @@ from nats.errors import NoRespondersError, TimeoutError
 from bench.run import TOKEN
 from bench.serve import served
 from core import contract as c
-from hero_deployer.sdk.client import OPERATIONS
+from hero_deployer.sdk.client import OPERATIONS, HeroDeployerClient
+from hero_deployer.sdk.wire import event_dict
 
 PREFIX = "hero.v1"
 SECRETS = ["", "alpha", "beta", "gamma"]
@@ -183,7 +184,7 @@ class Tally:
 
 async def send(nc: Client, fuzzer: Fuzzer, tally: Tally, count: int) -> None:
     for _ in range(count):
-        subject, headers, body = fuzzer.subject(), fuzzer.headers(), fuzzer.body("health")
+        subject, headers, body = fuzzer.subject(), fuzzer.headers(), fuzzer.body(NAME[c.Empty])
         op = subject.removeprefix(PREFIX + ".")
         if op in {o.name for o in OPERATIONS}:
             body = fuzzer.body(op)
@@ -202,14 +203,8 @@ async def send(nc: Client, fuzzer: Fuzzer, tally: Tally, count: int) -> None:
 
 async def unexplained_events(nc: Client, tally: Tally) -> list[str]:
     """Command events no `ok` reply accounts for (user VMs' events are the manager's)."""
-    events: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        page = await _call(nc, "events", {"after": after, "limit": 1000})
-        events += page["events"]
-        if not page["events"]:
-            break
-        after = page["last"]
+    client = HeroDeployerClient(nc, token=TOKEN, prefix=PREFIX, timeout=30)
+    events = [event_dict(e) async for page in client.pages() for e in page.events]
     user_vms = {
         e["data"]["sid"] for e in events
         if e["type"] == "VmDeployRequested" and e["data"]["name"].startswith("user-")
@@ -254,7 +249,7 @@ async def run(requests: int, seed: int, in_flight: int) -> None:
         share = requests // in_flight
         await asyncio.gather(*(send(nc, f, tally, share) for f in fuzzers))
         elapsed = time.perf_counter() - started
-        health = await _call(nc, "health", {})
+        health = await _call(nc, NAME[c.Empty], {})
         wrong = await unexplained_events(nc, tally)
     sent = share * in_flight
     print(

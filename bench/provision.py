@@ -77,7 +77,7 @@ async def run(users: int, deploy_delay: float, forge: bool) -> None:
 
 async def _measure(client: HeroDeployerClient, pid: int, users: int) -> None:
     names = [f"bench{i:03d}" for i in range(users)]
-    before = (await client.call("health", {}))["position"]
+    before = await client.position()
     idle = _memory_kib(pid)
     started = time.perf_counter()
     async with client.subscribe(after=before) as events:

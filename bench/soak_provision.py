@@ -155,8 +155,9 @@ async def _settle(
 
 async def _history(client: HeroDeployerClient, name: str) -> Counter[str]:
     """How often each kind of event happened to user `name`."""
-    page = await client.call("events", {"stream": f"user:{name}", "limit": 1000})
-    return Counter(e["type"] for e in page["events"])
+    return Counter(
+        [e.type async for page in client.pages(stream=f"user:{name}") for e in page.events]
+    )
 
 
 def _report(

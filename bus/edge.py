@@ -39,6 +39,7 @@ from core.operations import (
     Operation,
     RequestMeta,
 )
+from core.registry import OPERATIONS
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +93,7 @@ class ServiceEdge:
         *,
         prefix: str,
         token: str,
-        exempt: frozenset[str] = frozenset({"health"}),
+        exempt: frozenset[str] = OPERATIONS.unauthenticated,
         version: str = "0.0.0",
     ) -> None:
         self._nc = nc

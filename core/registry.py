@@ -68,6 +68,11 @@ class Registry:
     def mutating(self) -> frozenset[str]:
         return frozenset(op.name for op in self if op.mutates)
 
+    @property
+    def unauthenticated(self) -> frozenset[str]:
+        """The operations a service exempts from the bearer token unless told otherwise."""
+        return frozenset(op.name for op in self if not op.authenticated)
+
 
 OPERATIONS: Final = Registry(
     Op(

@@ -29,7 +29,7 @@ async def _page(request: EventsRequest, deps: Deps) -> tuple[list[RecordedEvent]
     return recorded, recorded[-1].position if recorded else request.after
 
 
-async def events(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
+async def event_page(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
     """A page of the contract's events."""
     recorded, last = await _page(request, deps)
     return _encoder.encode(EventsPage(events=[r.wire() for r in recorded], last=last))
@@ -54,7 +54,7 @@ async def audit_page(request: EventsRequest, meta: RequestMeta, deps: Deps) -> b
     return _encoder.encode(AuditPage(events=rows, last=last))
 
 
-async def health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
+async def service_health(request: Empty, meta: RequestMeta, deps: Deps) -> bytes:
     """The contract's fields, and the events the publisher set aside since this process started."""
     return _encoder.encode(
         Health(
@@ -86,9 +86,9 @@ HANDLERS: Final[
     c.GetUser: user_handlers.one_user,
     c.ListUsers: user_handlers.all_users,
     c.RevealInitialPassword: user_handlers.reveal_password,
-    c.EventsRequest: events,
+    c.EventsRequest: event_page,
     c.AuditEventsRequest: audit_page,
-    c.Empty: health,
+    c.Empty: service_health,
 }
 
 

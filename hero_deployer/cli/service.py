@@ -6,13 +6,17 @@ import argparse
 import sys
 from typing import Any
 
+from core.contract import Empty, EventsRequest
 from hero_deployer.app.settings import Settings
 from hero_deployer.cli.connect import call, connected
 from hero_deployer.cli.errors import EXIT_ERROR, NoService
 from hero_deployer.cli.output import colour_on, paint, print_events, print_json, status
-from hero_deployer.cli.parsing import Options, command
+from hero_deployer.cli.parsing import Options, command, row
 from hero_deployer.cli.run import BACKENDS
 from hero_deployer.cli.validation import bounds, field_type
+from hero_deployer.sdk.wire import event_dict
+
+HEALTH, EVENTS = row(Empty).name, row(EventsRequest).name  # commands named as their operations
 
 EVENTS_EPILOG = """\
 examples:
@@ -45,12 +49,10 @@ def add_commands(sub: Any, opts: Options) -> None:
         parents=opts.client,
         epilog=STATUS_EPILOG,
     ).set_defaults(handler=_status)
-    health = command(
-        sub, "health", "liveness, version, position and head hash", parents=opts.client
-    )
+    health = command(sub, HEALTH, "liveness, version, position and head hash", parents=opts.client)
     health.set_defaults(handler=_health)
     events = command(
-        sub, "events", "the event log, for audits", parents=opts.client, epilog=EVENTS_EPILOG
+        sub, EVENTS, "the event log, for audits", parents=opts.client, epilog=EVENTS_EPILOG
     )
     events.add_argument(
         "--stream", metavar="STREAM", help="only this stream: vm:<sid> or user:<name>"
@@ -77,8 +79,6 @@ def add_commands(sub: Any, opts: Options) -> None:
 
 def limit_help() -> str:
     """`--limit`'s help, with the bounds of the request type's field."""
-    from core.contract import EventsRequest
-
     return f"at most N events, {bounds(field_type(EventsRequest, 'limit')[0])}"
 
 
@@ -89,15 +89,14 @@ async def _events(args: argparse.Namespace, settings: Settings) -> None:
                 print_events(args, [event])
         # Following ends only when the connection does (the CLI does not reconnect).
         raise NoService(f"lost the connection to {settings.nats_url}")
-    body: dict[str, Any] = {"after": args.after, "limit": args.limit}
-    if args.stream:
-        body["stream"] = args.stream
-    page = await call(args, settings, "events", body)
-    print_events(args, page["events"])
+    request = EventsRequest(stream=args.stream or None, after=args.after, limit=args.limit)
+    async with connected(args, settings) as client:
+        page = await client.send(request)
+    print_events(args, [event_dict(event) for event in page.events])
 
 
 async def _health(args: argparse.Namespace, settings: Settings) -> None:
-    result = await call(args, settings, "health", {})
+    result = await call(args, settings, HEALTH, {})
     if args.json:
         print_json(result)
     else:
@@ -127,7 +126,7 @@ async def _backend_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> None:
-    health = await call(args, settings, "health", {})
+    health = await call(args, settings, HEALTH, {})
     parts: list[dict[str, Any]] = list(health.get("parts") or [])
     checked_by = "service"
     if not parts:

@@ -126,7 +126,7 @@ async def _users(args: argparse.Namespace, settings: Settings) -> None:
 
 async def _provision(args: argparse.Namespace, client: Any) -> None:
     name = args.username
-    before = (await client.health()).position
+    before = await client.position()
     fields = ("display_name", "forge_email", "profile")
     user = await send_given(client, ProvisionUser, args, fields, username=name)
     if args.no_wait or user["status"] != "provisioning":
@@ -154,7 +154,7 @@ async def _decommission(args: argparse.Namespace, client: Any) -> None:
     name = args.username
     current = await send(client, GetUser(username=name))
     await confirm(args, f"Decommission {name} ({current['status']}): delete its VM and gateway?")
-    before = (await client.health()).position
+    before = await client.position()
     user = await send(client, DecommissionUser(username=name))
     if not args.wait or user["status"] != "decommissioning":
         print_users(args, [user], many=False)

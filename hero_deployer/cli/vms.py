@@ -119,7 +119,7 @@ async def _vms(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _deploy(args: argparse.Namespace, client: Any, secret: str) -> None:
-    before = (await client.health()).position if args.wait else 0
+    before = await client.position() if args.wait else 0
     fields = [field for _, field, _, _ in SIZE_FLAGS]
     vm = await send_given(client, DeployVm, args, fields, name=args.name, secret=secret)
     if not args.wait or vm["status"] != "deploying":

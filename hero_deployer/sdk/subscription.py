@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol, Self
 
@@ -23,14 +24,14 @@ FILL_RETRY = RetryPolicy(retries=19, base_delay=0.02, max_delay=0.5, jitter=Fals
 
 
 class Pages(Protocol):
-    """What a subscription needs of the client: its connection, its prefix and `events`."""
+    """What a subscription needs of the client: its connection, its prefix and its pages."""
 
     nc: Client
     prefix: str
 
-    async def events(
-        self, *, stream: str | None = None, after: int = 0, limit: int = 100
-    ) -> EventsPage: ...
+    def pages(
+        self, *, stream: str | None = None, after: int = 0, page_size: int = 1000
+    ) -> AsyncIterator[EventsPage]: ...
 
 
 @dataclass(eq=False)
@@ -145,16 +146,12 @@ class EventSubscription:
 
     async def _fetch(self, before: int | None = None) -> None:
         """Queues every event after the tail (below `before`, when given) from `events`."""
-        while True:
-            page = await self.client.events(
-                stream=self.stream, after=self._tail, limit=self.page_size
-            )
+        pages = self.client.pages(stream=self.stream, after=self._tail, page_size=self.page_size)
+        async for page in pages:
             for event in page.events:
                 if before is not None and event.position >= before:
                     return
                 self._push(event)
-            if len(page.events) < self.page_size:
-                return
 
     async def _fill(self, live: EventOut) -> None:
         """Fetches what lies between the tail and the live event.

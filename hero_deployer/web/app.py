@@ -185,14 +185,7 @@ def _username(request: web.Request) -> str:
 
 
 async def _all_events(client: HeroDeployerClient, stream: str) -> list[EventOut]:
-    events: list[EventOut] = []
-    after = 0
-    while True:
-        page = await client.events(stream=stream, after=after, limit=1000)
-        events.extend(page.events)
-        if len(page.events) < 1000:
-            return events
-        after = page.last
+    return [event async for page in client.pages(stream=stream) for event in page.events]
 
 
 async def _user_context(request: web.Request, name: str) -> dict[str, Any]:

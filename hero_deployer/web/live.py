@@ -88,7 +88,7 @@ class EventHub:
         while not self._closing.is_set():
             try:
                 if self.position is None:
-                    self.position = (await self._client.health()).position
+                    self.position = await self._client.position()
                 async with self._client.subscribe(after=self.position) as events:
                     async for event in events:
                         self.position = event.position

@@ -20,13 +20,12 @@ async def _catch_up(
     client: HeroDeployerClient, after: int, send: Callable[[EventOut], Awaitable[None]]
 ) -> int:
     """Sends the recorded events after `after` (at most CATCH_UP_PAGES pages); the last position."""
-    last = after
-    for _ in range(CATCH_UP_PAGES):
-        page = await client.events(after=last, limit=1000)
+    last, pages = after, 0
+    async for page in client.pages(after=after):
         for event in page.events:
             await send(event)
-        last = page.last
-        if len(page.events) < 1000:
+        last, pages = page.last, pages + 1
+        if pages == CATCH_UP_PAGES:
             break
     return last
 
