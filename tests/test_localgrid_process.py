@@ -26,6 +26,13 @@ from tests.test_localgrid import connect, refused, set_up_behind_a_gateway, ssh_
 ROOT = Path(__file__).resolve().parents[1]
 
 
+async def python_process(script: str, *args: str) -> asyncio.subprocess.Process:
+    """`python -c SCRIPT ARGS` started in the repository's root, its stdout piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+
+
 async def exited(pid: int, timeout: float = 10.0) -> None:
     """Waits until process `pid` (any, not only a child) has exited."""
     try:
@@ -137,9 +144,7 @@ CHILD = textwrap.dedent(
 
 
 async def test_the_machine_process_ends_when_the_service_is_killed(tmp_path: Path) -> None:
-    service = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD, str(tmp_path), cwd=ROOT, stdout=asyncio.subprocess.PIPE
-    )
+    service = await python_process(CHILD, str(tmp_path))
     assert service.stdout is not None
     try:
         async with asyncio.timeout(30):
@@ -237,13 +242,6 @@ OUT_OF_FDS = textwrap.dedent(
 async def test_a_machine_out_of_file_descriptors_fails_its_boot_rather_than_listen_on_no_port(
     tmp_path: Path,
 ) -> None:
-    run = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        OUT_OF_FDS,
-        str(tmp_path / "m"),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    run = await python_process(OUT_OF_FDS, str(tmp_path / "m"))
     out, _ = await run.communicate()
     assert out.decode().split() == ["refused", "EMFILE"]
