@@ -91,8 +91,8 @@ class MigrateSecret(Request):
 # VM results ---------------------------------------------------------------------------------
 
 
-class VmOut(Frozen):
-    """The contract's Vm resource: everything but the owner."""
+class VmFields(Frozen):
+    """What the contract shows of a VM: `VmOut` sends it, `core.vm.Vm` adds the owner."""
 
     sid: str
     name: str
@@ -108,6 +108,10 @@ class VmOut(Frozen):
     error: str
     created_at: datetime
     updated_at: datetime
+
+
+class VmOut(VmFields):
+    """The contract's Vm resource: everything but the owner."""
 
 
 class VmList(Frozen):
@@ -261,18 +265,12 @@ class EventsPage(msgspec.Struct, frozen=True):
     last: int
 
 
-class AuditEvent(Frozen):
+class AuditEvent(EventOut):
     """An event with the request that recorded it: its id and its sender's `Hero-Actor` label.
 
     `actor` is empty for what the service records itself (a side effect's outcome).
     """
 
-    position: int
-    stream: str
-    version: int
-    type: str
-    data: msgspec.Raw
-    recorded_at: datetime
     request_id: str
     actor: str
 

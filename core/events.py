@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from core.structs import Frozen
+from core.structs import Frozen, from_fields
 
 
 class Event(Frozen, tag_field="type", tag=True):
@@ -67,7 +67,7 @@ class IdempotencyRecord:
     reply: bytes
 
 
-class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class RecordedEvent(Frozen, gc=False):
     """An event as committed: a gap-free global position and a per-stream version."""
 
     position: int
@@ -80,17 +80,10 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     actor: str = ""
 
     def wire(self) -> EventOut:
-        return EventOut(
-            position=self.position,
-            stream=self.stream,
-            version=self.version,
-            type=self.type,
-            data=msgspec.Raw(self.data),
-            recorded_at=self.recorded_at,
-        )
+        return from_fields(EventOut, self, data=msgspec.Raw(self.data))
 
 
-class EventOut(msgspec.Struct, frozen=True, kw_only=True):
+class EventOut(Frozen):
     """The contract's event payload, as `events` returns it and the status stream publishes it."""
 
     position: int

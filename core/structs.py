@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, TypeVar, dataclass_transform
 
 import msgspec
@@ -30,7 +31,15 @@ class Frozen(msgspec.Struct, metaclass=_FrozenMeta, frozen=True, kw_only=True):
     """A frozen, keyword-only Struct, and so is every subclass (type checkers are told too)."""
 
 
-def from_fields(target: type[T], source: object, /, **given: Any) -> T:
-    """A `target` built from the attributes of `source` that its fields name; `given` wins."""
-    names = target.__struct_fields__
-    return target(**{name: getattr(source, name) for name in names if name not in given}, **given)
+def from_fields(target: type[T], source: msgspec.Struct, /, **given: Any) -> T:
+    """A `target` from the fields of `source` named like its own; `given` adds or wins."""
+    names = _shared_fields(target, type(source), tuple(given))
+    return target(**{name: getattr(source, name) for name in names}, **given)
+
+
+@cache
+def _shared_fields(
+    target: type[msgspec.Struct], source: type[msgspec.Struct], given: tuple[str, ...]
+) -> list[str]:
+    taken = set(source.__struct_fields__) - set(given)
+    return [name for name in target.__struct_fields__ if name in taken]

@@ -12,7 +12,7 @@ from msgspec.structs import replace
 
 from core.contract import STEPS, DecommissionPart, Step, UserOut, UserStatus
 from core.events import Event
-from core.structs import Frozen
+from core.structs import Frozen, from_fields
 from core.user_events import (
     DecommissionActionFailed,
     ForgeUserEnsured,
@@ -86,21 +86,7 @@ class User(Frozen):
         return (*self.replaced_vm_sids, self.vm_sid) if self.vm_sid else self.replaced_vm_sids
 
     def public(self) -> UserOut:
-        return UserOut(
-            username=self.username,
-            display_name=self.display_name,
-            forge_email=self.forge_email,
-            status=self.status,
-            step=self.step,
-            vm_sid=self.vm_sid,
-            node_id=self.node_id,
-            gateway_url=self.gateway_url,
-            ssh_public_key=self.ssh_public_key,
-            forge_user_created=self.forge_user_created,
-            error=self.error,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-        )
+        return from_fields(UserOut, self)
 
 
 def next_step(step: Step) -> Step:

@@ -11,11 +11,20 @@ from typing import Any, Final
 
 from msgspec.structs import replace
 
-from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm, VmOut, VmStatus
+from core.contract import (
+    DeleteVm,
+    DeployVm,
+    RestartVm,
+    StartVm,
+    StopVm,
+    VmFields,
+    VmOut,
+    VmStatus,
+)
 from core.errors import VM_NOT_FOUND, InvalidState, NotFound
 from core.events import Event
 from core.ports import VmSpec
-from core.structs import Frozen
+from core.structs import Frozen, from_fields
 from core.vm_events import (
     VmDeleted,
     VmDeleteRequested,
@@ -49,42 +58,13 @@ VmCommand = TenantCommand | OutcomeCommand | RekeyVm
 # State --------------------------------------------------------------------------------------
 
 
-class Vm(Frozen, gc=False):
+class Vm(VmFields, gc=False):
     """The VM as its events made it; `owner` is the keyed fingerprint of its secret."""
 
-    sid: str
-    name: str
     owner: str
-    slice_sid: str
-    image: str
-    cpu_count: int
-    memory_gb: int
-    disk_gb: int
-    rootfs_gb: int
-    status: VmStatus
-    node_id: int | None
-    mycelium_ip: str
-    error: str
-    created_at: datetime
-    updated_at: datetime
 
     def public(self) -> VmOut:
-        return VmOut(
-            sid=self.sid,
-            name=self.name,
-            slice_sid=self.slice_sid,
-            image=self.image,
-            cpu_count=self.cpu_count,
-            memory_gb=self.memory_gb,
-            disk_gb=self.disk_gb,
-            rootfs_gb=self.rootfs_gb,
-            status=self.status,
-            node_id=self.node_id,
-            mycelium_ip=self.mycelium_ip,
-            error=self.error,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-        )
+        return from_fields(VmOut, self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,13 +285,4 @@ def fold(events: list[Event]) -> Vm | None:
 
 def vm_spec(vm: Vm | VmDeployRequested, ssh_keys: tuple[str, ...] = ()) -> VmSpec:
     """What to ask the backend for: the VM (or its deploy request) named by its sid."""
-    return VmSpec(
-        name=vm.sid,
-        image=vm.image,
-        cpu_count=vm.cpu_count,
-        memory_gb=vm.memory_gb,
-        disk_gb=vm.disk_gb,
-        rootfs_gb=vm.rootfs_gb,
-        node_id=vm.node_id,
-        ssh_keys=ssh_keys,
-    )
+    return from_fields(VmSpec, vm, name=vm.sid, ssh_keys=ssh_keys)

@@ -12,6 +12,7 @@ from core.contract import AuditEvent, AuditPage, Empty, EventsPage, EventsReques
 from core.events import RecordedEvent
 from core.operations import Operation, RequestMeta
 from core.registry import OPERATIONS, Op
+from core.structs import from_fields
 from hero_deployer import VERSION
 from hero_deployer.app import user_handlers, vm_handlers
 from hero_deployer.app.commands import consistent_views
@@ -38,19 +39,7 @@ async def event_page(request: EventsRequest, meta: RequestMeta, deps: Deps) -> b
 async def audit_page(request: EventsRequest, meta: RequestMeta, deps: Deps) -> bytes:
     """A page of events with the request id and the actor of the command behind each."""
     recorded, last = await _page(request, deps)
-    rows = [
-        AuditEvent(
-            position=r.position,
-            stream=r.stream,
-            version=r.version,
-            type=r.type,
-            data=msgspec.Raw(r.data),
-            recorded_at=r.recorded_at,
-            request_id=r.request_id,
-            actor=r.actor,
-        )
-        for r in recorded
-    ]
+    rows = [from_fields(AuditEvent, r, data=msgspec.Raw(r.data)) for r in recorded]
     return _encoder.encode(AuditPage(events=rows, last=last))
 
 
