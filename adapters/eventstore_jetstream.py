@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Self
 
 import nats.errors
 import structlog
@@ -20,7 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from adapters.event_chain import GENESIS
+from adapters.eventstore_base import Appending, EventLogStore
 from adapters.jetstream_batch import Pending, stage, take
 from adapters.jetstream_follow import head_past, landed, watch
 from adapters.jetstream_idempotency import IdempotencyKeys
@@ -47,7 +46,7 @@ from adapters.jetstream_log import (
     subject_of,
 )
 from core.errors import ConcurrencyError, Conflict, Unavailable
-from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
+from core.events import IdempotencyRecord, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -61,35 +60,22 @@ class OutcomeUnknown(Unavailable):
     """The log did not say whether an append landed (a lost reply, a broken connection)."""
 
 
-class JetStreamEventStore:
+class JetStreamEventStore(EventLogStore[Pending]):
     """Appends go through one writer task that sends whatever is waiting as one atomic batch."""
 
     def __init__(
         self, nc: Client, *, replicas: int = 3, timeout: float = 5.0, max_batch: int = 500
     ) -> None:
+        super().__init__()
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(timeout=timeout)
         self._replicas = replicas
         self._timeout = timeout
         self._max_batch = min(max_batch, MAX_BATCH)
         self.keys = IdempotencyKeys(self._js, replicas=replicas, find=self._find_commit)
-        self._pending: list[Pending] = []
-        self._wakeup = asyncio.Event()
-        self._committed = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._watcher: object | None = None
-        self._closing = False
-        self._head = 0
-        self._head_hash = GENESIS
         self._versions: dict[str, tuple[int, int]] = {}  # stream -> (version, its last position)
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Creates the stream and the key bucket if missing, reads the head, follows new events."""
@@ -100,16 +86,12 @@ class JetStreamEventStore:
         await self.keys.open()
         await self._refresh_head()
         self._watcher = await watch(self._js, self._head, self._observe)
-        self._writer = asyncio.create_task(self._write_loop(), name="eventstore-jetstream-writer")
+        self._start_writer("eventstore-jetstream-writer")
         self._poller = asyncio.create_task(self._poll_head(), name="eventstore-jetstream-head")
 
     async def close(self) -> None:
         """Sends what is waiting, then stops; later appends raise Unavailable."""
-        self._closing = True
-        if self._writer is not None:
-            self._wakeup.set()
-            await self._writer
-            self._writer = None
+        await self._stop_writer()
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -125,29 +107,20 @@ class JetStreamEventStore:
 
     # Writing ---------------------------------------------------------------------------------
 
-    async def append(
-        self,
-        appends: Sequence[StreamAppend],
-        *,
-        idempotency: IdempotencyRecord | None = None,
-        request_id: str = "",
-        actor: str = "",
-    ) -> list[RecordedEvent]:
-        if self._closing:
-            raise Unavailable("the event store is closing")
-        if not any(a.events for a in appends):
-            if idempotency is not None:
-                await self.keys.record(idempotency, self._head)
-            for a in appends:
+    async def _append(self, call: Appending) -> list[RecordedEvent]:
+        if not any(a.events for a in call.appends):
+            if call.idempotency is not None:
+                await self.keys.record(call.idempotency, self._head)
+            for a in call.appends:
                 if a.expected_version != await self._version(a.stream):
                     raise ConcurrencyError(f"{a.stream} is not at version {a.expected_version}")
             return []
-        reservation = await self.keys.reserve(idempotency) if idempotency else None
+        reservation = await self.keys.reserve(call.idempotency) if call.idempotency else None
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-        self._pending.append(Pending(appends, request_id, reservation, future, actor=actor))
-        self._wakeup.set()
         try:
-            events = await future
+            events = await self._queued(
+                Pending(call.appends, call.request_id, reservation, future, actor=call.actor)
+            )
         except (OutcomeUnknown, asyncio.CancelledError):
             if reservation is not None:  # the events may land: the log will tell, later
                 self.keys.settle_later(reservation)
@@ -160,21 +133,11 @@ class JetStreamEventStore:
             await self.keys.confirm(reservation, events[-1].position)
         return events
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = take(self._pending, self._max_batch)
-                try:
-                    await self._commit(batch)
-                except Exception as error:  # the store must outlive any one bad batch
-                    log.exception("eventstore.commit_failed", error=type(error).__name__)
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(OutcomeUnknown("the event log failed"))
-            if self._closing and not self._pending:
-                return
+    def _take(self) -> list[Pending]:
+        return take(self._pending, self._max_batch)
+
+    def _failure(self) -> Exception:
+        return OutcomeUnknown("the event log failed")
 
     async def _commit(self, batch: list[Pending]) -> None:
         """Sends the batch; after a refusal (mostly another writer at the head) reads the head
@@ -264,8 +227,7 @@ class JetStreamEventStore:
         self._head = position
         if chain is not None:
             self._head_hash = chain
-        committed, self._committed = self._committed, asyncio.Event()
-        committed.set()
+        self._moved()
 
     async def _observe(self, msg: object) -> None:
         """Takes note of every event in the log, this store's and other writers'."""
@@ -331,24 +293,10 @@ class JetStreamEventStore:
 
     # Reading ---------------------------------------------------------------------------------
 
-    @property
-    def position(self) -> int:
-        """The last position this store has written or seen in the log."""
-        return self._head
-
-    @property
-    def head_hash(self) -> str:
-        """The hash chain's head (hex): the `Hero-Hash` of the event at `position`."""
-        return self._head_hash.hex()
-
     async def last_position(self) -> int:
+        """The log's last position, read from the server (the `Hero-Hash` there is the head)."""
         await self._refresh_head()
         return self._head
-
-    async def wait_for_events_after(self, position: int) -> None:
-        """Returns once an event with a position above `position` is in the log."""
-        while self._head <= position:
-            await self._committed.wait()
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
         _, last = self._versions.get(stream, (0, 0))  # a replica must answer at least this

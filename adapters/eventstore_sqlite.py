@@ -8,13 +8,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Self, TypeVar, cast
+from typing import TypeVar, cast
 
 import aiosqlite
 import msgspec
 import structlog
 
-from adapters.event_chain import GENESIS, head
+from adapters.event_chain import head
+from adapters.eventstore_base import Appending, EventLogStore
 from adapters.sqlite_batch import Pending, idempotency_rows, stage
 from adapters.sqlite_events import (
     BulkReaders,
@@ -28,7 +29,7 @@ from adapters.sqlite_events import (
     write_rows,
 )
 from core.errors import ConcurrencyError, Conflict, Unavailable
-from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
+from core.events import IdempotencyRecord, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +50,7 @@ class _Metadata(msgspec.Struct, frozen=True, omit_defaults=True):
 _metadata_decoder = msgspec.json.Decoder(_Metadata)
 
 
-class SqliteEventStore:
+class SqliteEventStore(EventLogStore[Pending]):
     """Appends go through one writer task that commits whatever is waiting in one transaction."""
 
     def __init__(
@@ -65,6 +66,7 @@ class SqliteEventStore:
     ) -> None:
         """`on_connect` is told of the writer's connection, with a way to run SQL on it on the
         writer's thread (tests set `PRAGMA max_page_count` there to make the disk full)."""
+        super().__init__()
         self.path = path
         self._synchronous = synchronous
         self._max_batch = max_batch
@@ -76,22 +78,8 @@ class SqliteEventStore:
         self._reader: aiosqlite.Connection | None = None
         self._point_reader: sqlite3.Connection | None = None
         self._bulk = BulkReaders(path, synchronous)
-        self._pending: list[Pending] = []
-        self._wakeup = asyncio.Event()
-        self._committed = asyncio.Event()  # set, then replaced, at every commit
-        self._writer_task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._last_position = 0
-        self._head_hash = GENESIS
         self._versions: dict[str, int] = {}
         self._tail: list[RecordedEvent] = []
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,15 +98,11 @@ class SqliteEventStore:
         self._point_reader.execute("PRAGMA query_only = 1")
         self._point_reader.execute("PRAGMA busy_timeout = 5000")
         await self._read_head()
-        self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-writer")
+        self._start_writer("eventstore-writer")
 
     async def close(self) -> None:
         """Commits what is waiting, then closes; later appends raise Unavailable."""
-        self._closing = True
-        if self._writer_task is not None:
-            self._wakeup.set()
-            await self._writer_task
-            self._writer_task = None
+        await self._stop_writer()
         if self._writer is not None:
             await self._on_writer(self._writer.close)
         if self._writer_thread is not None:
@@ -134,51 +118,32 @@ class SqliteEventStore:
 
     # Writing ---------------------------------------------------------------------------------
 
-    async def append(
-        self,
-        appends: Sequence[StreamAppend],
-        *,
-        idempotency: IdempotencyRecord | None = None,
-        request_id: str = "",
-        actor: str = "",
-    ) -> list[RecordedEvent]:
-        if self._closing:
-            raise Unavailable("the event store is closing")
+    async def _append(self, call: Appending) -> list[RecordedEvent]:
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
         metadata = _metadata_encoder.encode(
             _Metadata(
-                request_id=request_id,
-                idempotency_key=idempotency.key if idempotency else "",
-                actor=actor,
+                request_id=call.request_id,
+                idempotency_key=call.idempotency.key if call.idempotency else "",
+                actor=call.actor,
             )
         )
-        self._pending.append(Pending(appends, idempotency, request_id, future, actor, metadata))
-        self._wakeup.set()
-        return await future
+        return await self._queued(
+            Pending(call.appends, call.idempotency, call.request_id, future, call.actor, metadata)
+        )
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                try:
-                    await self._commit(batch)
-                except Exception as error:  # the store must outlive any one bad batch
-                    log.exception("eventstore.commit_failed", error=type(error).__name__)
-                    await self._rollback_quietly()
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(Unavailable("the event store failed"))
-            if self._closing and not self._pending:
-                return
+    def _take(self) -> list[Pending]:
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        return batch
+
+    def _failure(self) -> Exception:
+        return Unavailable("the event store failed")
 
     async def _commit(self, batch: list[Pending]) -> None:
         assert self._writer is not None
         await self._load_versions(batch)
         now = datetime.now(UTC)
-        accepted = stage(batch, self._versions, self._last_position, self._head_hash, now)
+        accepted = stage(batch, self._versions, self._head, self._head_hash, now)
         if not accepted:
             return
         try:
@@ -210,7 +175,7 @@ class SqliteEventStore:
     async def _write(self, accepted: list[Pending], now: datetime) -> None:
         assert self._writer is not None
         rows = [row for pending in accepted for row in pending.rows]
-        keyed = idempotency_rows(accepted, self._last_position, now)
+        keyed = idempotency_rows(accepted, self._head, now)
         await self._on_writer(write_rows, self._writer, rows, keyed)
 
     async def _commit_one_by_one(self, accepted: list[Pending], now: datetime) -> None:
@@ -222,7 +187,7 @@ class SqliteEventStore:
             pending.recorded.clear()
             await self._read_head()
             await self._load_versions([pending])
-            staged = stage([pending], self._versions, self._last_position, self._head_hash, now)
+            staged = stage([pending], self._versions, self._head, self._head_hash, now)
             if not staged:
                 continue
             try:
@@ -248,16 +213,16 @@ class SqliteEventStore:
                     self._tail.clear()  # another writer filled the gap: read it from the file
             self._tail.extend(pending.recorded)
             if pending.rows:
-                self._last_position = pending.rows[-1][0]
+                self._head = pending.rows[-1][0]
                 self._head_hash = pending.rows[-1][7]
             if not pending.future.done():
                 pending.future.set_result(pending.recorded)
         if len(self._tail) > 2 * self._tail_size:
             del self._tail[: len(self._tail) - self._tail_size]
-        committed, self._committed = self._committed, asyncio.Event()
-        committed.set()
+        self._moved()
 
-    async def _rollback_quietly(self) -> None:
+    async def _recover(self) -> None:
+        """Rolls the writer's transaction back and reads the head from the file again."""
         assert self._writer is not None
         try:
             await self._on_writer(rollback, self._writer)
@@ -271,24 +236,6 @@ class SqliteEventStore:
         return self._versions.get(stream)
 
     # Reading ---------------------------------------------------------------------------------
-
-    @property
-    def position(self) -> int:
-        """The last committed global position."""
-        return self._last_position
-
-    @property
-    def head_hash(self) -> str:
-        """The hash chain's head (hex): the hash of the event at `position`."""
-        return self._head_hash.hex()
-
-    async def last_position(self) -> int:
-        return self._last_position
-
-    async def wait_for_events_after(self, position: int) -> None:
-        """Returns once an event with a position above `position` is committed."""
-        while self._last_position <= position:
-            await self._committed.wait()
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
         assert self._point_reader is not None
@@ -310,10 +257,10 @@ class SqliteEventStore:
                 (stream, after, limit),
             )
         tail = self._tail
-        if tail and tail[0].position <= after + 1 and after < self._last_position:
+        if tail and tail[0].position <= after + 1 and after < self._head:
             start = after + 1 - tail[0].position
             return tail[start : start + limit]
-        if after >= self._last_position:
+        if after >= self._head:
             return []
         return await self._select(" WHERE position > ? ORDER BY position LIMIT ?", (after, limit))
 
@@ -374,7 +321,7 @@ class SqliteEventStore:
     async def _read_head(self) -> None:
         """Takes the last position and its hash from the file (after another writer, a failure)."""
         assert self._writer is not None
-        self._last_position, self._head_hash = await self._on_writer(head, self._writer)
+        self._head, self._head_hash = await self._on_writer(head, self._writer)
 
     async def _on_writer(self, fn: Callable[..., T], *args: object) -> T:
         """Runs `fn(*args)` on the writer's thread."""

@@ -8,9 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from adapters.event_chain import link
+from adapters.event_staging import Numbering, refusal
 from adapters.sqlite_events import Row
-from core.errors import ConcurrencyError, Conflict
 from core.events import IdempotencyRecord, RecordedEvent, StreamAppend
 
 
@@ -32,69 +31,40 @@ def stage(
     batch: list[Pending], known: Mapping[str, int], position: int, chain: bytes, now: datetime
 ) -> list[Pending]:
     """Checks versions and keys in memory, assigns positions; fails the losers at once."""
-    recorded_at = now.isoformat()
+    numbering = Numbering(position, chain, now)
     versions: dict[str, int] = {}
     keys: set[str] = set()
     accepted: list[Pending] = []
+
+    def current(stream: str) -> int:
+        return versions.get(stream, known.get(stream, 0))
+
     for pending in batch:
-        error = check(pending, versions, known, keys)
+        key = pending.idempotency.key if pending.idempotency is not None else None
+        error = refusal(pending.appends, current, key, keys)
         if error is not None:
             pending.future.set_exception(error)
             continue
-        for stream_append in pending.appends:
-            version = stream_append.expected_version
-            for new in stream_append.events:
-                position += 1
-                version += 1
-                stream = stream_append.stream
-                chain = link(chain, position, stream, version, new.type, new.data, recorded_at)
+        for a in pending.appends:
+            for event in numbering.events(a, a.expected_version, pending.request_id, pending.actor):
                 pending.rows.append(
                     (
-                        position,
-                        stream,
-                        version,
-                        new.type,
-                        new.data,
+                        event.position,
+                        event.stream,
+                        event.version,
+                        event.type,
+                        event.data,
                         pending.metadata,
-                        recorded_at,
-                        chain,
+                        numbering.at,
+                        numbering.chain,
                     )
                 )
-                pending.recorded.append(
-                    RecordedEvent(
-                        position=position,
-                        stream=stream_append.stream,
-                        version=version,
-                        type=new.type,
-                        data=new.data,
-                        recorded_at=now,
-                        request_id=pending.request_id,
-                        actor=pending.actor,
-                    )
-                )
-            versions[stream_append.stream] = version
-        if pending.idempotency is not None:
-            keys.add(pending.idempotency.key)
+                pending.recorded.append(event)
+            versions[a.stream] = a.expected_version + len(a.events)
+        if key is not None:
+            keys.add(key)
         accepted.append(pending)
     return accepted
-
-
-def check(
-    pending: Pending, versions: dict[str, int], known: Mapping[str, int], keys: set[str]
-) -> Exception | None:
-    """Why `pending` cannot be appended after the batch so far, if it cannot."""
-    for stream_append in pending.appends:
-        current = versions.get(stream_append.stream)
-        if current is None:
-            current = known.get(stream_append.stream, 0)
-        if current != stream_append.expected_version:
-            return ConcurrencyError(
-                f"{stream_append.stream} is at version {current},"
-                f" not {stream_append.expected_version}"
-            )
-    if pending.idempotency is not None and pending.idempotency.key in keys:
-        return Conflict("idempotency key is in use by a concurrent request")
-    return None
 
 
 def idempotency_rows(
