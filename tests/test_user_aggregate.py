@@ -190,16 +190,8 @@ PROVISION = ProvisionUser(username=NAME, display_name="Alice", forge_email="alic
 
 
 def test_provision_new_user_requests_attempt_1() -> None:
-    assert when([], PROVISION) == [
-        user_events.ProvisioningRequested(
-            username=NAME,
-            display_name="Alice",
-            forge_email="alice@example.com",
-            profile="demo",
-            attempt=1,
-            at=NOW,
-        )
-    ]
+    # REQUESTED: alice, "Alice", alice@example.com, the demo profile, attempt 1
+    assert when([], PROVISION) == [msgspec.structs.replace(REQUESTED, at=NOW)]
 
 
 def test_provision_provisioning_user_records_nothing() -> None:
