@@ -40,6 +40,22 @@ def _python() -> str:
     return sys.executable
 
 
+def started(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """`hero-deployer ARGS` in its own process, returned once it prints its ready line."""
+    process = subprocess.Popen(
+        [_python(), "-m", "hero_deployer", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "hero-deployer ready" in line:
+            return process
+    raise RuntimeError(f"{args[0]} exited with {process.wait()} before it was ready")
+
+
 def load(
     url: str,
     op: str,
@@ -112,26 +128,9 @@ class ServiceProcess:
             HERO_DEPLOYER_LOG_LEVEL="warning",
             **self._env,
         )
-        self._process = subprocess.Popen(
-            [
-                _python(),
-                "-m",
-                "hero_deployer",
-                "serve",
-                "--nats",
-                self._url,
-                "--data-dir",
-                str(self._data_dir),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
+        self._process = started(
+            ["serve", "--nats", self._url, "--data-dir", str(self._data_dir)], env
         )
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            if "ready" in line:
-                break
         return self
 
     def cpu_seconds(self) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 
 from bench.load import DEPLOY
-from bench.run import ROOT, TOKEN, _python, load, noop_baseline, show
+from bench.run import TOKEN, load, noop_baseline, show, started
 from hero_deployer.app.natsserver import CLIENT_SEED, NatsServer, free_port
 
 
@@ -41,18 +41,8 @@ class UpProcess:
     def __enter__(self) -> UpProcess:
         env = dict(os.environ, HERO_DEPLOYER_TOKEN=TOKEN, HERO_DEPLOYER_LOG_LEVEL="warning")
         env.update(self._env)
-        self._process = subprocess.Popen(
-            [_python(), "-m", "hero_deployer", "up", *self._args],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            if "hero-deployer ready" in line:
-                return self
-        raise RuntimeError(f"up exited with {self._process.wait()} before it was ready")
+        self._process = started(["up", *self._args], env)
+        return self
 
     def cpu_seconds(self) -> dict[str, float]:
         """User + system CPU so far of `up` and each of its child processes, by command name."""
