@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+
 import msgspec
 import pytest
 
+from bench.op_names import files_by_operation, named, over_limit, source_files
 from core.contract import AuditEventsRequest, EventsRequest, GetVm, RestartVm, VmOut
 from core.registry import OPERATIONS, Op, Registry
+from hero_deployer.app.settings import Settings
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, Service
 from tests.helpers import REQUEST_BODIES
@@ -79,3 +83,31 @@ async def test_send_returns_the_result_type_of_the_requests_row(service: Service
     page = await client.send(AuditEventsRequest(stream=f"vm:{vm.sid}"))
     assert type(page) is OPERATIONS["audit_events"].result
     assert page.events[0].type == "VmDeployRequested"
+
+
+def test_the_unauthenticated_operations_are_those_the_rows_say() -> None:
+    assert OPERATIONS.unauthenticated == {op.name for op in OPERATIONS if not op.authenticated}
+    assert OPERATIONS.unauthenticated == {"health"}
+    assert Settings().exempt == OPERATIONS.unauthenticated
+
+
+def test_an_operation_counts_where_it_stands_as_the_operation() -> None:
+    tree = ast.parse(
+        "def health(): ...\n"
+        "x = client.events()\n"
+        "call('get_vm')\n"
+        "[].list_vms()\n"
+        "events = 1\n"
+        "f(list_users=2)\n"
+        "'''health, in prose'''\n"
+    )
+    names = frozenset(op.name for op in OPERATIONS)
+    assert named(tree, names) == {"health", "events", "get_vm"}
+
+
+def test_each_operation_is_named_in_at_most_three_source_files() -> None:
+    """Outside tests/ and adapters/ (a backend speaks its own protocol), bench/ included."""
+    counted = files_by_operation(source_files(bench=True))
+    assert set(counted) == {op.name for op in OPERATIONS}
+    assert all(counted.values())  # the measure finds each (the registry names every one)
+    assert over_limit(bench=True) == {}
