@@ -13,13 +13,11 @@ SFTP is kept by the VM, not given to this machine's files.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import posixpath
 import re
 import shutil
-import signal
 import tomllib
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +26,7 @@ import asyncssh
 from aiohttp import web
 
 from adapters.localgrid_ports import PORTS
-from adapters.localgrid_sshd import SandboxSftp, VmSshServer
+from adapters.localgrid_sshd import SandboxSftp, VmSshServer, feed, kill, pump
 
 WEB_PORT = 9988
 SETUP_SCRIPT_NAME = "setup-binaries.sh"
@@ -44,7 +42,6 @@ IMAGE_ACCOUNTS = (
 
 _HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
 _WEB_MARKER = "run/hero-web.ready"
-_CHUNK = 65536
 
 SETUP_SCRIPT = """#!/bin/sh
 # Stand-in for Hero's setup-binaries.sh on a local grid VM: "installs" the binaries and enables
@@ -166,7 +163,7 @@ class VmMachine:
         """Stops the web service, running commands, SSH sessions and the SSH server."""
         acceptor, self._acceptor = self._acceptor, None  # first: a finishing command sees it
         for process in list(self._processes):
-            _kill(process)
+            kill(process)
         await self._stop_web()
         if acceptor is not None:
             acceptor.close()
@@ -250,14 +247,11 @@ class VmMachine:
                     gss_host=None,
                     config=None,
                 )
-            except OSError:
-                if port == 0:
+                PORTS.hold(_port(acceptor))
+            except OSError as exc:
+                if port == 0 or exc.errno == errno.EMFILE:
                     raise
-                continue
-            if not acceptor.get_port():  # asyncio skips a socket it cannot make: out of fds
-                acceptor.close()
-                raise OSError(errno.EMFILE, "no socket left for the vm's ssh server")
-            PORTS.hold(acceptor.get_port())
+                continue  # someone else listens there: the next one
             return acceptor
         raise AssertionError("unreachable")
 
@@ -292,15 +286,15 @@ class VmMachine:
             return
         self._processes.add(child)
         assert child.stdin and child.stdout and child.stderr
-        feeder = asyncio.create_task(_feed(process.stdin, child.stdin))
+        feeder = asyncio.create_task(feed(process.stdin, child.stdin))
         try:
             await asyncio.gather(
-                _pump(child.stdout, process.stdout), _pump(child.stderr, process.stderr)
+                pump(child.stdout, process.stdout), pump(child.stderr, process.stderr)
             )
             status = await child.wait()
         finally:
             feeder.cancel()
-            _kill(child)
+            kill(child)
             self._processes.discard(child)
         await self._after_command()
         process.exit(status if status >= 0 else 128 - status)
@@ -356,6 +350,22 @@ class VmMachine:
         return web.json_response(body)
 
 
+def _port(acceptor: asyncssh.SSHAcceptor) -> int:
+    """The port `acceptor` listens on; OSError (and closed) if it listens on none.
+
+    asyncio skips a socket it cannot make (out of file descriptors); uvloop keeps a closed one
+    (None) when its listen() failed, which two processes that bound one port both reach: the
+    later listener loses (EADDRINUSE), and uvloop drops the error.
+    """
+    sockets = acceptor.sockets
+    if sockets and None not in sockets:
+        return int(acceptor.get_port())
+    acceptor.close()
+    if sockets:
+        raise OSError(errno.EADDRINUSE, "the vm's ssh server lost its port to another listener")
+    raise OSError(errno.EMFILE, "no socket left for the vm's ssh server")
+
+
 def _new_host_key(name: str) -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519", comment=f"localgrid-{name}")
 
@@ -368,33 +378,3 @@ def service_names(doc: dict[str, Any]) -> list[str]:
     if isinstance(services, dict):
         return sorted(key for key, value in services.items() if isinstance(value, dict))
     return []
-
-
-async def _feed(source: asyncssh.SSHReader[bytes], sink: asyncio.StreamWriter) -> None:
-    """Copies the session's stdin to the command until EOF."""
-    with contextlib.suppress(OSError, asyncssh.Error):
-        while chunk := await source.read(_CHUNK):
-            sink.write(chunk)
-            await sink.drain()
-    with contextlib.suppress(OSError):
-        sink.close()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
-    """Copies the command's output to the session until EOF; a gone client only drains it."""
-    alive = True
-    while chunk := await source.read(_CHUNK):
-        if not alive:
-            continue
-        try:
-            sink.write(chunk)
-            await sink.drain()
-        except (OSError, asyncssh.Error):
-            alive = False
-
-
-def _kill(process: asyncio.subprocess.Process) -> None:
-    """Kills the command's whole process group if it still runs."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)

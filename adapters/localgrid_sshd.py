@@ -1,15 +1,20 @@
-"""A local grid VM's SSH side: public-key login as root and SFTP confined to its sandbox."""
+"""A local grid VM's SSH side: public-key login as root, SFTP confined to its sandbox, exec I/O."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import posixpath
+import signal
 from typing import TYPE_CHECKING
 
 import asyncssh
 
 if TYPE_CHECKING:
     from adapters.localgrid_machine import VmMachine
+
+_CHUNK = 65536
 
 
 class VmSshServer(asyncssh.SSHServer):
@@ -85,3 +90,33 @@ class SandboxSftp(asyncssh.SFTPServer):
 
     def link(self, oldpath: bytes, newpath: bytes) -> None:
         raise asyncssh.SFTPOpUnsupported("links are not supported on this vm")
+
+
+async def feed(source: asyncssh.SSHReader[bytes], sink: asyncio.StreamWriter) -> None:
+    """Copies the session's stdin to the command until EOF."""
+    with contextlib.suppress(OSError, asyncssh.Error):
+        while chunk := await source.read(_CHUNK):
+            sink.write(chunk)
+            await sink.drain()
+    with contextlib.suppress(OSError):
+        sink.close()
+
+
+async def pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
+    """Copies the command's output to the session until EOF; a gone client only drains it."""
+    alive = True
+    while chunk := await source.read(_CHUNK):
+        if not alive:
+            continue
+        try:
+            sink.write(chunk)
+            await sink.drain()
+        except (OSError, asyncssh.Error):
+            alive = False
+
+
+def kill(process: asyncio.subprocess.Process) -> None:
+    """Kills the command's whole process group if it still runs."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
