@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import httpx
 
+from adapters.compute_power import PowerAction, PowerActions
 from adapters.httpx_owner import HttpxOwner
 from adapters.openrpc import DISCOVER, ClientMethod, interface_mismatches
 from core.ports import (
@@ -82,7 +83,7 @@ NO_DISCOVERY: Final = (
 )
 
 
-class HeroComputeBackend(HttpxOwner):
+class HeroComputeBackend(HttpxOwner, PowerActions):
     """A ComputeBackend on hero_compute, owning its VMs with the deployer's own owner secret."""
 
     def __init__(
@@ -153,14 +154,9 @@ class HeroComputeBackend(HttpxOwner):
         record = await self._find(name)
         return None if record is None else _vm(record)
 
-    async def boot_vm(self, name: str) -> None:
-        await self._act("start_vm", name)
-
-    async def shutdown_vm(self, name: str) -> None:
-        await self._act("stop_vm", name)
-
-    async def reboot_vm(self, name: str) -> None:
-        await self._act("restart_vm", name)
+    async def _power(self, action: PowerAction, name: str) -> None:
+        """Calls start_vm, stop_vm or restart_vm on the VM named `name`."""
+        await self._act(f"{action}_vm", name)
 
     async def destroy_vm(self, name: str) -> None:
         """Deletes the VM; one already gone (or deleted meanwhile) counts as deleted."""

@@ -23,6 +23,7 @@ from typing import Self
 
 import structlog
 
+from adapters.compute_power import PowerAction, PowerActions
 from adapters.localgrid_faults import Faults
 from adapters.localgrid_gateway import GatewayRoute, GatewayServer, parse_backend_url
 from adapters.localgrid_ledger import Ledger, LedgerInUse, VmRecord
@@ -53,7 +54,7 @@ _VM_NAME = re.compile(r"[A-Za-z0-9._-]{1,36}")
 _GATEWAY_NAME = GRID_GATEWAY_NAME
 
 
-class LocalGrid:
+class LocalGrid(PowerActions):
     """A `ComputeBackend` whose VMs are SSH servers, folders and web services on loopback."""
 
     def __init__(
@@ -204,36 +205,19 @@ class LocalGrid:
         vm = self._vms.get(name)
         return None if vm is None else view(vm)
 
-    async def boot_vm(self, name: str) -> None:
-        """Starts a stopped VM (its SSH server and web service); a running one stays so."""
-        self._enter("start_vm", name)
+    async def _power(self, action: PowerAction, name: str) -> None:
+        """Stops and/or starts the VM's SSH server and web service: a stopped VM is silent but
+        keeps its capacity, a web service that was set up comes back with a start."""
+        self._enter(f"{action}_vm", name)
         vm = await self._existing(name)
         async with Busy(vm):
             await self._pause(self._action_delay)
             if vm.machine is not None:
-                await self._boot(vm.machine)
-            self._set_status(vm, "running")
-
-    async def shutdown_vm(self, name: str) -> None:
-        """Stops the VM: its SSH server and web service go silent; it keeps its capacity."""
-        self._enter("stop_vm", name)
-        vm = await self._existing(name)
-        async with Busy(vm):
-            await self._pause(self._action_delay)
-            if vm.machine is not None:
-                await vm.machine.halt()
-            self._set_status(vm, "stopped")
-
-    async def reboot_vm(self, name: str) -> None:
-        """Stops and starts the VM; a web service that was set up comes back."""
-        self._enter("restart_vm", name)
-        vm = await self._existing(name)
-        async with Busy(vm):
-            await self._pause(self._action_delay)
-            if vm.machine is not None:
-                await vm.machine.halt()
-                await self._boot(vm.machine)
-            self._set_status(vm, "running")
+                if action != "start":  # stop and restart halt it first
+                    await vm.machine.halt()
+                if action != "stop":
+                    await self._boot(vm.machine)
+            self._set_status(vm, "stopped" if action == "stop" else "running")
 
     async def destroy_vm(self, name: str) -> None:
         """Deletes the VM with its sandbox folder; one already gone counts as deleted."""

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from adapters.compute_power import PowerAction, PowerActions
 from adapters.opentofu_hcl import (
     GATEWAY_NAME,
     NETWORKS,
@@ -43,7 +44,7 @@ TAIL_LINES: Final = 20
 KILL_GRACE: Final = 10.0
 
 
-class OpenTofuBackend:
+class OpenTofuBackend(PowerActions):
     """A ComputeBackend that drives `tofu` against the ThreeFold grid's Terraform provider."""
 
     def __init__(
@@ -118,14 +119,9 @@ class OpenTofuBackend:
         status: BackendVmStatus = "deploying" if lock is not None and lock.locked() else "failed"
         return BackendVm(name=name, node_id=0, mycelium_ip="", status=status)
 
-    async def boot_vm(self, name: str) -> None:
-        await self._unsupported("start", name)
-
-    async def shutdown_vm(self, name: str) -> None:
-        await self._unsupported("stop", name)
-
-    async def reboot_vm(self, name: str) -> None:
-        await self._unsupported("restart", name)
+    async def _power(self, action: PowerAction, name: str) -> None:
+        """Refuses: the grid has no power calls for a VM (BackendNotFound if it does not exist)."""
+        await self._unsupported(action, name)
 
     async def destroy_vm(self, name: str) -> None:
         """Destroys the VM's deployment and network; one never deployed counts as deleted."""
