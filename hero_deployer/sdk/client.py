@@ -8,8 +8,8 @@ state-changing call that its own retries reuse, and `subscribe`, which catches u
 
 from __future__ import annotations
 
-import asyncio
 import copy
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,13 +18,6 @@ from typing import Any, Final, Self, TypeVar
 import msgspec
 import nats
 from nats.aio.client import Client
-from nats.errors import (
-    ConnectionClosedError,
-    ConnectionReconnectingError,
-    NoRespondersError,
-    OutboundBufferLimitError,
-)
-from nats.errors import TimeoutError as NatsTimeout
 
 from core.contract import (
     ACTOR_HEADER,
@@ -82,7 +75,7 @@ from hero_deployer.sdk.wire import (
     local_actor,
     nats_credentials,
     raise_error,
-    result_of,
+    request_with_retries,
 )
 
 __all__ = [
@@ -152,6 +145,7 @@ class HeroDeployerClient:
         self._retry = RetryPolicy(
             retries=retries, base_delay=retry_delay, max_delay=2.0, jitter=False
         )
+        self._once = dataclasses.replace(self._retry, retries=0)  # for what is never retried
         self._owns_connection = False
 
     @classmethod
@@ -213,28 +207,14 @@ class HeroDeployerClient:
         if idempotency_key is not None or operation in MUTATING:
             headers[IDEMPOTENCY_HEADER] = idempotency_key or uuid.uuid4().hex
         payload = msgspec.json.encode(body if body is not None else {})
-        subject = f"{self.prefix}.{operation}"
-        failure: Unavailable = Unavailable("no attempt was made")
-        retries = 0 if operation in NOT_RETRIED else self._retry.retries
-        for attempt in range(retries + 1):
-            try:
-                msg = await self.nc.request(
-                    subject, payload, timeout=self._timeout, headers=headers
-                )
-            except NoRespondersError:
-                failure = Unavailable("no hero-deployer is answering on NATS")
-            except NatsTimeout:
-                failure = RequestTimeout(f"{operation} timed out after {self._timeout:g}s")
-                continue  # the reply is late or lost: send again at once
-            except (ConnectionReconnectingError, OutboundBufferLimitError):
-                failure = Unavailable("the NATS connection is reconnecting")
-            except ConnectionClosedError:
-                raise Unavailable("the NATS connection is closed") from None
-            else:
-                return result_of(msg.data)
-            if attempt < retries:
-                await asyncio.sleep(self._retry.delay(attempt + 1))
-        raise failure
+        return await request_with_retries(
+            self.nc,
+            f"{self.prefix}.{operation}",
+            payload,
+            headers=headers,
+            timeout=self._timeout,
+            policy=self._once if operation in NOT_RETRIED else self._retry,
+        )
 
     async def send(self, request: msgspec.Struct, *, idempotency_key: str | None = None) -> Any:
         """Sends any request of the contract and returns its operation's result, decoded."""

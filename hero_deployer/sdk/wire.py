@@ -1,7 +1,9 @@
-"""What travels besides a body: the reply envelope, error codes, the caller's identity and label."""
+"""What travels besides a body: the reply envelope, error codes, the caller's identity and label,
+and the tries of one request."""
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import re
 import socket
@@ -9,10 +11,19 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import msgspec
+from nats.aio.client import Client
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+)
+from nats.errors import TimeoutError as NatsTimeout
 
 from core.domain import EVENTS
 from core.errors import ERRORS_BY_CODE, DomainError, Internal, Unavailable
 from core.events import Event, EventOut
+from core.retry import RetryPolicy
 
 
 class RequestTimeout(Unavailable):
@@ -83,6 +94,38 @@ def result_of(data: bytes) -> bytes:
         return bytes(reply.result)
     error = reply.error or _Error(code="Internal", message="malformed reply")
     raise raise_error(error.code, error.message)
+
+
+async def request_with_retries(
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    *,
+    headers: dict[str, str],
+    timeout: float,
+    policy: RetryPolicy,
+) -> bytes:
+    """Sends one request, again (per `policy`) after a timeout, a reconnect or no responders;
+    returns its reply's `result` or raises the reply's error."""
+    operation = subject.rpartition(".")[2]
+    failure: Unavailable = Unavailable("no attempt was made")
+    for tries in range(1, policy.tries_of() + 1):
+        try:
+            msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
+        except NoRespondersError:
+            failure = Unavailable("no hero-deployer is answering on NATS")
+        except NatsTimeout:
+            failure = RequestTimeout(f"{operation} timed out after {timeout:g}s")
+            continue  # the reply is late or lost: send again at once
+        except (ConnectionReconnectingError, OutboundBufferLimitError):
+            failure = Unavailable("the NATS connection is reconnecting")
+        except ConnectionClosedError:
+            raise Unavailable("the NATS connection is closed") from None
+        else:
+            return result_of(msg.data)
+        if tries < policy.tries_of():
+            await asyncio.sleep(policy.delay(tries))
+    raise failure
 
 
 def decode_event(event: EventOut) -> Event:
