@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
+
+from core.ports import DEFAULT_VM
+from core.structs import from_fields
+from core.vm_events import VmDeployRequested
 
 
 @dataclass(kw_only=True)
@@ -40,20 +45,16 @@ class Deployer(Application[object]):
     """The library's application, holding only VM aggregates."""
 
     def deploy(self, i: int) -> None:
-        vm = VmAggregate(
+        """Saves the VM our `deploy_vm` would record for a request with the default sizes."""
+        request = from_fields(
+            VmDeployRequested,
+            DEFAULT_VM,
             sid=f"vm_{i:012d}",
             name=f"bench-{i}",
             owner=f"{i % 1000:064x}",  # a fingerprint-sized owner, as our events carry
-            image="ubuntu-24.04",
-            cpu_count=16,
-            memory_gb=8,
-            disk_gb=200,
-            rootfs_gb=16,
-            slice_sid="",
-            node_id=None,
             at=datetime.now(UTC),
         )
-        self.save(vm)
+        self.save(VmAggregate(**msgspec.structs.asdict(request)))
 
 
 def compare(n: int) -> float:

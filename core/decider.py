@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, get_args
 
 from core.events import Event, EventRegistry, stream_name, stream_parts
 
@@ -24,10 +24,12 @@ class Decider(Generic[S]):
     evolve: Callable[[S | None, Event], S | None]
     events: object
     """The tagged union of the aggregate's events (`VmEvent`), for readers and documents."""
-    types: tuple[type[Event], ...]
+    types: tuple[type[Event], ...] = field(init=False)
+    """The union's members, in its order."""
     registry: EventRegistry = field(init=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "types", get_args(self.events))
         object.__setattr__(self, "registry", EventRegistry(self.types))
 
     def stream(self, id: str) -> str:

@@ -13,14 +13,12 @@ VMS: Final[Decider[vm.Vm]] = Decider(
     decide=vm.decide,
     evolve=vm.evolve,
     events=vm_events.VmEvent,
-    types=vm_events.VM_EVENT_TYPES,
 )
 USERS: Final[Decider[user_state.User]] = Decider(
     kind="user",
     decide=user.decide,
     evolve=user_state.evolve,
     events=user_events.UserEvent,
-    types=user_events.USER_EVENT_TYPES,
 )
 EVENTS: Final = EventRegistry((*VMS.types, *USERS.types))
 """Decodes any recorded event: the store's readers, the views, the rebuild and the SDK."""

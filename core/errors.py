@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """An error the contract names; its message is safe to show to the caller."""
+    """An error the contract names; its message is safe to show to the caller.
+
+    A kind's code is its class name and its number is given on its class line; a subclass
+    without a number (ConcurrencyError) is reported as its base.
+    """
 
     code = "Internal"
     number = 500
@@ -13,40 +17,31 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
 
-
-class InvalidInput(DomainError):
-    code = "InvalidInput"
-    number = 400
-
-
-class Unauthorized(DomainError):
-    code = "Unauthorized"
-    number = 401
+    def __init_subclass__(cls, number: int | None = None) -> None:
+        super().__init_subclass__()
+        if number is not None:
+            cls.code, cls.number = cls.__name__, number
 
 
-class NotFound(DomainError):
-    code = "NotFound"
-    number = 404
+class InvalidInput(DomainError, number=400): ...
 
 
-class Conflict(DomainError):
-    code = "Conflict"
-    number = 409
+class Unauthorized(DomainError, number=401): ...
 
 
-class InvalidState(DomainError):
-    code = "InvalidState"
-    number = 409
+class NotFound(DomainError, number=404): ...
 
 
-class Unavailable(DomainError):
-    code = "Unavailable"
-    number = 503
+class Conflict(DomainError, number=409): ...
 
 
-class Internal(DomainError):
-    code = "Internal"
-    number = 500
+class InvalidState(DomainError, number=409): ...
+
+
+class Unavailable(DomainError, number=503): ...
+
+
+class Internal(DomainError, number=500): ...
 
 
 class ConcurrencyError(Conflict):

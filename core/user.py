@@ -25,7 +25,7 @@ from core.contract import (
 )
 from core.errors import USER_NOT_FOUND, InvalidInput, InvalidState, NotFound
 from core.manifest import PROFILES
-from core.structs import Frozen
+from core.structs import Frozen, from_fields
 from core.user_events import (
     DecommissionActionFailed,
     DecommissionRequested,
@@ -43,6 +43,7 @@ from core.user_events import (
     SshKeyGenerated,
     SshReachable,
     StepFailed,
+    StepOutcome,
     StepRetried,
     UserDecommissioned,
     UserEvent,
@@ -82,18 +83,6 @@ class RecordDecommissionFailed(Frozen):
 
 
 OperatorCommand = ProvisionUser | DecommissionUser | RevealInitialPassword
-StepOutcome = (
-    ForgeUserEnsured
-    | SshKeyGenerated
-    | NodeSelected
-    | UserVmDeployRequested
-    | UserVmDeployed
-    | GatewayDeployed
-    | SshReachable
-    | ManifestUploaded
-    | SetupCompleted
-    | HealthVerified
-)
 DecommissionOutcome = GatewayDeleted | UserVmDeleted | RecordDecommissionFailed | UserDecommissioned
 OutcomeCommand = StepOutcome | RecordStepRetried | RecordStepFailed | DecommissionOutcome
 UserCommand = OperatorCommand | OutcomeCommand
@@ -182,16 +171,8 @@ def _decide_provision(user: User | None, command: ProvisionUser, now: datetime) 
         known = ", ".join(sorted(PROFILES))
         raise InvalidInput(f"unknown profile {command.profile!r} (known: {known}) - at `$.profile`")
     if user is None or user.status == "decommissioned":
-        return [
-            ProvisioningRequested(
-                username=command.username,
-                display_name=command.display_name,
-                forge_email=command.forge_email,
-                profile=command.profile,
-                attempt=1 if user is None else user.attempt + 1,
-                at=now,
-            )
-        ]
+        attempt = 1 if user is None else user.attempt + 1
+        return [from_fields(ProvisioningRequested, command, attempt=attempt, at=now)]
     match user.status:
         case "failed":
             return [ProvisioningResumed(username=user.username, from_step=user.step, at=now)]

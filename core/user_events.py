@@ -7,6 +7,7 @@ outcome of a step as the event itself, which `core.user.decide` checks against t
 from __future__ import annotations
 
 from datetime import datetime
+from typing import get_args
 
 from core.contract import DecommissionPart, Step
 from core.events import Event
@@ -140,10 +141,8 @@ class InitialPasswordRevealed(UserEventBase):
     at: datetime
 
 
-UserEvent = (
-    ProvisioningRequested
-    | ProvisioningResumed
-    | ForgeUserEnsured
+StepOutcome = (
+    ForgeUserEnsured
     | SshKeyGenerated
     | NodeSelected
     | UserVmDeployRequested
@@ -153,6 +152,13 @@ UserEvent = (
     | ManifestUploaded
     | SetupCompleted
     | HealthVerified
+)
+"""What a provisioning step's side effect records (`core.user.decide` checks it first)."""
+
+UserEvent = (
+    ProvisioningRequested
+    | ProvisioningResumed
+    | StepOutcome
     | ProvisioningCompleted
     | StepRetried
     | StepFailed
@@ -164,26 +170,4 @@ UserEvent = (
     | InitialPasswordRevealed
 )
 
-USER_EVENT_TYPES: tuple[type[Event], ...] = (  # the union's members, in its order
-    ProvisioningRequested,
-    ProvisioningResumed,
-    ForgeUserEnsured,
-    SshKeyGenerated,
-    NodeSelected,
-    UserVmDeployRequested,
-    UserVmDeployed,
-    GatewayDeployed,
-    SshReachable,
-    ManifestUploaded,
-    SetupCompleted,
-    HealthVerified,
-    ProvisioningCompleted,
-    StepRetried,
-    StepFailed,
-    DecommissionRequested,
-    GatewayDeleted,
-    UserVmDeleted,
-    DecommissionActionFailed,
-    UserDecommissioned,
-    InitialPasswordRevealed,
-)
+USER_EVENT_TYPES: tuple[type[Event], ...] = get_args(UserEvent)  # the members, in the union's order

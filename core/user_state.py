@@ -280,14 +280,11 @@ _STEPS: Final[Mapping[str, _Step]] = MappingProxyType(
 def _requested(user: User | None, event: ProvisioningRequested) -> User:
     """A fresh run; a decommissioned user keeps its creation time and its Forge facts."""
     at = event.at
-    return User(
-        username=event.username,
-        display_name=event.display_name,
-        forge_email=event.forge_email,
-        profile=event.profile,
+    return from_fields(
+        User,
+        event,
         status="provisioning",
         step=Step.FORGE_USER,
-        attempt=event.attempt,
         forge_user_id=user.forge_user_id if user else None,
         forge_user_created=user.forge_user_created if user else False,
         initial_password_available=user.initial_password_available if user else False,

@@ -88,21 +88,9 @@ def decide(vm: Vm | None, command: VmCommand, ctx: Context) -> list[VmEvent]:
         case DeployVm():
             if vm is not None:
                 raise InvalidState("vm already exists")
-            return [
-                VmDeployRequested(
-                    sid=ctx.new_sid,
-                    name=command.name,
-                    owner=ctx.owner,
-                    image=command.image,
-                    cpu_count=command.cpu_count,
-                    memory_gb=command.memory_gb,
-                    disk_gb=command.disk_gb,
-                    rootfs_gb=command.rootfs_gb,
-                    slice_sid=command.slice_sid,
-                    node_id=command.node_id,
-                    at=now,
-                )
-            ]
+            # the request's name and sizes; never its secret (the event has no such field)
+            fresh = {"sid": ctx.new_sid, "owner": ctx.owner, "at": now}
+            return [from_fields(VmDeployRequested, command, **fresh)]
         case StartVm() | StopVm() | RestartVm() | DeleteVm():
             vm = _owned(vm, ctx.owner)
             if isinstance(command, DeleteVm) and vm.status == "deleting" and not vm.error:
@@ -176,18 +164,10 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
 
 
 def _deploy_requested(vm: Vm | None, event: VmDeployRequested) -> Vm | None:
-    return Vm(
-        sid=event.sid,
-        name=event.name,
-        owner=event.owner,
-        slice_sid=event.slice_sid,
-        image=event.image,
-        cpu_count=event.cpu_count,
-        memory_gb=event.memory_gb,
-        disk_gb=event.disk_gb,
-        rootfs_gb=event.rootfs_gb,
+    return from_fields(
+        Vm,
+        event,
         status="deploying",
-        node_id=event.node_id,
         mycelium_ip="",
         error="",
         created_at=event.at,

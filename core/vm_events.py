@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import get_args
 
 from core.events import Event
 
@@ -81,15 +82,4 @@ VmEvent = (
     | VmSecretMigrated
 )
 
-VM_EVENT_TYPES: tuple[type[Event], ...] = (
-    VmDeployRequested,
-    VmDeployed,
-    VmDeployFailed,
-    VmStarted,
-    VmStopped,
-    VmRestarted,
-    VmDeleteRequested,
-    VmDeleted,
-    VmOperationFailed,
-    VmSecretMigrated,
-)
+VM_EVENT_TYPES: tuple[type[Event], ...] = get_args(VmEvent)  # the members, in the union's order
