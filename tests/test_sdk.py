@@ -134,6 +134,19 @@ async def test_migrate_secret_and_events_pages(service: Service) -> None:
     assert (empty.events, empty.last) == ([], 10_000)
 
 
+async def test_pages_run_until_a_short_page_and_position_is_the_logs_last(service: Service) -> None:
+    c = sdk(service)
+    for i in range(3):
+        await running_vm(c, "s", name=f"p{i}")  # deployed: the log stays still
+    head = await c.position()
+    assert head == (await c.health()).position >= 3
+    pages = [[e.position for e in page.events] async for page in c.pages(page_size=2)]
+    assert [p for page in pages for p in page] == list(range(1, head + 1))
+    assert all(len(page) == 2 for page in pages[:-1]) and len(pages[-1]) < 2
+    after = [page.last async for page in c.pages(after=head - 1, page_size=1)]
+    assert after == [head, head]  # a full page of one, then the empty page that ends the run
+
+
 # every error type ------------------------------------------------------------------------
 
 
