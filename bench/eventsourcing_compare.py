@@ -45,7 +45,7 @@ class Deployer(Application[object]):
     """The library's application, holding only VM aggregates."""
 
     def deploy(self, i: int) -> None:
-        """Saves the VM our `deploy_vm` would record for a request with the default sizes."""
+        """Saves the VM our service would record for a deploy request with the default sizes."""
         request = from_fields(
             VmDeployRequested,
             DEFAULT_VM,
