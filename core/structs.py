@@ -40,6 +40,6 @@ def from_fields(target: type[T], source: msgspec.Struct, /, **given: Any) -> T:
 @cache
 def _shared_fields(
     target: type[msgspec.Struct], source: type[msgspec.Struct], given: tuple[str, ...]
-) -> list[str]:
+) -> tuple[str, ...]:
     taken = set(source.__struct_fields__) - set(given)
-    return [name for name in target.__struct_fields__ if name in taken]
+    return tuple(name for name in target.__struct_fields__ if name in taken)

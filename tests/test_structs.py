@@ -1,0 +1,66 @@
+"""core.structs: one frozen keyword-only base, and one way to copy a Struct into another shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from core.contract import DeployVm
+from core.structs import Frozen, from_fields
+from core.vm_events import VmDeployRequested
+
+AT = datetime(2026, 11, 30, tzinfo=UTC)
+
+
+class Point(Frozen):
+    x: int
+    label: str = ""
+    y: int  # a required field after a default: only keyword-only allows it
+
+
+class Loose(Frozen, kw_only=False):
+    x: int
+
+
+def test_a_subclass_is_frozen_and_keyword_only_without_saying_so() -> None:
+    point = Point(x=1, y=2)
+    with pytest.raises(AttributeError):
+        point.x = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Point(1, "a", 2)  # type: ignore[misc]
+    assert Point.__struct_config__.frozen
+
+
+def test_a_class_line_still_chooses_for_itself() -> None:
+    assert Loose(5) == Loose(x=5)
+
+
+def test_defstruct_can_extend_a_frozen_struct() -> None:
+    """msgspec.defstruct hands the metaclass its fields as __slots__ (msgspec#974)."""
+    tagged = msgspec.defstruct("Tagged", [("z", int)], bases=(Point,), kw_only=True, tag=True)
+    value = tagged(x=1, y=2, z=3)
+    assert msgspec.json.encode(value) == b'{"type":"Tagged","x":1,"label":"","y":2,"z":3}'
+
+
+def test_from_fields_copies_the_shared_fields_and_given_ones_win() -> None:
+    request = DeployVm(name="web", secret="s3cr3t", cpu_count=4)
+    event = from_fields(VmDeployRequested, request, sid="vm_1", owner="fp", at=AT, name="other")
+    assert event == VmDeployRequested(
+        sid="vm_1",
+        name="other",
+        owner="fp",
+        image=request.image,
+        cpu_count=4,
+        memory_gb=request.memory_gb,
+        disk_gb=request.disk_gb,
+        rootfs_gb=request.rootfs_gb,
+        at=AT,
+    )
+    assert b"s3cr3t" not in msgspec.json.encode(event)  # a field the target lacks stays behind
+
+
+def test_from_fields_refuses_a_target_whose_required_field_nothing_gives() -> None:
+    with pytest.raises(TypeError, match="owner"):
+        from_fields(VmDeployRequested, DeployVm(name="web", secret="s"), sid="vm_1", at=AT)
