@@ -158,16 +158,20 @@ async def _service_connection(settings: Settings, guard: _StartGuard, embedded: 
 
 
 def _tune_gc() -> None:
-    """Moves start-up objects out of the collector's sight and collects young objects less often.
+    """Moves start-up objects out of the collector's sight; keeps each collection short.
 
-    The service allocates many short-lived objects per request; with the default threshold the
-    cyclic collector runs every few requests and its full passes show up as tail latency.
+    A pass over the youngest generation costs about half a microsecond per object it holds,
+    and under load most of them are alive: the reactor's chain of each VM still deploying.
+    At 5,000 objects a pass takes about a millisecond instead of 15 to 30 at 50,000, which
+    every request in flight waited for. The older generations are collected rarely: the
+    service makes almost no cyclic garbage (about 1,500 objects in 20,000 deploys), and a
+    pass over them visits every object still alive.
     """
     import gc
 
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(5_000, 1_000, 100)
 
 
 async def rebuild_views(settings: Settings) -> int:
