@@ -13,11 +13,11 @@ SFTP is kept by the VM, not given to this machine's files.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import posixpath
 import re
 import shutil
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import asyncssh
 from aiohttp import web
 
-from adapters.localgrid_ports import PORTS
-from adapters.localgrid_sshd import SandboxSftp, VmSshServer, feed, kill, pump
+from adapters.localgrid_ports import PORTS, listening_socket
+from adapters.localgrid_sshd import SandboxSftp, SshListener, VmSshServer, feed, kill, pump
 
 WEB_PORT = 9988
 SETUP_SCRIPT_NAME = "setup-binaries.sh"
@@ -99,7 +99,7 @@ class VmMachine:
         self._observer = observer
         self._host_key: asyncssh.SSHKey | None = None
         self._prepared = False  # the sandbox's folders, accounts and host key are on disk
-        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._sshd: SshListener | None = None
         self._ssh_port = 0
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self._processes: set[asyncio.subprocess.Process] = set()
@@ -138,21 +138,19 @@ class VmMachine:
             await self._observer.owner_set(self, path)
 
     async def boot(self) -> None:
-        """Starts the SSH server, and the web service if set up.
+        """Listens on the SSH port, and starts the web service if set up.
 
-        A sandbox not on disk yet is made at the first connection, not here: most VMs a
-        benchmark deploys are never logged into, and a host key no client saw is nobody's.
+        The SSH server, its host key and a sandbox not on disk yet are made at the first
+        connection, not here: most VMs a benchmark deploys are never logged into.
         """
-        if self._acceptor is not None:
+        if self._sshd is not None:
             return
         try:
             user = None
-            if self._host_key is None and not self.root.exists():
-                self._host_key = _new_host_key(self.name)
-            else:
+            if self._host_key is not None or self.root.exists():
                 user = await asyncio.to_thread(self._recall)
-            self._acceptor = await self._listen()
-            self._ssh_port = self._acceptor.get_port()
+            self._sshd = SshListener(listening_socket(PORTS, self._ssh_port), self._serve_ssh)
+            self._ssh_port = self._sshd.port
             if user is not None:
                 await self._start_web(user)
         except BaseException:
@@ -161,13 +159,12 @@ class VmMachine:
 
     async def halt(self) -> None:
         """Stops the web service, running commands, SSH sessions and the SSH server."""
-        acceptor, self._acceptor = self._acceptor, None  # first: a finishing command sees it
+        sshd, self._sshd = self._sshd, None  # first: a finishing command sees it
         for process in list(self._processes):
             kill(process)
         await self._stop_web()
-        if acceptor is not None:
-            acceptor.close()
-            await acceptor.wait_closed()
+        if sshd is not None:
+            await sshd.close()
             PORTS.release(self._ssh_port)
         connections = list(self.connections)
         for conn in connections:
@@ -229,31 +226,23 @@ class VmMachine:
                 f.write(self._host_key.export_private_key())
         self._prepared = True
 
-    async def _listen(self) -> asyncssh.SSHAcceptor:
-        last = [self._ssh_port] if self._ssh_port else []
-        for port in [*last, *PORTS.candidates(8), 0]:
-            try:
-                acceptor = await asyncssh.create_server(
-                    lambda: VmSshServer(self),
-                    "127.0.0.1",
-                    port,
-                    server_host_keys=[self._host_key],
-                    process_factory=self._run_process,
-                    sftp_factory=lambda chan: SandboxSftp(chan, self),
-                    allow_scp=False,
-                    encoding=None,
-                    agent_forwarding=False,
-                    x11_forwarding=False,
-                    gss_host=None,
-                    config=None,
-                )
-                PORTS.hold(_port(acceptor))
-            except OSError as exc:
-                if port == 0 or exc.errno == errno.EMFILE:
-                    raise
-                continue  # someone else listens there: the next one
-            return acceptor
-        raise AssertionError("unreachable")
+    async def _serve_ssh(self, sock: socket.socket) -> asyncssh.SSHAcceptor:
+        """The VM's SSH server on its listening socket, with the sandbox's host key."""
+        if self._host_key is None:
+            await asyncio.to_thread(self._recall)
+        return await asyncssh.create_server(
+            lambda: VmSshServer(self),
+            sock=sock,
+            server_host_keys=[self._host_key],
+            process_factory=self._run_process,
+            sftp_factory=lambda chan: SandboxSftp(chan, self),
+            allow_scp=False,
+            encoding=None,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            gss_host=None,
+            config=None,
+        )
 
     async def _run_process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """Runs an exec (or shell) request with `/bin/sh` in the user's home."""
@@ -301,7 +290,7 @@ class VmMachine:
 
     async def _after_command(self) -> None:
         """Starts the web service once a command has enabled it (the marker `setup` writes)."""
-        if self._web is not None or self._acceptor is None:
+        if self._web is not None or self._sshd is None:
             return
         user = self._web_marker()
         if user is not None:
@@ -327,7 +316,7 @@ class VmMachine:
         except BaseException:
             await runner.cleanup()
             raise
-        if self._acceptor is None or self._web is not None:  # halted or started meanwhile
+        if self._sshd is None or self._web is not None:  # halted or started meanwhile
             await runner.cleanup()
             return
         self._web = runner
@@ -348,22 +337,6 @@ class VmMachine:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             body["config_error"] = str(exc)
         return web.json_response(body)
-
-
-def _port(acceptor: asyncssh.SSHAcceptor) -> int:
-    """The port `acceptor` listens on; OSError (and closed) if it listens on none.
-
-    asyncio skips a socket it cannot make (out of file descriptors); uvloop keeps a closed one
-    (None) when its listen() failed, which two processes that bound one port both reach: the
-    later listener loses (EADDRINUSE), and uvloop drops the error.
-    """
-    sockets = acceptor.sockets
-    if sockets and None not in sockets:
-        return int(acceptor.get_port())
-    acceptor.close()
-    if sockets:
-        raise OSError(errno.EADDRINUSE, "the vm's ssh server lost its port to another listener")
-    raise OSError(errno.EMFILE, "no socket left for the vm's ssh server")
 
 
 def _new_host_key(name: str) -> asyncssh.SSHKey:

@@ -10,6 +10,7 @@ and leave one someone else holds (EADDRINUSE) for the next.
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 _RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -57,3 +58,31 @@ class PortCursor:
 
 PORTS = PortCursor(*ephemeral_range())
 """The cursor of this process: ports are a resource of the whole process."""
+
+
+BACKLOG = 100  # asyncssh's
+
+
+def listening_socket(cursor: PortCursor, last: int = 0) -> socket.socket:
+    """A loopback socket listening on `last`, else on the cursor's next ports, else the kernel's.
+
+    A port someone else holds fails the bind; one that another program bound too and listened
+    on first fails the listen (both may bind it with SO_REUSEADDR): either way the next port is
+    tried. OSError when the system refuses a socket at all (out of file descriptors).
+    """
+    for port in [*([last] if last else []), *cursor.candidates(8), 0]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            bound: int = sock.getsockname()[1]  # the kernel's pick when port is 0
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            if port == 0:
+                raise
+            continue
+        sock.setblocking(False)
+        cursor.hold(bound)
+        return sock
+    raise AssertionError("unreachable")

@@ -7,6 +7,8 @@ import contextlib
 import os
 import posixpath
 import signal
+import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncssh
@@ -51,6 +53,54 @@ class VmSshServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return self._machine.accepts(username, key)
+
+
+class SshListener:
+    """A VM's SSH port: a listening socket that becomes an asyncssh server at the first knock.
+
+    Most VMs a benchmark deploys are never logged into; an asyncssh server for each (its
+    options are built on a thread) and a host key were most of the machine process's work.
+    A client that knocks waits in the socket's backlog until the server takes it.
+    """
+
+    def __init__(
+        self, sock: socket.socket, serve: Callable[[socket.socket], Awaitable[asyncssh.SSHAcceptor]]
+    ) -> None:
+        self.port: int = sock.getsockname()[1]
+        self._sock = sock
+        self._serve = serve
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._closed = False
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._knocked)
+
+    def _knocked(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._starting = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        try:
+            acceptor = await self._serve(self._sock)
+        except Exception:  # a server that cannot start refuses, as a dead sshd does
+            self._sock.close()
+            return
+        if self._closed:  # halted meanwhile
+            acceptor.close()
+            await acceptor.wait_closed()
+            return
+        self._acceptor = acceptor
+
+    async def close(self) -> None:
+        """Stops listening (the server, once it started, closes the socket)."""
+        self._closed = True
+        if self._starting is None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            return
+        await self._starting
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
 
 
 class SandboxSftp(asyncssh.SFTPServer):

@@ -11,46 +11,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Two machine processes (or any two programs) can bind one port with SO_REUSEADDR while
 # neither listens; the later listen() fails with EADDRINUSE. uvloop, which the machine process
-# runs on, drops that error and keeps a closed socket (uvloop/handles/streamserver.pyx, listen).
-# The script puts the other program's listen() in that gap: a collection runs at the first
-# allocation after the machine's bind (threshold 1), and its callback listens on the port.
+# runs on, dropped that error when it made the listening socket itself and kept a closed one
+# (uvloop/handles/streamserver.pyx, listen). The script has the other program listen right
+# after the machine's socket is bound to the port, before that socket listens. Sockets are
+# made from `socket.socket` (uvloop takes it when it is imported), so the script replaces it
+# first.
 LOST_PORT = textwrap.dedent(
     """
-    import asyncio, gc, socket, sys
+    import asyncio, socket, sys
+
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", 0))
+    port = other.getsockname()[1]
+
+    class Raced(socket.socket):
+        def bind(self, address):
+            super().bind(address)
+            if self is not other and address == ("127.0.0.1", port):
+                other.listen()
+                print("other listens", flush=True)
+
+    socket.socket = Raced
     from pathlib import Path
     import uvloop
     import adapters.localgrid_machine
     from adapters.localgrid_machine import VmMachine
     from adapters.localgrid_ports import PortCursor
 
-    other = socket.socket()
-    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    other.bind(("127.0.0.1", 0))
-    port = other.getsockname()[1]
     adapters.localgrid_machine.PORTS = PortCursor(port, port)
-    machines = []
-
-    def bound(event, args):
-        if event == "socket.bind" and args[1] == ("127.0.0.1", port) and args[0] is not other:
-            machines.append(args[0])
-
-    def collected(phase, info):
-        if phase == "start" and machines and machines[0].getsockname()[1] == port:
-            machines.clear()
-            other.listen()
-            print("other listens", flush=True)
 
     async def main() -> None:
         machine = VmMachine(name="m", root=Path(sys.argv[1]), authorized_keys=frozenset())
-        sys.addaudithook(bound)
-        gc.callbacks.append(collected)
-        gc.set_threshold(1)
         try:
             await machine.boot()
         except Exception as exc:
             print("failed", type(exc).__name__, flush=True)
         else:
-            gc.set_threshold(700)
             reader, writer = await asyncio.open_connection("127.0.0.1", machine.ssh_port)
             banner = await reader.readline()
             writer.close()
