@@ -110,6 +110,27 @@ def frame(body: bytes) -> bytes:
     return len(body).to_bytes(_HEADER, "big") + body
 
 
+class Frames:
+    """Writes the frames sent during one loop turn together, in order: one system call."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._queued: list[bytes] = []
+
+    def send(self, body: bytes) -> None:
+        """Queues `body`'s frame; dropped once the writer is closing, as a write would be."""
+        if self.writer.is_closing():
+            return
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(frame(body))
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        if not self.writer.is_closing():
+            self.writer.write(b"".join(queued))
+
+
 class _Notices:
     """A machine's `Observer`: sends each change to the parent and waits for its Ack."""
 
@@ -131,7 +152,7 @@ class _Host:
     """The machines of one parent, by the parent's handle."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+        self._frames = Frames(writer)
         self._machines: dict[int, VmMachine] = {}
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._notices = 0
@@ -206,8 +227,7 @@ class _Host:
         return VmMachine(name=str(handle), root=Path(root), authorized_keys=frozenset())
 
     def _send(self, message: FromHost) -> None:
-        if not self._writer.is_closing():
-            self._writer.write(frame(self._encoder.encode(message)))
+        self._frames.send(self._encoder.encode(message))
 
 
 async def _main(fd: int) -> None:

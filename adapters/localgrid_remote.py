@@ -26,13 +26,13 @@ from adapters.localgrid_host import (
     Boot,
     Booted,
     Failed,
+    Frames,
     FromHost,
     Halt,
     OwnerSet,
     Remove,
     ToHost,
     WebStarted,
-    frame,
     read_frame,
 )
 from core.ports import BackendError
@@ -75,7 +75,7 @@ class MachineHost:
     def __init__(self, *, nice: int = 0) -> None:
         self._nice = nice
         self._process: asyncio.subprocess.Process | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._frames: Frames | None = None
         self._reading: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[FromHost]] = {}
         self._machines: weakref.WeakValueDictionary[int, RemoteMachine] = (
@@ -113,15 +113,16 @@ class MachineHost:
             raise
         finally:
             theirs.close()
-        reader, self._writer = await asyncio.open_connection(sock=ours)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        self._frames = Frames(writer)
         self._reading = asyncio.create_task(self._read(reader))
 
     async def close(self, timeout: float = 10.0) -> None:
         """Closes the socket: the child halts every machine and exits (killed after `timeout`)."""
         self._closed = True
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        frames, self._frames = self._frames, None
+        if frames is not None:
+            frames.writer.close()
         process, self._process = self._process, None
         if process is not None:
             try:
@@ -145,14 +146,15 @@ class MachineHost:
 
         A child not started yet (and not closed) is started first.
         """
-        async with self._starting:
-            if self._process is None and not self._closed:
-                await self.start()
-        if self._writer is None or self._writer.is_closing():
+        if self._process is None and not self._closed:
+            async with self._starting:
+                if self._process is None and not self._closed:
+                    await self.start()
+        if self._frames is None or self._frames.writer.is_closing():
             raise ConnectionError(_GONE)
         number = next(self._ids)
         future = self._waiting[number] = asyncio.get_running_loop().create_future()
-        self._writer.write(frame(self._encoder.encode(request(number))))
+        self._frames.send(self._encoder.encode(request(number)))
         reply: FromHost = await future
         return reply
 
@@ -179,8 +181,8 @@ class MachineHost:
                 future.set_exception(ConnectionError(_GONE))
 
     def _ack(self, number: int) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(frame(self._encoder.encode(Ack(number))))
+        if self._frames is not None:
+            self._frames.send(self._encoder.encode(Ack(number)))
 
 
 class RemoteMachine:
