@@ -146,7 +146,7 @@ class MachineHost:
 
         A child not started yet (and not closed) is started first.
         """
-        if self._process is None and not self._closed:
+        if self._frames is None and not self._closed:  # not started, or starting now
             async with self._starting:
                 if self._process is None and not self._closed:
                     await self.start()
