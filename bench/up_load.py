@@ -140,6 +140,8 @@ def measure_up(data: Path, label: str, n: int, baseline: float, **env: str) -> N
         after = up.cpu_seconds()
         used = {name: after[name] - before.get(name, 0.0) for name in after}
         print("    CPU used: " + ", ".join(f"{n} {s:.1f} s" for n, s in sorted(used.items())))
+        per_vm = ", ".join(f"{n} {s / vms * 1e6:.0f}" for n, s in sorted(used.items()))
+        print(f"    CPU per deploy (whole pipeline, µs): {per_vm}")
 
 
 def main() -> None:
