@@ -11,7 +11,7 @@ import aiosqlite
 import structlog
 
 from core.events import RecordedEvent
-from projections.base import EventSource, read_checkpoint, write_checkpoint
+from projections.base import FOLLOW_BATCH, EventSource, read_checkpoint, write_checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +62,7 @@ class Follower:
     checkpoints: Checkpoints
     handler: Handler
     _: KW_ONLY
-    batch_size: int = 256
+    batch_size: int = FOLLOW_BATCH
     save_every: float = 0.5
     position: int = field(init=False, default=0)
     _saved: int = field(init=False, default=0)

@@ -17,7 +17,7 @@ from core.errors import Unavailable
 from core.events import Event, RecordedEvent
 from core.retry import RetryPolicy
 from projections.base import CHECKPOINTS as CHECKPOINTS
-from projections.base import VIEWS_CHECKPOINT
+from projections.base import FOLLOW_BATCH, VIEWS_CHECKPOINT
 from projections.base import ConnectionHook as ConnectionHook
 from projections.base import EventSource as EventSource
 from projections.base import Projection as Projection
@@ -54,7 +54,7 @@ class ProjectionRunner:
         conn: aiosqlite.Connection,
         projections: Sequence[Projection],
         *,
-        batch_size: int = 256,
+        batch_size: int = FOLLOW_BATCH,
         retry_delay: float = 0.1,
         max_retry_delay: float = 2.0,
         patience: float = 0.9,
