@@ -17,7 +17,8 @@ VIEWS_CHECKPOINT = "views"
 FOLLOW_BATCH = 64
 """Events a follower (views, publisher, reactors) takes per read: its handling of one read runs
 in one stretch of the event loop, which requests wait behind. At 256, 20,000 deploys in `up`
-had a request p99 of 64-93 ms; at 64, 20-23 ms (bench/up_load.py, two cores)."""
+had a request p99 of 64-93 ms; at 64, 20-23 ms (two cores at load average 2; lower in each
+of five interleaved pairs)."""
 
 CHECKPOINTS = """
 CREATE TABLE IF NOT EXISTS checkpoints (
