@@ -70,5 +70,10 @@ async def test_a_machine_whose_port_another_program_listens_on_first_boots_on_an
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
-    out, _ = await run.communicate()
+    try:  # a deadline, so a hung child fails the test instead of holding the suite
+        out, _ = await asyncio.wait_for(run.communicate(), timeout=60)
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
     assert out.decode().splitlines() == ["other listens", "booted True True"]
