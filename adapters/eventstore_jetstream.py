@@ -153,9 +153,7 @@ class JetStreamEventStore(EventLogStore[Pending]):
                     for one in pending:
                         one.future.set_exception(error)
                     return
-                for a in (a for p in pending for a in p.appends):
-                    self._versions.pop(a.stream, None)
-            await self._load_versions(pending)
+            await self._load_versions(pending, again=refused is not None)
             # the losers are told here
             pending = stage(pending, self._head, self._head_hash, self._versions)
             if not pending:
@@ -234,9 +232,7 @@ class JetStreamEventStore(EventLogStore[Pending]):
         headers = getattr(msg, "headers", None) or {}
         seq = msg.metadata.sequence.stream  # type: ignore[attr-defined]
         stream = stream_of(msg.subject)  # type: ignore[attr-defined]
-        version = int(headers.get(H_VERSION, "0"))
-        if version > self._versions.get(stream, (0, 0))[0]:
-            self._versions[stream] = (version, seq)
+        self._know(stream, int(headers.get(H_VERSION, "0")), seq)
         self._advance(seq, bytes.fromhex(headers.get(H_HASH, "")))
 
     # Versions and the head -------------------------------------------------------------------
@@ -250,18 +246,25 @@ class JetStreamEventStore(EventLogStore[Pending]):
         await self._load_versions_of({stream})
         return self._versions.get(stream, (0, 0))[0]
 
-    async def _load_versions(self, batch: list[Pending]) -> None:
-        """Reads the last version of streams expected past zero that this store does not know."""
+    def _know(self, stream: str, version: int, position: int) -> None:
+        """Takes note of a version the log holds; a known one never goes back (the log keeps
+        every event, and a stream peer behind the leader may answer with an older one)."""
+        if version > self._versions.get(stream, (0, 0))[0]:
+            self._versions[stream] = (version, position)
+
+    async def _load_versions(self, batch: list[Pending], *, again: bool = False) -> None:
+        """Reads the last version of streams expected past zero that this store does not know
+        (`again`: of all of them, after the log refused the batch)."""
         await self._load_versions_of(
-            {a.stream for p in batch for a in p.appends if a.expected_version != 0}
+            {a.stream for p in batch for a in p.appends if a.expected_version != 0}, again=again
         )
 
-    async def _load_versions_of(self, streams: set[str]) -> None:
-        unknown = [s for s in streams if s not in self._versions]
-        found = await asyncio.gather(*(self._last_of(s) for s in unknown))
-        for stream, last in zip(unknown, found, strict=True):
-            if last is not None and stream not in self._versions:
-                self._versions[stream] = last
+    async def _load_versions_of(self, streams: set[str], *, again: bool = False) -> None:
+        asked = [s for s in streams if again or s not in self._versions]
+        found = await asyncio.gather(*(self._last_of(s) for s in asked))
+        for stream, last in zip(asked, found, strict=True):
+            if last is not None:
+                self._know(stream, *last)
 
     async def _last_of(self, stream: str) -> tuple[int, int] | None:
         msg = await self._get({"last_by_subj": subject_of(stream)})
@@ -301,8 +304,8 @@ class JetStreamEventStore(EventLogStore[Pending]):
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
         _, last = self._versions.get(stream, (0, 0))  # a replica must answer at least this
         events = await self._read(subject_of(stream), 0, 2**31, through=last)
-        if events and stream not in self._versions:
-            self._versions[stream] = (events[-1].version, events[-1].position)
+        if events:  # what a command decides on is what its append is checked against
+            self._know(stream, events[-1].version, events[-1].position)
         return events
 
     async def read_all(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import aiosqlite
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import api
 
 from adapters.event_chain import verify
@@ -314,6 +316,90 @@ async def test_the_server_refuses_a_whole_batch_when_one_expectation_fails(
     assert refused.value.code in WRONG_LAST_SEQUENCE
     assert await store.last_position() == 1
     assert await store.read_stream("vm:new") == []
+
+
+class PeerBehind:
+    """The log's direct gets answered as a stream peer that has applied it up to `applied`.
+
+    With allow_direct every peer of a replicated stream answers direct gets, one behind the leader
+    from what it has applied (nats-io/nats-architecture-and-design, adr/ADR-31.md, "A note on
+    read-after-write coherency"); the answer is the message with Nats-Stream, Nats-Subject and
+    Nats-Sequence headers added, or a 404 status (nats-io/nats-server, server/stream.go). Its
+    stream has allow_direct off, so this peer alone answers; it reads the leader's copy.
+    """
+
+    def __init__(self, nc: Client, applied: int) -> None:
+        self.nc, self.js, self.applied = nc, nc.jetstream(), applied
+        self.asked: list[dict[str, object]] = []
+
+    async def start(self) -> None:
+        await self.nc.subscribe(f"$JS.API.DIRECT.GET.{STREAM}", cb=self._answer)
+
+    async def _answer(self, msg: Msg) -> None:
+        request = json.loads(msg.data)
+        self.asked.append(request)
+        found = await self._find(request)
+        if found is None:
+            await self.nc.publish(msg.reply, b"", headers={"Status": "404"})
+            return
+        headers = {
+            **(found.headers or {}),
+            "Nats-Stream": STREAM,
+            "Nats-Subject": str(found.subject),
+            "Nats-Sequence": str(found.seq),
+        }
+        await self.nc.publish(msg.reply, found.data or b"", headers=headers)
+
+    async def _find(self, request: dict[str, object]) -> api.RawStreamMsg | None:
+        """The message a `seq` or `last_by_subj` request names, among those applied."""
+        if "seq" in request:
+            seq = int(str(request["seq"]))
+            return await self.js.get_msg(STREAM, seq) if seq <= self.applied else None
+        subject, seq, last = str(request["last_by_subj"]), 0, None
+        while True:
+            try:
+                found = await self.js.get_msg(STREAM, seq + 1, subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return last
+            if found.seq is None or found.seq > self.applied:
+                return last
+            last, seq = found, found.seq
+
+
+async def test_a_peer_behind_the_leader_never_takes_a_known_version_back(
+    connections: Callable[[], Awaitable[Client]],
+) -> None:
+    """delete_vm answered Conflict after the runner's 8 retries on the cluster. A writer whose
+    batch the log refused forgot its streams' versions and read them again, from any peer: one
+    behind the leader gave an older version, which the watcher (past it) never corrected, so
+    every append at the version the stream was read at was refused in memory, each retry."""
+    nc = await connections()
+    config = stream_config(1)
+    config.allow_direct = False  # only so that the peer below answers every direct get
+    await nc.jetstream().add_stream(config)
+    peer = PeerBehind(await connections(), applied=0)
+    await peer.start()
+    streams = [f"vm:s{i}" for i in range(8)]
+    async with (
+        JetStreamEventStore(await connections(), replicas=1) as first,
+        JetStreamEventStore(await connections(), replicas=1) as second,
+    ):
+        for version in (0, 1):
+            await first.append([to(s, version, payload(version, stream=s)) for s in streams])
+        peer.applied = len(streams)  # it has each stream's first event, not its second
+        await asyncio.wait_for(second.wait_for_events_after(2 * len(streams) - 1), 5)
+        version = 2
+        while not any("last_by_subj" in asked for asked in peer.asked):  # no batch refused yet
+            assert version < 12, "the two writers never contended"
+            await asyncio.gather(
+                *(first.append([to(s, version, payload(version, stream=s))]) for s in streams[:4]),
+                *(second.append([to(s, version, payload(version, stream=s))]) for s in streams[4:]),
+            )
+            version += 1
+        for store in (first, second):
+            assert [store.known_version(s) for s in streams] == [version] * len(streams)
+        info = await nc.jetstream().stream_info(STREAM)
+        assert info.state.last_seq == version * len(streams)
 
 
 # Moving a log ------------------------------------------------------------------------------
