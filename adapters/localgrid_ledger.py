@@ -1,12 +1,14 @@
 """The local grid's memory on disk: which VMs and gateways exist, so a restart keeps them.
 
-An append-only journal of JSON lines, one per change, written through at each change (no
-fsync: it is a simulation, and a line lost in a machine crash is a VM the reactor deploys again
-by name). Opening folds the journal, drops a torn last line, and rewrites it compacted.
+An append-only journal of JSON lines, one per change, handed to the OS once per turn of the event
+loop that made the changes (no fsync: it is a simulation, and a line lost in a crash is a VM the
+reactor deploys again by name). Opening folds the journal, drops a torn last line, and rewrites
+it compacted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 from pathlib import Path
@@ -54,6 +56,7 @@ class Ledger:
         self._path = path
         self._file: BinaryIO | None = None
         self._lock: BinaryIO | None = None
+        self._flush_due = False
 
     def open(self) -> tuple[dict[str, VmRecord], dict[str, GatewaySpec]]:
         """The VMs and gateways recorded so far; later changes are appended."""
@@ -104,8 +107,26 @@ class Ledger:
             self._lock = None
 
     def _append(self, entry: _Entry) -> None:
-        if self._file is not None:  # a grid never entered keeps its memory to itself
-            self._file.write(_line(entry))
+        """Buffers the line; the loop's next turn flushes every line of this one at once.
+
+        A flush is a write(2) of its own (2-11 µs each under load): a VM changes status two or
+        three times per deploy, and many VMs change in one turn under load.
+        """
+        if self._file is None:  # a grid never entered keeps its memory to itself
+            return
+        self._file.write(_line(entry))
+        if self._flush_due:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self._flush)
+        except RuntimeError:  # no loop runs here: write through
+            self._file.flush()
+            return
+        self._flush_due = True
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._file is not None:
             self._file.flush()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncssh
 import httpx
+import msgspec
 import pytest
 
 from adapters.localgrid import LocalGrid, LocalNode, mycelium_ip
@@ -542,6 +543,18 @@ async def test_a_torn_ledger_line_is_dropped_and_the_rest_kept(tmp_path: Path):
     async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
         assert [await g.find_vm(name) is not None for name in "abcd"] == [True, True, False, True]
     assert len(ledger.read_bytes().splitlines()) == 3  # compacted: one line per VM
+
+
+async def test_the_ledger_is_on_disk_once_the_loop_turns_after_the_changes(tmp_path: Path):
+    """Changes made in one turn of the loop reach the file together, before the next turn."""
+    async with LocalGrid(data_dir=tmp_path, deploy_delay=0, ssh=False) as g:
+        ledger = tmp_path / "localgrid" / "ledger.jsonl"
+        await asyncio.gather(g.create_vm(spec("a")), g.create_vm(spec("b")))
+        next_turn = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(next_turn.set_result, None)
+        await next_turn
+        names = [msgspec.json.decode(line)["vm"] for line in ledger.read_bytes().splitlines()]
+        assert set(names) == {"a", "b"}
 
 
 async def test_ssh_is_not_up_before_the_deploy_delay_ends(tmp_path: Path, key: asyncssh.SSHKey):
