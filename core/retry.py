@@ -36,7 +36,8 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         """The pause after `failures` failures in a row: doubling from `base_delay`, capped at
         `max_delay`, jittered between half and all of it."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, failures - 1))
+        doublings = min(max(0, failures - 1), 60)  # 2**60 passes any cap; no OverflowError
+        ceiling = min(self.max_delay, self.base_delay * 2**doublings)
         return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
 
 

@@ -47,6 +47,12 @@ def test_a_policy_without_jitter_pauses_exactly_its_doubling_ceiling() -> None:
     assert {failures: policy.delay(failures) for failures in expected} == expected
 
 
+def test_a_long_streak_of_failures_pauses_the_cap_instead_of_overflowing() -> None:
+    policy = RetryPolicy(base_delay=0.1, max_delay=2.0, jitter=False)
+    assert [policy.delay(n) for n in (1_100, 10_000, 10**9)] == [2.0, 2.0, 2.0]
+    assert 1.0 <= RetryPolicy(base_delay=0.1, max_delay=2.0).delay(10_000) <= 2.0
+
+
 def test_step_settings_parse_and_name_real_steps() -> None:
     assert per_step("wait_ssh=2, run_setup=60", float) == {"wait_ssh": 2.0, "run_setup": 60.0}
     with pytest.raises(ValueError, match="step=value"):
@@ -68,3 +74,10 @@ def test_candidate_nodes_and_forge_password_come_from_the_environment(
     assert settings.candidate_nodes == (8, 13)
     assert settings.forge_admin_password == "Sup3r-secret!"
     assert "Sup3r-secret!" not in repr(settings)
+
+
+def test_the_bearer_token_is_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_DEPLOYER_TOKEN", "t0ken-that-must-not-show")
+    settings = Settings.load()
+    assert settings.token == "t0ken-that-must-not-show"
+    assert "t0ken-that-must-not-show" not in repr(settings)
