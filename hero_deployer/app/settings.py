@@ -28,7 +28,7 @@ class Settings:
     nats_nkey: str = ""
     nats_creds: str = ""
     prefix: str = "hero.v1"  # every subject of the contract begins with it
-    token: str = ""  # the bearer token; empty: the one in DIR/token (made on first use)
+    token: str = field(default="", repr=False)  # bearer token; empty: DIR/token (made once)
     exempt: frozenset[str] = OPERATIONS.unauthenticated
     require_secret: bool = False
     synchronous: str = "FULL"  # SQLite's PRAGMA synchronous for the event log
