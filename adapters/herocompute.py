@@ -77,6 +77,11 @@ CLIENT_METHODS: Final = (
     ClientMethod("delete_webgateway", frozenset({"secret", "name"})),
 )
 _SENDS: Final = {m.name: m.params for m in CLIENT_METHODS}
+_POWER_METHODS: Final[dict[PowerAction, str]] = {
+    "start": "start_vm",
+    "stop": "stop_vm",
+    "restart": "restart_vm",
+}
 NO_DISCOVERY: Final = (
     "hero_compute offers no OpenRPC discovery (`rpc.discover`), so the methods and params this "
     "client uses cannot be verified against it"
@@ -156,7 +161,7 @@ class HeroComputeBackend(HttpxOwner, PowerActions):
 
     async def _power(self, action: PowerAction, name: str) -> None:
         """Calls start_vm, stop_vm or restart_vm on the VM named `name`."""
-        await self._act(f"{action}_vm", name)
+        await self._act(_POWER_METHODS[action], name)
 
     async def destroy_vm(self, name: str) -> None:
         """Deletes the VM; one already gone (or deleted meanwhile) counts as deleted."""

@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncssh
+import structlog
 
 if TYPE_CHECKING:
     from adapters.localgrid_machine import VmMachine
 
 _CHUNK = 65536
+log = structlog.get_logger(__name__)
 
 
 class VmSshServer(asyncssh.SSHServer):
@@ -82,6 +84,7 @@ class SshListener:
         try:
             acceptor = await self._serve(self._sock)
         except Exception:  # a server that cannot start refuses, as a dead sshd does
+            log.exception("localgrid.ssh_start_failed")
             self._sock.close()
             return
         if self._closed:  # halted meanwhile

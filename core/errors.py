@@ -4,11 +4,10 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """An error the contract names; its message is safe to show to the caller.
+    """An error the contract names; its message is safe to show to the caller."""
 
-    A kind's code is its class name and its number is given on its class line; a subclass
-    without a number (ConcurrencyError) is reported as its base.
-    """
+    # a kind's code is its class name, its number given on its class line; a subclass without
+    # a number (ConcurrencyError) is reported as its base
 
     code = "Internal"
     number = 500

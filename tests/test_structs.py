@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from core.contract import DeployVm
+from core.contract import DeployVm, ProvisionUser
 from core.structs import Frozen, from_fields
+from core.user_events import ProvisioningRequested
 from core.vm_events import VmDeployRequested
 
 AT = datetime(2026, 11, 30, tzinfo=UTC)
@@ -64,3 +65,29 @@ def test_from_fields_copies_the_shared_fields_and_given_ones_win() -> None:
 def test_from_fields_refuses_a_target_whose_required_field_nothing_gives() -> None:
     with pytest.raises(TypeError, match="owner"):
         from_fields(VmDeployRequested, DeployVm(name="web", secret="s"), sid="vm_1", at=AT)
+
+
+@pytest.mark.parametrize(
+    ("request_type", "event_type", "copied"),
+    [
+        (
+            DeployVm,
+            VmDeployRequested,
+            {"name", "image", "cpu_count", "memory_gb", "disk_gb", "rootfs_gb"}
+            | {"slice_sid", "node_id"},
+        ),
+        (
+            ProvisionUser,
+            ProvisioningRequested,
+            {"username", "display_name", "forge_email", "profile"},
+        ),
+    ],
+)
+def test_what_a_request_hands_its_event_by_name_is_exactly_this(
+    request_type: type[msgspec.Struct], event_type: type[msgspec.Struct], copied: set[str]
+) -> None:
+    # from_fields copies every field the two share by name: a new request field that an event
+    # also has (a secret above all) would be stored unseen; this list makes it a decision
+    shared = set(request_type.__struct_fields__) & set(event_type.__struct_fields__)
+    assert shared == copied
+    assert "secret" not in event_type.__struct_fields__

@@ -33,7 +33,7 @@ examples:
 def add_commands(sub: Any, opts: Options) -> None:
     """Adds `up`, `serve`, `web` and `rebuild`."""
     summary = "run everything here: its own NATS, the service, the dashboard"
-    up = _here(sub, opts, "up", summary, _up, epilog=UP_EPILOG)
+    up = _data_dir_command(sub, opts, "up", summary, _up, epilog=UP_EPILOG)
     up.add_argument("--nats-port", type=int, metavar="PORT", help=_of("nats_port", "its NATS port"))
     _backend(up)
     _web_port(up, "dashboard port on 127.0.0.1, 0 for none")
@@ -52,12 +52,14 @@ def add_commands(sub: Any, opts: Options) -> None:
             metavar="URL",
             help="https://host[:port] browsers use (via a proxy): only that Host, Secure cookies",
         )
-    _here(sub, opts, "rebuild", "rebuild every view from the event log (service stopped)", _rebuild)
+    _data_dir_command(
+        sub, opts, "rebuild", "rebuild every view from the event log (service stopped)", _rebuild
+    )
 
 
 def _add_serve(sub: Any, opts: Options) -> None:
     summary = "run the service alone on an existing NATS"
-    serve_p = _here(sub, opts, "serve", summary, _serve, epilog=SERVE_EPILOG)
+    serve_p = _data_dir_command(sub, opts, "serve", summary, _serve, epilog=SERVE_EPILOG)
     urls = _of("nats_url", "the NATS server's URL, or a cluster's URLs with commas between")
     serve_p.add_argument("--nats", metavar="URL", help=urls)
     _backend(serve_p)
@@ -71,7 +73,7 @@ def _add_serve(sub: Any, opts: Options) -> None:
     serve_p.add_argument("--replicas", type=int, metavar="N", help=replicas)
 
 
-def _here(
+def _data_dir_command(
     sub: Any, opts: Options, name: str, summary: str, handler: Handler, *, epilog: str | None = None
 ) -> argparse.ArgumentParser:
     """A command that works on the data dir of this machine, run by `handler`."""
