@@ -165,9 +165,11 @@ def _tune_gc() -> None:
     The threshold counts allocations less frees (of old objects too), so a pass holds several
     times as many objects: at 1,000 a pass took 0.1 ms (p99 2 ms) in 20,000 deploys in `up`,
     at 5,000 1 ms (p99 10-15 ms), at 50,000 15-30 ms, which every request in flight waited
-    for. The older generations are collected rarely: the service makes almost no cyclic
-    garbage (about 1,500 objects in 20,000 deploys), and a pass over them visits every object
-    still alive.
+    for. In `up` the passes' CPU is the same at 1,000 and 3,000 (pass p99 1.4-1.8 vs 4.8 ms);
+    in `bench.run --only service` 1,000 costs ~5 µs per request more than 50,000 (0.2 s of
+    1,200 passes per run). The older generations are collected rarely: the service makes
+    almost no cyclic garbage (about 1,500 objects in 20,000 deploys), and a pass over them
+    visits every object still alive.
 
     The switch interval is left alone: at 0.5 ms instead of 5 the event store's commit thread
     got the GIL sooner (commits p90 7.5 -> 6.3 ms in `up`), but the service spent ~5% more CPU
