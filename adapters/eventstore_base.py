@@ -84,6 +84,8 @@ class EventLogStore(ABC, Generic[P]):
 
     async def _queued(self, pending: P) -> list[RecordedEvent]:
         """Hands `pending` to the writer task and waits for its outcome."""
+        if self._closing:  # a store's `_append` may await before it queues; close may have run
+            raise Unavailable("the event store is closing")
         self._pending.append(pending)
         self._wakeup.set()
         return await pending.future
@@ -144,6 +146,7 @@ class EventLogStore(ABC, Generic[P]):
         return self._head_hash.hex()
 
     async def last_position(self) -> int:
+        """`position`, as the EventStore port asks for it."""
         return self._head
 
     async def wait_for_events_after(self, position: int) -> None:
