@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar, dataclass_transform
 
@@ -34,27 +33,13 @@ class Frozen(msgspec.Struct, metaclass=_FrozenMeta, frozen=True, kw_only=True):
 
 def from_fields(target: type[T], source: msgspec.Struct, /, **given: Any) -> T:
     """A `target` from the fields of `source` named like its own; `given` adds or wins."""
-    build: Callable[[msgspec.Struct, dict[str, Any]], T] = _builder(
-        target, type(source), tuple(given)
-    )
-    return build(source, given)
+    names = _shared_fields(target, type(source), tuple(given))
+    return target(**{name: getattr(source, name) for name in names}, **given)
 
 
 @cache
-def _builder(
-    target: type[T], source: type[msgspec.Struct], given: tuple[str, ...]
-) -> Callable[[msgspec.Struct, dict[str, Any]], T]:
-    """Compiles `target(name=source.name, ..., **given)` once per (target, source, given).
-
-    Field names are identifiers (msgspec's attributes). As plain code a deploy's event takes
-    0.7-1.0 µs instead of 1.1 µs collecting its fields in a dict at each call (0.4 µs written
-    by hand), and the service builds several per request.
-    """
+def _shared_fields(
+    target: type[msgspec.Struct], source: type[msgspec.Struct], given: tuple[str, ...]
+) -> tuple[str, ...]:
     taken = set(source.__struct_fields__) - set(given)
-    names = [name for name in target.__struct_fields__ if name in taken]
-    fields = "".join(f"{name}=source.{name}, " for name in names)
-    namespace: dict[str, Any] = {"target": target}
-    code = f"def build(source, given):\n    return target({fields}**given)"
-    exec(code, namespace)  # noqa: S102  (only field names, which are identifiers, go in)
-    build: Callable[[msgspec.Struct, dict[str, Any]], T] = namespace["build"]
-    return build
+    return tuple(name for name in target.__struct_fields__ if name in taken)
