@@ -24,10 +24,10 @@ from nats.aio.client import Client
 from adapters.localgrid import LocalGrid
 from adapters.sqlite_runtime import disable_memory_statistics
 from core.events import RecordedEvent
+from core.retry import RetryPolicy
 from hero_deployer.app.bootstrap import App, bootstrap
 from hero_deployer.app.natsserver import free_port, nats_server_binary
 from hero_deployer.app.settings import Settings
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.jetstream_cluster import BackgroundCluster, delete_log
 

@@ -18,8 +18,8 @@ from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
 from adapters.sqlite_backup import Manifest
+from core.retry import RetryPolicy
 from hero_deployer.app.bootstrap import bootstrap
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, Service, make_settings
 from tests.helpers import arun_cli, wait_for_event

@@ -17,9 +17,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from adapters.localgrid import LocalGrid
+from core.retry import RetryPolicy
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.natsserver import free_port, nats_server_binary
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 

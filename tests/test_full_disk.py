@@ -24,11 +24,11 @@ from structlog.testing import capture_logs
 
 from adapters.localgrid import LocalGrid
 from core.errors import NotFound
+from core.retry import RetryPolicy
 from core.vm_events import VmOperationFailed
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.settings import Settings
 from hero_deployer.app.vm_handlers import OutcomeRecorder
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from projections.runner import SqlRunner
 from tests.conftest import TOKEN, Service, make_settings

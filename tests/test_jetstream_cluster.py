@@ -25,10 +25,10 @@ from adapters.eventstore_jetstream import JetStreamEventStore
 from adapters.jetstream_log import STREAM, verify_chain
 from adapters.keyfiles import load_or_create_nkey
 from adapters.localgrid import LocalGrid
+from core.retry import RetryPolicy
 from hero_deployer.app.bootstrap import SHARED_KEYS, App, SharedKeyMissing, bootstrap
 from hero_deployer.app.natsserver import NatsServer
 from hero_deployer.app.settings import Settings
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import Conflict, HeroDeployerClient, Unavailable
 from tests.conftest import TOKEN, copy_shared_keys, make_settings
 from tests.helpers import deploy_running

@@ -26,6 +26,7 @@ import pytest_asyncio
 from nats.aio.client import Client
 
 from adapters.localgrid import LocalGrid
+from core.retry import RetryPolicy
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.natsserver import (
     CLIENT_SEED,
@@ -35,7 +36,6 @@ from hero_deployer.app.natsserver import (
     free_port,
     render_config,
 )
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 

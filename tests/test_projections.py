@@ -20,6 +20,7 @@ from core.contract import DeleteVm, DeployVm, RestartVm, StartVm, StopVm
 from core.domain import VMS
 from core.errors import DomainError
 from core.events import EventRegistry, NewEvent, RecordedEvent, StreamAppend
+from core.retry import RetryPolicy
 from core.vm import (
     Context,
     RekeyVm,
@@ -38,7 +39,6 @@ from core.vm_events import (
     VmOperationFailed,
 )
 from hero_deployer.app.bootstrap import PROJECTIONS, bootstrap
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.cli import main
 from hero_deployer.sdk.client import HeroDeployerClient
 from projections.runner import (

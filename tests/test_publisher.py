@@ -24,10 +24,10 @@ from adapters.localgrid import LocalGrid
 from bus.publisher import StatusPublisher
 from core.domain import VMS
 from core.events import NewEvent, RecordedEvent, StreamAppend
+from core.retry import RetryPolicy
 from core.vm_events import VmDeleted, VmDeleteRequested, VmDeployed, VmDeployRequested
 from hero_deployer.app.bootstrap import bootstrap
 from hero_deployer.app.settings import Settings
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, Service, make_settings
 

@@ -10,8 +10,8 @@ from nats.aio.client import Client
 from adapters.eventstore_sqlite import SqliteEventStore
 from adapters.localgrid import LocalGrid
 from core.errors import DomainError
+from core.retry import RetryPolicy
 from hero_deployer.app.bootstrap import bootstrap
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from tests.conftest import TOKEN, make_settings
 

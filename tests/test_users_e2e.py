@@ -30,6 +30,7 @@ from core.errors import NotFound
 from core.manifest import PROFILES
 from core.operations import RequestMeta
 from core.ports import SshTarget
+from core.retry import RetryPolicy
 from core.user import Context as UserContext
 from hero_deployer.app.bootstrap import FROM_SETTINGS, PROJECTIONS, App
 from hero_deployer.app.commands import Command, run
@@ -38,7 +39,6 @@ from hero_deployer.app.natsserver import free_port
 from hero_deployer.app.settings import Settings
 from hero_deployer.app.user_handlers import FORGE_PASSWORD, SSH_PRIVATE_KEY, VM_SECRET
 from hero_deployer.app.user_manager import ssh_keys_for
-from hero_deployer.app.vm_reactor import RetryPolicy
 from hero_deployer.sdk.client import HeroDeployerClient
 from projections.runner import connect_views, rebuild
 from tests.conftest import STORES, TOKEN, Place, make_settings

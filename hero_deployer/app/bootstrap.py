@@ -21,6 +21,7 @@ from core.domain import USERS, VMS
 from core.gateway_names import check_prefix
 from core.operations import Operation
 from core.ports import ComputeBackend, Forge, HealthProbe, NodeDirectory, RemoteShell
+from core.retry import RetryPolicy
 from core.secrets import Fingerprinter
 from hero_deployer import VERSION
 from hero_deployer.app import configured, vm_handlers
@@ -36,7 +37,7 @@ from hero_deployer.app.user_manager import (
     ssh_keys_for,
     step_policy,
 )
-from hero_deployer.app.vm_reactor import RetryPolicy, VmReactor
+from hero_deployer.app.vm_reactor import VmReactor
 from projections.follow import Checkpoints, Follower, Handler, stop_tasks
 from projections.runner import (
     ConnectionHook,

@@ -12,7 +12,7 @@ import structlog
 from core.domain import VMS
 from core.events import RecordedEvent
 from core.ports import BackendError, ComputeBackend
-from core.retry import RetryPolicy as RetryPolicy  # the one policy, where the tests take it
+from core.retry import RetryPolicy
 from core.vm import OutcomeCommand, Vm, vm_spec
 from core.vm_events import (
     VmDeleted,
