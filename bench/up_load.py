@@ -7,7 +7,11 @@ generator connects as the client identity (DIR/client.nk). After the load, the r
 every deployed VM has its SSH server (the grid's ledger says running) and prints how long that
 took, and the CPU the service's processes used.
 
-    python -m bench.up_load [--n 20000] [--no-ssh]
+`--busy 0.3` runs a competitor beside everything, bare responder included: a process per core
+that is busy 30% of every 10 ms. It stands for a slower moment of a shared host, where the
+same code measured p99s twice as high, so that a change to the tail can be judged there too.
+
+    python -m bench.up_load [--n 20000] [--no-ssh] [--busy DUTY]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +60,37 @@ class UpProcess:
         self._process.terminate()
         self._process.wait(120)
         print(f"    up stopped {time.perf_counter() - started:.1f} s after SIGTERM", flush=True)
+
+
+_BUSY = """
+import sys, time
+duty = float(sys.argv[1])
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < duty * 0.01:
+        pass
+    time.sleep((1 - duty) * 0.01)
+"""
+
+
+class Competitor:
+    """Another load on the host: one process per core, each busy `duty` of every 10 ms."""
+
+    def __init__(self, duty: float) -> None:
+        self._duty = duty
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Competitor:
+        if self._duty > 0:
+            command = [sys.executable, "-c", _BUSY, str(self._duty)]
+            self._processes = [subprocess.Popen(command) for _ in range(os.cpu_count() or 1)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            process.wait(10)
 
 
 def _tree_cpu(root: int) -> dict[str, float]:
@@ -150,9 +186,18 @@ def main() -> None:
     parser.add_argument(
         "--no-ssh", action="store_true", help="also run `up` without SSH sandboxes, for reference"
     )
+    parser.add_argument(
+        "--busy",
+        type=float,
+        default=0.0,
+        metavar="DUTY",
+        help="a competitor busy DUTY (0-1) of each core meanwhile, for a slower host",
+    )
     args = parser.parse_args()
     print(f"up under load on {os.cpu_count()} cores: {args.n} {DEPLOY}, 64 in flight")
-    with tempfile.TemporaryDirectory(prefix="hero-up-load-") as tmp:
+    if args.busy:
+        print(f"beside a competitor busy {args.busy:.0%} of each core")
+    with Competitor(args.busy), tempfile.TemporaryDirectory(prefix="hero-up-load-") as tmp:
 
         async def baseline() -> dict[str, float]:
             port = free_port()
