@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 
 from core.errors import Conflict, Unavailable
 from core.events import IdempotencyRecord
+from core.retry import RetryPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -96,9 +97,16 @@ class Reservation:
     stored: Stored
 
 
+BACKGROUND_RETRY = RetryPolicy(base_delay=0.25, max_delay=5.0, jitter=False)
+"""The pause before a background try: 0.25 s, doubling, up to 5 s."""
+
+HELD_POLL = RetryPolicy(base_delay=0.01, max_delay=0.2, jitter=False)
+"""The pause between looks at a key another writer holds: 10 ms, doubling, up to 0.2 s."""
+
+
 def background_pause(attempt: int) -> float:
-    """The pause before a background try: 0.25 s, doubling, up to 5 s."""
-    return min(0.25 * 2.0**attempt, 5.0)
+    """The pause before background try `attempt` (from 0)."""
+    return BACKGROUND_RETRY.delay(attempt + 1)
 
 
 def hashed(key: str) -> str:
@@ -249,7 +257,7 @@ class IdempotencyKeys:
         record; released or still held, None."""
         name = hashed(key)
         loop = asyncio.get_running_loop()
-        deadline, pause = loop.time() + self.held_wait, 0.01
+        deadline, looks = loop.time() + self.held_wait, 0
         while (found := await self._get(name)) is not None:
             stored, revision = found
             if not stored.token:
@@ -259,8 +267,8 @@ class IdempotencyKeys:
             if stored.token in self._mine or loop.time() > deadline:
                 return None
             # the KV bucket tells nothing when an entry changes short of a watch per lookup
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.2)
+            looks += 1
+            await asyncio.sleep(HELD_POLL.delay(looks))
         return None
 
     async def _settle(self, name: str, stored: Stored, revision: int, *, own: bool = False) -> bool:

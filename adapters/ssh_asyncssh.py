@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import posixpath
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncssh
 
 from core.ports import CommandResult, ExternalError, SshTarget
+from core.retry import RetryPolicy
 
 _TAIL_BYTES = 4096
 _READ_CHUNK = 65536
@@ -31,7 +31,8 @@ class AsyncsshShell:
         key = _import_key(target)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        delay = self.initial_backoff
+        backoff = RetryPolicy(base_delay=self.initial_backoff, max_delay=self.max_backoff)
+        failures = 0
         last_error = ""
         while (remaining := deadline - loop.time()) > 0:
             try:
@@ -44,10 +45,10 @@ class AsyncsshShell:
                 # An attempt cut short by the deadline says less than the refusal before it.
                 if not last_error or not isinstance(exc, TimeoutError):
                     last_error = _describe(exc)
-            pause = min(random.uniform(delay / 2, delay), deadline - loop.time())
+            failures += 1
+            pause = min(backoff.delay(failures), deadline - loop.time())
             if pause > 0:
                 await asyncio.sleep(pause)
-            delay = min(delay * 2, self.max_backoff)
         raise ExternalError(
             f"ssh {_where(target)} not ready within {timeout:g}s: {last_error}", retryable=True
         )

@@ -14,8 +14,9 @@ class RetryPolicy:
     """How often and how long to try again; per-step overrides name a step (or an effect).
 
     The VM reactor, the user manager's steps, a store that refuses a write, the views' runner,
-    the SDK's requests and the dashboard's failure limiter all use it; `jitter=False` pauses
-    exactly the ceiling (for a caller whose pauses must be foreseeable).
+    the SDK's requests, the dashboard's failure limiter, the SSH readiness poll and the
+    JetStream idempotency keys' background tries all use it; `jitter=False` pauses exactly
+    the ceiling (for a caller whose pauses must be foreseeable).
     """
 
     retries: int = 4
