@@ -166,7 +166,9 @@ class LeasedSource:
         if self._term != self._lease.term:  # taken over: start where the holder before stopped
             self._floor = await self._checkpoints.load(self._name)
             self._term = self._lease.term
-        return await self._source.read_all(after=max(after, self._floor), limit=limit)
+        return await self._source.read_all(
+            after=max(after, self._floor), limit=limit, stream=stream
+        )
 
     async def wait_for_events_after(self, position: int) -> None:
         await self._lease.until_held()

@@ -33,6 +33,14 @@ from adapters.jetstream_log import (
     subject_of,
     verify_chain,
 )
+from adapters.lease_jetstream import (
+    CHECKPOINTS,
+    LEASES,
+    KvCheckpoints,
+    KvLease,
+    LeasedSource,
+    bucket,
+)
 from adapters.log_transfer import ChainBroken, JetStreamSide, SqliteSide, transfer
 from adapters.sealing import AesGcmSealer
 from adapters.vault_jetstream import JetStreamSecretVault
@@ -478,3 +486,24 @@ async def test_a_move_refuses_a_target_with_events_and_a_broken_source(
     await transfer(SqliteSide(tmp_path / "good"), JetStreamSide(nc, replicas=1))
     with pytest.raises(ValueError, match="already holds events"):
         await transfer(SqliteSide(tmp_path / "good"), JetStreamSide(nc, replicas=1))
+
+
+async def test_a_leased_source_reads_the_one_stream_it_is_asked_for(
+    connections: Callable[[], Awaitable[Client]],
+) -> None:
+    """The side-effect followers' view of the log passes a stream filter on, as the port says;
+    it used to drop it and hand back every stream's events."""
+    nc = await connections()
+    js = nc.jetstream()
+    async with JetStreamEventStore(nc, replicas=1) as store:
+        await store.append([to("vm:a", 0, payload(1)), to("vm:b", 0, payload(2))])
+        await store.append([to("vm:a", 1, payload(3))])
+        leases = await bucket(js, LEASES, replicas=1, ttl=5)
+        async with KvLease(leases, "side-effects", ttl=5) as lease:
+            await asyncio.wait_for(lease.until_held(), 30)
+            shared = KvCheckpoints(await bucket(js, CHECKPOINTS, replicas=1), lease)
+            source = LeasedSource(store, lease, shared, "vm-reactor")
+            one = await source.read_all(stream="vm:a")
+            every = await source.read_all()
+    assert [(e.stream, e.version) for e in one] == [("vm:a", 1), ("vm:a", 2)]
+    assert [e.stream for e in every] == ["vm:a", "vm:b", "vm:a"]
